@@ -1,0 +1,172 @@
+// Gated residual r = res + y * gate, the elementwise tail of every DiT sub-block.
+//
+// Memory bound: per element it reads res and y and writes r (3 * sizeof(T) bytes; gate rows are
+// B x C floats, negligible and L2 resident). One CTA walks rows; each thread moves 16 bytes per
+// load when C and the pointers allow it, otherwise one element at a time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace fastdit {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// Sample of a packed row: the b with cu_seqlens[b] <= row < cu_seqlens[b + 1] (binary search;
+// B is small). Rows of empty samples never occur, so ties resolve to the last sample starting at row.
+__device__ __forceinline__ int64_t sample_of_row(const int32_t* __restrict__ cu_seqlens, int64_t num_samples,
+                                                 int64_t row) {
+  int64_t lo = 0, hi = num_samples - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (static_cast<int64_t>(cu_seqlens[mid]) <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <typename T, int VEC>
+__global__ void gated_residual_kernel(
+    // pointers
+    const T* __restrict__ res, const T* __restrict__ y, const float* __restrict__ gate,
+    const int32_t* __restrict__ cu_seqlens,  // nullptr: gate is per row
+    T* __restrict__ out,
+    // sizes
+    int64_t num_rows, int64_t num_cols, int64_t num_samples) {
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const int64_t gate_row = cu_seqlens == nullptr ? row : sample_of_row(cu_seqlens, num_samples, row);
+    // int64 offsets: num_rows * num_cols passes 2^31 at real video sizes.
+    const int64_t base = row * num_cols;
+    const float* g = gate + gate_row * num_cols;
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < num_cols; col += blockDim.x * VEC) {
+      if constexpr (VEC == 1) {
+        out[base + col] = from_float<T>(to_float(res[base + col]) + to_float(y[base + col]) * g[col]);
+      } else {
+        // 16-byte vector loads and stores; the caller checked alignment and num_cols % VEC == 0.
+        using Vec = uint4;
+        Vec rv = *reinterpret_cast<const Vec*>(res + base + col);
+        Vec yv = *reinterpret_cast<const Vec*>(y + base + col);
+        const T* r_elems = reinterpret_cast<const T*>(&rv);
+        const T* y_elems = reinterpret_cast<const T*>(&yv);
+        Vec ov;
+        T* o_elems = reinterpret_cast<T*>(&ov);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          o_elems[i] = from_float<T>(to_float(r_elems[i]) + to_float(y_elems[i]) * g[col + i]);
+        }
+        *reinterpret_cast<Vec*>(out + base + col) = ov;
+      }
+    }
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& res, const at::Tensor& y, const at::Tensor& gate, const int32_t* cu_seqlens,
+            int64_t num_samples, at::Tensor& out) {
+  const int64_t rows = res.size(0);
+  const int64_t cols = res.size(1);
+  if (rows == 0 || cols == 0) return;
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = cols % kVec == 0 && reinterpret_cast<uintptr_t>(res.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const int vec = aligned ? kVec : 1;
+  const int64_t per_row = (cols + vec - 1) / vec;
+  const int threads = static_cast<int>(std::min<int64_t>(256, ((per_row + 31) / 32) * 32));
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, res.get_device()));
+  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 32;
+  const int blocks = static_cast<int>(std::min<int64_t>(rows, max_blocks));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(res.get_device()).stream();
+  const T* r = reinterpret_cast<const T*>(res.data_ptr());
+  const T* yy = reinterpret_cast<const T*>(y.data_ptr());
+  T* o = reinterpret_cast<T*>(out.data_ptr());
+  const float* g = gate.data_ptr<float>();
+  if (aligned) {
+    gated_residual_kernel<T, kVec><<<blocks, threads, 0, stream>>>(r, yy, g, cu_seqlens, o, rows, cols, num_samples);
+  } else {
+    gated_residual_kernel<T, 1><<<blocks, threads, 0, stream>>>(r, yy, g, cu_seqlens, o, rows, cols, num_samples);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const at::Tensor& gate,
+                               const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(res.is_cuda() && y.is_cuda() && gate.is_cuda(), "gated_residual_cuda: res, y, gate must be CUDA tensors");
+  TORCH_CHECK(res.dim() == 2 && y.sizes() == res.sizes(), "gated_residual_cuda: res and y must be (N, C) of one shape, got ",
+              res.sizes(), " and ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == res.scalar_type(), "gated_residual_cuda: y dtype ", y.scalar_type(),
+              " differs from res dtype ", res.scalar_type());
+  TORCH_CHECK(gate.scalar_type() == at::kFloat, "gated_residual_cuda: gate must be float32, got ", gate.scalar_type());
+  TORCH_CHECK(res.is_contiguous() && y.is_contiguous() && gate.is_contiguous(),
+              "gated_residual_cuda: res, y and gate must be contiguous");
+  TORCH_CHECK(gate.dim() == 2 && gate.size(1) == res.size(1), "gated_residual_cuda: gate must be (B or N, C), got ",
+              gate.sizes());
+  const int32_t* cu_ptr = nullptr;
+  int64_t num_samples = gate.size(0);
+  if (cu_seqlens.has_value()) {
+    const auto& cu = *cu_seqlens;
+    TORCH_CHECK(cu.is_cuda() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(),
+                "gated_residual_cuda: cu_seqlens must be a contiguous int32 CUDA vector");
+    TORCH_CHECK(cu.size(0) == gate.size(0) + 1, "gated_residual_cuda: cu_seqlens has ", cu.size(0),
+                " entries, expected B + 1 = ", gate.size(0) + 1);
+    cu_ptr = cu.data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK(gate.size(0) == res.size(0), "gated_residual_cuda: a per-token gate needs N rows, got ", gate.size(0));
+  }
+  const c10::cuda::CUDAGuard guard(res.device());
+  at::Tensor out = at::empty_like(res);
+  switch (res.scalar_type()) {
+    case at::kFloat:
+      launch<float>(res, y, gate, cu_ptr, num_samples, out);
+      break;
+    case at::kHalf:
+      launch<__half>(res, y, gate, cu_ptr, num_samples, out);
+      break;
+    case at::kBFloat16:
+      launch<__nv_bfloat16>(res, y, gate, cu_ptr, num_samples, out);
+      break;
+    default:
+      TORCH_CHECK(false, "gated_residual_cuda: unsupported dtype ", res.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdit, CUDA, m) { m.impl("gated_residual_cuda", &gated_residual_cuda); }
+
+}  // namespace fastdit

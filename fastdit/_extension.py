@@ -1,0 +1,25 @@
+"""Loading of the optional CUDA extension ``fastdit._C`` (built from csrc/ by setup.py).
+
+A missing or unloadable extension disables only the ``cuda`` backend; the reason is kept for
+``fastdit info`` and for the dispatcher's error messages.
+"""
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def cuda_extension_missing() -> str | None:
+    """None when ``fastdit._C`` is loaded (its ``fastdit::*_cuda`` ops registered), else why not."""
+    spec = importlib.util.find_spec("fastdit._C")
+    if spec is None or spec.origin is None:
+        return "fastdit._C is not built (no CUDA torch or nvcc at install time, or FASTDIT_SKIP_CUDA_BUILD=1)"
+    if not torch.cuda.is_available():
+        return "fastdit._C is built but no CUDA device is available"
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as err:  # e.g. built against another torch / CUDA
+        return f"fastdit._C failed to load: {err}"
+    return None

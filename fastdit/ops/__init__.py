@@ -1,0 +1,29 @@
+"""fastdit's public ops: one function each, packed (varlen) form first, dense accepted.
+
+Each (op, backend) pair is a ``torch.library`` custom op ``fastdit::<op>_<backend>`` with a fake
+implementation and registered autograd; the functions here validate inputs, pick the backend
+(:mod:`fastdit.ops.dispatch`) and call it.
+"""
+
+from fastdit.ops.adaln_modulate import adaln_modulate
+from fastdit.ops.attention import attention, varlen_attention
+from fastdit.ops.causal_conv3d import causal_conv3d
+from fastdit.ops.dispatch import BackendNotSupportedError, backends, priority, select_backend, set_priority
+from fastdit.ops.gated_residual import gated_residual, gated_residual_modulate
+from fastdit.ops.rope3d import rope3d, rope3d_qk
+
+__all__ = [
+    "BackendNotSupportedError",
+    "adaln_modulate",
+    "attention",
+    "backends",
+    "causal_conv3d",
+    "gated_residual",
+    "gated_residual_modulate",
+    "priority",
+    "rope3d",
+    "rope3d_qk",
+    "select_backend",
+    "set_priority",
+    "varlen_attention",
+]

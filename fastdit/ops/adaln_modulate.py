@@ -1,0 +1,104 @@
+"""adaLN modulation: ``norm(x) * (1 + scale) + shift`` with LayerNorm or RMSNorm statistics in fp32."""
+
+import torch
+
+from fastdit.ops._common import as_packed, modulation_rows
+from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
+from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
+
+NORMS = ("layer", "rms")
+
+
+@torch.library.custom_op("fastdit::adaln_modulate_reference", mutates_args=())
+def adaln_modulate_reference(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return adaln_modulate_ref(x, shift, scale, cu_seqlens, norm=norm, eps=eps, weight=weight, bias=bias)
+
+
+@adaln_modulate_reference.register_fake
+def _(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, shift, scale, cu_seqlens, ctx.norm, ctx.eps, weight, bias = inputs
+    ctx.save_for_backward(x, shift, scale, cu_seqlens, weight, bias)
+
+
+def _backward(ctx, grad):
+    x, shift, scale, cu_seqlens, weight, bias = ctx.saved_tensors
+    dx, dshift, dscale, dweight, dbias = adaln_modulate_bwd_ref(
+        grad, x, shift, scale, cu_seqlens, norm=ctx.norm, eps=ctx.eps, weight=weight, bias=bias
+    )
+    return dx, dshift, dscale, None, None, None, dweight, dbias
+
+
+adaln_modulate_reference.register_autograd(_backward, setup_context=_setup)
+register_backend(Backend("adaln_modulate", "reference", adaln_modulate_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+def check_norm_args(norm: str, eps: float) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def adaln_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    norm: str = "layer",
+    eps: float = 1e-6,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Normalize each token over channels, then modulate: ``norm(x) * (1 + scale) + shift``.
+
+    Args:
+        x: ``(total, C)`` packed with ``cu_seqlens``, or dense ``(B, S, C)``; fp16/bf16/fp32/fp64.
+        shift, scale: per sample ``(B, C)`` (dense ``x`` also takes ``(B, 1, C)``), or per token
+            with ``x``'s shape; any float dtype (fp32 in Wan), both in the same form.
+        cu_seqlens: ``(B+1,)`` int32 for packed ``x``; None for dense ``x``.
+        norm: ``"layer"`` (LayerNorm: centre and scale) or ``"rms"`` (RMSNorm: scale only).
+        eps: added to the variance (mean square for RMS) before the reciprocal square root.
+        weight, bias: optional ``(C,)`` affine of the norm, applied before the modulation
+            (RMSNorm takes no bias).
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        ``(total, C)`` or ``(B, S, C)`` in ``x.dtype``; statistics and modulation in float32.
+    """
+    check_norm_args(norm, eps)
+    packed, cu = as_packed("x", x, cu_seqlens, packed_ndim=2)
+    shift_rows, shift_per_token = modulation_rows("shift", shift, x, packed, cu)
+    scale_rows, scale_per_token = modulation_rows("scale", scale, x, packed, cu)
+    if shift_per_token != scale_per_token:
+        raise ValueError("shift and scale must both be per sample (B, C) or both per token")
+    channels = packed.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t, ndims=(1,), device=x.device)
+            if t.shape[0] != channels:
+                raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(t.shape)}")
+    if norm == "rms" and bias is not None:
+        raise ValueError("bias is not defined for norm='rms' (RMSNorm has a weight only)")
+    impl = select_backend(
+        "adaln_modulate",
+        {"device": x.device, "dtype": x.dtype, "channels": channels, "norm": norm, "per_token": shift_per_token},
+        backend,
+    )
+    out = impl.fn(packed, shift_rows, scale_rows, None if shift_per_token else cu, norm, float(eps), weight, bias)
+    return out.view(x.shape)

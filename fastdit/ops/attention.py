@@ -1,0 +1,197 @@
+"""Softmax attention: ``varlen_attention`` (flash-attn's varlen contract) and dense ``attention``."""
+
+import math
+
+import torch
+
+from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
+from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
+
+# ---- reference backend -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdit::varlen_attention_reference", mutates_args=())
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)
+
+
+@varlen_attention_reference.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    return q.new_empty((*q.shape[:2], v.shape[-1])), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, _, _, ctx.scale, ctx.causal = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+
+
+def _backward_varlen(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_bwd_ref(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, softmax_scale=ctx.scale, causal=ctx.causal
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+varlen_attention_reference.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+
+
+@torch.library.custom_op("fastdit::attention_reference", mutates_args=())
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_ref(q, k, v, softmax_scale=softmax_scale, causal=causal)
+
+
+@attention_reference.register_fake
+def _(q, k, v, softmax_scale, causal):
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    batch, seqlen, heads, _ = q.shape
+    return q.new_empty((batch, seqlen, heads, v.shape[-1])), q.new_empty((batch, heads, seqlen), dtype=lse_dtype)
+
+
+def _setup_dense(ctx, inputs, output):
+    q, k, v, ctx.scale, ctx.causal = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward_dense(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_ref(grad_out, q, k, v, out, lse, softmax_scale=ctx.scale, causal=ctx.causal)
+    return dq, dk, dv, None, None
+
+
+attention_reference.register_autograd(_backward_dense, setup_context=_setup_dense)
+
+register_backend(Backend("varlen_attention", "reference", varlen_attention_reference, devices=None, dtypes=FLOAT_DTYPES))
+register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v, ndim):
+    check_tensor("q", q, ndims=(ndim,))
+    check_tensor("k", k, ndims=(ndim,), device=q.device)
+    check_tensor("v", v, ndims=(ndim,), device=q.device)
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    heads, head_dim = q.shape[-2:]
+    kv_heads = k.shape[-2]
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"q, k, v must share head_dim {head_dim}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} except in head_dim")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"k/v head count {kv_heads} must divide q's head count {heads} (GQA/MQA)")
+
+
+def _scale(softmax_scale, head_dim):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over packed samples, each query sample attending only to its own keys.
+
+    The contract of ``flash_attn_varlen_func``: self-attention when ``cu_seqlens_q`` equals
+    ``cu_seqlens_k``, cross-attention (video tokens to their own text tokens) otherwise.
+
+    Args:
+        q: ``(total_q, H, D)``; fp16 / bf16 / fp32 / fp64.
+        k, v: ``(total_k, Hk, D)``, same dtype; ``Hk`` divides ``H`` (GQA / MQA).
+        cu_seqlens_q, cu_seqlens_k: ``(B+1,)`` int32 sample boundaries; every sample length >= 1.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sample.
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: mask aligned to the bottom right (query i sees key j iff ``j <= i + Lk - Lq``).
+        return_lse: also return the log-sum-exp of each row, ``(H, total_q)`` float32.
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        ``out (total_q, H, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
+    """
+    _check_qkv(q, k, v, ndim=3)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, min_len=1)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, min_len=1)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+            "must describe the same number of samples"
+        )
+    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    scale = _scale(softmax_scale, q.shape[-1])
+    impl = select_backend(
+        "varlen_attention",
+        {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)},
+        backend,
+    )
+    out, lse = impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
+    return (out, lse) if return_lse else out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dense batched attention in the ``(B, S, H, D)`` layout (flash-attn's ``flash_attn_func``).
+
+    Args:
+        q: ``(B, Sq, H, D)``; fp16 / bf16 / fp32 / fp64.
+        k, v: ``(B, Sk, Hk, D)``, same dtype; ``Hk`` divides ``H``; ``Sq, Sk >= 1``.
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: bottom-right aligned mask, as :func:`varlen_attention`.
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        ``(B, Sq, H, D)`` in ``q.dtype``.
+    """
+    _check_qkv(q, k, v, ndim=4)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    impl = select_backend(
+        "attention", {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)}, backend
+    )
+    out, _ = impl.fn(q, k, v, scale, bool(causal))
+    return out

@@ -1,0 +1,164 @@
+"""Declarative backend dispatch (after xformers' fmha dispatch).
+
+Each (op, backend) pair is a :class:`Backend` that states the devices and dtypes it runs on, any
+further constraint as ``check(inputs) -> reasons``, and whether it is available at all (a missing
+``fastdit._C`` disables only ``cuda``). The dispatcher walks the op's priority list and takes the
+first backend with no reasons. ``backend=`` or ``FASTDIT_BACKEND`` force one; a forced backend
+that does not fit raises :class:`BackendNotSupportedError` with its reasons.
+
+``FASTDIT_BACKEND`` is either one name (``reference``), forced on every op that has such a
+backend, or per op (``rope3d=triton,varlen_attention=reference``), which raises for an op that
+lacks the named backend.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("fastdit")
+
+BACKEND_NAMES = ("cuda", "triton", "reference")
+
+
+class BackendNotSupportedError(ValueError):
+    """No (or not the forced) backend can run the op on these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``fn`` takes the op's normalized arguments (see the op module). ``check`` receives the
+    ``inputs`` summary the op builds (always ``device`` and ``dtype``, plus op-specific keys
+    such as ``head_dim``) and returns the reasons it cannot run them.
+    """
+
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    devices: tuple[str, ...] | None  # None: any device
+    dtypes: tuple[torch.dtype, ...]
+    check: Callable[[dict], list[str]] | None = None
+    available: Callable[[], str | None] = field(default=lambda: None)
+
+    def not_supported_reasons(self, inputs: dict) -> list[str]:
+        missing = self.available()
+        if missing is not None:
+            return [missing]
+        reasons = []
+        device = inputs["device"]
+        if self.devices is not None and device.type not in self.devices:
+            reasons.append(f"device {device.type} not in {list(self.devices)}")
+        if inputs["dtype"] not in self.dtypes:
+            names = [str(d).replace("torch.", "") for d in self.dtypes]
+            reasons.append(f"dtype {str(inputs['dtype']).replace('torch.', '')} not in {names}")
+        if self.check is not None and not reasons:
+            reasons.extend(self.check(inputs))
+        return reasons
+
+
+_BACKENDS: dict[str, dict[str, Backend]] = {}
+_PRIORITY: dict[str, list[str]] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {BACKEND_NAMES}")
+    _BACKENDS.setdefault(backend.op, {})[backend.name] = backend
+    _PRIORITY.setdefault(backend.op, list(BACKEND_NAMES))
+    return backend
+
+
+def set_priority(op: str, names: Sequence[str]) -> None:
+    """Order in which the dispatcher tries ``op``'s backends (decided by the H100 benchmarks)."""
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown:
+        raise ValueError(f"unknown backend names {unknown}; expected some of {BACKEND_NAMES}")
+    _PRIORITY[op] = list(names)
+
+
+def backends(op: str) -> dict[str, Backend]:
+    """The registered backends of ``op``, by name."""
+    if op not in _BACKENDS:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(_BACKENDS)}")
+    return dict(_BACKENDS[op])
+
+
+def ops() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def priority(op: str) -> list[str]:
+    return [n for n in _PRIORITY.get(op, BACKEND_NAMES) if n in _BACKENDS.get(op, {})]
+
+
+def _parse_env(value: str) -> tuple[str | None, dict[str, str]]:
+    """'reference' -> ('reference', {}); 'rope3d=triton,attention=reference' -> (None, {...})."""
+    value = value.strip()
+    if not value:
+        return None, {}
+    if "=" not in value:
+        return value, {}
+    per_op = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        op, _, name = item.partition("=")
+        per_op[op.strip()] = name.strip()
+    return None, per_op
+
+
+def forced_backend(op: str, backend: str | None) -> tuple[str | None, str]:
+    """The backend forced for ``op`` (argument first, then FASTDIT_BACKEND) and where it came from."""
+    if backend is not None:
+        return backend, "backend= argument"
+    global_name, per_op = _parse_env(os.environ.get("FASTDIT_BACKEND", ""))
+    if op in per_op:
+        return per_op[op], f"FASTDIT_BACKEND={os.environ['FASTDIT_BACKEND']}"
+    if global_name is not None and global_name in _BACKENDS.get(op, {}):
+        return global_name, f"FASTDIT_BACKEND={global_name}"
+    return None, ""
+
+
+def _format_reasons(reasons: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(r)}" for name, r in reasons.items())
+
+
+@lru_cache(maxsize=256)
+def _log_fallback_once(op: str, chosen: str, device: str, message: str) -> None:
+    logger.warning("fastdit.%s on %s runs the %s backend: %s", op, device, chosen, message)
+
+
+def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend:
+    """Pick the backend that runs ``op`` on ``inputs`` (see the module docstring)."""
+    table = _BACKENDS.get(op)
+    if not table:
+        raise KeyError(f"no backend registered for op {op!r}")
+    name, source = forced_backend(op, backend)
+    if name is not None:
+        if name not in table:
+            raise BackendNotSupportedError(
+                f"fastdit.{op}: backend {name!r} (from {source}) does not exist for this op; "
+                f"registered: {sorted(table)}"
+            )
+        reasons = table[name].not_supported_reasons(inputs)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"fastdit.{op}: backend {name!r} (from {source}) cannot run these inputs: {'; '.join(reasons)}"
+            )
+        return table[name]
+    rejected: dict[str, list[str]] = {}
+    for candidate in priority(op):
+        reasons = table[candidate].not_supported_reasons(inputs)
+        if not reasons:
+            if candidate == "reference" and inputs["device"].type == "cuda" and rejected:
+                # Never fall back silently on a GPU: say once which fast backend did not fit and why.
+                _log_fallback_once(op, candidate, str(inputs["device"]), _format_reasons(rejected))
+            return table[candidate]
+        rejected[candidate] = reasons
+    raise BackendNotSupportedError(f"fastdit.{op}: no backend can run these inputs: {_format_reasons(rejected)}")

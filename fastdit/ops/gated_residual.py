@@ -1,0 +1,201 @@
+"""Gated residuals: ``gated_residual`` (``res + y * gate``) and the fused ``gated_residual_modulate``."""
+
+import torch
+
+from fastdit._extension import cuda_extension_missing
+from fastdit.ops._common import as_packed, modulation_rows
+from fastdit.ops.adaln_modulate import check_norm_args
+from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
+from fastdit.reference.common import upcast
+from fastdit.reference.modulation import (
+    adaln_modulate_bwd_ref,
+    gated_residual_bwd_ref,
+    gated_residual_modulate_ref,
+    gated_residual_ref,
+)
+
+# ---- reference backend ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdit::gated_residual_reference", mutates_args=())
+def gated_residual_reference(
+    res: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None
+) -> torch.Tensor:
+    return gated_residual_ref(res, y, gate, cu_seqlens)
+
+
+def _fake_gated_residual(res, y, gate, cu_seqlens):
+    return torch.empty_like(res)
+
+
+def _setup_gated_residual(ctx, inputs, output):
+    res, y, gate, cu_seqlens = inputs
+    ctx.res_dtype = res.dtype
+    ctx.save_for_backward(y, gate, cu_seqlens)
+
+
+def _backward_gated_residual(ctx, grad):
+    y, gate, cu_seqlens = ctx.saved_tensors
+    dres, dy, dgate = gated_residual_bwd_ref(grad, y, gate, cu_seqlens, ctx.res_dtype)
+    return dres, dy, dgate, None
+
+
+gated_residual_reference.register_fake(_fake_gated_residual)
+gated_residual_reference.register_autograd(_backward_gated_residual, setup_context=_setup_gated_residual)
+register_backend(Backend("gated_residual", "reference", gated_residual_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- cuda backend: fastdit::gated_residual_cuda from csrc/gated_residual.cu -----------------------
+
+
+def _register_cuda_op() -> None:
+    """Fake and autograd for the C++ op (same math as the reference, so the same backward)."""
+    name = "fastdit::gated_residual_cuda"
+    torch.library.register_fake(name, _fake_gated_residual)
+    torch.library.register_autograd(name, _backward_gated_residual, setup_context=_setup_gated_residual)
+
+
+def _gated_residual_cuda(res, y, gate, cu_seqlens):
+    # The kernel reads fp32 gate rows (Wan's modulation dtype) and contiguous (N, C) rows.
+    return torch.ops.fastdit.gated_residual_cuda(res.contiguous(), y.contiguous(), gate.float().contiguous(), cu_seqlens)
+
+
+def _cuda_check(inputs: dict) -> list[str]:
+    return [] if inputs["y_dtype"] == inputs["dtype"] else [f"y dtype {inputs['y_dtype']} differs from res dtype"]
+
+
+if cuda_extension_missing() is None:
+    _register_cuda_op()
+register_backend(
+    Backend(
+        "gated_residual",
+        "cuda",
+        _gated_residual_cuda,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        check=_cuda_check,
+        available=cuda_extension_missing,
+    )
+)
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_reference", mutates_args=())
+def gated_residual_modulate_reference(
+    res: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    norm: str,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_modulate_ref(res, y, gate, shift, scale, cu_seqlens, norm=norm, eps=eps)
+
+
+@gated_residual_modulate_reference.register_fake
+def _(res, y, gate, shift, scale, cu_seqlens, norm, eps):
+    return torch.empty_like(res), torch.empty_like(res)
+
+
+def _setup_grm(ctx, inputs, output):
+    res, y, gate, shift, scale, cu_seqlens, ctx.norm, ctx.eps = inputs
+    ctx.res_dtype = res.dtype
+    ctx.save_for_backward(y, gate, shift, scale, cu_seqlens, output[0])
+
+
+def _backward_grm(ctx, grad_r, grad_mod):
+    y, gate, shift, scale, cu_seqlens, r = ctx.saved_tensors
+    dr_mod, dshift, dscale, _, _ = adaln_modulate_bwd_ref(grad_mod, r, shift, scale, cu_seqlens, norm=ctx.norm, eps=ctx.eps)
+    dr = upcast(grad_r) + upcast(dr_mod)
+    dres, dy, dgate = gated_residual_bwd_ref(dr, y, gate, cu_seqlens, ctx.res_dtype)
+    return dres, dy, dgate, dshift, dscale, None, None, None
+
+
+gated_residual_modulate_reference.register_autograd(_backward_grm, setup_context=_setup_grm)
+register_backend(
+    Backend("gated_residual_modulate", "reference", gated_residual_modulate_reference, devices=None, dtypes=FLOAT_DTYPES)
+)
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+
+def _prepare(res, y, gate, cu_seqlens):
+    packed, cu = as_packed("res", res, cu_seqlens, packed_ndim=2)
+    check_tensor("y", y, device=res.device)
+    if y.shape != res.shape:
+        raise ValueError(f"y must have the shape of res {tuple(res.shape)}, got {tuple(y.shape)}")
+    gate_rows, per_token = modulation_rows("gate", gate, res, packed, cu)
+    return packed, y.reshape(packed.shape), cu, gate_rows, per_token
+
+
+def gated_residual(
+    res: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``res + y * gate``, math in float32, result in ``res.dtype``.
+
+    Args:
+        res: ``(total, C)`` packed with ``cu_seqlens``, or dense ``(B, S, C)``; fp16/bf16/fp32/fp64.
+        y: like ``res`` (its dtype may differ; the cuda backend wants it equal).
+        gate: per sample ``(B, C)`` (dense also ``(B, 1, C)``) or per token like ``res``; float32 in Wan.
+        cu_seqlens: ``(B+1,)`` int32 for packed input; None for dense.
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        Tensor of ``res``'s shape and dtype.
+    """
+    packed, y_packed, cu, gate_rows, per_token = _prepare(res, y, gate, cu_seqlens)
+    impl = select_backend(
+        "gated_residual",
+        {"device": res.device, "dtype": res.dtype, "y_dtype": y.dtype, "per_token": per_token},
+        backend,
+    )
+    return impl.fn(packed, y_packed, gate_rows, None if per_token else cu).view(res.shape)
+
+
+def gated_residual_modulate(
+    res: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    norm: str = "layer",
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = res + y * gate`` and ``adaln_modulate(r, shift, scale)`` in one call.
+
+    The norm reads ``r`` rounded to ``res.dtype``, exactly as the unfused pair computes it.
+
+    Args:
+        res, y, gate, cu_seqlens: as :func:`gated_residual`.
+        shift, scale: as :func:`adaln_modulate`; gate, shift and scale all per sample or all per token.
+        norm, eps: as :func:`adaln_modulate` (no affine).
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        ``(r, modulated)``, both of ``res``'s shape and dtype.
+    """
+    check_norm_args(norm, eps)
+    packed, y_packed, cu, gate_rows, per_token = _prepare(res, y, gate, cu_seqlens)
+    shift_rows, shift_per_token = modulation_rows("shift", shift, res, packed, cu)
+    scale_rows, scale_per_token = modulation_rows("scale", scale, res, packed, cu)
+    if not per_token == shift_per_token == scale_per_token:
+        raise ValueError("gate, shift and scale must all be per sample (B, C) or all per token")
+    check_same_dtype(("shift", "scale"), (shift, scale))
+    impl = select_backend(
+        "gated_residual_modulate",
+        {"device": res.device, "dtype": res.dtype, "y_dtype": y.dtype, "norm": norm, "per_token": per_token},
+        backend,
+    )
+    r, mod = impl.fn(packed, y_packed, gate_rows, shift_rows, scale_rows, None if per_token else cu, norm, float(eps))
+    return r.view(res.shape), mod.view(res.shape)

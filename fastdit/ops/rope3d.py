@@ -1,0 +1,215 @@
+"""3D rotary position embedding: ``rope3d`` and ``rope3d_qk``.
+
+Semantics in :mod:`fastdit.reference.rope3d`. Backward is the rotation by the conjugate angle,
+the same op with ``conjugate=True``.
+"""
+
+import torch
+
+from fastdit.ops._common import as_packed
+from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
+from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
+
+# ---- reference backend: torch.library custom ops over fastdit.reference -------------------------
+
+
+@torch.library.custom_op("fastdit::rope3d_reference", mutates_args=())
+def rope3d_reference(
+    x: torch.Tensor,
+    grid_thw: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    token_offset: torch.Tensor | None,
+    theta: float,
+    axes_dim: list[int],
+    interleaved: bool,
+    conjugate: bool,
+) -> torch.Tensor:
+    return rope3d_ref(
+        x,
+        grid_thw,
+        cu_seqlens,
+        theta=theta,
+        axes_dim=axes_dim,
+        interleaved=interleaved,
+        token_offset=token_offset,
+        conjugate=conjugate,
+    )
+
+
+@rope3d_reference.register_fake
+def _(x, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
+    return torch.empty_like(x)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, ctx.conj = inputs
+
+
+def _rope_backward(ctx, grad):
+    dx = rope3d_reference(
+        grad, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj
+    )
+    return dx, None, None, None, None, None, None, None
+
+
+rope3d_reference.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("fastdit::rope3d_qk_reference", mutates_args=())
+def rope3d_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid_thw: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    token_offset: torch.Tensor | None,
+    theta: float,
+    axes_dim: list[int],
+    interleaved: bool,
+    conjugate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = dict(theta=theta, axes_dim=axes_dim, interleaved=interleaved, token_offset=token_offset)
+    return (
+        rope3d_ref(q, grid_thw, cu_seqlens, conjugate=conjugate, **kwargs),
+        rope3d_ref(k, grid_thw, cu_seqlens, conjugate=conjugate, **kwargs),
+    )
+
+
+@rope3d_qk_reference.register_fake
+def _(q, k, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _rope_qk_setup(ctx, inputs, output):
+    _, _, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, ctx.conj = inputs
+
+
+def _rope_qk_backward(ctx, grad_q, grad_k):
+    dq, dk = rope3d_qk_reference(
+        grad_q,
+        grad_k,
+        ctx.grid_thw,
+        ctx.cu_seqlens,
+        ctx.token_offset,
+        ctx.theta,
+        ctx.axes_dim,
+        ctx.interleaved,
+        not ctx.conj,
+    )
+    return dq, dk, None, None, None, None, None, None, None
+
+
+rope3d_qk_reference.register_autograd(_rope_qk_backward, setup_context=_rope_qk_setup)
+
+register_backend(Backend("rope3d", "reference", rope3d_reference, devices=None, dtypes=FLOAT_DTYPES))
+register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+
+def _check_axes(head_dim: int, axes_dim, interleaved: bool) -> list[int]:
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
+    axes = list(wan_axes_dim(head_dim) if axes_dim is None else axes_dim)
+    if len(axes) != 3 or any(not isinstance(a, int) or a < 0 or a % 2 for a in axes):
+        raise ValueError(f"axes_dim must be three even non-negative ints (dt, dh, dw), got {axes_dim}")
+    if sum(axes) != head_dim:
+        raise ValueError(f"axes_dim {tuple(axes)} must sum to head_dim {head_dim}")
+    return axes
+
+
+def _prepare(name, x, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset):
+    packed, cu = as_packed(name, x, cu_seqlens, packed_ndim=3)
+    axes = _check_axes(packed.shape[-1], axes_dim, interleaved)
+    check_grid_thw(grid_thw, cu)
+    check_token_offset(token_offset, cu.shape[0] - 1, x.device)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"theta must be a positive number, got {theta!r}")
+    return packed, cu, axes
+
+
+def rope3d(
+    x: torch.Tensor,
+    grid_thw: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    theta: float = 10000.0,
+    axes_dim: tuple[int, int, int] | None = None,
+    interleaved: bool = True,
+    token_offset: torch.Tensor | None = None,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rotate ``x`` by the 3D rotary embedding of each token's (t, h, w) patch position.
+
+    Args:
+        x: ``(total, H, D)`` packed tokens with ``cu_seqlens``, or dense ``(B, S, H, D)``;
+            float16 / bfloat16 / float32 / float64. ``D`` even.
+        grid_thw: ``(B, 3)`` int32 (or int64): each sample's post-patch (t, h, w); its tokens are
+            in (t, h, w) row-major order. Tokens beyond ``t*h*w`` are not rotated.
+        cu_seqlens: ``(B+1,)`` int32 sample boundaries of packed ``x``; None for dense ``x``.
+        theta: rotary base (Wan 10000, HunyuanVideo 256).
+        axes_dim: ``(dt, dh, dw)`` even sizes summing to D; default Wan's
+            ``(D - 4(D//6), 2(D//6), 2(D//6))``, (44, 42, 42) for D = 128.
+        interleaved: rotate pairs (2i, 2i+1) (Wan) if True, (i, i + D/2) if False.
+        token_offset: ``(B,)`` int32/int64 global index of each sample's first token (a shard of
+            a longer sequence), default 0.
+        inplace: write the result into ``x`` and return ``x``.
+        backend: force ``"reference"`` / ``"triton"`` / ``"cuda"``; default the dispatcher's choice.
+
+    Returns:
+        The rotated tensor, same shape and dtype as ``x``. Angles are float64, rotation float32
+        (see :mod:`fastdit.reference.rope3d`).
+    """
+    packed, cu, axes = _prepare("x", x, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset)
+    impl = select_backend(
+        "rope3d",
+        {"device": x.device, "dtype": x.dtype, "head_dim": packed.shape[-1], "interleaved": interleaved},
+        backend,
+    )
+    out = impl.fn(packed, grid_thw, cu, token_offset, float(theta), axes, interleaved, False).view(x.shape)
+    if inplace:
+        return x.copy_(out)
+    return out
+
+
+def rope3d_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid_thw: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    theta: float = 10000.0,
+    axes_dim: tuple[int, int, int] | None = None,
+    interleaved: bool = True,
+    token_offset: torch.Tensor | None = None,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope3d` on queries and keys of the same tokens in one call.
+
+    Args:
+        q: ``(total, Hq, D)`` packed or ``(B, S, Hq, D)`` dense.
+        k: ``(total, Hk, D)`` / ``(B, S, Hk, D)``, same tokens, dtype and D as ``q``; Hk may differ (GQA).
+        Everything else as :func:`rope3d`.
+
+    Returns:
+        ``(q_rotated, k_rotated)``, shapes and dtypes of ``q`` and ``k``.
+    """
+    packed_q, cu, axes = _prepare("q", q, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset)
+    check_tensor("k", k, ndims=(q.dim(),), device=q.device)
+    check_same_dtype(("q", "k"), (q, k))
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in every dim but the head count")
+    packed_k = k.reshape(packed_q.shape[0], *k.shape[-2:])
+    impl = select_backend(
+        "rope3d_qk",
+        {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
+        backend,
+    )
+    out_q, out_k = impl.fn(packed_q, packed_k, grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
+    out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
+    if inplace:
+        return q.copy_(out_q), k.copy_(out_k)
+    return out_q, out_k

@@ -1,0 +1,19 @@
+"""fastdit's Triton kernels and their launchers, installed as ``fastdit.kernels``.
+
+Each kernel lives in ``kernels/<op>.py`` with its autotune configs and launcher; the registered
+op that calls it is ``fastdit/ops/<op>.py``. This layer knows nothing of models. It imports
+Triton lazily, so ``fastdit`` imports (and runs on its reference backend) where Triton is absent.
+"""
+
+import importlib.util
+
+
+def triton_missing() -> str | None:
+    """None when Triton can be imported, else why not (for ``fastdit info`` and the dispatcher)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # a broken install must disable the backend, not crash the import
+        return f"triton failed to import: {err}"
+    return None
