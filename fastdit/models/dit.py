@@ -1,0 +1,194 @@
+"""The DiT of Wan 2.1 (Sora-style: a transformer over spacetime patches) on fastdit.ops.
+
+Semantics are design.md's reference: per block, adaLN-modulated self-attention with q/k RMSNorm
+across heads and 3D RoPE, cross-attention to the text (affine LayerNorm, no modulation), and an
+adaLN-modulated GELU(tanh) FFN, each with a gated residual; a modulated head. Every sample of a
+packed batch keeps its own size, timestep and text. ``DiT(config, backend="reference")`` runs
+every op on the plain-PyTorch reference and is the parity oracle for the fast backends.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from fastdit import ops
+from fastdit.models.config import DiTConfig, preset
+from fastdit.models.packing import PackedBatch
+
+
+def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features ``[cos(t f), sin(t f)]``, ``f_i = max_period^(-i / (dim/2))``, in float32.
+
+    diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`` exactly.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    angle = timestep.float()[:, None] * torch.exp(exponent)[None, :]
+    features = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+    return F.pad(features, (0, 1)) if dim % 2 else features
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (all heads at once), statistics in float32."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm across heads; self (with 3D RoPE) or cross."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        hidden = config.hidden
+        self.num_heads, self.head_dim, self.eps = config.num_heads, config.head_dim, config.eps
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.o = nn.Linear(hidden, hidden)
+        self.q_norm = nn.Parameter(torch.ones(hidden))
+        self.k_norm = nn.Parameter(torch.ones(hidden))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_heads, self.head_dim)
+
+    def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig, backend: str | None):
+        q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
+        k = self._heads(_rms_norm(self.k(x), self.k_norm, self.eps))
+        v = self._heads(self.v(x))
+        q, k = ops.rope3d_qk(
+            q,
+            k,
+            batch.grid_thw,
+            batch.cu_seqlens,
+            theta=config.rope_theta,
+            axes_dim=config.rope_axes_dim,
+            interleaved=config.rope_interleaved,
+            token_offset=batch.token_offset,
+            backend=backend,
+        )
+        cu, n = batch.cu_seqlens, batch.max_seqlen
+        out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backend)
+        return self.o(out.flatten(1))
+
+    def forward_cross(self, x: torch.Tensor, context: torch.Tensor, batch: PackedBatch, backend: str | None):
+        q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
+        k = self._heads(_rms_norm(self.k(context), self.k_norm, self.eps))
+        v = self._heads(self.v(context))
+        out = ops.varlen_attention(
+            q,
+            k,
+            v,
+            batch.cu_seqlens,
+            batch.cu_seqlens_text,
+            batch.max_seqlen,
+            batch.max_seqlen_text,
+            backend=backend,
+        )
+        return self.o(out.flatten(1))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        hidden = config.hidden
+        self.config = config
+        self.self_attn = Attention(config)
+        self.cross_attn = Attention(config)
+        self.cross_norm = nn.LayerNorm(hidden, eps=config.eps) if config.cross_attn_norm else None
+        self.ffn_in = nn.Linear(hidden, config.ffn_dim)
+        self.ffn_out = nn.Linear(config.ffn_dim, hidden)
+        # (shift, scale, gate) of self-attention, then of the FFN; added to the per-sample projection.
+        self.modulation = nn.Parameter(torch.randn(1, 6, hidden) / hidden**0.5)
+
+    def forward(self, x, context, mod, batch: PackedBatch, backend: str | None):
+        cfg, cu = self.config, batch.cu_seqlens
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + mod).unbind(1)
+
+        h = ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=cfg.eps, backend=backend)
+        x = ops.gated_residual(x, self.self_attn.forward_self(h, batch, cfg, backend), gate, cu, backend=backend)
+
+        h = x
+        if self.cross_norm is not None:
+            h = F.layer_norm(x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps)
+            h = h.to(x.dtype)
+        x = x + self.cross_attn.forward_cross(h, context, batch, backend)
+
+        h = ops.adaln_modulate(x, ffn_shift, ffn_scale, cu, norm="layer", eps=cfg.eps, backend=backend)
+        ffn = self.ffn_out(F.gelu(self.ffn_in(h), approximate="tanh"))
+        return ops.gated_residual(x, ffn, ffn_gate, cu, backend=backend)
+
+
+class DiT(nn.Module):
+    """Wan 2.1 DiT. Build with ``DiT(config)``, ``DiT.from_preset(name)`` or ``DiT.from_diffusers(...)``.
+
+    ``backend`` is passed to every fastdit op (None: the dispatcher chooses per op).
+    """
+
+    def __init__(self, config: DiTConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        hidden = config.hidden
+        # Conv3d with kernel = stride = patch is a Linear over each flattened patch (c, pt, ph, pw).
+        self.patch_embed = nn.Linear(config.in_channels * config.patch_volume, hidden)
+        self.time_in = nn.Linear(config.freq_dim, hidden)
+        self.time_out = nn.Linear(hidden, hidden)
+        self.time_proj = nn.Linear(hidden, 6 * hidden)
+        self.text_in = nn.Linear(config.text_dim, hidden)
+        self.text_out = nn.Linear(hidden, hidden)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, hidden) / hidden**0.5)
+        self.head_proj = nn.Linear(hidden, config.out_channels * config.patch_volume)
+
+    @classmethod
+    def from_preset(cls, name: str, backend: str | None = None) -> "DiT":
+        """A randomly initialised DiT of a named preset (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``)."""
+        return cls(preset(name), backend=backend)
+
+    @classmethod
+    def from_diffusers(cls, source, *, config: DiTConfig | None = None, backend: str | None = None) -> "DiT":
+        """Load Wan 2.1 weights in diffusers format; see :func:`fastdit.models.weights.load_diffusers_dit`."""
+        from fastdit.models.weights import load_diffusers_dit
+
+        return load_diffusers_dit(cls, source, config=config, backend=backend)
+
+    def embed_conditions(self, timestep: torch.Tensor, text: torch.Tensor):
+        """(temb (B, C), block modulation (B, 6, C) float32, text tokens (total_text, C))."""
+        dtype = self.time_in.weight.dtype
+        temb = self.time_out(F.silu(self.time_in(timestep_features(timestep, self.config.freq_dim).to(dtype))))
+        mod = self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
+        context = self.text_out(F.gelu(self.text_in(text), approximate="tanh"))
+        return temb, mod, context
+
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Packed batch -> packed prediction ``(total, pt ph pw C_out)``; ``batch.unpack`` splits it."""
+        x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
+        temb, mod, context = self.embed_conditions(batch.timestep, batch.text.to(self.text_in.weight.dtype))
+        for block in self.blocks:
+            x = block(x, context, mod, batch, self.backend)
+        shift, scale = (self.head_modulation.float() + temb.float()[:, None]).unbind(1)
+        x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps, backend=self.backend)
+        return self.head_proj(x)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Dense batch: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)`` -> ``(B, C_out, T, H, W)``.
+
+        Matches diffusers' ``WanTransformer3DModel(latents, timestep, text)[0]`` for the same weights.
+        """
+        batch = PackedBatch.from_dense(latents, timestep, text, self.config.patch_size)
+        out = self.forward_packed(batch)
+        pt, ph, pw = self.config.patch_size
+        _, _, frames, height, width = latents.shape
+        return rearrange(
+            out,
+            "(b t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            b=latents.shape[0],
+            t=frames // pt,
+            h=height // ph,
+            w=width // pw,
+            pt=pt,
+            ph=ph,
+            pw=pw,
+        )

@@ -1,0 +1,147 @@
+"""``PackedBatch``: videos and images of different sizes and text lengths as one token sequence."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+
+def patchify(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """(C, T, H, W) -> (T' H' W', C pt ph pw): tokens in (t, h, w) row-major order.
+
+    The feature order (c, pt, ph, pw) matches a Conv3d weight ``(hidden, C, pt, ph, pw)`` flattened,
+    so the patch embedding is that weight as a Linear.
+    """
+    pt, ph, pw = patch_size
+    return rearrange(latent, "c (t pt) (h ph) (w pw) -> (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int], channels: int) -> torch.Tensor:
+    """(T' H' W', pt ph pw C) -> (C, T, H, W), the layout of Wan's head projection (channels last)."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    return rearrange(
+        tokens, "(t h w) (pt ph pw c) -> c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw, c=channels
+    )
+
+
+@dataclass
+class PackedBatch:
+    """A DiT batch in the packed ("varlen") layout of design.md.
+
+    Attributes:
+        tokens: ``(total, C_in * pt * ph * pw)`` patchified latents of all samples, concatenated.
+        cu_seqlens: ``(B+1,)`` int32 token boundaries; ``max_seqlen`` the longest sample.
+        grid_thw: ``(B, 3)`` int32 post-patch (t, h, w) per sample.
+        timestep: ``(B,)`` diffusion time per sample.
+        text: ``(total_text, text_dim)`` text embeddings of all samples, concatenated.
+        cu_seqlens_text: ``(B+1,)`` int32 text boundaries; ``max_seqlen_text`` the longest.
+        patch_size: (pt, ph, pw) the tokens were cut with.
+        token_offset: optional ``(B,)`` int32 global index of each sample's first token (shards).
+    """
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    grid_thw: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor
+    cu_seqlens_text: torch.Tensor
+    max_seqlen_text: int
+    patch_size: tuple[int, int, int]
+    token_offset: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @classmethod
+    def from_samples(
+        cls,
+        latents: Sequence[torch.Tensor],
+        timesteps: torch.Tensor | Sequence[float],
+        texts: Sequence[torch.Tensor],
+        patch_size: Sequence[int] = (1, 2, 2),
+    ) -> "PackedBatch":
+        """Pack per-sample ``latents[i]: (C, T_i, H_i, W_i)`` and ``texts[i]: (L_i, text_dim)``.
+
+        An image is a latent with ``T = 1``. Each T, H, W must be divisible by the patch size.
+        """
+        if not latents or len(latents) != len(texts):
+            raise ValueError(f"need one text per latent and at least one sample, got {len(latents)} and {len(texts)}")
+        patch_size = tuple(int(p) for p in patch_size)
+        device = latents[0].device
+        channels = latents[0].shape[0]
+        grids, token_lists = [], []
+        for i, latent in enumerate(latents):
+            if latent.dim() != 4 or latent.shape[0] != channels:
+                raise ValueError(f"latents[{i}] must be (C={channels}, T, H, W), got {tuple(latent.shape)}")
+            if any(n % p for n, p in zip(latent.shape[1:], patch_size)):
+                raise ValueError(f"latents[{i}] (T, H, W) = {tuple(latent.shape[1:])} is not divisible by {patch_size}")
+            grids.append([n // p for n, p in zip(latent.shape[1:], patch_size)])
+            token_lists.append(patchify(latent, patch_size))
+        for i, text in enumerate(texts):
+            if text.dim() != 2 or text.shape[0] < 1:
+                raise ValueError(f"texts[{i}] must be (L >= 1, text_dim), got {tuple(text.shape)}")
+        lengths = [t.shape[0] for t in token_lists]
+        text_lengths = [t.shape[0] for t in texts]
+        timestep = torch.as_tensor(timesteps, device=device)
+        if timestep.shape != (len(latents),):
+            raise ValueError(f"timesteps must have shape ({len(latents)},), got {tuple(timestep.shape)}")
+        return cls(
+            tokens=torch.cat(token_lists),
+            cu_seqlens=_cumulative(lengths, device),
+            max_seqlen=max(lengths),
+            grid_thw=torch.tensor(grids, dtype=torch.int32, device=device),
+            timestep=timestep,
+            text=torch.cat(list(texts)),
+            cu_seqlens_text=_cumulative(text_lengths, device),
+            max_seqlen_text=max(text_lengths),
+            patch_size=patch_size,
+        )
+
+    @classmethod
+    def from_dense(
+        cls, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, patch_size: Sequence[int] = (1, 2, 2)
+    ) -> "PackedBatch":
+        """Pack a same-size batch ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``.
+
+        Needs no host sync, so a compiled ``DiT.forward`` traces it into its graph.
+        """
+        batch, _, frames, height, width = latents.shape
+        pt, ph, pw = patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latents (T, H, W) = {(frames, height, width)} is not divisible by {tuple(patch_size)}")
+        grid = (frames // pt, height // ph, width // pw)
+        seqlen = grid[0] * grid[1] * grid[2]
+        device = latents.device
+        tokens = rearrange(latents, "b c (t pt) (h ph) (w pw) -> (b t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        text_len = text.shape[1]
+        return cls(
+            tokens=tokens,
+            cu_seqlens=torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device),
+            max_seqlen=seqlen,
+            grid_thw=torch.tensor([grid], dtype=torch.int32, device=device).expand(batch, 3).contiguous(),
+            timestep=timestep,
+            text=text.reshape(batch * text_len, text.shape[-1]),
+            cu_seqlens_text=torch.arange(0, (batch + 1) * text_len, text_len, dtype=torch.int32, device=device),
+            max_seqlen_text=text_len,
+            patch_size=tuple(patch_size),
+        )
+
+    def unpack(self, out: torch.Tensor, channels: int) -> list[torch.Tensor]:
+        """Packed model output ``(total, pt ph pw C)`` -> per-sample ``(C, T, H, W)`` latents."""
+        bounds = self.cu_seqlens.tolist()
+        grids = self.grid_thw.tolist()
+        return [
+            unpatchify(out[bounds[i] : bounds[i + 1]], grids[i], self.patch_size, channels)
+            for i in range(self.batch_size)
+        ]
+
+
+def _cumulative(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
