@@ -39,13 +39,14 @@ def adaln_modulate_ref(
 ) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` on packed ``x: (total, C)``; norm's affine is optional."""
     total = x.shape[0]
-    normed, _ = _normalize(upcast(x), norm, eps)
+    xf = upcast(x)
+    normed, _ = _normalize(xf, norm, eps)
     if weight is not None:
-        normed = normed * upcast(weight)
+        normed = normed * weight.to(xf.dtype)
     if bias is not None:
-        normed = normed + upcast(bias)
-    shift_t = per_token(upcast(shift), cu_seqlens, total)
-    scale_t = per_token(upcast(scale), cu_seqlens, total)
+        normed = normed + bias.to(xf.dtype)
+    shift_t = per_token(shift.to(xf.dtype), cu_seqlens, total)
+    scale_t = per_token(scale.to(xf.dtype), cu_seqlens, total)
     return (normed * (1.0 + scale_t) + shift_t).to(x.dtype)
 
 
@@ -63,19 +64,20 @@ def adaln_modulate_bwd_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dshift, dscale, dweight, dbias) of adaln_modulate_ref, float32 math."""
     total = x.shape[0]
-    g = upcast(grad)
-    x_hat, rstd = _normalize(upcast(x), norm, eps)
-    normed = x_hat * upcast(weight) if weight is not None else x_hat
+    xf = upcast(x)
+    g = grad.to(xf.dtype)
+    x_hat, rstd = _normalize(xf, norm, eps)
+    normed = x_hat * weight.to(xf.dtype) if weight is not None else x_hat
     if bias is not None:
-        normed = normed + upcast(bias)
-    scale_t = per_token(upcast(scale), cu_seqlens, total)
+        normed = normed + bias.to(xf.dtype)
+    scale_t = per_token(scale.to(xf.dtype), cu_seqlens, total)
     rows = shift.shape[0]
     d_shift = per_sample_sum(g, cu_seqlens, rows)
     d_scale = per_sample_sum(g * normed, cu_seqlens, rows)
     d_normed = g * (1.0 + scale_t)
     d_weight = (d_normed * x_hat).sum(0) if weight is not None else None
     d_bias = d_normed.sum(0) if bias is not None else None
-    d_xhat = d_normed * upcast(weight) if weight is not None else d_normed
+    d_xhat = d_normed * weight.to(xf.dtype) if weight is not None else d_normed
     proj = (d_xhat * x_hat).mean(dim=-1, keepdim=True)
     if norm == "layer":
         dx = rstd * (d_xhat - d_xhat.mean(dim=-1, keepdim=True) - x_hat * proj)
@@ -94,17 +96,19 @@ def gated_residual_ref(
     res: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None
 ) -> torch.Tensor:
     """``res + y * gate`` in float32, cast to res.dtype; packed ``res, y: (total, C)``."""
-    gate_t = per_token(upcast(gate), cu_seqlens, res.shape[0])
-    return (upcast(res) + upcast(y) * gate_t).to(res.dtype)
+    acc = upcast(res).dtype
+    gate_t = per_token(gate.to(acc), cu_seqlens, res.shape[0])
+    return (res.to(acc) + y.to(acc) * gate_t).to(res.dtype)
 
 
 def gated_residual_bwd_ref(
     grad: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None, res_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dres, dy, dgate) of gated_residual_ref."""
-    g = upcast(grad)
-    gate_t = per_token(upcast(gate), cu_seqlens, y.shape[0])
-    d_gate = per_sample_sum(g * upcast(y), cu_seqlens, gate.shape[0])
+    acc = torch.promote_types(res_dtype, torch.float32)
+    g = grad.to(acc)
+    gate_t = per_token(gate.to(acc), cu_seqlens, y.shape[0])
+    d_gate = per_sample_sum(g * y.to(acc), cu_seqlens, gate.shape[0])
     return g.to(res_dtype), (g * gate_t).to(y.dtype), d_gate.to(gate.dtype)
 
 
