@@ -39,11 +39,34 @@ def _setup_varlen(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
 
 
+# The backward is an op of its own (as flash-attn's): its per-sample loop reads lengths on the
+# host, so AOTAutograd must see it as one opaque node rather than trace into it.
+@torch.library.custom_op("fastdit::varlen_attention_backward_reference", mutates_args=())
+def varlen_attention_backward_reference(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd_ref(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal
+    )
+
+
+@varlen_attention_backward_reference.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _backward_varlen(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_bwd_ref(
-        grad_out, q, k, v, out, lse, cu_q, cu_k, softmax_scale=ctx.scale, causal=ctx.causal
-    )
+    dq, dk, dv = varlen_attention_backward_reference(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -71,9 +94,28 @@ def _setup_dense(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
 
 
+@torch.library.custom_op("fastdit::attention_backward_reference", mutates_args=())
+def attention_backward_reference(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd_ref(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
+
+
+@attention_backward_reference.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _backward_dense(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_ref(grad_out, q, k, v, out, lse, softmax_scale=ctx.scale, causal=ctx.causal)
+    dq, dk, dv = attention_backward_reference(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None
 
 

@@ -49,7 +49,8 @@ def check_same_dtype(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) 
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
         listing = ", ".join(f"{n}={_dtype_name(t.dtype)}" for n, t in zip(names, tensors))
-        raise TypeError(f"{' and '.join(names)} must share one dtype, got {listing}")
+        joined = ", ".join(names[:-1]) + f" and {names[-1]}"
+        raise TypeError(f"{joined} must share one dtype, got {listing}")
 
 
 def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device, *, min_len: int = 0) -> torch.Tensor:

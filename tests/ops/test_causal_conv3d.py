@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from fastdit import ops
+from fastdit.ops.causal_conv3d import causal_conv3d_reference
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def conv_oracle(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0), front=None):
+    """float64 causal conv as a sum of shifted windows times weight taps (no conv kernel used).
+
+    ``front``: frames placed before x (cache); the rest of the kt - 1 front frames are zeros.
+    """
+    kt, kh, kw = weight.shape[2:]
+    x = x.double()
+    frames = [] if front is None else [front.double()]
+    cached = 0 if front is None else front.shape[2]
+    zeros = torch.zeros(x.shape[0], x.shape[1], kt - 1 - cached, *x.shape[3:], dtype=torch.float64)
+    xp = torch.cat([zeros, *frames, x], dim=2)
+    xp = torch.nn.functional.pad(xp, (padding[1], padding[1], padding[0], padding[0]))
+    st, sh, sw = stride
+    t_out = (xp.shape[2] - kt) // st + 1
+    h_out = (xp.shape[3] - kh) // sh + 1
+    w_out = (xp.shape[4] - kw) // sw + 1
+    y = torch.zeros(x.shape[0], weight.shape[0], t_out, h_out, w_out, dtype=torch.float64)
+    for a in range(kt):
+        for b in range(kh):
+            for c in range(kw):
+                window = xp[:, :, a : a + st * t_out : st, b : b + sh * h_out : sh, c : c + sw * w_out : sw]
+                y += torch.einsum("bitxy,oi->botxy", window, weight[:, :, a, b, c].double())
+    if bias is not None:
+        y += bias.double()[None, :, None, None, None]
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [((3, 3, 3), (1, 1, 1), (1, 1)), ((3, 1, 1), (1, 1, 1), (0, 0)), ((1, 3, 3), (1, 2, 2), (1, 1)), ((3, 3, 3), (2, 1, 2), (0, 1))],
+)
+@pytest.mark.parametrize("frames", [1, 5])
+def test_causal_conv3d_matches_oracle(dtype, kernel, stride, padding, frames):
+    x = torch.randn(2, 3, frames, 7, 10, dtype=dtype)
+    weight = torch.randn(5, 3, *kernel, dtype=dtype) / 4
+    bias = torch.randn(5, dtype=dtype)
+    y, cache = ops.causal_conv3d(x, weight, bias, stride=stride, padding=padding)
+    expect = conv_oracle(x, weight, bias, stride, padding)
+    assert y.dtype == dtype and y.shape == expect.shape
+    torch.testing.assert_close(y.double(), expect, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+    kt = kernel[0]
+    torch.testing.assert_close(cache, x[:, :, max(0, frames - (kt - 1)) :], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("chunks", [[1, 4, 4], [2, 3, 4], [1, 1, 1, 6], [9]])
+@pytest.mark.parametrize("kt", [3, 2])
+def test_streaming_chunks_equal_whole_clip(chunks, kt):
+    x = torch.randn(1, 4, sum(chunks), 6, 5, dtype=torch.float64)
+    weight, bias = torch.randn(3, 4, kt, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    whole, _ = ops.causal_conv3d(x, weight, bias, padding=(1, 1))
+    outs, cache, start = [], None, 0
+    for n in chunks:
+        y, cache = ops.causal_conv3d(x[:, :, start : start + n], weight, bias, padding=(1, 1), cache=cache)
+        assert cache.shape[2] == min(kt - 1, start + n)
+        outs.append(y)
+        start += n
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, atol=1e-12, rtol=1e-12)
+
+
+def test_cache_replaces_zero_padding_exactly():
+    x, front = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64), torch.randn(1, 2, 1, 4, 4, dtype=torch.float64)
+    weight = torch.randn(2, 2, 3, 3, 3, dtype=torch.float64)
+    y, new_cache = ops.causal_conv3d(x, weight, padding=(1, 1), cache=front)
+    torch.testing.assert_close(y, conv_oracle(x, weight, padding=(1, 1), front=front))
+    torch.testing.assert_close(new_cache, x[:, :, 1:])
+
+
+def test_kernel_of_one_frame_has_empty_cache_and_channels_last_input():
+    x = torch.randn(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d)
+    weight = torch.randn(4, 3, 1, 3, 3)
+    y, cache = ops.causal_conv3d(x, weight, padding=(1, 1))
+    assert cache.shape == (2, 3, 0, 5, 6)
+    torch.testing.assert_close(y.double(), conv_oracle(x, weight, padding=(1, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_conv3d_gradcheck():
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x, cache = torch.randn(1, 2, 3, 4, 3, **d), torch.randn(1, 2, 1, 4, 3, **d)
+    weight, bias = torch.randn(2, 2, 3, 3, 2, **d), torch.randn(2, **d)
+    fn = lambda *a: ops.causal_conv3d(a[0], a[1], a[2], padding=(1, 0), cache=a[3])[0]
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, cache))
+    assert torch.autograd.gradcheck(lambda a, w: ops.causal_conv3d(a, w, stride=(2, 1, 2))[0], (x, weight))
+
+
+def test_causal_conv3d_opcheck():
+    x, cache = torch.randn(1, 2, 3, 4, 5, requires_grad=True), torch.randn(1, 2, 2, 4, 5, requires_grad=True)
+    weight, bias = torch.randn(3, 2, 3, 3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(causal_conv3d_reference, (x, weight, bias, [1, 1, 1], [1, 1], cache))
+    torch.library.opcheck(causal_conv3d_reference, (x, weight, None, [1, 2, 2], [1, 1], None))
+
+
+def test_causal_conv3d_compiled_matches_eager():
+    x, weight, bias = torch.randn(1, 2, 5, 6, 6), torch.randn(3, 2, 3, 3, 3), torch.randn(3)
+
+    def fn(x):
+        y1, cache = ops.causal_conv3d(x[:, :, :1], weight, bias, padding=(1, 1))
+        y2, cache = ops.causal_conv3d(x[:, :, 1:], weight, bias, padding=(1, 1), cache=cache)
+        return torch.cat([y1, y2], dim=2), cache
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for got, want in zip(compiled(x), fn(x)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=torch.randn(1, 2, 3, 4)), ValueError, "x must have 5 dims"),
+        (dict(weight=torch.randn(3, 4, 3, 3, 3)), ValueError, "expects Cin = 4"),
+        (dict(weight=torch.randn(3, 2, 3, 3, 3).double()), TypeError, "x and weight must share one dtype"),
+        (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(Cout,\)"),
+        (dict(stride=0), ValueError, "stride must be a positive int"),
+        (dict(padding=(1,)), ValueError, "padding must be two"),
+        (dict(cache=torch.randn(1, 2, 3, 4, 5)), ValueError, "cache must be"),
+        (dict(cache=torch.randn(1, 2, 2, 4, 4)), ValueError, "cache must be"),
+        (dict(x=torch.randn(1, 2, 3, 2, 2)), ValueError, "smaller than the kernel"),
+        (dict(x=torch.randn(1, 2, 0, 4, 5)), ValueError, "T >= 1"),
+    ],
+)
+def test_causal_conv3d_bad_input(kwargs, error, match):
+    args = dict(x=torch.randn(1, 2, 3, 4, 5), weight=torch.randn(3, 2, 3, 3, 3))
+    for key in ("x", "weight"):
+        if key in kwargs:
+            args[key] = kwargs.pop(key)
+    with pytest.raises(error, match=match):
+        ops.causal_conv3d(args["x"], args["weight"], **kwargs)

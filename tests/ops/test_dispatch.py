@@ -1,0 +1,112 @@
+import logging
+
+import pytest
+import torch
+
+from fastdit import ops
+from fastdit.ops import dispatch
+from fastdit.ops.dispatch import Backend, BackendNotSupportedError, register_backend, select_backend, set_priority
+from tests.conftest import packed_cu
+
+PUBLIC_OPS = [
+    "rope3d",
+    "rope3d_qk",
+    "adaln_modulate",
+    "gated_residual",
+    "gated_residual_modulate",
+    "varlen_attention",
+    "attention",
+    "causal_conv3d",
+]
+
+
+@pytest.fixture
+def toy_op(monkeypatch):
+    """A throwaway op with a fast backend that only takes cuda fp16, to drive the dispatcher."""
+    monkeypatch.setattr(dispatch, "_BACKENDS", dict(dispatch._BACKENDS))
+    monkeypatch.setattr(dispatch, "_PRIORITY", dict(dispatch._PRIORITY))
+    dispatch._log_fallback_once.cache_clear()
+    register_backend(Backend("toy", "reference", lambda: "ref", devices=None, dtypes=(torch.float32, torch.float16)))
+    register_backend(
+        Backend(
+            "toy",
+            "triton",
+            lambda: "fast",
+            devices=("cuda",),
+            dtypes=(torch.float16,),
+            check=lambda inputs: [] if inputs.get("head_dim") == 64 else [f"head_dim {inputs.get('head_dim')} != 64"],
+        )
+    )
+    return "toy"
+
+
+def test_every_public_op_has_a_reference_backend():
+    for name in PUBLIC_OPS:
+        assert "reference" in ops.backends(name)
+        assert callable(getattr(ops, name))
+
+
+def test_priority_order_picks_first_fitting(toy_op):
+    cuda = torch.device("cuda")
+    assert select_backend(toy_op, {"device": cuda, "dtype": torch.float16, "head_dim": 64}).name == "triton"
+    assert select_backend(toy_op, {"device": cuda, "dtype": torch.float32, "head_dim": 64}).name == "reference"
+    set_priority(toy_op, ["reference", "triton"])
+    assert select_backend(toy_op, {"device": cuda, "dtype": torch.float16, "head_dim": 64}).name == "reference"
+
+
+def test_gpu_fallback_is_logged_once_with_reasons(toy_op, caplog):
+    inputs = {"device": torch.device("cuda"), "dtype": torch.float16, "head_dim": 96}
+    with caplog.at_level(logging.WARNING, logger="fastdit"):
+        select_backend(toy_op, inputs)
+        select_backend(toy_op, inputs)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "runs the reference backend" in messages[0] and "head_dim 96 != 64" in messages[0]
+
+
+def test_cpu_reference_is_silent(toy_op, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastdit"):
+        select_backend(toy_op, {"device": torch.device("cpu"), "dtype": torch.float16, "head_dim": 64})
+    assert not caplog.records
+
+
+def test_forced_backend_that_does_not_fit_raises_with_reasons(toy_op):
+    inputs = {"device": torch.device("cpu"), "dtype": torch.float32, "head_dim": 96}
+    with pytest.raises(BackendNotSupportedError, match=r"'triton' \(from backend= argument\).*device cpu.*dtype float32"):
+        select_backend(toy_op, inputs, backend="triton")
+    with pytest.raises(BackendNotSupportedError, match="does not exist for this op"):
+        select_backend(toy_op, inputs, backend="cuda")
+
+
+def test_env_forces_backend(toy_op, monkeypatch):
+    inputs = {"device": torch.device("cuda"), "dtype": torch.float16, "head_dim": 64}
+    monkeypatch.setenv("FASTDIT_BACKEND", "reference")
+    assert select_backend(toy_op, inputs).name == "reference"
+    monkeypatch.setenv("FASTDIT_BACKEND", "toy=reference,rope3d=reference")
+    assert select_backend(toy_op, inputs).name == "reference"
+    # A global name applies only to ops that have that backend ...
+    monkeypatch.setenv("FASTDIT_BACKEND", "cuda")
+    assert select_backend(toy_op, inputs).name == "triton"
+    # ... a per-op name must exist.
+    monkeypatch.setenv("FASTDIT_BACKEND", "toy=cuda")
+    with pytest.raises(BackendNotSupportedError, match="FASTDIT_BACKEND=toy=cuda"):
+        select_backend(toy_op, inputs)
+
+
+def test_nothing_fits_lists_every_backend(toy_op, monkeypatch):
+    monkeypatch.setitem(
+        dispatch._BACKENDS, toy_op, {"triton": dispatch._BACKENDS[toy_op]["triton"]}
+    )
+    with pytest.raises(BackendNotSupportedError, match="no backend can run these inputs: triton: device cpu"):
+        select_backend(toy_op, {"device": torch.device("cpu"), "dtype": torch.float16, "head_dim": 64})
+
+
+def test_cuda_backend_reports_missing_extension_on_cpu():
+    res, y, gate = torch.randn(4, 8), torch.randn(4, 8), torch.randn(1, 8)
+    with pytest.raises(BackendNotSupportedError, match="backend 'cuda'.*fastdit._C"):
+        ops.gated_residual(res, y, gate, packed_cu([4]), backend="cuda")
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend names"):
+        set_priority("rope3d", ["fastest"])
