@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from fastdit.models import DiT, DiTConfig, PackedBatch, patchify, preset, unpatchify
+from tests.conftest import rel_err
+
+
+def tiny_dit(**changes) -> DiT:
+    model = DiT(preset("tiny").replace(**changes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_presets_match_wan_sizes():
+    small, big = preset("wan2.1-1.3b"), preset("wan2.1-14b")
+    assert (small.hidden, small.num_layers, small.ffn_dim, small.num_heads) == (1536, 30, 8960, 12)
+    assert (big.hidden, big.num_layers, big.ffn_dim, big.num_heads) == (5120, 40, 13824, 40)
+    with torch.device("meta"):
+        n_small = sum(p.numel() for p in DiT(small).parameters())
+    assert 1.3e9 < n_small < 1.5e9
+    with pytest.raises(KeyError, match="unknown DiT preset"):
+        preset("wan9")
+
+
+def test_patchify_roundtrip_and_order():
+    latent = torch.randn(4, 3, 6, 10)
+    tokens = patchify(latent, (1, 2, 2))
+    assert tokens.shape == (3 * 3 * 5, 16)
+    # token (t=1, h=2, w=3) is row 1*15 + 2*5 + 3; its features are (c, ph, pw) of that patch
+    torch.testing.assert_close(tokens[1 * 15 + 2 * 5 + 3].view(4, 2, 2), latent[:, 1, 4:6, 6:8])
+    channels_last = tokens.view(45, 4, 2, 2).permute(0, 2, 3, 1).reshape(45, 16)
+    torch.testing.assert_close(unpatchify(channels_last, (3, 3, 5), (1, 2, 2), 4), latent)
+
+
+def test_packed_mixed_batch_equals_per_sample_forward():
+    model = tiny_dit()
+    cfg = model.config
+    # videos of different durations and aspect ratios, an image (T = 1), different text lengths
+    latents = [
+        torch.randn(cfg.in_channels, 3, 4, 6),
+        torch.randn(cfg.in_channels, 1, 8, 4),
+        torch.randn(cfg.in_channels, 5, 2, 2),
+    ]
+    texts = [torch.randn(n, cfg.text_dim) for n in (4, 7, 1)]
+    timesteps = torch.tensor([10.0, 500.0, 999.0])
+    batch = PackedBatch.from_samples(latents, timesteps, texts, cfg.patch_size)
+    assert batch.cu_seqlens.tolist() == [0, 18, 26, 31] and batch.grid_thw.tolist() == [[3, 2, 3], [1, 4, 2], [5, 1, 1]]
+    with torch.no_grad():
+        packed = batch.unpack(model.forward_packed(batch), cfg.out_channels)
+        for i, latent in enumerate(latents):
+            alone = model(latent[None], timesteps[i : i + 1], texts[i][None])[0]
+            assert packed[i].shape == latent.shape
+            assert rel_err(packed[i], alone) <= 1e-5
+
+
+def test_packed_batch_validation():
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="not divisible"):
+        PackedBatch.from_samples([torch.randn(16, 1, 3, 4)], [1.0], [torch.randn(2, 32)], cfg.patch_size)
+    with pytest.raises(ValueError, match="one text per latent"):
+        PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0], [], cfg.patch_size)
+    with pytest.raises(ValueError, match="timesteps must have shape"):
+        PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0, 2.0], [torch.randn(2, 32)], cfg.patch_size)
+    with pytest.raises(ValueError, match=r"texts\[0\] must be"):
+        PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0], [torch.randn(0, 32)], cfg.patch_size)
+
+
+def test_rope_fields_reach_the_ops():
+    """theta, axes and layout are config fields: changing them changes the output."""
+    base = tiny_dit()
+    x, t, text = torch.randn(1, 16, 2, 4, 4), torch.tensor([5.0]), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        out = base(x, t, text)
+        for change in (dict(rope_theta=256.0), dict(rope_axes_dim=(4, 10, 10)), dict(rope_interleaved=False)):
+            other = DiT(base.config.replace(**change)).eval()
+            other.load_state_dict(base.state_dict())
+            assert rel_err(other(x, t, text), out) > 1e-4, change
+
+
+def test_backward_through_the_dit():
+    model = tiny_dit().train()
+    x, t, text = torch.randn(2, 16, 2, 4, 4), torch.tensor([5.0, 700.0]), torch.randn(2, 3, 32)
+    model(x, t, text).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["blocks.0.self_attn.q.weight"].abs().sum() > 0
+
+
+def test_compiled_dit_matches_eager():
+    model = tiny_dit()
+    x, t, text = torch.randn(2, 16, 2, 4, 6), torch.tensor([5.0, 700.0]), torch.randn(2, 3, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, text), model(x, t, text), atol=1e-5, rtol=1e-5)
+
+
+def test_config_roundtrip():
+    cfg = DiTConfig(num_heads=3, head_dim=16)
+    assert cfg.hidden == 48 and DiTConfig(**cfg.to_dict()) == cfg
