@@ -1,7 +1,7 @@
 """Declarative backend dispatch (after xformers' fmha dispatch).
 
 Each (op, backend) pair is a :class:`Backend` that states the devices and dtypes it runs on, any
-further constraint as ``check(inputs) -> reasons``, and whether it is available at all (a missing
+further constraint as ``check(inputs) -> reasons``, and why it is unavailable if it cannot run at all (a missing
 ``fastdit._C`` disables only ``cuda``). The dispatcher walks the op's priority list and takes the
 first backend with no reasons. ``backend=`` or ``FASTDIT_BACKEND`` force one; a forced backend
 that does not fit raises :class:`BackendNotSupportedError` with its reasons.
@@ -14,7 +14,7 @@ lacks the named backend.
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -44,12 +44,13 @@ class Backend:
     devices: tuple[str, ...] | None  # None: any device
     dtypes: tuple[torch.dtype, ...]
     check: Callable[[dict], list[str]] | None = None
-    available: Callable[[], str | None] = field(default=lambda: None)
+    # Why the backend cannot run at all in this process (no fastdit._C, no Triton), or None.
+    # A plain value fixed at registration, so torch.compile traces no availability probe.
+    unavailable: str | None = None
 
     def not_supported_reasons(self, inputs: dict) -> list[str]:
-        missing = self.available()
-        if missing is not None:
-            return [missing]
+        if self.unavailable is not None:
+            return [self.unavailable]
         reasons = []
         device = inputs["device"]
         if self.devices is not None and device.type not in self.devices:

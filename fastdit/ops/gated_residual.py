@@ -75,7 +75,7 @@ register_backend(
         devices=("cuda",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         check=_cuda_check,
-        available=cuda_extension_missing,
+        unavailable=cuda_extension_missing(),
     )
 )
 

@@ -99,3 +99,16 @@ def test_compiled_dit_matches_eager():
 def test_config_roundtrip():
     cfg = DiTConfig(num_heads=3, head_dim=16)
     assert cfg.hidden == 48 and DiTConfig(**cfg.to_dict()) == cfg
+
+
+@pytest.mark.gpu
+def test_dit_cuda_bf16_and_compile():
+    model = tiny_dit()
+    x, t, text = torch.randn(2, 16, 3, 8, 12), torch.tensor([5.0, 700.0]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expect = model(x, t, text)
+        gpu = model.cuda().bfloat16()
+        args = (x.cuda().bfloat16(), t.cuda(), text.cuda().bfloat16())
+        out = gpu(*args)
+        assert rel_err(out.float().cpu(), expect) < 3e-2
+        torch.testing.assert_close(torch.compile(gpu, fullgraph=True)(*args), out, atol=2e-2, rtol=2e-2)

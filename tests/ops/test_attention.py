@@ -194,3 +194,21 @@ def test_dense_attention_bad_input():
         ops.attention(torch.randn(2, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
     with pytest.raises(ValueError, match="sequence lengths must be >= 1"):
         ops.attention(torch.randn(1, 0, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+
+
+@pytest.mark.gpu
+def test_varlen_attention_reference_cuda_bf16_error_budget():
+    # bf16 error against float64 at most 2x PyTorch's own bf16 SDPA error (the flash-attn rule).
+    lengths = [1024, 77, 513]
+    cu = packed_cu(lengths)
+    q, k, v = (torch.randn(sum(lengths), 4, 128, dtype=torch.float64) for _ in range(3))
+    expect, _ = attention_oracle(q, k, v, lengths, lengths)
+    out = ops.varlen_attention(*(t.cuda().bfloat16() for t in (q, k, v)), cu.cuda(), cu.cuda(), 1024, 1024)
+    sdpa, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].cuda().bfloat16().transpose(0, 1) for t in (q, k, v))
+        sdpa.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
+        start += n
+    err = (out.cpu().double() - expect).abs().max().item()
+    sdpa_err = (torch.cat(sdpa).cpu().double() - expect).abs().max().item()
+    assert err <= 2 * sdpa_err, (err, sdpa_err)

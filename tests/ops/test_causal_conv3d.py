@@ -134,3 +134,12 @@ def test_causal_conv3d_bad_input(kwargs, error, match):
             args[key] = kwargs.pop(key)
     with pytest.raises(error, match=match):
         ops.causal_conv3d(args["x"], args["weight"], **kwargs)
+
+
+@pytest.mark.gpu
+def test_causal_conv3d_reference_cuda_bf16():
+    x = torch.randn(1, 96, 3, 60, 104).bfloat16()
+    weight = (torch.randn(96, 96, 3, 3, 3) / 50).bfloat16()
+    y, _ = ops.causal_conv3d(x.cuda().to(memory_format=torch.channels_last_3d), weight.cuda(), padding=(1, 1))
+    expect = ops.causal_conv3d(x.double(), weight.double(), padding=(1, 1))[0]
+    assert ((y.cpu().double() - expect).norm() / expect.norm()).item() < 4e-3

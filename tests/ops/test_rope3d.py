@@ -214,3 +214,18 @@ def test_rope3d_angle_precision_is_float64():
     expect = rope_oracle(x, [(1001, 1, 1)], [1], offsets=[1000])
     torch.testing.assert_close(out, expect, atol=1e-12, rtol=1e-12)
     assert math.isclose(out.norm().item(), x.norm().item(), rel_tol=1e-12)
+
+
+@pytest.mark.gpu
+def test_rope3d_cuda_bf16_real_shape_and_compile():
+    # 21 x 30 x 52 = 32760 tokens (480x832, 81 frames) plus a 720p image, Wan's head_dim 128.
+    grids, lengths = [(21, 30, 52), (1, 45, 80)], [32760, 3600]
+    x = torch.randn(sum(lengths), 12, 128).bfloat16()
+    grid, cu = torch.tensor(grids, dtype=torch.int32), packed_cu(lengths)
+    expect = ops.rope3d(x.double(), grid, cu)
+    out = ops.rope3d(x.cuda(), grid.cuda(), cu.cuda())
+    assert out.dtype == torch.bfloat16
+    err = ((out.cpu().double() - expect).norm() / expect.norm()).item()
+    assert err < 4e-3  # bf16 output rounding (2^-9) only
+    compiled = torch.compile(lambda a: ops.rope3d(a, grid.cuda(), cu.cuda()), fullgraph=True)
+    torch.testing.assert_close(compiled(x.cuda()), out, atol=0, rtol=0)

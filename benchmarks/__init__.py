@@ -1,0 +1,11 @@
+"""fastdit's benchmarks, installed as ``fastdit.benchmarks``; ``fastdit bench`` runs the suite.
+
+Each benchmark module has ``add_arguments(parser)`` and ``run(args, device) -> Report``; results
+are written as JSON rows (and a PNG) under ``benchmarks/results/`` by default.
+"""
+
+from fastdit.benchmarks import dit_step
+
+SUITE = {"dit_step": dit_step}
+
+__all__ = ["SUITE"]

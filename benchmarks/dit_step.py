@@ -1,0 +1,164 @@
+"""One DiT denoising step (transformer forward) at a preset and video size, provider by provider.
+
+Providers: fastdit eager, fastdit under ``torch.compile(fullgraph=True)``, and, when diffusers is
+importable, diffusers' ``WanTransformer3DModel`` eager and compiled with the same config. Random
+weights, one CFG branch, batch 1. FLOPs count every matmul and both attentions (see ``step_flops``).
+
+Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 81x480x832`` (or ``python -m
+fastdit.benchmarks.dit_step ...``).
+"""
+
+import argparse
+import gc
+import time
+
+import torch
+
+from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
+from fastdit.models import DiT, DiTConfig, preset
+
+PROVIDERS = ("fastdit-eager", "fastdit-compile", "diffusers-eager", "diffusers-compile")
+
+
+def latent_shape(config: DiTConfig, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Wan VAE compression: 4x in time (causal, first frame alone), 8x in space."""
+    return config.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8
+
+
+def step_flops(config: DiTConfig, tokens: int, text_len: int) -> float:
+    """Matmul FLOPs of one forward: per layer 12 S C^2 (self q k v o, cross q o) + 4 L C^2 (cross k v)
+    + 4 S C F (FFN) + 4 S^2 C (self-attention) + 4 S L C (cross-attention), plus patch embed and head."""
+    c, f, s, L = config.hidden, config.ffn_dim, tokens, text_len
+    per_layer = 12 * s * c * c + 4 * L * c * c + 4 * s * c * f + 4 * s * s * c + 4 * s * L * c
+    io = 2 * s * c * config.patch_volume * (config.in_channels + config.out_channels)
+    return config.num_layers * per_layer + io
+
+
+def diffusers_model(config: DiTConfig):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=config.patch_size,
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        text_dim=config.text_dim,
+        freq_dim=config.freq_dim,
+        ffn_dim=config.ffn_dim,
+        num_layers=config.num_layers,
+        cross_attn_norm=config.cross_attn_norm,
+        eps=config.eps,
+    )
+
+
+def cast_like_from_pretrained(model, dtype: torch.dtype):
+    """Cast parameters as ``from_pretrained(torch_dtype=dtype)`` does: the modules diffusers keeps
+    in float32 stay float32, and buffers (RoPE's float64 tables) keep their dtype."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if not keep.intersection(name.split(".")):
+            param.data = param.data.to(dtype)
+    return model
+
+
+def _diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, help="DiT preset (default: wan2.1-1.3b on CUDA, tiny on CPU)")
+    parser.add_argument("--size", default=None, help="FRAMESxHEIGHTxWIDTH in pixels (default 81x480x832 on CUDA)")
+    parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 512 on CUDA, 16 on CPU)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+
+
+def _defaults(args, device: torch.device):
+    cuda = device.type == "cuda"
+    name = args.preset or ("wan2.1-1.3b" if cuda else "tiny")
+    if args.size:
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+    elif cuda:
+        size = (21, 240, 416) if args.quick else (81, 480, 832)
+    else:
+        size = (9, 64, 64)
+    text_len = args.text_len or (512 if cuda else 16)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    return name, size, text_len, dtype
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Report:
+    name, (frames, height, width), text_len, dtype = _defaults(args, device)
+    config = preset(name)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    if not _diffusers_available():
+        skipped = [p for p in providers if p.startswith("diffusers")]
+        if skipped:
+            print(f"dit_step: skipping {skipped}: diffusers is not installed (pip install -e .[diffusers])")
+        providers = [p for p in providers if not p.startswith("diffusers")]
+
+    channels, t, h, w = latent_shape(config, frames, height, width)
+    tokens = (t // config.patch_size[0]) * (h // config.patch_size[1]) * (w // config.patch_size[2])
+    flops = step_flops(config, tokens, text_len)
+    shape = f"{name} {frames}x{height}x{width} S={tokens} L={text_len} {str(dtype).replace('torch.', '')}"
+    report = Report("dit_step", device, measure_ceilings(device, quick=args.quick))
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    latents = torch.randn(1, channels, t, h, w, generator=gen).to(device, dtype)
+    timestep = torch.tensor([500.0], device=device)
+    text = torch.randn(1, text_len, config.text_dim, generator=gen).to(device, dtype)
+
+    for family in ("fastdit", "diffusers"):
+        wanted = [p for p in providers if p.startswith(family)]
+        if not wanted:
+            continue
+        reset_peak_memory(device)
+        if family == "fastdit":
+            model = DiT(config).to(device, dtype).eval()
+        else:
+            model = cast_like_from_pretrained(diffusers_model(config).to(device), dtype).eval()
+        for provider in wanted:
+            compiled = provider.endswith("compile")
+            if compiled:
+                fn_model = torch.compile(model, fullgraph=family == "fastdit")
+            else:
+                fn_model = model
+
+            def step(fn_model=fn_model, family=family):
+                with torch.inference_mode():
+                    out = fn_model(latents, timestep, text)
+                    return out if family == "fastdit" else out[0]
+
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_call_s = time.perf_counter() - t0
+            ms = time_ms(step, device, warmup=1, min_runs=3, budget_s=2.0 if device.type == "cpu" else 5.0)
+            report.add(
+                provider,
+                shape,
+                ms,
+                flops=flops,
+                peak_gib=peak_memory_gib(device),
+                first_call_s=round(first_call_s, 2),
+            )
+            print(f"  {provider}: {ms:.3f} ms (first call {first_call_s:.1f} s)", flush=True)
+        del model, fn_model
+        gc.collect()
+    return report
+
+
+if __name__ == "__main__":
+    from fastdit.cli import main
+
+    main(["bench", "--suite", "dit_step", *__import__("sys").argv[1:]])

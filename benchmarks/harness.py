@@ -1,0 +1,190 @@
+"""Benchmark plumbing: ceilings measured in the same run, median timing, JSON rows, plots, tables.
+
+Every row carries the device name, torch / triton / CUDA versions, the date and the command
+line, so a result file says where it came from. On CUDA, timing is ``triton.testing.do_bench``
+(median, after warm-up); on CPU a median of ``time.perf_counter`` runs.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    """Where a result came from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, min_runs: int = 5, budget_s: float = 2.0):
+    """Median milliseconds of ``fn()``; do_bench on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(100, int(budget_s * 1000 / 4)), return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    """Copy bandwidth (read + write bytes) and matmul rate on this device, measured now.
+
+    CUDA: a 1 GiB bf16 device-to-device copy and a bf16 8192^3 matmul (4096^3 when quick).
+    CPU: a 256 MiB fp32 copy and an fp32 1024^3 matmul.
+    """
+    if device.type == "cuda":
+        copy_elems, dtype, n = 1 << 29, torch.bfloat16, 4096 if quick else 8192
+    else:
+        copy_elems, dtype, n = 1 << 26, torch.float32, 1024
+    src = torch.randn(copy_elems, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    del src, dst
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b, device)
+    return {
+        "copy_gbps": 2 * copy_elems * dtype.itemsize / copy_ms / 1e6,
+        "matmul_tflops": 2 * n**3 / mm_ms / 1e9,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_n": n,
+    }
+
+
+@dataclass
+class Report:
+    """Rows of one benchmark run, with the run's environment and ceilings."""
+
+    name: str
+    device: torch.device
+    ceilings: dict
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra):
+        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": round(ms, 4)}
+        if flops is not None:
+            tflops = flops / ms / 1e9
+            row["tflops"] = round(tflops, 3)
+            row["pct_of_matmul"] = round(100 * tflops / self.ceilings["matmul_tflops"], 1)
+        if nbytes is not None:
+            gbps = nbytes / ms / 1e6
+            row["gbps"] = round(gbps, 2)
+            row["pct_of_copy"] = round(100 * gbps / self.ceilings["copy_gbps"], 1)
+        row.update(extra)
+        self.rows.append(row)
+        return row
+
+    def to_json(self) -> dict:
+        return {"environment": environment(self.device), "ceilings": self.ceilings, "rows": self.rows}
+
+    def write(self, out_dir: str) -> list[str]:
+        """``<name>_<device>.json`` and, when matplotlib is installed, ``<name>_<device>.png``."""
+        os.makedirs(out_dir, exist_ok=True)
+        slug = device_slug(self.device)
+        json_path = os.path.join(out_dir, f"{self.name}_{slug}.json")
+        with open(json_path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+        paths = [json_path]
+        png = self.plot(os.path.join(out_dir, f"{self.name}_{slug}.png"))
+        if png:
+            paths.append(png)
+        return paths
+
+    def plot(self, path: str) -> str | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        labels = [f"{r['provider']}\n{r['shape']}" for r in self.rows]
+        values = [r["ms"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(self.rows)), 4))
+        bars = ax.bar(range(len(values)), values, color="#4c72b0")
+        for bar, row in zip(bars, self.rows):
+            note = f"{row['ms']:.3g} ms"
+            if "tflops" in row:
+                note += f"\n{row['tflops']:.3g} TF/s ({row['pct_of_matmul']}%)"
+            if "gbps" in row:
+                note += f"\n{row['gbps']:.4g} GB/s ({row['pct_of_copy']}%)"
+            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_ylabel("ms (median, lower is better)")
+        env = environment(self.device)
+        ax.set_title(f"{self.name} on {env['device']} (torch {env['torch']})", fontsize=9)
+        ax.margins(y=0.25)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def table(self) -> str:
+        columns = ["provider", "shape", "ms", "tflops", "pct_of_matmul", "gbps", "pct_of_copy", "peak_gib", "first_call_s"]
+        present = [c for c in columns if any(c in r for r in self.rows)]
+        cells = [[str(r.get(c, "")) for c in present] for r in self.rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(present)]
+        lines = [
+            f"{self.name} on {environment(self.device)['device']}: copy {self.ceilings['copy_gbps']:.0f} GB/s, "
+            f"{self.ceilings['matmul_dtype']} matmul {self.ceilings['matmul_tflops']:.1f} TFLOP/s (measured now)",
+            "  ".join(c.ljust(w) for c, w in zip(present, widths)),
+        ]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(lines)
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

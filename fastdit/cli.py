@@ -1,0 +1,92 @@
+"""``fastdit`` command line: ``fastdit info`` and ``fastdit bench``."""
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import fastdit
+from fastdit._extension import cuda_extension_missing
+from fastdit.kernels import triton_missing
+from fastdit.ops import dispatch
+
+
+def _dtype_names(dtypes) -> str:
+    return ",".join(str(d).replace("torch.", "").replace("float", "f").replace("bf16", "bf16") for d in dtypes)
+
+
+def info_text() -> str:
+    lines = [
+        f"fastdit {fastdit.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})",
+    ]
+    triton_reason = triton_missing()
+    if triton_reason is None:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    else:
+        lines.append(f"triton: unavailable ({triton_reason})")
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("device: cpu (no CUDA device)")
+    cuda_reason = cuda_extension_missing()
+    lines.append("fastdit._C: loaded" if cuda_reason is None else f"fastdit._C: unavailable ({cuda_reason})")
+    lines.append("")
+    lines.append("op                       backend    status")
+    for op in dispatch.ops():
+        table = dispatch.backends(op)
+        for name in dispatch.priority(op):
+            backend = table[name]
+            missing = backend.unavailable
+            if missing is None:
+                devices = "any device" if backend.devices is None else "/".join(backend.devices)
+                status = f"available ({devices}; {_dtype_names(backend.dtypes)})"
+            else:
+                status = f"unavailable: {missing}"
+            lines.append(f"{op:<24} {name:<10} {status}")
+    return "\n".join(lines)
+
+
+def _bench(args) -> int:
+    from fastdit.benchmarks import SUITE
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = list(SUITE) if args.suite == "all" else [args.suite]
+    for name in names:
+        print(f"== {name} on {device}{' (quick)' if args.quick else ''}", flush=True)
+        report = SUITE[name].run(args, device)
+        paths = report.write(args.out)
+        print(report.table())
+        print("wrote " + ", ".join(paths))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastdit.benchmarks import SUITE
+
+    parser = argparse.ArgumentParser(prog="fastdit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and each op's backends with the reason when unavailable")
+    bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
+    bench.add_argument("--suite", default="all", choices=["all", *SUITE])
+    bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
+    bench.add_argument("--out", default="benchmarks/results", help="directory for the JSON and PNG results")
+    bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    for module in SUITE.values():
+        module.add_arguments(bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        print(info_text())
+        return 0
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

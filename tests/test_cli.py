@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from fastdit.cli import info_text, main
+
+
+def test_info_lists_every_op_and_why_cuda_is_unavailable():
+    text = info_text()
+    for op in ("rope3d", "adaln_modulate", "gated_residual", "varlen_attention", "causal_conv3d"):
+        assert op in text
+    assert "fastdit._C" in text
+    assert "reference  available" in text
+
+
+def test_bench_tiny_writes_json_rows(tmp_path, capsys):
+    assert main(["bench", "--suite", "dit_step", "--out", str(tmp_path), "--providers", "fastdit-eager"]) == 0
+    data = json.loads((tmp_path / "dit_step_cpu.json").read_text())
+    assert {"device", "torch", "triton", "date", "command"} <= set(data["environment"])
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    (row,) = data["rows"]
+    assert row["provider"] == "fastdit-eager" and row["ms"] > 0 and row["tflops"] > 0
+    assert "tiny 9x64x64 S=48 L=16" in row["shape"]
+    out = capsys.readouterr().out
+    assert "fastdit-eager" in out and "pct_of_matmul" in out
+
+
+def test_bench_rejects_unknown_provider(tmp_path):
+    with pytest.raises(SystemExit, match="unknown providers"):
+        main(["bench", "--out", str(tmp_path), "--providers", "tensorrt"])
