@@ -47,7 +47,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, min_runs: int = 5, budget_s: float = 2.0):
+def time_ms(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 2, min_runs: int = 5, budget_s: float = 2.0
+):
     """Median milliseconds of ``fn()``; do_bench on CUDA, perf_counter on CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -63,6 +65,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return statistics.median(times)
 
 
+def _copy_ms(elems: int, dtype: torch.dtype, device: torch.device) -> float:
+    src = torch.randn(elems, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), device)
+
+
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     """Copy bandwidth (read + write bytes) and matmul rate on this device, measured now.
 
@@ -73,10 +81,7 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
         copy_elems, dtype, n = 1 << 29, torch.bfloat16, 4096 if quick else 8192
     else:
         copy_elems, dtype, n = 1 << 26, torch.float32, 1024
-    src = torch.randn(copy_elems, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
+    copy_ms = _copy_ms(copy_elems, dtype, device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     mm_ms = time_ms(lambda: a @ b, device)
@@ -97,7 +102,9 @@ class Report:
     ceilings: dict
     rows: list[dict] = field(default_factory=list)
 
-    def add(self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra):
+    def add(
+        self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
+    ):
         row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": round(ms, 4)}
         if flops is not None:
             tflops = flops / ms / 1e9
@@ -146,7 +153,9 @@ class Report:
                 note += f"\n{row['tflops']:.3g} TF/s ({row['pct_of_matmul']}%)"
             if "gbps" in row:
                 note += f"\n{row['gbps']:.4g} GB/s ({row['pct_of_copy']}%)"
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+            )
         ax.set_xticks(range(len(values)), labels, fontsize=7)
         ax.set_ylabel("ms (median, lower is better)")
         env = environment(self.device)
@@ -158,7 +167,17 @@ class Report:
         return path
 
     def table(self) -> str:
-        columns = ["provider", "shape", "ms", "tflops", "pct_of_matmul", "gbps", "pct_of_copy", "peak_gib", "first_call_s"]
+        columns = [
+            "provider",
+            "shape",
+            "ms",
+            "tflops",
+            "pct_of_matmul",
+            "gbps",
+            "pct_of_copy",
+            "peak_gib",
+            "first_call_s",
+        ]
         present = [c for c in columns if any(c in r for r in self.rows)]
         cells = [[str(r.get(c, "")) for c in present] for r in self.rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(present)]

@@ -29,7 +29,9 @@ def info_text() -> str:
     else:
         lines.append(f"triton: unavailable ({triton_reason})")
     if torch.cuda.is_available():
-        lines.append(f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        lines.append(
+            f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        )
     else:
         lines.append("device: cpu (no CUDA device)")
     cuda_reason = cuda_extension_missing()

@@ -111,7 +111,9 @@ class DiTBlock(nn.Module):
 
         h = x
         if self.cross_norm is not None:
-            h = F.layer_norm(x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps)
+            h = F.layer_norm(
+                x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps
+            )
             h = h.to(x.dtype)
         x = x + self.cross_attn.forward_cross(h, context, batch, backend)
 
@@ -169,11 +171,15 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, context, mod, batch, self.backend)
         shift, scale = (self.head_modulation.float() + temb.float()[:, None]).unbind(1)
-        x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps, backend=self.backend)
+        x = ops.adaln_modulate(
+            x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps, backend=self.backend
+        )
         return self.head_proj(x)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Dense batch: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)`` -> ``(B, C_out, T, H, W)``.
+        """Dense batch -> ``(B, C_out, T, H, W)``.
+
+        Args: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``.
 
         Matches diffusers' ``WanTransformer3DModel(latents, timestep, text)[0]`` for the same weights.
         """

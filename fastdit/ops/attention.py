@@ -121,7 +121,9 @@ def _backward_dense(ctx, grad_out, grad_lse):
 
 attention_reference.register_autograd(_backward_dense, setup_context=_setup_dense)
 
-register_backend(Backend("varlen_attention", "reference", varlen_attention_reference, devices=None, dtypes=FLOAT_DTYPES))
+register_backend(
+    Backend("varlen_attention", "reference", varlen_attention_reference, devices=None, dtypes=FLOAT_DTYPES)
+)
 register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
 
 

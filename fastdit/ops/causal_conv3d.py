@@ -50,7 +50,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_cache):
     x, weight, bias, cache = ctx.saved_tensors
-    dx, dw, db, dcache = causal_conv3d_bwd_ref(grad_y, x, weight, bias, stride=ctx.stride, padding=ctx.padding, cache=cache)
+    dx, dw, db, dcache = causal_conv3d_bwd_ref(
+        grad_y, x, weight, bias, stride=ctx.stride, padding=ctx.padding, cache=cache
+    )
     return dx, dw, db, None, None, dcache
 
 

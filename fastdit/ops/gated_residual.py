@@ -58,7 +58,9 @@ def _register_cuda_op() -> None:
 
 def _gated_residual_cuda(res, y, gate, cu_seqlens):
     # The kernel reads fp32 gate rows (Wan's modulation dtype) and contiguous (N, C) rows.
-    return torch.ops.fastdit.gated_residual_cuda(res.contiguous(), y.contiguous(), gate.float().contiguous(), cu_seqlens)
+    return torch.ops.fastdit.gated_residual_cuda(
+        res.contiguous(), y.contiguous(), gate.float().contiguous(), cu_seqlens
+    )
 
 
 def _cuda_check(inputs: dict) -> list[str]:
@@ -107,7 +109,9 @@ def _setup_grm(ctx, inputs, output):
 
 def _backward_grm(ctx, grad_r, grad_mod):
     y, gate, shift, scale, cu_seqlens, r = ctx.saved_tensors
-    dr_mod, dshift, dscale, _, _ = adaln_modulate_bwd_ref(grad_mod, r, shift, scale, cu_seqlens, norm=ctx.norm, eps=ctx.eps)
+    dr_mod, dshift, dscale, _, _ = adaln_modulate_bwd_ref(
+        grad_mod, r, shift, scale, cu_seqlens, norm=ctx.norm, eps=ctx.eps
+    )
     dr = upcast(grad_r) + upcast(dr_mod)
     dres, dy, dgate = gated_residual_bwd_ref(dr, y, gate, cu_seqlens, ctx.res_dtype)
     return dres, dy, dgate, dshift, dscale, None, None, None
@@ -115,7 +119,9 @@ def _backward_grm(ctx, grad_r, grad_mod):
 
 gated_residual_modulate_reference.register_autograd(_backward_grm, setup_context=_setup_grm)
 register_backend(
-    Backend("gated_residual_modulate", "reference", gated_residual_modulate_reference, devices=None, dtypes=FLOAT_DTYPES)
+    Backend(
+        "gated_residual_modulate", "reference", gated_residual_modulate_reference, devices=None, dtypes=FLOAT_DTYPES
+    )
 )
 
 

@@ -97,7 +97,9 @@ def check_grid_thw(grid_thw: object, cu: torch.Tensor) -> torch.Tensor:
     check_tensor("grid_thw", grid_thw, ndims=(2,), dtypes=(torch.int32, torch.int64), device=cu.device)
     batch = cu.shape[0] - 1
     if grid_thw.shape != (batch, 3):
-        raise ValueError(f"grid_thw must have shape (B, 3) = ({batch}, 3) to match cu_seqlens, got {tuple(grid_thw.shape)}")
+        raise ValueError(
+            f"grid_thw must have shape (B, 3) = ({batch}, 3) to match cu_seqlens, got {tuple(grid_thw.shape)}"
+        )
     if check_values_enabled():
         rows = grid_thw.tolist()
         for b, row in enumerate(rows):

@@ -7,6 +7,7 @@ and diffusers' Wan 2.1 implementation.
 """
 
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
+from fastdit.reference.common import sample_index
 from fastdit.reference.conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
 from fastdit.reference.modulation import (
     adaln_modulate_bwd_ref,
@@ -15,7 +16,6 @@ from fastdit.reference.modulation import (
     gated_residual_modulate_ref,
     gated_residual_ref,
 )
-from fastdit.reference.common import sample_index
 from fastdit.reference.rope3d import rope3d_angles, rope3d_ref, wan_axes_dim
 
 __all__ = [

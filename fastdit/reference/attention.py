@@ -1,8 +1,8 @@
 """Softmax attention, dense and variable-length (flash-attn's varlen contract), forward and backward.
 
-float32 math (float64 for float64 inputs), queries processed in chunks so that the score matrix stays bounded (the reference
-must also run at real video lengths, 30k-75k tokens). Causal masking is aligned to the bottom
-right, as flash-attn >= 2.1 does: query i of a sample sees key j iff ``j <= i + Lk - Lq``; a query
+float32 math (float64 for float64 inputs), queries processed in chunks so that the score matrix
+stays bounded (the reference must also run at real video lengths, 30k-75k tokens). Causal masking
+is aligned to the bottom right, as flash-attn >= 2.1 does: query i of a sample sees key j iff ``j <= i + Lk - Lq``; a query
 that sees no key outputs 0 and has lse = -inf. K/V may have fewer heads than Q (GQA / MQA) when
 their head count divides Q's.
 """
@@ -165,12 +165,16 @@ def varlen_attention_bwd_ref(
 def attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention: q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq) float32 (float64 for float64 inputs)."""
+    """Dense attention: q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq).
+
+    lse is float32 (float64 for float64 inputs)."""
     heads = q.shape[2]
     scale = _default_scale(q.shape[-1], softmax_scale)
     outs, lses = [], []
     for b in range(q.shape[0]):
-        o, lse_b = _fwd_one(upcast(q[b]), _expand_kv(upcast(k[b]), heads), _expand_kv(upcast(v[b]), heads), scale, causal)
+        o, lse_b = _fwd_one(
+            upcast(q[b]), _expand_kv(upcast(k[b]), heads), _expand_kv(upcast(v[b]), heads), scale, causal
+        )
         outs.append(o)
         lses.append(lse_b)
     return torch.stack(outs).to(q.dtype), torch.stack(lses)

@@ -1,8 +1,8 @@
 """adaLN modulation and gated residuals (Wan 2.1 semantics), forward and backward.
 
-Statistics and modulation run in float32 (float64 for float64 inputs) whatever the input dtype; outputs are cast back to the
-dtype of ``x`` (resp. ``res``), as diffusers' ``FP32LayerNorm(x.float()) * (1 + scale) + shift``
-followed by ``.type_as(x)`` does.
+Statistics and modulation run in float32 (float64 for float64 inputs) whatever the input dtype;
+outputs are cast back to the dtype of ``x`` (resp. ``res``), as diffusers'
+``FP32LayerNorm(x.float()) * (1 + scale) + shift`` followed by ``.type_as(x)`` does.
 
 Modulation tensors (shift, scale, gate) are either per sample, ``(B, C)`` together with
 ``cu_seqlens (B+1,)``, or per token, ``(total, C)`` with ``cu_seqlens=None``.

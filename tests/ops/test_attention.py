@@ -62,7 +62,15 @@ def test_varlen_cross_attention_gqa_and_scale(len_q, len_k, causal):
     q = torch.randn(sum(len_q), 4, 16, dtype=torch.float64)
     k, v = (torch.randn(sum(len_k), 2, 16, dtype=torch.float64) for _ in range(2))
     out, lse = ops.varlen_attention(
-        q, k, v, packed_cu(len_q), packed_cu(len_k), max(len_q), max(len_k), softmax_scale=0.3, causal=causal,
+        q,
+        k,
+        v,
+        packed_cu(len_q),
+        packed_cu(len_k),
+        max(len_q),
+        max(len_k),
+        softmax_scale=0.3,
+        causal=causal,
         return_lse=True,
     )
     expect, expect_lse = attention_oracle(q, k, v, len_q, len_k, scale=0.3, causal=causal)
@@ -124,7 +132,8 @@ def test_attention_gradcheck():
     q = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     for causal in (False, True):
-        assert torch.autograd.gradcheck(lambda *a: ops.varlen_attention(*a, cq, ck, 3, 4, causal=causal), (q, k, v))
+        fn = lambda *a, causal=causal: ops.varlen_attention(*a, cq, ck, 3, 4, causal=causal)
+        assert torch.autograd.gradcheck(fn, (q, k, v))
     qd, kd, vd = (torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda *a: ops.attention(*a, causal=True), (qd, kd, vd))
 

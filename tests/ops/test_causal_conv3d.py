@@ -37,7 +37,12 @@ def conv_oracle(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0), front=No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "kernel, stride, padding",
-    [((3, 3, 3), (1, 1, 1), (1, 1)), ((3, 1, 1), (1, 1, 1), (0, 0)), ((1, 3, 3), (1, 2, 2), (1, 1)), ((3, 3, 3), (2, 1, 2), (0, 1))],
+    [
+        ((3, 3, 3), (1, 1, 1), (1, 1)),
+        ((3, 1, 1), (1, 1, 1), (0, 0)),
+        ((1, 3, 3), (1, 2, 2), (1, 1)),
+        ((3, 3, 3), (2, 1, 2), (0, 1)),
+    ],
 )
 @pytest.mark.parametrize("frames", [1, 5])
 def test_causal_conv3d_matches_oracle(dtype, kernel, stride, padding, frames):

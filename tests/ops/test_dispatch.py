@@ -72,7 +72,9 @@ def test_cpu_reference_is_silent(toy_op, caplog):
 
 def test_forced_backend_that_does_not_fit_raises_with_reasons(toy_op):
     inputs = {"device": torch.device("cpu"), "dtype": torch.float32, "head_dim": 96}
-    with pytest.raises(BackendNotSupportedError, match=r"'triton' \(from backend= argument\).*device cpu.*dtype float32"):
+    with pytest.raises(
+        BackendNotSupportedError, match=r"'triton' \(from backend= argument\).*device cpu.*dtype float32"
+    ):
         select_backend(toy_op, inputs, backend="triton")
     with pytest.raises(BackendNotSupportedError, match="does not exist for this op"):
         select_backend(toy_op, inputs, backend="cuda")
@@ -94,9 +96,7 @@ def test_env_forces_backend(toy_op, monkeypatch):
 
 
 def test_nothing_fits_lists_every_backend(toy_op, monkeypatch):
-    monkeypatch.setitem(
-        dispatch._BACKENDS, toy_op, {"triton": dispatch._BACKENDS[toy_op]["triton"]}
-    )
+    monkeypatch.setitem(dispatch._BACKENDS, toy_op, {"triton": dispatch._BACKENDS[toy_op]["triton"]})
     with pytest.raises(BackendNotSupportedError, match="no backend can run these inputs: triton: device cpu"):
         select_backend(toy_op, {"device": torch.device("cpu"), "dtype": torch.float16, "head_dim": 64})
 

@@ -50,7 +50,9 @@ def test_adaln_modulate_matches_oracle(dtype, channels, lengths, norm):
     shift, scale = torch.randn(batch, channels), torch.randn(batch, channels)
     out = ops.adaln_modulate(x, shift, scale, packed_cu(lengths), norm=norm)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), modulate_oracle(x, shift, scale, lengths, norm=norm), atol=TOL[dtype] * 10, rtol=TOL[dtype])
+    torch.testing.assert_close(
+        out.double(), modulate_oracle(x, shift, scale, lengths, norm=norm), atol=TOL[dtype] * 10, rtol=TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
@@ -84,7 +86,9 @@ def test_gated_residual_matches_oracle(dtype, lengths):
     gate = torch.randn(len(lengths), channels)
     out = ops.gated_residual(res, y, gate, packed_cu(lengths))
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), residual_oracle(res, y, gate, lengths), atol=TOL[dtype] * 10, rtol=TOL[dtype])
+    torch.testing.assert_close(
+        out.double(), residual_oracle(res, y, gate, lengths), atol=TOL[dtype] * 10, rtol=TOL[dtype]
+    )
 
 
 def test_gated_residual_per_token_and_dense():
@@ -123,7 +127,9 @@ def test_gradcheck_modulation_ops():
         lambda *a: ops.adaln_modulate(a[0], a[1], a[2], cu, weight=a[3], bias=a[4]), (x, shift, scale, weight, bias)
     )
     assert torch.autograd.gradcheck(lambda *a: ops.adaln_modulate(*a, cu, norm="rms", weight=weight), (x, shift, scale))
-    assert torch.autograd.gradcheck(lambda *a: ops.adaln_modulate(*a, cu), (x, tok, tok.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.adaln_modulate(*a, cu), (x, tok, tok.detach().clone().requires_grad_())
+    )
     assert torch.autograd.gradcheck(lambda *a: ops.gated_residual(*a, cu), (x, y, gate))
     assert torch.autograd.gradcheck(lambda *a: ops.gated_residual(*a, cu), (x, y, tok))
     assert torch.autograd.gradcheck(lambda *a: ops.gated_residual_modulate(*a, cu), (x, y, gate, shift, scale))
@@ -223,7 +229,12 @@ def test_gated_residual_cuda_backend(dtype, channels):
     res = torch.randn(sum(lengths), channels, device="cuda", dtype=dtype)
     y = torch.randn_like(res)
     gate = torch.randn(3, channels, device="cuda")
-    assert ops.backends("gated_residual")["cuda"].not_supported_reasons({"device": res.device, "dtype": dtype, "y_dtype": dtype}) == []
+    assert (
+        ops.backends("gated_residual")["cuda"].not_supported_reasons(
+            {"device": res.device, "dtype": dtype, "y_dtype": dtype}
+        )
+        == []
+    )
     out = ops.gated_residual(res, y, gate, cu)  # the dispatcher prefers cuda
     ref = ops.gated_residual(res, y, gate, cu, backend="reference")
     # Same fp32 math; an FMA may move a result by one unit in the last place of the output dtype.

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# fastdit's one GPU script. On an H100 machine that has the repo and the packages but no network:
+#   1. installs this checkout in place with the CUDA extension (sm_90a unless FASTDIT_CUDA_ARCHS),
+#   2. runs `fastdit info` and `pytest -m gpu`,
+#   3. runs the benchmarks in quick mode (pass FULL=1 for the full-size shapes),
+# writing logs and results into OUT_DIR (default benchmarks/results) and printing a table last.
+# Wheels of missing packages (diffusers, say) may be placed in .whl/; they are installed first.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+export FASTDIT_CUDA_ARCHS=${FASTDIT_CUDA_ARCHS:-90a}
+PY=${PYTHON:-python3}
+failed=()
+
+run() {  # run NAME CMD...: log to OUT_DIR/gpu_NAME.log, remember failures
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" >"$OUT_DIR/gpu_$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT_DIR/gpu_$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ $rc -eq 0 ] || failed+=("$name")
+  return $rc
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  run wheels $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdit-site .whl/*.whl
+  export PYTHONPATH=/tmp/fastdit-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+run install $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . || {
+  echo "install failed; see $OUT_DIR/gpu_install.log"
+  exit 1
+}
+run info $PY -m fastdit info
+run pytest $PY -m pytest -m gpu -q -rs tests
+BENCH_ARGS=(--quick)
+[ "${FULL:-0}" = "1" ] && BENCH_ARGS=()
+run bench $PY -m fastdit bench "${BENCH_ARGS[@]}" --out "$OUT_DIR"
+
+{
+  echo "fastdit gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  grep -E "passed|failed|error" "$OUT_DIR/gpu_pytest.log" | tail -1
+  sed -n '/^dit_step on/,$p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
+  [ ${#failed[@]} -eq 0 ] && echo "all steps passed" || echo "FAILED steps: ${failed[*]}"
+} | tee "$OUT_DIR/gpu_summary.txt"
+[ ${#failed[@]} -eq 0 ]
