@@ -3,8 +3,8 @@
 float32 math (float64 for float64 inputs), queries processed in chunks so that the score matrix
 stays bounded (the reference must also run at real video lengths, 30k-75k tokens). Causal masking
 is aligned to the bottom right, as flash-attn >= 2.1 does: query i of a sample sees key j iff
-``j <= i + Lk - Lq``; a query that sees no key outputs 0 and has lse = -inf. K/V may have fewer heads than Q (GQA / MQA) when
-their head count divides Q's.
+``j <= i + Lk - Lq``; a query that sees no key outputs 0 and has lse = -inf. K/V may have fewer
+heads than Q (GQA / MQA) when their head count divides Q's.
 """
 
 import math
