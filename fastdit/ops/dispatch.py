@@ -157,9 +157,10 @@ def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend
     for candidate in priority(op):
         reasons = table[candidate].not_supported_reasons(inputs)
         if not reasons:
-            if candidate == "reference" and inputs["device"].type == "cuda" and rejected:
+            if candidate == "reference" and inputs["device"].type == "cuda":
                 # Never fall back silently on a GPU: say once which fast backend did not fit and why.
-                _log_fallback_once(op, candidate, str(inputs["device"]), _format_reasons(rejected))
+                why = _format_reasons(rejected) if rejected else "no fast backend exists for this op yet"
+                _log_fallback_once(op, candidate, str(inputs["device"]), why)
             return table[candidate]
         rejected[candidate] = reasons
     raise BackendNotSupportedError(f"fastdit.{op}: no backend can run these inputs: {_format_reasons(rejected)}")

@@ -64,6 +64,15 @@ def test_gpu_fallback_is_logged_once_with_reasons(toy_op, caplog):
     assert "runs the reference backend" in messages[0] and "head_dim 96 != 64" in messages[0]
 
 
+def test_gpu_reference_without_fast_backend_is_logged(toy_op, monkeypatch, caplog):
+    monkeypatch.setitem(dispatch._BACKENDS, toy_op, {"reference": dispatch._BACKENDS[toy_op]["reference"]})
+    with caplog.at_level(logging.WARNING, logger="fastdit"):
+        select_backend(toy_op, {"device": torch.device("cuda"), "dtype": torch.float16, "head_dim": 64})
+    assert [r.getMessage() for r in caplog.records] == [
+        "fastdit.toy on cuda runs the reference backend: no fast backend exists for this op yet"
+    ]
+
+
 def test_cpu_reference_is_silent(toy_op, caplog):
     with caplog.at_level(logging.WARNING, logger="fastdit"):
         select_backend(toy_op, {"device": torch.device("cpu"), "dtype": torch.float16, "head_dim": 64})
