@@ -17,6 +17,7 @@ from torch import nn
 from fastdit import ops
 from fastdit.models.config import DiTConfig, preset
 from fastdit.models.packing import PackedBatch
+from fastdit.ops.validation import values_checked
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -165,7 +166,18 @@ class DiT(nn.Module):
         return temb, mod, context
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Packed batch -> packed prediction ``(total, pt ph pw C_out)``; ``batch.unpack`` splits it."""
+        """Packed batch -> packed prediction ``(total, pt ph pw C_out)``; ``batch.unpack`` splits it.
+
+        In eager mode the batch is validated once here, and the ops skip their per-call value
+        checks (no host sync per layer); under torch.compile no value check runs at all.
+        """
+        if torch.compiler.is_compiling():
+            return self._forward_packed(batch)
+        batch.validate()
+        with values_checked():
+            return self._forward_packed(batch)
+
+    def _forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
         temb, mod, context = self.embed_conditions(batch.timestep, batch.text.to(self.text_in.weight.dtype))
         for block in self.blocks:

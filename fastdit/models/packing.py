@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from fastdit.ops.validation import check_cu_seqlens, check_grid_thw, check_max_seqlen, check_tensor, check_token_offset
+
 
 def patchify(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     """(C, T, H, W) -> (T' H' W', C pt ph pw): tokens in (t, h, w) row-major order.
@@ -129,6 +131,29 @@ class PackedBatch:
             max_seqlen_text=text_len,
             patch_size=tuple(patch_size),
         )
+
+    def validate(self) -> "PackedBatch":
+        """Check every field against the others (shapes, dtypes, boundaries, lengths); returns self.
+
+        Reads the boundaries back to the host once; the DiT calls this once per forward.
+        """
+        total, total_text = self.tokens.shape[0], self.text.shape[0]
+        device = self.tokens.device
+        check_tensor("tokens", self.tokens, ndims=(2,))
+        check_tensor("text", self.text, ndims=(2,), device=device)
+        check_cu_seqlens("cu_seqlens", self.cu_seqlens, total, device, min_len=1)
+        check_cu_seqlens("cu_seqlens_text", self.cu_seqlens_text, total_text, device, min_len=1)
+        batch = self.batch_size
+        if self.cu_seqlens_text.shape[0] != batch + 1:
+            raise ValueError(f"cu_seqlens_text describes {self.cu_seqlens_text.shape[0] - 1} samples, tokens {batch}")
+        check_max_seqlen("max_seqlen", self.max_seqlen, self.cu_seqlens)
+        check_max_seqlen("max_seqlen_text", self.max_seqlen_text, self.cu_seqlens_text)
+        check_grid_thw(self.grid_thw, self.cu_seqlens)
+        check_token_offset(self.token_offset, batch, device)
+        check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
+        if self.timestep.shape[0] != batch:
+            raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(self.timestep.shape)}")
+        return self
 
     def unpack(self, out: torch.Tensor, channels: int) -> list[torch.Tensor]:
         """Packed model output ``(total, pt ph pw C)`` -> per-sample ``(C, T, H, W)`` latents."""

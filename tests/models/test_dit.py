@@ -112,3 +112,35 @@ def test_dit_cuda_bf16_and_compile():
         out = gpu(*args)
         assert rel_err(out.float().cpu(), expect) < 3e-2
         torch.testing.assert_close(torch.compile(gpu, fullgraph=True)(*args), out, atol=2e-2, rtol=2e-2)
+
+
+def test_forward_validates_the_batch_once_then_trusts_it():
+    from fastdit import ops
+    from fastdit.ops import validation
+
+    # Inside values_checked the ops skip value checks (the caller did them) ...
+    bad_cu = torch.tensor([0, 4, 3, 6], dtype=torch.int32)
+    x, gate = torch.randn(6, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.gated_residual(x, x, gate, bad_cu)
+    with validation.values_checked():
+        ops.gated_residual(x, x, gate, bad_cu)
+    assert validation.check_values_enabled()  # ... and the flag is restored on exit.
+
+    # forward_packed validates the whole batch up front.
+    model = tiny_dit()
+    latents = [torch.randn(16, 1, 2, 4), torch.randn(16, 2, 4, 2)]
+    texts = [torch.randn(3, 32), torch.randn(2, 32)]
+    bad = PackedBatch.from_samples(latents, [1.0, 2.0], texts)
+    bad.cu_seqlens_text = torch.tensor([0, 3, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_text"):
+        model.forward_packed(bad)
+    bad = PackedBatch.from_samples(latents, [1.0, 2.0], texts)
+    bad.grid_thw = torch.tensor([[1, 1, 2], [2, 0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"grid_thw\[1\]"):
+        model.forward_packed(bad)
+    bad = PackedBatch.from_samples(latents, [1.0, 2.0], texts)
+    bad.max_seqlen = 3
+    with pytest.raises(ValueError, match="max_seqlen=3 is smaller"):
+        model.forward_packed(bad)
+    assert validation.check_values_enabled()
