@@ -2,7 +2,8 @@
 
 import torch
 
-from fastdit.ops.validation import check_cu_seqlens, check_tensor, dense_cu_seqlens
+from fastdit.ops.validation import check_cu_seqlens, check_tensor
+from fastdit.reference.common import dense_cu_seqlens
 
 
 def as_packed(

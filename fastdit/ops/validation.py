@@ -138,8 +138,3 @@ def check_token_offset(token_offset: object, batch: int, device: torch.device) -
     if check_values_enabled() and batch and int(token_offset.min().item()) < 0:
         raise ValueError(f"token_offset must be >= 0, got min {int(token_offset.min().item())}")
     return token_offset
-
-
-def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    """cu_seqlens of a dense (B, S, ...) batch viewed as packed."""
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastdit.reference.common import upcast
+from fastdit.reference.common import dense_cu_seqlens, upcast
 
 # Score-matrix budget per chunk, in float32 elements (512 MiB).
 _CHUNK_ELEMS = 1 << 27
@@ -167,17 +167,20 @@ def attention_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention: q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq).
 
-    lse is float32 (float64 for float64 inputs)."""
-    heads = q.shape[2]
-    scale = _default_scale(q.shape[-1], softmax_scale)
-    outs, lses = [], []
-    for b in range(q.shape[0]):
-        o, lse_b = _fwd_one(
-            upcast(q[b]), _expand_kv(upcast(k[b]), heads), _expand_kv(upcast(v[b]), heads), scale, causal
-        )
-        outs.append(o)
-        lses.append(lse_b)
-    return torch.stack(outs).to(q.dtype), torch.stack(lses)
+    The varlen reference on B equal-length samples; lse is float32 (float64 for float64 inputs).
+    """
+    batch, len_q, heads, _ = q.shape
+    len_k = k.shape[1]
+    out, lse = varlen_attention_ref(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        dense_cu_seqlens(batch, len_q, q.device),
+        dense_cu_seqlens(batch, len_k, q.device),
+        softmax_scale=softmax_scale,
+        causal=causal,
+    )
+    return out.view(q.shape), lse.view(heads, batch, len_q).transpose(0, 1).contiguous()
 
 
 def attention_bwd_ref(
@@ -192,20 +195,18 @@ def attention_bwd_ref(
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of attention_ref."""
-    heads, kv_heads = q.shape[2], k.shape[2]
-    scale = _default_scale(q.shape[-1], softmax_scale)
-    grads = []
-    for b in range(q.shape[0]):
-        dq_b, dk_b, dv_b = _bwd_one(
-            upcast(dout[b]),
-            upcast(q[b]),
-            _expand_kv(upcast(k[b]), heads),
-            _expand_kv(upcast(v[b]), heads),
-            upcast(out[b]),
-            lse[b],
-            scale,
-            causal,
-        )
-        grads.append((dq_b, _fold_kv_grad(dk_b, kv_heads), _fold_kv_grad(dv_b, kv_heads)))
-    dq, dk, dv = (torch.stack(g) for g in zip(*grads))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    batch, len_q = q.shape[:2]
+    len_k = k.shape[1]
+    dq, dk, dv = varlen_attention_bwd_ref(
+        dout.flatten(0, 1),
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        out.flatten(0, 1),
+        lse.transpose(0, 1).flatten(1),
+        dense_cu_seqlens(batch, len_q, q.device),
+        dense_cu_seqlens(batch, len_k, q.device),
+        softmax_scale=softmax_scale,
+        causal=causal,
+    )
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)

@@ -34,3 +34,8 @@ def per_sample_sum(values: torch.Tensor, cu_seqlens: torch.Tensor | None, num_ro
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """The reference's compute dtype: float32 for fp16/bf16/fp32 inputs, float64 kept (gradcheck)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens ``(B+1,) int32`` of a dense (B, S, ...) batch viewed as packed."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
