@@ -114,7 +114,7 @@ class Report:
             gbps = nbytes / ms / 1e6
             row["gbps"] = round(gbps, 2)
             row["pct_of_copy"] = round(100 * gbps / self.ceilings["copy_gbps"], 1)
-        row.update(extra)
+        row.update({k: v for k, v in extra.items() if v is not None})
         self.rows.append(row)
         return row
 

@@ -262,3 +262,18 @@ def test_gated_residual_cuda_opcheck_and_backward():
     expect = torch.autograd.grad(ops.gated_residual(res, y, gate, cu, backend="reference").sum(), (res, y, gate))
     for got, want in zip(grads, expect):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or _cuda_ext_missing() is not None, reason="fastdit._C not built")
+def test_gated_residual_cuda_past_int32_offsets():
+    # 1.4M tokens x 1536 channels = 2.15e9 elements > 2^31: offsets must be 64-bit.
+    rows, channels = 1_400_000, 1536
+    cu = torch.tensor([0, 700_000, rows], dtype=torch.int32, device="cuda")
+    res = torch.randn(rows, channels, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(res)
+    gate = torch.randn(2, channels, device="cuda")
+    out = ops.gated_residual(res, y, gate, cu, backend="cuda")
+    tail = slice(rows - 1000, rows)
+    expect = (res[tail].float() + y[tail].float() * gate[1]).bfloat16()
+    torch.testing.assert_close(out[tail], expect, atol=0, rtol=torch.finfo(torch.bfloat16).eps)
