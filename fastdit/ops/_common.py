@@ -7,7 +7,7 @@ from fastdit.reference.common import dense_cu_seqlens
 
 
 def as_packed(
-    name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None, packed_ndim: int, *, min_len: int = 0
+    name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None, packed_ndim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """View ``x`` as packed ``(total, ...)`` with its cu_seqlens.
 
@@ -19,15 +19,13 @@ def as_packed(
         if cu_seqlens is not None:
             raise ValueError(
                 f"{name} is dense {tuple(x.shape)} (B, S, ...), so cu_seqlens must be None; "
-                f"pass packed ({'total, ...'}) input with cu_seqlens instead"
+                "pass packed (total, ...) input with cu_seqlens instead"
             )
         batch, seqlen = x.shape[:2]
-        if min_len and seqlen < min_len:
-            raise ValueError(f"{name} has sequence length {seqlen}; at least {min_len} is required")
         return x.reshape(batch * seqlen, *x.shape[2:]), dense_cu_seqlens(batch, seqlen, x.device)
     if cu_seqlens is None:
         raise ValueError(f"{name} is packed {tuple(x.shape)} (total, ...), so cu_seqlens (B+1,) int32 is required")
-    check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device, min_len=min_len)
+    check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device)
     return x, cu_seqlens
 
 

@@ -108,7 +108,7 @@ register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=
 # ---- public API --------------------------------------------------------------------------------
 
 
-def _check_axes(head_dim: int, axes_dim, interleaved: bool) -> list[int]:
+def _check_axes(head_dim: int, axes_dim) -> list[int]:
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
     axes = list(wan_axes_dim(head_dim) if axes_dim is None else axes_dim)
@@ -119,9 +119,9 @@ def _check_axes(head_dim: int, axes_dim, interleaved: bool) -> list[int]:
     return axes
 
 
-def _prepare(name, x, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset):
+def _prepare(name, x, grid_thw, cu_seqlens, theta, axes_dim, token_offset):
     packed, cu = as_packed(name, x, cu_seqlens, packed_ndim=3)
-    axes = _check_axes(packed.shape[-1], axes_dim, interleaved)
+    axes = _check_axes(packed.shape[-1], axes_dim)
     check_grid_thw(grid_thw, cu)
     check_token_offset(token_offset, cu.shape[0] - 1, x.device)
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
@@ -162,7 +162,7 @@ def rope3d(
         The rotated tensor, same shape and dtype as ``x``. Angles are float64, rotation float32
         (see :mod:`fastdit.reference.rope3d`).
     """
-    packed, cu, axes = _prepare("x", x, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset)
+    packed, cu, axes = _prepare("x", x, grid_thw, cu_seqlens, theta, axes_dim, token_offset)
     impl = select_backend(
         "rope3d",
         {"device": x.device, "dtype": x.dtype, "head_dim": packed.shape[-1], "interleaved": interleaved},
@@ -197,7 +197,7 @@ def rope3d_qk(
     Returns:
         ``(q_rotated, k_rotated)``, shapes and dtypes of ``q`` and ``k``.
     """
-    packed_q, cu, axes = _prepare("q", q, grid_thw, cu_seqlens, theta, axes_dim, interleaved, token_offset)
+    packed_q, cu, axes = _prepare("q", q, grid_thw, cu_seqlens, theta, axes_dim, token_offset)
     check_tensor("k", k, ndims=(q.dim(),), device=q.device)
     check_same_dtype(("q", "k"), (q, k))
     if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
