@@ -13,8 +13,8 @@ import gc
 import time
 
 import torch
-from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
 
+from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
 from fastdit.models import DiT, DiTConfig, preset
 
 PROVIDERS = ("fastdit-eager", "fastdit-compile", "diffusers-eager", "diffusers-compile")
