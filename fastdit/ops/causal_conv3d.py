@@ -4,7 +4,7 @@ import torch
 
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
-from fastdit.reference.conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
+from fastdit.reference.causal_conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
 
 
 @torch.library.custom_op("fastdit::causal_conv3d_reference", mutates_args=())

@@ -7,8 +7,8 @@ and diffusers' Wan 2.1 implementation.
 """
 
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
+from fastdit.reference.causal_conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
 from fastdit.reference.common import sample_index
-from fastdit.reference.conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
 from fastdit.reference.modulation import (
     adaln_modulate_bwd_ref,
     adaln_modulate_ref,
