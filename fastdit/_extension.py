@@ -20,6 +20,6 @@ def cuda_extension_missing() -> str | None:
         return "fastdit._C is built but no CUDA device is available"
     try:
         torch.ops.load_library(spec.origin)
-    except OSError as err:  # e.g. built against another torch / CUDA
-        return f"fastdit._C failed to load: {err}"
+    except Exception as err:  # e.g. built against another torch / CUDA: disable the backend, keep fastdit
+        return f"fastdit._C failed to load: {type(err).__name__}: {err}"
     return None
