@@ -6,6 +6,7 @@ Triton lazily, so ``fastdit`` imports (and runs on its reference backend) where 
 """
 
 import importlib.util
+import os
 
 
 def triton_missing() -> str | None:
@@ -17,3 +18,13 @@ def triton_missing() -> str | None:
     except Exception as err:  # a broken install must disable the backend, not crash the import
         return f"triton failed to import: {err}"
     return None
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_devices() -> tuple[str, ...]:
+    """Devices Triton kernels can run on in this process: CUDA, plus CPU under the interpreter."""
+    return ("cuda", "cpu") if interpreting() else ("cuda",)

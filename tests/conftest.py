@@ -6,6 +6,18 @@ import torch
 # Errors on bad input must not depend on the environment the tests run in.
 os.environ.pop("FASTDIT_BACKEND", None)
 os.environ.pop("FASTDIT_CHECK_INPUTS", None)
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter (set before any kernel
+# module is imported: Triton decides at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Backends the CPU tests sweep; Triton is skipped where it is not installed.
+try:
+    import triton  # noqa: F401
+
+    CPU_BACKENDS = ["reference", "triton"]
+except ImportError:
+    CPU_BACKENDS = ["reference"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +44,20 @@ def packed_cu(lengths, device="cpu"):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every torch.empty / empty_like during the test returns NaN (or int min), so an output
+    element a kernel forgets to write fails the comparison instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype != torch.bool and t.numel():
+            return t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

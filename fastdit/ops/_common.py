@@ -2,6 +2,7 @@
 
 import torch
 
+from fastdit.kernels import interpreting
 from fastdit.ops.validation import check_cu_seqlens, check_tensor
 from fastdit.reference.common import dense_cu_seqlens
 
@@ -56,3 +57,14 @@ def modulation_rows(
         f"{name} must be per sample (B, C) = ({batch}, {channels}) or per token like x {tuple(x.shape)}, "
         f"got {tuple(mod.shape)}"
     )
+
+
+def interpreter_fake(op, fake_fn) -> None:
+    """Give a triton_op an explicit fake implementation when kernels run under TRITON_INTERPRET=1.
+
+    On GPUs torch derives a triton_op's fake from its body (the kernel launch is skipped under
+    fake tensors); the interpreter's launcher is not recognised there and would run on meta
+    tensors, so CPU tests register the obvious fake instead.
+    """
+    if interpreting():
+        op.register_fake(fake_fn)

@@ -47,6 +47,14 @@ class Backend:
     # Why the backend cannot run at all in this process (no fastdit._C, no Triton), or None.
     # A plain value fixed at registration, so torch.compile traces no availability probe.
     unavailable: str | None = None
+    # Devices on which the dispatcher may pick this backend by itself (None: all of ``devices``).
+    # Triton under TRITON_INTERPRET=1 runs on CPU when forced, but is never chosen there.
+    auto_devices: tuple[str, ...] | None = None
+    # Optional in-place entry point (same arguments as ``fn``, writes into its first inputs).
+    inplace_fn: Callable[..., Any] | None = None
+
+    def auto_selectable(self, device: torch.device) -> bool:
+        return self.auto_devices is None or device.type in self.auto_devices
 
     def not_supported_reasons(self, inputs: dict) -> list[str]:
         if self.unavailable is not None:
@@ -155,6 +163,8 @@ def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend
         return table[name]
     rejected: dict[str, list[str]] = {}
     for candidate in priority(op):
+        if not table[candidate].auto_selectable(inputs["device"]):
+            continue
         reasons = table[candidate].not_supported_reasons(inputs)
         if not reasons:
             if candidate == "reference" and inputs["device"].type == "cuda":

@@ -6,7 +6,8 @@ the same op with ``conjugate=True``.
 
 import torch
 
-from fastdit.ops._common import as_packed
+from fastdit.kernels import triton_devices, triton_missing
+from fastdit.ops._common import as_packed, interpreter_fake
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
@@ -105,6 +106,130 @@ register_backend(Backend("rope3d", "reference", rope3d_reference, devices=None, 
 register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=None, dtypes=FLOAT_DTYPES))
 
 
+# ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+if triton_missing() is None:
+    from fastdit.kernels.rope3d import rope3d_launch
+
+    @torch.library.triton_op("fastdit::rope3d_triton", mutates_args=())
+    def rope3d_triton(
+        x: torch.Tensor,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_offset: torch.Tensor | None,
+        theta: float,
+        axes_dim: list[int],
+        interleaved: bool,
+        conjugate: bool,
+    ) -> torch.Tensor:
+        x = _contiguous_last(x)
+        out = torch.empty_like(x)
+        rope3d_launch(x, None, out, None, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+        return out
+
+    @torch.library.triton_op("fastdit::rope3d_qk_triton", mutates_args=())
+    def rope3d_qk_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_offset: torch.Tensor | None,
+        theta: float,
+        axes_dim: list[int],
+        interleaved: bool,
+        conjugate: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = _contiguous_last(q), _contiguous_last(k)
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        rope3d_launch(q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+        return q_out, k_out
+
+    # In place: for inference (a mutating op carries no autograd; the public functions use the
+    # out-of-place op when gradients are needed).
+    @torch.library.triton_op("fastdit::rope3d_inplace_triton", mutates_args={"x"})
+    def rope3d_inplace_triton(
+        x: torch.Tensor,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_offset: torch.Tensor | None,
+        theta: float,
+        axes_dim: list[int],
+        interleaved: bool,
+        conjugate: bool,
+    ) -> None:
+        rope3d_launch(x, None, x, None, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+
+    @torch.library.triton_op("fastdit::rope3d_qk_inplace_triton", mutates_args={"q", "k"})
+    def rope3d_qk_inplace_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_offset: torch.Tensor | None,
+        theta: float,
+        axes_dim: list[int],
+        interleaved: bool,
+        conjugate: bool,
+    ) -> None:
+        rope3d_launch(q, k, q, k, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+
+    def _rope_triton_backward(ctx, grad):
+        dx = rope3d_triton(
+            grad, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj
+        )
+        return dx, None, None, None, None, None, None, None
+
+    def _rope_qk_triton_backward(ctx, grad_q, grad_k):
+        dq, dk = rope3d_qk_triton(
+            grad_q,
+            grad_k,
+            ctx.grid_thw,
+            ctx.cu_seqlens,
+            ctx.token_offset,
+            ctx.theta,
+            ctx.axes_dim,
+            ctx.interleaved,
+            not ctx.conj,
+        )
+        return dq, dk, None, None, None, None, None, None, None
+
+    interpreter_fake(rope3d_triton, lambda x, *args: torch.empty_like(x))
+    interpreter_fake(rope3d_qk_triton, lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k)))
+    interpreter_fake(rope3d_inplace_triton, lambda x, *args: None)
+    interpreter_fake(rope3d_qk_inplace_triton, lambda q, k, *args: None)
+    rope3d_triton.register_autograd(_rope_triton_backward, setup_context=_rope_setup)
+    rope3d_qk_triton.register_autograd(_rope_qk_triton_backward, setup_context=_rope_qk_setup)
+    _triton_fns = {
+        "rope3d": (rope3d_triton, rope3d_inplace_triton),
+        "rope3d_qk": (rope3d_qk_triton, rope3d_qk_inplace_triton),
+    }
+    _triton_unavailable = None
+else:
+    _triton_fns = {"rope3d": (None, None), "rope3d_qk": (None, None)}
+    _triton_unavailable = triton_missing()
+
+for _op, (_fn, _inplace_fn) in _triton_fns.items():
+    register_backend(
+        Backend(
+            _op,
+            "triton",
+            _fn,
+            devices=triton_devices(),
+            dtypes=TRITON_DTYPES,
+            unavailable=_triton_unavailable,
+            auto_devices=("cuda",),
+            inplace_fn=_inplace_fn,
+        )
+    )
+
+
 # ---- public API --------------------------------------------------------------------------------
 
 
@@ -117,6 +242,12 @@ def _check_axes(head_dim: int, axes_dim) -> list[int]:
     if sum(axes) != head_dim:
         raise ValueError(f"axes_dim {tuple(axes)} must sum to head_dim {head_dim}")
     return axes
+
+
+def _can_write_in_place(impl: Backend, x: torch.Tensor) -> bool:
+    """A true in-place kernel needs a contiguous x (so the packed view aliases it) and no autograd."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return impl.inplace_fn is not None and x.is_contiguous() and not needs_grad
 
 
 def _prepare(name, x, grid_thw, cu_seqlens, theta, axes_dim, token_offset):
@@ -168,10 +299,12 @@ def rope3d(
         {"device": x.device, "dtype": x.dtype, "head_dim": packed.shape[-1], "interleaved": interleaved},
         backend,
     )
-    out = impl.fn(packed, grid_thw, cu, token_offset, float(theta), axes, interleaved, False).view(x.shape)
-    if inplace:
-        return x.copy_(out)
-    return out
+    args = (grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
+    if inplace and _can_write_in_place(impl, x):
+        impl.inplace_fn(packed, *args)
+        return x
+    out = impl.fn(packed, *args).view(x.shape)
+    return x.copy_(out) if inplace else out
 
 
 def rope3d_qk(
@@ -208,7 +341,11 @@ def rope3d_qk(
         {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
         backend,
     )
-    out_q, out_k = impl.fn(packed_q, packed_k, grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
+    args = (grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
+    if inplace and _can_write_in_place(impl, q) and _can_write_in_place(impl, k):
+        impl.inplace_fn(packed_q, packed_k, *args)
+        return q, k
+    out_q, out_k = impl.fn(packed_q, packed_k, *args)
     out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
     if inplace:
         return q.copy_(out_q), k.copy_(out_k)
