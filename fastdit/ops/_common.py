@@ -2,7 +2,8 @@
 
 import torch
 
-from fastdit.kernels import interpreting
+from fastdit.kernels import interpreting, triton_devices, triton_missing
+from fastdit.ops.dispatch import Backend, register_backend
 from fastdit.ops.validation import check_cu_seqlens, check_tensor
 from fastdit.reference.common import dense_cu_seqlens
 
@@ -68,3 +69,25 @@ def interpreter_fake(op, fake_fn) -> None:
     """
     if interpreting():
         op.register_fake(fake_fn)
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def register_triton_backend(op: str, fn, **kwargs) -> None:
+    """The ``triton`` backend of ``op``: CUDA (and CPU under the interpreter, when forced).
+
+    ``fn`` is None where Triton is missing; the backend then reports why it is unavailable.
+    """
+    kwargs.setdefault("dtypes", TRITON_DTYPES)
+    register_backend(
+        Backend(
+            op,
+            "triton",
+            fn,
+            devices=triton_devices(),
+            unavailable=triton_missing(),
+            auto_devices=("cuda",),
+            **kwargs,
+        )
+    )

@@ -2,7 +2,8 @@
 
 import torch
 
-from fastdit.ops._common import as_packed, modulation_rows
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
@@ -44,6 +45,74 @@ def _backward(ctx, grad):
 
 adaln_modulate_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("adaln_modulate", "reference", adaln_modulate_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- triton backend: kernels/modulation.py ------------------------------------------------------
+
+if triton_missing() is None:
+    from fastdit.kernels.modulation import modulation_backward, modulation_forward
+
+    @torch.library.triton_op("fastdit::adaln_modulate_triton", mutates_args=())
+    def adaln_modulate_triton(
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        norm: str,
+        eps: float,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return modulation_forward(x, None, None, shift, scale, weight, bias, cu_seqlens, norm, eps)[1]
+
+    @torch.library.triton_op("fastdit::adaln_modulate_backward_triton", mutates_args=())
+    def adaln_modulate_backward_triton(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        norm: str,
+        eps: float,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx, dshift, dscale, dweight, dbias); the last four in fp32, dweight/dbias empty if absent."""
+        g = modulation_backward(grad, None, x, None, None, scale, weight, bias, cu_seqlens, norm, eps, scale.shape[0])
+        dweight = g["dweight"] if weight is not None else grad.new_empty(0, dtype=torch.float32)
+        dbias = g["dbias"] if bias is not None else grad.new_empty(0, dtype=torch.float32)
+        return g["dx"], g["dshift"], g["dscale"], dweight, dbias
+
+    def _triton_backward(ctx, grad):
+        x, shift, scale, cu_seqlens, weight, bias = ctx.saved_tensors
+        dx, dshift, dscale, dweight, dbias = adaln_modulate_backward_triton(
+            grad, x, scale, cu_seqlens, ctx.norm, ctx.eps, weight, bias
+        )
+        return (
+            dx,
+            dshift.to(shift.dtype),
+            dscale.to(scale.dtype),
+            None,
+            None,
+            None,
+            None if weight is None else dweight.to(weight.dtype),
+            None if bias is None else dbias.to(bias.dtype),
+        )
+
+    interpreter_fake(adaln_modulate_triton, lambda x, *args: torch.empty_like(x))
+    interpreter_fake(
+        adaln_modulate_backward_triton,
+        lambda grad, x, scale, cu, norm, eps, weight, bias: (
+            torch.empty_like(x),
+            scale.new_empty(scale.shape, dtype=torch.float32),
+            scale.new_empty(scale.shape, dtype=torch.float32),
+            grad.new_empty(0 if weight is None else weight.shape[0], dtype=torch.float32),
+            grad.new_empty(0 if bias is None else bias.shape[0], dtype=torch.float32),
+        ),
+    )
+    adaln_modulate_triton.register_autograd(_triton_backward, setup_context=_setup)
+    register_triton_backend("adaln_modulate", adaln_modulate_triton)
+else:
+    register_triton_backend("adaln_modulate", None)
 
 
 def check_norm_args(norm: str, eps: float) -> None:

@@ -3,7 +3,8 @@
 import torch
 
 from fastdit._extension import cuda_extension_missing
-from fastdit.ops._common import as_packed, modulation_rows
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
 from fastdit.ops.adaln_modulate import check_norm_args
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
@@ -123,6 +124,91 @@ register_backend(
         "gated_residual_modulate", "reference", gated_residual_modulate_reference, devices=None, dtypes=FLOAT_DTYPES
     )
 )
+
+
+# ---- triton backend: kernels/modulation.py --------------------------------------------------------
+
+if triton_missing() is None:
+    from fastdit.kernels.modulation import modulation_backward, modulation_forward
+
+    @torch.library.triton_op("fastdit::gated_residual_triton", mutates_args=())
+    def gated_residual_triton(
+        res: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        return modulation_forward(res, y, gate, None, None, None, None, cu_seqlens, "layer", 1.0)[0]
+
+    @torch.library.triton_op("fastdit::gated_residual_backward_triton", mutates_args=())
+    def gated_residual_backward_triton(
+        grad: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dy, dgate in fp32)."""
+        g = modulation_backward(None, grad, None, y, gate, None, None, None, cu_seqlens, "layer", 1.0, gate.shape[0])
+        return g["dy"], g["dgate"]
+
+    def _backward_gated_residual_triton(ctx, grad):
+        y, gate, cu_seqlens = ctx.saved_tensors
+        dy, dgate = gated_residual_backward_triton(grad, y, gate, cu_seqlens)
+        return grad.to(ctx.res_dtype), dy, dgate.to(gate.dtype), None
+
+    @torch.library.triton_op("fastdit::gated_residual_modulate_triton", mutates_args=())
+    def gated_residual_modulate_triton(
+        res: torch.Tensor,
+        y: torch.Tensor,
+        gate: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        norm: str,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return modulation_forward(res, y, gate, shift, scale, None, None, cu_seqlens, norm, eps)
+
+    @torch.library.triton_op("fastdit::gated_residual_modulate_backward_triton", mutates_args=())
+    def gated_residual_modulate_backward_triton(
+        grad_r: torch.Tensor,
+        grad_mod: torch.Tensor,
+        r: torch.Tensor,
+        y: torch.Tensor,
+        gate: torch.Tensor,
+        scale: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        norm: str,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dres, dy, dgate, dshift, dscale); the last three in fp32."""
+        g = modulation_backward(grad_mod, grad_r, r, y, gate, scale, None, None, cu_seqlens, norm, eps, gate.shape[0])
+        return g["dx"], g["dy"], g["dgate"], g["dshift"], g["dscale"]
+
+    def _backward_grm_triton(ctx, grad_r, grad_mod):
+        y, gate, shift, scale, cu_seqlens, r = ctx.saved_tensors
+        dres, dy, dgate, dshift, dscale = gated_residual_modulate_backward_triton(
+            grad_r, grad_mod, r, y, gate, scale, cu_seqlens, ctx.norm, ctx.eps
+        )
+        return dres, dy, dgate.to(gate.dtype), dshift.to(shift.dtype), dscale.to(scale.dtype), None, None, None
+
+    def _fp32_like(t):
+        return t.new_empty(t.shape, dtype=torch.float32)
+
+    interpreter_fake(gated_residual_triton, _fake_gated_residual)
+    interpreter_fake(gated_residual_backward_triton, lambda grad, y, gate, cu: (torch.empty_like(y), _fp32_like(gate)))
+    interpreter_fake(gated_residual_modulate_triton, lambda res, *args: (torch.empty_like(res), torch.empty_like(res)))
+    interpreter_fake(
+        gated_residual_modulate_backward_triton,
+        lambda grad_r, grad_mod, r, y, gate, scale, *args: (
+            torch.empty_like(r),
+            torch.empty_like(y),
+            _fp32_like(gate),
+            _fp32_like(scale),
+            _fp32_like(scale),
+        ),
+    )
+    gated_residual_triton.register_autograd(_backward_gated_residual_triton, setup_context=_setup_gated_residual)
+    gated_residual_modulate_triton.register_autograd(_backward_grm_triton, setup_context=_setup_grm)
+    register_triton_backend("gated_residual", gated_residual_triton)
+    register_triton_backend("gated_residual_modulate", gated_residual_modulate_triton)
+else:
+    register_triton_backend("gated_residual", None)
+    register_triton_backend("gated_residual_modulate", None)
 
 
 # ---- public API ------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ the same op with ``conjugate=True``.
 
 import torch
 
-from fastdit.kernels import triton_devices, triton_missing
-from fastdit.ops._common import as_packed, interpreter_fake
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import as_packed, interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
@@ -108,8 +108,6 @@ register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=
 
 # ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -206,28 +204,11 @@ if triton_missing() is None:
     interpreter_fake(rope3d_qk_inplace_triton, lambda q, k, *args: None)
     rope3d_triton.register_autograd(_rope_triton_backward, setup_context=_rope_setup)
     rope3d_qk_triton.register_autograd(_rope_qk_triton_backward, setup_context=_rope_qk_setup)
-    _triton_fns = {
-        "rope3d": (rope3d_triton, rope3d_inplace_triton),
-        "rope3d_qk": (rope3d_qk_triton, rope3d_qk_inplace_triton),
-    }
-    _triton_unavailable = None
+    register_triton_backend("rope3d", rope3d_triton, inplace_fn=rope3d_inplace_triton)
+    register_triton_backend("rope3d_qk", rope3d_qk_triton, inplace_fn=rope3d_qk_inplace_triton)
 else:
-    _triton_fns = {"rope3d": (None, None), "rope3d_qk": (None, None)}
-    _triton_unavailable = triton_missing()
-
-for _op, (_fn, _inplace_fn) in _triton_fns.items():
-    register_backend(
-        Backend(
-            _op,
-            "triton",
-            _fn,
-            devices=triton_devices(),
-            dtypes=TRITON_DTYPES,
-            unavailable=_triton_unavailable,
-            auto_devices=("cuda",),
-            inplace_fn=_inplace_fn,
-        )
-    )
+    register_triton_backend("rope3d", None)
+    register_triton_backend("rope3d_qk", None)
 
 
 # ---- public API --------------------------------------------------------------------------------
