@@ -17,7 +17,11 @@ from torch import nn
 from fastdit import ops
 from fastdit.models.config import DiTConfig, preset
 from fastdit.models.packing import PackedBatch
+from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import values_checked
+
+# The fastdit ops the DiT calls.
+MODEL_OPS = ("rope3d_qk", "varlen_attention", "adaln_modulate", "gated_residual")
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -54,7 +58,7 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
-    def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig, backend: str | None):
+    def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig, backends: dict):
         q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
         k = self._heads(_rms_norm(self.k(x), self.k_norm, self.eps))
         v = self._heads(self.v(x))
@@ -67,13 +71,13 @@ class Attention(nn.Module):
             axes_dim=config.rope_axes_dim,
             interleaved=config.rope_interleaved,
             token_offset=batch.token_offset,
-            backend=backend,
+            backend=backends["rope3d_qk"],
         )
         cu, n = batch.cu_seqlens, batch.max_seqlen
-        out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backend)
+        out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
-    def forward_cross(self, x: torch.Tensor, context: torch.Tensor, batch: PackedBatch, backend: str | None):
+    def forward_cross(self, x: torch.Tensor, context: torch.Tensor, batch: PackedBatch, backends: dict):
         q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
         k = self._heads(_rms_norm(self.k(context), self.k_norm, self.eps))
         v = self._heads(self.v(context))
@@ -85,7 +89,7 @@ class Attention(nn.Module):
             batch.cu_seqlens_text,
             batch.max_seqlen,
             batch.max_seqlen_text,
-            backend=backend,
+            backend=backends["varlen_attention"],
         )
         return self.o(out.flatten(1))
 
@@ -103,12 +107,13 @@ class DiTBlock(nn.Module):
         # (shift, scale, gate) of self-attention, then of the FFN; added to the per-sample projection.
         self.modulation = nn.Parameter(torch.randn(1, 6, hidden) / hidden**0.5)
 
-    def forward(self, x, context, mod, batch: PackedBatch, backend: str | None):
+    def forward(self, x, context, mod, batch: PackedBatch, backends: dict):
         cfg, cu = self.config, batch.cu_seqlens
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + mod).unbind(1)
 
-        h = ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=cfg.eps, backend=backend)
-        x = ops.gated_residual(x, self.self_attn.forward_self(h, batch, cfg, backend), gate, cu, backend=backend)
+        modulate, residual = backends["adaln_modulate"], backends["gated_residual"]
+        h = ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=cfg.eps, backend=modulate)
+        x = ops.gated_residual(x, self.self_attn.forward_self(h, batch, cfg, backends), gate, cu, backend=residual)
 
         h = x
         if self.cross_norm is not None:
@@ -116,23 +121,26 @@ class DiTBlock(nn.Module):
                 x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps
             )
             h = h.to(x.dtype)
-        x = x + self.cross_attn.forward_cross(h, context, batch, backend)
+        x = x + self.cross_attn.forward_cross(h, context, batch, backends)
 
-        h = ops.adaln_modulate(x, ffn_shift, ffn_scale, cu, norm="layer", eps=cfg.eps, backend=backend)
+        h = ops.adaln_modulate(x, ffn_shift, ffn_scale, cu, norm="layer", eps=cfg.eps, backend=modulate)
         ffn = self.ffn_out(F.gelu(self.ffn_in(h), approximate="tanh"))
-        return ops.gated_residual(x, ffn, ffn_gate, cu, backend=backend)
+        return ops.gated_residual(x, ffn, ffn_gate, cu, backend=residual)
 
 
 class DiT(nn.Module):
     """Wan 2.1 DiT. Build with ``DiT(config)``, ``DiT.from_preset(name)`` or ``DiT.from_diffusers(...)``.
 
-    ``backend`` is passed to every fastdit op (None: the dispatcher chooses per op).
+    ``backend``: None lets the dispatcher choose per op (the fast kernels on a GPU);
+    ``"reference"`` runs every op on the plain-PyTorch oracle; ``"triton"`` / ``"cuda"`` force
+    that backend on every op that has one (the others keep the dispatcher's choice).
     """
 
     def __init__(self, config: DiTConfig, backend: str | None = None):
         super().__init__()
         self.config = config
         self.backend = backend
+        self.op_backends = backends_for(backend, MODEL_OPS)
         hidden = config.hidden
         # Conv3d with kernel = stride = patch is a Linear over each flattened patch (c, pt, ph, pw).
         self.patch_embed = nn.Linear(config.in_channels * config.patch_volume, hidden)
@@ -181,10 +189,16 @@ class DiT(nn.Module):
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
         temb, mod, context = self.embed_conditions(batch.timestep, batch.text.to(self.text_in.weight.dtype))
         for block in self.blocks:
-            x = block(x, context, mod, batch, self.backend)
+            x = block(x, context, mod, batch, self.op_backends)
         shift, scale = (self.head_modulation.float() + temb.float()[:, None]).unbind(1)
         x = ops.adaln_modulate(
-            x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps, backend=self.backend
+            x,
+            shift,
+            scale,
+            batch.cu_seqlens,
+            norm="layer",
+            eps=self.config.eps,
+            backend=self.op_backends["adaln_modulate"],
         )
         return self.head_proj(x)
 

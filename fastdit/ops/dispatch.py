@@ -174,3 +174,12 @@ def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend
             return table[candidate]
         rejected[candidate] = reasons
     raise BackendNotSupportedError(f"fastdit.{op}: no backend can run these inputs: {_format_reasons(rejected)}")
+
+
+def backends_for(name: str | None, op_names) -> dict[str, str | None]:
+    """A model-wide backend choice, per op: ``name`` where the op has it, else None (the
+    dispatcher decides). So ``DiT(backend="triton")`` runs every op that has a Triton kernel on
+    it and the rest on their best other backend; ``"reference"`` exists for every op."""
+    if name is not None and name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
+    return {op: name if name in _BACKENDS.get(op, {}) else None for op in op_names}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastdit.models import DiT, DiTConfig, PackedBatch, patchify, preset, unpatchify
-from tests.conftest import rel_err
+from tests.conftest import CPU_BACKENDS, rel_err
 
 
 def tiny_dit(**changes) -> DiT:
@@ -144,3 +144,22 @@ def test_forward_validates_the_batch_once_then_trusts_it():
     with pytest.raises(ValueError, match="max_seqlen=3 is smaller"):
         model.forward_packed(bad)
     assert validation.check_values_enabled()
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+def test_dit_on_triton_ops_matches_reference():
+    reference = tiny_dit()
+    fast = DiT(reference.config, backend="triton").eval()
+    fast.load_state_dict(reference.state_dict())
+    assert fast.op_backends == {
+        "rope3d_qk": "triton",
+        "varlen_attention": None,  # no Triton kernel yet: the dispatcher's choice
+        "adaln_modulate": "triton",
+        "gated_residual": "triton",
+    }
+    latents = [torch.randn(16, 3, 4, 6), torch.randn(16, 1, 8, 4)]
+    batch = PackedBatch.from_samples(latents, [10.0, 900.0], [torch.randn(4, 32), torch.randn(7, 32)])
+    with torch.no_grad():
+        assert rel_err(fast.forward_packed(batch), reference.forward_packed(batch)) < 1e-5
+    with pytest.raises(ValueError, match="unknown backend"):
+        DiT(reference.config, backend="fastest")
