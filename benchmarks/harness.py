@@ -105,15 +105,15 @@ class Report:
     def add(
         self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
     ):
-        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": round(ms, 4)}
+        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": _sig(ms)}
         if flops is not None:
             tflops = flops / ms / 1e9
-            row["tflops"] = round(tflops, 3)
-            row["pct_of_matmul"] = round(100 * tflops / self.ceilings["matmul_tflops"], 1)
+            row["tflops"] = _sig(tflops)
+            row["pct_of_matmul"] = _sig(100 * tflops / self.ceilings["matmul_tflops"])
         if nbytes is not None:
             gbps = nbytes / ms / 1e6
-            row["gbps"] = round(gbps, 2)
-            row["pct_of_copy"] = round(100 * gbps / self.ceilings["copy_gbps"], 1)
+            row["gbps"] = _sig(gbps)
+            row["pct_of_copy"] = _sig(100 * gbps / self.ceilings["copy_gbps"])
         row.update({k: v for k, v in extra.items() if v is not None})
         self.rows.append(row)
         return row
@@ -188,6 +188,11 @@ class Report:
         ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
         return "\n".join(lines)
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    """Round to significant digits, so a slow run's 0.0004 GB/s does not print as 0."""
+    return float(f"{value:.{digits}g}")
 
 
 def device_slug(device: torch.device) -> str:

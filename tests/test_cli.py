@@ -27,4 +27,16 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
 
 def test_bench_rejects_unknown_provider(tmp_path):
     with pytest.raises(SystemExit, match="unknown providers"):
-        main(["bench", "--out", str(tmp_path), "--providers", "tensorrt"])
+        main(["bench", "--suite", "dit_step", "--out", str(tmp_path), "--providers", "tensorrt"])
+
+
+def test_bench_memory_ops_rows_for_every_provider(tmp_path):
+    # Under the CPU interpreter the triton backend runs too (tiny grid: the interpreter is slow).
+    args = ["bench", "--suite", "memory_ops", "--quick", "--out", str(tmp_path), "--mem-grid", "1,2,4"]
+    assert main(args + ["--mem-ops", "rope3d_qk,gated_residual_modulate"]) == 0
+    data = json.loads((tmp_path / "memory_ops_cpu.json").read_text())
+    seen = {(r["provider"], r["shape"].split(" S=")[0]) for r in data["rows"]}
+    for op in ("rope3d_qk", "gated_residual_modulate"):
+        for provider in ("eager", "torch.compile", "fastdit-triton"):
+            assert (provider, f"{op} fwd") in seen and (provider, f"{op} bwd") in seen
+    assert all(r["gbps"] > 0 and r["pct_of_copy"] > 0 for r in data["rows"])
