@@ -47,7 +47,7 @@ run bench $PY -m fastdit bench "${BENCH_ARGS[@]}" --out "$OUT_DIR"
 {
   echo "fastdit gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   grep -E "passed|failed|error" "$OUT_DIR/gpu_pytest.log" | tail -1
-  sed -n '/^dit_step on/,$p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
+  sed -n '/^\(memory_ops\|dit_step\) on /,/^wrote /p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
   [ ${#failed[@]} -eq 0 ] && echo "all steps passed" || echo "FAILED steps: ${failed[*]}"
 } | tee "$OUT_DIR/gpu_summary.txt"
 [ ${#failed[@]} -eq 0 ]
