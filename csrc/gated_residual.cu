@@ -3,60 +3,14 @@
 // Memory bound: per element it reads res and y and writes r (3 * sizeof(T) bytes; gate rows are
 // B x C floats, negligible and L2 resident). One CTA walks rows; each thread moves 16 bytes per
 // load when C and the pointers allow it, otherwise one element at a time.
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 namespace fastdit {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return static_cast<float>(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-// Sample of a packed row: the b with cu_seqlens[b] <= row < cu_seqlens[b + 1] (binary search;
-// B is small). Rows of empty samples never occur, so ties resolve to the last sample starting at row.
-__device__ __forceinline__ int64_t sample_of_row(const int32_t* __restrict__ cu_seqlens, int64_t num_samples,
-                                                 int64_t row) {
-  int64_t lo = 0, hi = num_samples - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (static_cast<int64_t>(cu_seqlens[mid]) <= row) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
 
 template <typename T, int VEC>
 __global__ void gated_residual_kernel(
@@ -100,17 +54,14 @@ void launch(const at::Tensor& res, const at::Tensor& y, const at::Tensor& gate, 
   const int64_t cols = res.size(1);
   if (rows == 0 || cols == 0) return;
   constexpr int kVec = 16 / sizeof(T);
-  const bool aligned = cols % kVec == 0 && reinterpret_cast<uintptr_t>(res.data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const bool aligned = cols % kVec == 0 && aligned16(res.data_ptr()) && aligned16(y.data_ptr()) &&
+                       aligned16(out.data_ptr());
   const int vec = aligned ? kVec : 1;
   const int64_t per_row = (cols + vec - 1) / vec;
   const int threads = static_cast<int>(std::min<int64_t>(256, ((per_row + 31) / 32) * 32));
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, res.get_device()));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 32;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count(res.get_device())) * 32;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, max_blocks));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(res.get_device()).stream();
+  cudaStream_t stream = current_stream(res);
   const T* r = reinterpret_cast<const T*>(res.data_ptr());
   const T* yy = reinterpret_cast<const T*>(y.data_ptr());
   T* o = reinterpret_cast<T*>(out.data_ptr());

@@ -2,6 +2,7 @@
 
 import torch
 
+from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
@@ -113,6 +114,52 @@ if triton_missing() is None:
     register_triton_backend("adaln_modulate", adaln_modulate_triton)
 else:
     register_triton_backend("adaln_modulate", None)
+
+
+# ---- cuda backend: csrc/adaln_modulate.cu -------------------------------------------------------
+
+_CUDA_THREADS, _CUDA_MAX_ITEMS = 256, 8  # csrc/adaln_modulate.cu: one CTA of 256 threads per row
+
+
+def _cuda_check(inputs: dict) -> list[str]:
+    """The row must fit the kernel's registers: C <= 256 threads x 8 vectors x VEC elements."""
+    vec = 16 // inputs["dtype"].itemsize
+    per_thread = vec if inputs["channels"] % vec == 0 else 1
+    limit = _CUDA_THREADS * _CUDA_MAX_ITEMS * per_thread
+    return [] if inputs["channels"] <= limit else [f"C={inputs['channels']} > {limit} (the cuda kernel's row limit)"]
+
+
+def _adaln_modulate_cuda(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
+    # The kernel reads fp32 modulation and affine rows and (N, C) rows with a contiguous last dim.
+    def fp32(t):
+        return None if t is None else t.float().contiguous()
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return torch.ops.fastdit.adaln_modulate_cuda(
+        x, fp32(shift), fp32(scale), cu_seqlens, norm, eps, fp32(weight), fp32(bias)
+    )
+
+
+def _register_cuda_op() -> None:
+    torch.library.register_fake("fastdit::adaln_modulate_cuda", lambda x, *args: torch.empty_like(x))
+    # The backward has no cuda kernel: the Triton backward kernel where Triton exists, else the reference.
+    backward = _triton_backward if triton_missing() is None else _backward
+    torch.library.register_autograd("fastdit::adaln_modulate_cuda", backward, setup_context=_setup)
+
+
+if cuda_extension_missing() is None:
+    _register_cuda_op()
+register_backend(
+    Backend(
+        "adaln_modulate",
+        "cuda",
+        _adaln_modulate_cuda,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        check=_cuda_check,
+        unavailable=cuda_extension_missing(),
+    )
+)
 
 
 def check_norm_args(norm: str, eps: float) -> None:

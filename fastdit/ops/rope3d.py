@@ -6,6 +6,7 @@ the same op with ``conjugate=True``.
 
 import torch
 
+from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import as_packed, interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
@@ -209,6 +210,53 @@ if triton_missing() is None:
 else:
     register_triton_backend("rope3d", None)
     register_triton_backend("rope3d_qk", None)
+
+
+# ---- cuda backend: csrc/rope3d.cu (same arguments as the reference ops) -------------------------
+
+
+def _register_cuda_ops() -> None:
+    torch.library.register_fake("fastdit::rope3d_cuda", lambda x, *args: torch.empty_like(x))
+    torch.library.register_fake(
+        "fastdit::rope3d_qk_cuda", lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k))
+    )
+    torch.library.register_fake("fastdit::rope3d_inplace_cuda", lambda x, *args: None)
+    torch.library.register_fake("fastdit::rope3d_qk_inplace_cuda", lambda q, k, *args: None)
+
+    def backward(ctx, grad):
+        args = (ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj)
+        return torch.ops.fastdit.rope3d_cuda(grad, *args), None, None, None, None, None, None, None
+
+    def backward_qk(ctx, grad_q, grad_k):
+        args = (ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj)
+        dq, dk = torch.ops.fastdit.rope3d_qk_cuda(grad_q, grad_k, *args)
+        return dq, dk, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastdit::rope3d_cuda", backward, setup_context=_rope_setup)
+    torch.library.register_autograd("fastdit::rope3d_qk_cuda", backward_qk, setup_context=_rope_qk_setup)
+
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+if cuda_extension_missing() is None:
+    _register_cuda_ops()
+    _cuda_fns = {
+        "rope3d": (torch.ops.fastdit.rope3d_cuda.default, torch.ops.fastdit.rope3d_inplace_cuda.default),
+        "rope3d_qk": (torch.ops.fastdit.rope3d_qk_cuda.default, torch.ops.fastdit.rope3d_qk_inplace_cuda.default),
+    }
+else:
+    _cuda_fns = {"rope3d": (None, None), "rope3d_qk": (None, None)}
+for _op, (_fn, _inplace) in _cuda_fns.items():
+    register_backend(
+        Backend(
+            _op,
+            "cuda",
+            _fn,
+            devices=("cuda",),
+            dtypes=_CUDA_DTYPES,
+            unavailable=cuda_extension_missing(),
+            inplace_fn=_inplace,
+        )
+    )
 
 
 # ---- public API --------------------------------------------------------------------------------
