@@ -20,13 +20,18 @@ except ImportError:
     CPU_BACKENDS = ["reference"]
 
 
+# Triton kernels run on CPU tensors only under the interpreter (the default without a GPU).
+TRITON_ON_CPU = "triton" in CPU_BACKENDS and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (-m gpu tests run on the H100 machine)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (-m gpu tests run on the H100 machine)")
+    skip_interp = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set when there is no GPU)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "triton_cpu" in item.keywords and "gpu" not in item.keywords and not TRITON_ON_CPU:
+            item.add_marker(skip_interp)
 
 
 @pytest.fixture(autouse=True)

@@ -146,6 +146,7 @@ def test_forward_validates_the_batch_once_then_trusts_it():
     assert validation.check_values_enabled()
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
 def test_dit_on_triton_ops_matches_reference():
     reference = tiny_dit()

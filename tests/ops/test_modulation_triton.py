@@ -8,7 +8,11 @@ from fastdit import ops
 from tests.conftest import CPU_BACKENDS, packed_cu, rel_err
 from tests.ops.test_modulation import modulate_oracle, residual_oracle
 
-pytestmark = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+# CPU tests run the kernels under TRITON_INTERPRET=1; -m gpu tests run them on CUDA.
+pytestmark = [
+    pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
+    pytest.mark.triton_cpu,
+]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 LENGTHS = [[7], [5, 1, 9], [1, 1, 4, 2]]
 CHANNELS = [24, 73, 1536]

@@ -7,7 +7,11 @@ from fastdit import ops
 from tests.conftest import CPU_BACKENDS, packed_cu
 from tests.ops.test_rope3d import CASES, rope_oracle
 
-pytestmark = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+# CPU tests run the kernels under TRITON_INTERPRET=1; -m gpu tests run them on CUDA.
+pytestmark = [
+    pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
+    pytest.mark.triton_cpu,
+]
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3}
 
 
