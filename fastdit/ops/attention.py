@@ -4,9 +4,12 @@ import math
 
 import torch
 
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
+from fastdit.reference.common import dense_cu_seqlens
 
 # ---- reference backend -----------------------------------------------------------------------------
 
@@ -125,6 +128,107 @@ register_backend(
     Backend("varlen_attention", "reference", varlen_attention_reference, devices=None, dtypes=FLOAT_DTYPES)
 )
 register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- triton backend: kernels/attention.py ----------------------------------------------------------
+
+ATTENTION_TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_check(inputs: dict) -> list[str]:
+    head_dim = inputs["head_dim"]
+    if head_dim > ATTENTION_TRITON_MAX_HEAD_DIM:
+        return [f"head_dim {head_dim} > {ATTENTION_TRITON_MAX_HEAD_DIM}"]
+    return []
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+if triton_missing() is None:
+    from fastdit.kernels.attention import varlen_attention_backward, varlen_attention_forward
+
+    @torch.library.triton_op("fastdit::varlen_attention_triton", mutates_args=())
+    def varlen_attention_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        softmax_scale: float,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal)
+
+    @torch.library.triton_op("fastdit::varlen_attention_backward_triton", mutates_args=())
+    def varlen_attention_backward_triton(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        softmax_scale: float,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        return varlen_attention_backward(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
+        )
+
+    def _setup_varlen_triton(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+
+    def _backward_varlen_triton(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_backward_triton(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    def _fake_forward(q, k, v, *args):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    interpreter_fake(varlen_attention_triton, _fake_forward)
+    interpreter_fake(
+        varlen_attention_backward_triton,
+        lambda dout, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+    )
+    varlen_attention_triton.register_autograd(_backward_varlen_triton, setup_context=_setup_varlen_triton)
+
+    def _dense_attention_triton(q, k, v, softmax_scale, causal):
+        """Dense (B, S, H, D) attention as the varlen kernel on B equal-length samples."""
+        batch, len_q, heads, _ = q.shape
+        len_k = k.shape[1]
+        out, lse = varlen_attention_triton(
+            q.reshape(batch * len_q, *q.shape[2:]),
+            k.reshape(batch * len_k, *k.shape[2:]),
+            v.reshape(batch * len_k, *v.shape[2:]),
+            dense_cu_seqlens(batch, len_q, q.device),
+            dense_cu_seqlens(batch, len_k, q.device),
+            len_q,
+            len_k,
+            softmax_scale,
+            causal,
+        )
+        return out.view(q.shape), lse.view(heads, batch, len_q).transpose(0, 1)
+
+    register_triton_backend("varlen_attention", varlen_attention_triton, check=_triton_check)
+    register_triton_backend("attention", _dense_attention_triton, check=_triton_check)
+else:
+    register_triton_backend("varlen_attention", None)
+    register_triton_backend("attention", None)
 
 
 # ---- public API -------------------------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""Variable-length flash attention (FlashAttention-2 schedule) for packed batches.
+
+Forward: one program per (query block, sample, head); online softmax in the exp2 domain over the
+sample's key blocks only, so a packed batch costs exactly the sum of its samples' attention.
+Writes out and the natural-log LSE ``(H, total_q)``. Rows that see no key (bottom-right causal
+with Lq > Lk) output 0 with LSE = -inf.
+
+Backward: a preprocess kernel (delta = rowsum(dO * O)), a dK/dV kernel (one program per key
+block and KV head, looping over the query heads of its GQA group and the query blocks that see
+it) and a dQ kernel (one program per query block and head). No atomics: deterministic.
+
+Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on padded tiles).
+Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdit.kernels import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sample_bounds(CU, b):
+    start = tl.load(CU + b).to(tl.int64)
+    return start, tl.load(CU + b + 1).to(tl.int64) - start
+
+
+@triton.jit
+def attn_fwd_kernel(
+    # pointers
+    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    # strides in elements: token and head of q, k, v, o; head of lse
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    # sizes
+    group, head_dim, scale_log2,
+    # constexprs: tile shape fixes the MMA shapes; CAUSAL prunes key blocks
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    m_block = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start, len_q = _sample_bounds(CU_Q, b)
+    if m_block * BLOCK_M >= len_q:
+        return
+    k_start, len_k = _sample_bounds(CU_K, b)
+    kv_h = h // group
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = rows < len_q
+    d_mask = d < head_dim
+    q = tl.load(
+        Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offset = len_k - len_q  # bottom-right causal: key j is visible to row i iff j <= i + offset
+    n_end = len_k
+    if CAUSAL:
+        n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < len_k
+        kv_mask = col_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        visible = col_mask[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    tl.store(
+        OUT + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
+    tl.store(LSE + h * stride_lh + q_start + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    OUT, DO, DELTA, CU_Q,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
+    head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    m_block = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start, len_q = _sample_bounds(CU_Q, b)
+    if m_block * BLOCK_M >= len_q:
+        return
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    mask = (rows < len_q)[:, None] & (d < head_dim)[None, :]
+    o = tl.load(OUT + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h * stride_dh + q_start + rows, delta, mask=rows < len_q)
+
+
+@triton.jit
+def _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2,
+                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """P = exp(S - lse) of a (BLOCK_M, BLOCK_N) tile, 0 where masked or where a row saw no key."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    visible = row_mask[:, None] & col_mask[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + offset)
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    group, head_dim, scale, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    n_block = tl.program_id(0)
+    b = tl.program_id(1)
+    kv_h = tl.program_id(2).to(tl.int64)
+    k_start, len_k = _sample_bounds(CU_K, b)
+    if n_block * BLOCK_N >= len_k:
+        return
+    q_start, len_q = _sample_bounds(CU_Q, b)
+    offset = len_k - len_q
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    col_mask = cols < len_k
+    d_mask = d < head_dim
+    kv_mask = col_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_begin = 0
+    if CAUSAL:  # the first query row that sees key n_block * BLOCK_N, rounded down to a block
+        m_begin = tl.maximum(n_block * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, group):
+        h = kv_h * group + g
+        for m0 in range(m_begin, len_q, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < len_q
+            q_mask = row_mask[:, None] & d_mask[None, :]
+            q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(
+                DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0
+            )
+            lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+            delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+            p = _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2, CAUSAL, PRECISION)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(
+        DK + (k_start + cols)[:, None] * stride_dkt + kv_h * stride_dkh + d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + (k_start + cols)[:, None] * stride_dvt + kv_h * stride_dvh + d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+    stride_dqt, stride_dqh,
+    group, head_dim, scale, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    m_block = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    q_start, len_q = _sample_bounds(CU_Q, b)
+    if m_block * BLOCK_M >= len_q:
+        return
+    k_start, len_k = _sample_bounds(CU_K, b)
+    kv_h = h // group
+    offset = len_k - len_q
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = rows < len_q
+    d_mask = d < head_dim
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+    delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_end = len_k
+    if CAUSAL:
+        n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < len_k
+        kv_mask = col_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        p = _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2, CAUSAL, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(
+        DQ + (q_start + rows)[:, None] * stride_dqt + h * stride_dqh + d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+def _tiles(head_dim: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options). Small tiles under the CPU interpreter."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():
+        return 16, 16, block_d, {}
+    if block_d <= 64:
+        return 128, 64, block_d, {"num_warps": 4, "num_stages": 3}
+    return 128, 64, block_d, {"num_warps": 8, "num_stages": 2}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal):
+    """q (total_q, H, D), k/v (total_k, Hk, D) -> out (total_q, H, D), lse (H, total_q) fp32."""
+    total_q, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if total_q == 0:
+        return out, lse
+    block_m, block_n, block_d, opts = _tiles(head_dim)
+    torch.library.wrap_triton(attn_fwd_kernel)[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        heads // k.shape[1], head_dim, softmax_scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype), **opts,
+    )  # fmt: skip
+    return out, lse
+
+
+def varlen_attention_backward(
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
+):
+    """(dq, dk, dv) in the dtypes of q, k, v."""
+    total_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if total_q == 0:
+        return dq, dk.zero_(), dv.zero_()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    delta = torch.empty_like(lse)
+    block_m, block_n, block_d, opts = _tiles(head_dim)
+    precision = _precision(q.dtype)
+    m_blocks = triton.cdiv(max_seqlen_q, block_m)
+    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(m_blocks, batch, heads)](
+        out, dout, delta, cu_seqlens_q,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        head_dim, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    common = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), lse.stride(0),
+    )  # fmt: skip
+    scale_args = (heads // kv_heads, head_dim, softmax_scale, softmax_scale * LOG2E)
+    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
+    torch.library.wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scale_args, **tile,
+    )  # fmt: skip
+    torch.library.wrap_triton(attn_bwd_dq_kernel)[(m_blocks, batch, heads)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        *common, dq.stride(0), dq.stride(1), *scale_args, **tile,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

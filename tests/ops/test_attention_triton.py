@@ -1,0 +1,126 @@
+"""The triton backend of varlen_attention / attention (CPU: TRITON_INTERPRET=1; GPU: -m gpu)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdit import ops
+from tests.conftest import CPU_BACKENDS, packed_cu, rel_err
+from tests.ops.test_attention import attention_oracle
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
+    pytest.mark.triton_cpu,
+]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+SELF = [[1], [17], [1, 17, 5], [33, 1, 20]]
+CROSS = [([17, 4], [3, 9]), ([1, 6], [5, 1]), ([20, 3], [40, 2])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 72, 96, 128])
+@pytest.mark.parametrize("lengths", SELF)
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_matches_oracle(dtype, head_dim, lengths, causal, poison_outputs):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 2, head_dim).to(dtype) for _ in range(3))
+    cu = packed_cu(lengths)
+    out, lse = ops.varlen_attention(
+        q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, return_lse=True, backend="triton"
+    )
+    expect, expect_lse = attention_oracle(q, k, v, lengths, lengths, causal=causal)
+    torch.testing.assert_close(out.double(), expect, atol=TOL[dtype] * 5, rtol=TOL[dtype])
+    torch.testing.assert_close(lse.double(), expect_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("len_q, len_k", CROSS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_gqa_matches_oracle(len_q, len_k, causal, poison_outputs):
+    q = torch.randn(sum(len_q), 4, 24)
+    k, v = (torch.randn(sum(len_k), 2, 24) for _ in range(2))
+    out, lse = ops.varlen_attention(
+        q, k, v, packed_cu(len_q), packed_cu(len_k), max(len_q), max(len_k), softmax_scale=0.3, causal=causal,
+        return_lse=True, backend="triton",
+    )  # fmt: skip
+    expect, expect_lse = attention_oracle(q, k, v, len_q, len_k, scale=0.3, causal=causal)
+    torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expect_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("len_q, len_k, heads, kv_heads", [([1, 17, 5], [1, 17, 5], 2, 2), ([20, 3], [7, 33], 4, 2)])
+def test_gradients_match_float64(causal, len_q, len_k, heads, kv_heads, poison_outputs):
+    cq, ck = packed_cu(len_q), packed_cu(len_k)
+    q = torch.randn(sum(len_q), heads, 40, requires_grad=True)
+    k, v = (torch.randn(sum(len_k), kv_heads, 40, requires_grad=True) for _ in range(2))
+    w = torch.randn(sum(len_q), heads, 40, dtype=torch.float64)
+    out = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, backend="triton")
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    doubles = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = ops.varlen_attention(*doubles, cq, ck, max(len_q), max(len_k), causal=causal, backend="reference")
+    want = torch.autograd.grad((ref * w).sum(), doubles)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_dense_attention_matches_sdpa_and_repeats_bitwise():
+    q = torch.randn(2, 11, 4, 32)
+    k, v = (torch.randn(2, 19, 4, 32) for _ in range(2))
+    out = ops.attention(q, k, v, backend="triton")
+    expect = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ops.attention(q, k, v, backend="triton"), out)  # deterministic
+
+
+def test_opcheck():
+    from fastdit.ops.attention import varlen_attention_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if device == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    cq, ck = packed_cu([3, 2], device=device), packed_cu([4, 1], device=device)
+    q = torch.randn(5, 2, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(5, 1, 16, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(varlen_attention_triton, (q, k, v, cq, ck, 3, 4, 0.25, True), test_utils=utils)
+
+
+def test_triton_is_not_picked_on_cpu_and_head_dim_limit():
+    inputs = {"device": torch.device("cpu"), "dtype": torch.float16, "head_dim": 64, "causal": False}
+    assert ops.select_backend("varlen_attention", inputs).name == "reference"
+    too_big = dict(inputs, head_dim=512)
+    with pytest.raises(ops.BackendNotSupportedError, match="head_dim 512 > 256"):
+        ops.select_backend("varlen_attention", too_big, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 72, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
+    # bf16 error against float64 at most 2x PyTorch's own bf16 SDPA error (the flash-attn rule).
+    lengths = [4096, 77, 1, 2100]
+    cu = packed_cu(lengths).cuda()
+    q, k, v = (torch.randn(sum(lengths), 8, head_dim, device="cuda", dtype=torch.float64) for _ in range(3))
+    w = torch.randn_like(q)
+    bf = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = ops.varlen_attention(*bf, cu, cu, 4096, 4096, causal=causal)  # the dispatcher picks triton
+    grads = torch.autograd.grad((out.double() * w).sum(), bf)
+    d64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.varlen_attention(*d64, cu, cu, 4096, 4096, causal=causal, backend="reference")
+    ref_grads = torch.autograd.grad((ref * w).sum(), d64)
+    sdpa_out, start = [], 0
+    sb = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].transpose(0, 1) for t in sb)
+        sdpa_out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+        start += n
+    sdpa = torch.cat(sdpa_out)
+    sdpa_grads = torch.autograd.grad((sdpa.double() * w).sum(), sb)
+    assert (out.double() - ref).abs().max() <= 2 * (sdpa.double() - ref).abs().max()
+    for g, s, r in zip(grads, sdpa_grads, ref_grads):
+        assert (g.double() - r).abs().max() <= 2 * (s.double() - r).abs().max()
+    again = ops.varlen_attention(*bf, cu, cu, 4096, 4096, causal=causal)
+    assert torch.equal(again, out)
+    compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, 4096, 4096, causal=causal),
+                             fullgraph=True)  # fmt: skip
+    torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
