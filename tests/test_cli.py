@@ -53,3 +53,15 @@ def test_bench_memory_ops_rows_for_every_provider(tmp_path):
         for provider in ("eager", "torch.compile", *(["fastdit-triton"] if TRITON_ON_CPU else [])):
             assert (provider, f"{op} fwd") in seen and (provider, f"{op} bwd") in seen
     assert all(r["gbps"] > 0 and r["pct_of_copy"] > 0 for r in data["rows"])
+
+
+def test_bench_attention_rows(tmp_path):
+    args = ["bench", "--suite", "attention", "--device", "cpu", "--quick", "--out", str(tmp_path)]
+    assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16"]) == 0
+    rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
+    providers = {r["provider"] for r in rows}
+    assert {"sdpa-math", "fastdit-reference"} <= providers
+    if TRITON_ON_CPU:
+        assert "fastdit-triton" in providers
+    assert any(r["shape"].startswith("bwd packed") for r in rows)
+    assert all(r["tflops"] > 0 for r in rows)

@@ -1,0 +1,201 @@
+"""Attention, provider by provider: dense sequences and the packed mixed-size batch of Sora-style
+serving, forward and backward, in (useful) TFLOP/s and % of the bf16 matmul rate measured now.
+
+Providers: SDPA with each backend forced (flash, cuDNN, efficient), FlexAttention (compiled; a
+document mask for the packed batch), torch's varlen_attn, a Python loop of per-sample cuDNN
+calls, padded + boolean mask (efficient kernel), and fastdit's backends. A provider that cannot
+run here (missing API, unsupported shape) is skipped with its reason printed.
+
+FLOPs: forward 4 * S_q * S_k * H * D per sample (half of it when causal), backward 2.5x the
+forward (the flash-attn convention); "useful" counts only real tokens, never padding.
+Defaults: CUDA bf16, H = 24, D = 128 and 64, S = 4096 .. 75600, plus anchors.md's six-sample
+batch (32760, 32760, 23400, 4096, 4080, 10800 tokens); CPU: small shapes.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from fastdit import ops
+from fastdit.benchmarks.harness import Report, measure_ceilings, time_ms
+from fastdit.ops import dispatch
+
+MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn-seqlens", default=None, help="attention: comma list of dense lengths")
+    parser.add_argument("--attn-head-dims", default=None, help="attention: comma list of head dims (default 128,64)")
+    parser.add_argument("--attn-heads", type=int, default=None, help="attention: heads (default 24)")
+    parser.add_argument("--attn-no-backward", action="store_true", help="attention: forward only")
+
+
+def _flops(lengths_q, lengths_k, heads, head_dim, causal=False):
+    total = sum(4 * lq * lk * heads * head_dim for lq, lk in zip(lengths_q, lengths_k))
+    return total / 2 if causal else total
+
+
+def _cu(lengths, device):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _sdpa(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]  # fmt: skip
+
+    def run(q, k, v):  # (B, S, H, D) -> SDPA's (B, H, S, D)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    return run
+
+
+def _providers_dense(device, quick):
+    names = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"] if device.type == "cuda" else ["sdpa-math"]
+    if device.type == "cuda" and not quick:  # FlexAttention compiles per shape: full runs only
+        names.append("flex-attention")
+    providers = {}
+    for name in names:
+        if name.startswith("sdpa-"):
+            providers[name] = _sdpa(name.removeprefix("sdpa-"))
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            compiled = torch.compile(flex_attention)
+            providers[name] = lambda q, k, v, f=compiled: f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    for backend in _fastdit_backends("attention", device):
+        providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.attention(q, k, v, backend=b)
+    return providers
+
+
+def _fastdit_backends(op, device):
+    names = []
+    for name, backend in dispatch.backends(op).items():
+        if name == "reference" and device.type == "cuda":
+            continue  # the fp32 oracle, not a contender
+        inputs = {"device": device, "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32,
+                  "head_dim": 128, "causal": False}  # fmt: skip
+        if not backend.not_supported_reasons(inputs):
+            names.append(name)
+    return names
+
+
+def _providers_packed(lengths, heads, head_dim, device):
+    """name -> fn(q, k, v) over packed (total, H, D) tensors of the samples ``lengths``."""
+    cu = _cu(lengths, device)
+    longest = max(lengths)
+    providers = {}
+    if device.type == "cuda":
+        cudnn = _sdpa("cudnn")
+        bounds = [(sum(lengths[:i]), n) for i, n in enumerate(lengths)]
+
+        def loop(q, k, v):
+            return torch.cat([cudnn(q[None, s : s + n], k[None, s : s + n], v[None, s : s + n])[0].transpose(0, 1)
+                              for s, n in bounds])  # fmt: skip
+
+        providers["cudnn-per-sample-loop"] = loop
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            doc = torch.repeat_interleave(
+                torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+            )
+            mask = create_block_mask(
+                lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, len(doc), len(doc), device=device
+            )
+            compiled = torch.compile(flex_attention)
+            providers["flex-attention-document-mask"] = lambda q, k, v: compiled(
+                *(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask
+            )[0].transpose(0, 1)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            print(f"  attention: flex-attention skipped: {type(err).__name__}: {err}")
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            providers["torch-varlen-attn"] = lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
+        except Exception as err:  # noqa: BLE001
+            print(f"  attention: torch varlen_attn skipped: {type(err).__name__}: {err}")
+
+        def padded(q, k, v):
+            batch = len(lengths)
+            index = torch.cat([torch.arange(n, device=device) + i * longest for i, n in enumerate(lengths)])
+            pads = [torch.zeros(batch * longest, heads, head_dim, device=device, dtype=q.dtype) for _ in range(3)]
+            for p, t in zip(pads, (q, k, v)):
+                p[index] = t
+            keep = torch.zeros(batch * longest, dtype=torch.bool, device=device)
+            keep[index] = True
+            keep = keep.view(batch, 1, 1, longest)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
+                out = F.scaled_dot_product_attention(*(p.view(batch, longest, heads, head_dim).transpose(1, 2)
+                                                       for p in pads), attn_mask=keep)  # fmt: skip
+            return out.transpose(1, 2).reshape(batch * longest, heads, head_dim)[index]
+
+        providers["padded-masked-sdpa"] = padded
+    for backend in _fastdit_backends("varlen_attention", device):
+        providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.varlen_attention(
+            q, k, v, cu, cu, longest, longest, backend=b
+        )
+    return providers
+
+
+def _measure(report, provider, shape, fn, tensors, flops, device, backward):
+    try:
+        ms = time_ms(lambda: fn(*tensors), device)
+    except Exception as err:  # noqa: BLE001 - an unsupported shape skips the provider, loudly
+        print(f"  attention: {provider} skipped at {shape}: {type(err).__name__}: {str(err)[:200]}")
+        return
+    report.add(provider, f"fwd {shape}", ms, flops=flops)
+    line = f"  {provider} {shape}: fwd {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s)"
+    if backward:
+        out = fn(*tensors)
+        grad = torch.randn_like(out)
+        try:
+            bwd = time_ms(lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True), device)
+            report.add(provider, f"bwd {shape}", bwd, flops=2.5 * flops)
+            line += f", bwd {bwd:.3f} ms ({2.5 * flops / bwd / 1e9:.1f} TFLOP/s)"
+        except Exception as err:  # noqa: BLE001
+            line += f", bwd skipped: {type(err).__name__}"
+    print(line, flush=True)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Report:
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    heads = args.attn_heads or (24 if cuda else 2)
+    default_dims = ("128" if args.quick else "128,64") if cuda else "32"
+    head_dims = [int(d) for d in (args.attn_head_dims or default_dims).split(",")]
+    if args.attn_seqlens:
+        seqlens = [int(s) for s in args.attn_seqlens.split(",")]
+    elif cuda:
+        seqlens = [4096, 16384] if args.quick else [4096, 16384, 32760, 75600]
+    else:
+        seqlens = [64, 256]
+    backward = not args.attn_no_backward
+    report = Report("attention", device, measure_ceilings(device, quick=args.quick))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(backward)
+
+    for head_dim in head_dims:
+        providers = _providers_dense(device, args.quick)
+        for seqlen in seqlens:
+            tensors = tuple(rand(1, seqlen, heads, head_dim) for _ in range(3))
+            flops = _flops([seqlen], [seqlen], heads, head_dim)
+            for name, fn in providers.items():
+                _measure(report, name, f"dense S={seqlen} H={heads} D={head_dim}", fn, tensors, flops, device, backward)
+            del tensors
+    lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
+    head_dim = head_dims[0]
+    tensors = tuple(rand(sum(lengths), heads, head_dim) for _ in range(3))
+    flops = _flops(lengths, lengths, heads, head_dim)
+    shape = f"packed {'+'.join(map(str, lengths))} H={heads} D={head_dim}"
+    for name, fn in _providers_packed(lengths, heads, head_dim, device).items():
+        _measure(report, name, shape, fn, tensors, flops, device, backward)
+    return report
