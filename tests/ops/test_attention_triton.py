@@ -124,3 +124,16 @@ def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
     compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, 4096, 4096, causal=causal),
                              fullgraph=True)  # fmt: skip
     torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_packed_batch_past_int32_offsets():
+    # 701 samples, 701,000 tokens x 24 heads x 128 = 2.15e9 elements per tensor > 2^31.
+    lengths = [1000] * 701
+    cu = packed_cu(lengths).cuda()
+    q, k, v = (torch.randn(sum(lengths), 24, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = ops.varlen_attention(q, k, v, cu, cu, 1000, 1000, backend="triton")
+    tail = slice(sum(lengths) - 1000, sum(lengths))
+    one = packed_cu([1000]).cuda()
+    want = ops.varlen_attention(q[tail], k[tail], v[tail], one, one, 1000, 1000, backend="reference")
+    assert rel_err(out[tail].float(), want.float()) < 1e-2
