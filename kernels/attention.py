@@ -170,11 +170,17 @@ def attn_bwd_dkdv_kernel(
             )
             lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
             delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
-            p = _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2, CAUSAL, PRECISION)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            # Transposed orientation (keys x queries): no transposes of the large tiles.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+            visible = col_mask[:, None] & row_mask[None, :]
+            if CAUSAL:
+                visible = visible & (cols[:, None] <= rows[None, :] + offset)
+            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            p_t = tl.where(visible, tl.exp2(s_t - lse_log2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     tl.store(
         DK + (k_start + cols)[:, None] * stride_dkt + kv_h * stride_dkh + d[None, :],
         (dk * scale).to(DK.dtype.element_ty),
@@ -235,14 +241,24 @@ def attn_bwd_dq_kernel(
     )
 
 
-def _tiles(head_dim: int) -> tuple[int, int, int, dict]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options). Small tiles under the CPU interpreter."""
+def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options) per kernel. Small tiles under the interpreter.
+
+    Chosen from the sm_90 compile (tests/kernels/test_compile_sm90.py reads registers, stack and
+    the MMA instructions): tiles that keep wgmma with the least stack. dK/dV works on key tiles of
+    128 rows (its matmuls are keys x queries; wgmma needs >= 64 rows per warpgroup) and 32-query
+    steps: 24 B of stack at D = 128, none at 64; 128 x 32 spilled less but fell back to mma.sync.
+    To be autotuned on a GPU.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return 16, 16, block_d, {}
-    if block_d <= 64:
-        return 128, 64, block_d, {"num_warps": 4, "num_stages": 3}
-    return 128, 64, block_d, {"num_warps": 8, "num_stages": 2}
+    small = block_d <= 64
+    if kernel == "fwd":
+        return 128, 64, block_d, {"num_warps": 4, "num_stages": 3} if small else {"num_warps": 8, "num_stages": 2}
+    if kernel == "dkdv":  # BLOCK_M: queries per step, BLOCK_N: keys per program
+        return 32, 128, block_d, {"num_warps": 8, "num_stages": 2}
+    return 128, 32, block_d, {"num_warps": 8, "num_stages": 2}  # dq
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -257,7 +273,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0:
         return out, lse
-    block_m, block_n, block_d, opts = _tiles(head_dim)
+    block_m, block_n, block_d, opts = _tiles(head_dim, "fwd")
     torch.library.wrap_triton(attn_fwd_kernel)[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -280,25 +296,28 @@ def varlen_attention_backward(
         return dq, dk.zero_(), dv.zero_()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = torch.empty_like(lse)
-    block_m, block_n, block_d, opts = _tiles(head_dim)
     precision = _precision(q.dtype)
-    m_blocks = triton.cdiv(max_seqlen_q, block_m)
-    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(m_blocks, batch, heads)](
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    pre_m = 16 if interpreting() else 64
+    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), batch, heads)](
         out, dout, delta, cu_seqlens_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-        head_dim, BLOCK_M=block_m, BLOCK_D=block_d,
+        head_dim, BLOCK_M=pre_m, BLOCK_D=block_d,
     )  # fmt: skip
     common = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), lse.stride(0),
     )  # fmt: skip
     scale_args = (heads // kv_heads, head_dim, softmax_scale, softmax_scale * LOG2E)
+    block_m, block_n, _, opts = _tiles(head_dim, "dkdv")
     tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
     torch.library.wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
         *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scale_args, **tile,
     )  # fmt: skip
-    torch.library.wrap_triton(attn_bwd_dq_kernel)[(m_blocks, batch, heads)](
+    block_m, block_n, _, opts = _tiles(head_dim, "dq")
+    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
+    torch.library.wrap_triton(attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *common, dq.stride(0), dq.stride(1), *scale_args, **tile,
     )  # fmt: skip

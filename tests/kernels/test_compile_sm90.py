@@ -1,0 +1,164 @@
+"""Every Triton kernel compiles for the H100 (sm_90) at the configurations the launchers use.
+
+Triton compiles ahead of time without a GPU (its bundled ptxas builds the cubin), so kernels
+that would not compile on the GPU machine fail here, in CI, before any GPU session. The PTX is
+also checked for what matters on Hopper: the attention kernels must issue wgmma (tensor cores).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from fastdit.kernels import interpreting  # noqa: E402
+
+# Under TRITON_INTERPRET=1 (CPU test runs) kernels are interpreted functions that cannot be
+# compiled: the compile tests then run in a child process with the interpreter off.
+compiles = pytest.mark.skipif(interpreting(), reason="run by test_compile_in_subprocess")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastdit.kernels import attention, modulation, rope3d  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resources(compiled) -> dict:
+    """Registers and stack bytes (spills, call frames) per thread, from the cubin."""
+    import re
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+).*?STACK:(\d+)", text)
+    return {"registers": int(match.group(1)), "stack": int(match.group(2))}
+
+
+def strides_and_sizes(kernel, extra=()):
+    """Integer args that are multiples of 16 at real shapes (Triton's launcher marks those)."""
+    return [n for n in kernel.arg_names if n.startswith("stride")] + list(extra)
+
+
+def compile_for_h100(kernel, pointers: dict, scalars: dict, constexprs: dict, num_warps=4, num_stages=3, divisible=()):
+    """Compile ``kernel``: pointer args -> element type, scalar args -> type, constexpr values.
+
+    Pointers, and the integer args named in ``divisible`` (strides and sizes that are multiples
+    of 16 at real shapes), carry the divisibility hint Triton's launcher adds at run time, so the
+    PTX shows the vector widths real launches get.
+    """
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = scalars.get(name, "i32")
+            if name in divisible:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+@compiles
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope3d_kernel_compiles(dtype, interleaved):
+    pointers = dict.fromkeys(["Q", "K", "Q_OUT", "K_OUT"], dtype)
+    pointers.update(CU_SEQLENS="i32", GRID_THW="i32", TOKEN_OFFSET="i32", INV_FREQ="fp64")
+    constexprs = dict(HALF_D=64, T_PAIRS=22, TH_PAIRS=43, BLOCK_H=rope3d.ROPE_BLOCK_H, BLOCK_P=64, HAS_K=True,
+                      HAS_OFFSET=True, INTERLEAVED=interleaved, CONJUGATE=False)  # fmt: skip
+    kernel = rope3d.rope3d_kernel
+    compiled = compile_for_h100(kernel, pointers, {}, constexprs, divisible=strides_and_sizes(kernel))
+    assert "fma.rn.f64" in compiled.asm["ptx"]  # the angles are float64
+    used = resources(compiled)
+    # the only stack is the float64 sin/cos call frame; 32 heads at once used to spill 944 bytes
+    assert used["stack"] <= 64, used
+
+
+@compiles
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("residual, mod, per_token", [(False, True, False), (True, False, False), (True, True, True)])
+def test_modulation_kernels_compile(dtype, residual, mod, per_token):
+    rows = ["X", "Y", "R_OUT", "OUT"]
+    pointers = {**dict.fromkeys(rows, dtype), **dict.fromkeys(["GATE", "SHIFT", "SCALE", "WEIGHT", "BIAS"], "fp32")}
+    pointers["CU_SEQLENS"] = "i32"
+    flags = dict(PER_TOKEN=per_token, HAS_RESIDUAL=residual, HAS_MOD=mod, IS_RMS=False, HAS_WEIGHT=mod,
+                 HAS_BIAS=mod)  # fmt: skip
+    sizes = ("n_cols",)
+    kernel = modulation.modulation_fwd_kernel
+    compiled = compile_for_h100(
+        kernel, pointers, {"eps": "fp32"}, dict(BLOCK_C=4096, **flags), num_warps=8,
+        divisible=strides_and_sizes(kernel, sizes),
+    )  # fmt: skip
+    assert resources(compiled)["stack"] == 0
+    if dtype == "bf16":
+        assert "ld.global.v4" in compiled.asm["ptx"]  # 16-byte row loads
+    bwd_pointers = {**dict.fromkeys(["G_OUT", "G_R", "X", "Y", "DX", "DY"], dtype), "CU_SEQLENS": "i32"}
+    bwd_pointers.update(dict.fromkeys(["GATE", "SCALE", "WEIGHT", "BIAS", "DSHIFT", "DSCALE", "DGATE", "DWEIGHT",
+                                       "DBIAS"], "fp32"))  # fmt: skip
+    kernel = modulation.modulation_bwd_kernel
+    compiled = compile_for_h100(
+        kernel, bwd_pointers, {"eps": "fp32"}, dict(BLOCK_C=4096, **flags), num_warps=8,
+        divisible=strides_and_sizes(kernel, sizes),
+    )  # fmt: skip
+    assert resources(compiled)["stack"] == 0
+    if not per_token:
+        assert "atom.global" in compiled.asm["ptx"] or "red.global" in compiled.asm["ptx"]
+
+
+ATTN_SCALARS = {"scale_log2": "fp32", "scale": "fp32"}
+
+
+@compiles
+@pytest.mark.parametrize("head_dim, dtype", [(128, "bf16"), (64, "bf16"), (72, "fp16")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, causal):
+    """At the launcher's tiles every attention kernel issues wgmma; the forward and dQ kernels
+    spill nothing; dK/dV at most 32 bytes at D = 64 / 128 (24 measured, causal, D = 128) and
+    160 at the padded D = 72 (72 / 152 measured); other tile shapes spill more or lose wgmma."""
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"], dtype),
+                "LSE": "fp32", "DELTA": "fp32", "CU_Q": "i32", "CU_K": "i32"}  # fmt: skip
+    limits = {"fwd": 0, "dkdv": 32 if head_dim % 16 == 0 else 160, "dq": 0}
+    kernels = {
+        "fwd": attention.attn_fwd_kernel,
+        "dkdv": attention.attn_bwd_dkdv_kernel,
+        "dq": attention.attn_bwd_dq_kernel,
+    }
+    for name, kernel in kernels.items():
+        block_m, block_n, block_d, opts = attention._tiles(head_dim, name)
+        tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION="tf32")
+        divisible = strides_and_sizes(kernel, ("head_dim",) if head_dim % 16 == 0 else ())
+        compiled = compile_for_h100(kernel, pointers, ATTN_SCALARS, tile, divisible=divisible, **opts)
+        assert "wgmma" in compiled.asm["ptx"], f"{name} does not use Hopper's warpgroup MMA"
+        used = resources(compiled)
+        assert used["stack"] <= limits[name], (name, used)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    kernel = attention.attn_bwd_preprocess_kernel
+    divisible = strides_and_sizes(kernel, ("head_dim",) if head_dim % 16 == 0 else ())
+    pre = compile_for_h100(kernel, pointers, {}, dict(BLOCK_M=64, BLOCK_D=block_d), divisible=divisible)
+    assert resources(pre)["stack"] == 0
+
+
+@pytest.mark.skipif(not interpreting(), reason="the compile tests above run directly")
+def test_compile_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
