@@ -60,6 +60,40 @@ struct Vec {
   }
 };
 
+// Two floats rounded to T and packed in one 32-bit word (T is 16-bit).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// One 16-byte global store of four words; the caller guarantees 16-byte alignment. Written as
+// PTX because NVVM split the equivalent uint4 store of rope3d into four 4-byte stores in the
+// sm_90a build (st.global.u32 x 4 in the PTX), whatever the C++ spelling.
+__device__ __forceinline__ void store_global_v4(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+// Round N floats to T and store them with one 16-byte access when N * sizeof(T) == 16.
+template <typename T, int N>
+__device__ __forceinline__ void store_rounded(T* __restrict__ p, const float (&f)[N]) {
+  if constexpr (N * sizeof(T) == 16 && sizeof(T) == 2) {
+    store_global_v4(p, pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+  } else if constexpr (N * sizeof(T) == 16) {
+    store_global_v4(p, __float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = from_float<T>(f[i]);
+  }
+}
+
 // Sample of a packed row: the b with cu_seqlens[b] <= row < cu_seqlens[b + 1] (binary search;
 // with empty samples the last sample starting at or before row, which is the one that holds it).
 __device__ __forceinline__ int64_t sample_of_row(const int32_t* __restrict__ cu_seqlens, int64_t num_samples,

@@ -31,27 +31,29 @@ __device__ __forceinline__ void rotate_heads(const T* __restrict__ x, T* __restr
     if constexpr (INTERLEAVED) {
       Vec<T, VEC> v;
       v.load(src + e0);
+      float o[VEC];
 #pragma unroll
       for (int j = 0; j < VEC / 2; ++j) {
         const int64_t p = e0 / 2 + j;
         const float x1 = to_float(v.v[2 * j]), x2 = to_float(v.v[2 * j + 1]);
-        v.v[2 * j] = from_float<T>(x1 * cos_s[p] - x2 * sin_s[p]);
-        v.v[2 * j + 1] = from_float<T>(x1 * sin_s[p] + x2 * cos_s[p]);
+        o[2 * j] = x1 * cos_s[p] - x2 * sin_s[p];
+        o[2 * j + 1] = x1 * sin_s[p] + x2 * cos_s[p];
       }
-      v.store(dst + e0);
+      store_rounded<T, VEC>(dst + e0, o);
     } else {
       Vec<T, VEC> a, b;
       a.load(src + e0);
       b.load(src + half_d + e0);
+      float oa[VEC], ob[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const int64_t p = e0 + j;
         const float x1 = to_float(a.v[j]), x2 = to_float(b.v[j]);
-        a.v[j] = from_float<T>(x1 * cos_s[p] - x2 * sin_s[p]);
-        b.v[j] = from_float<T>(x1 * sin_s[p] + x2 * cos_s[p]);
+        oa[j] = x1 * cos_s[p] - x2 * sin_s[p];
+        ob[j] = x1 * sin_s[p] + x2 * cos_s[p];
       }
-      a.store(dst + e0);
-      b.store(dst + half_d + e0);
+      store_rounded<T, VEC>(dst + e0, oa);
+      store_rounded<T, VEC>(dst + half_d + e0, ob);
     }
   }
 }
