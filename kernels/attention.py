@@ -13,8 +13,6 @@ Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on 
 Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -322,7 +320,3 @@ def varlen_attention_backward(
         *common, dq.stride(0), dq.stride(1), *scale_args, **tile,
     )  # fmt: skip
     return dq, dk, dv
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
