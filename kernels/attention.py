@@ -1,6 +1,6 @@
 """Variable-length flash attention (FlashAttention-2 schedule) for packed batches.
 
-Forward: one program per (query block, sample, head); online softmax in the exp2 domain over the
+Forward: one program per (query block, head, sample), samples longest first; online softmax in the exp2 domain over the
 sample's key blocks only, so a packed batch costs exactly the sum of its samples' attention.
 Writes out and the natural-log LSE ``(H, total_q)``. Rows that see no key (bottom-right causal
 with Lq > Lk) output 0 with LSE = -inf.
@@ -32,6 +32,7 @@ def _sample_bounds(CU, b):
 def attn_fwd_kernel(
     # pointers
     Q, K, V, OUT, LSE, CU_Q, CU_K,
+    ORDER,  # (B,) int: samples longest first; program axis 2 walks it so heavy samples start first
     # strides in elements: token and head of q, k, v, o; head of lse
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     # sizes
@@ -41,8 +42,8 @@ def attn_fwd_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     m_block = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.load(ORDER + tl.program_id(2))
     q_start, len_q = _sample_bounds(CU_Q, b)
     if m_block * BLOCK_M >= len_q:
         return
@@ -95,14 +96,14 @@ def attn_fwd_kernel(
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    OUT, DO, DELTA, CU_Q,
+    OUT, DO, DELTA, CU_Q, ORDER,
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
     head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     m_block = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.load(ORDER + tl.program_id(2))
     q_start, len_q = _sample_bounds(CU_Q, b)
     if m_block * BLOCK_M >= len_q:
         return
@@ -129,7 +130,7 @@ def _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     group, head_dim, scale, scale_log2,
@@ -137,8 +138,8 @@ def attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     n_block = tl.program_id(0)
-    b = tl.program_id(1)
-    kv_h = tl.program_id(2).to(tl.int64)
+    kv_h = tl.program_id(1).to(tl.int64)
+    b = tl.load(ORDER + tl.program_id(2))
     k_start, len_k = _sample_bounds(CU_K, b)
     if n_block * BLOCK_N >= len_k:
         return
@@ -193,7 +194,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
     stride_dqt, stride_dqh,
     group, head_dim, scale, scale_log2,
@@ -201,8 +202,8 @@ def attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     m_block = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.load(ORDER + tl.program_id(2))
     q_start, len_q = _sample_bounds(CU_Q, b)
     if m_block * BLOCK_M >= len_q:
         return
@@ -263,6 +264,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def longest_first(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """Sample indices by decreasing attention work (Lq * Lk), computed on the device (no sync).
+
+    CUDA launches blocks in grid order, so putting the heaviest samples on the slowest grid axis
+    starts one long video first and lets the short images fill in behind it instead of leaving
+    it to run alone at the end.
+    """
+    work = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long() * (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    return torch.argsort(work, descending=True, stable=True).to(torch.int32)
+
+
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal):
     """q (total_q, H, D), k/v (total_k, Hk, D) -> out (total_q, H, D), lse (H, total_q) fp32."""
     total_q, heads, head_dim = q.shape
@@ -272,8 +284,9 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if total_q == 0:
         return out, lse
     block_m, block_n, block_d, opts = _tiles(head_dim, "fwd")
-    torch.library.wrap_triton(attn_fwd_kernel)[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    order = longest_first(cu_seqlens_q, cu_seqlens_k)
+    torch.library.wrap_triton(attn_fwd_kernel)[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         heads // k.shape[1], head_dim, softmax_scale * LOG2E,
@@ -297,8 +310,9 @@ def varlen_attention_backward(
     precision = _precision(q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     pre_m = 16 if interpreting() else 64
-    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), batch, heads)](
-        out, dout, delta, cu_seqlens_q,
+    order = longest_first(cu_seqlens_q, cu_seqlens_k)
+    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), heads, batch)](
+        out, dout, delta, cu_seqlens_q, order,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         head_dim, BLOCK_M=pre_m, BLOCK_D=block_d,
     )  # fmt: skip
@@ -309,14 +323,14 @@ def varlen_attention_backward(
     scale_args = (heads // kv_heads, head_dim, softmax_scale, softmax_scale * LOG2E)
     block_m, block_n, _, opts = _tiles(head_dim, "dkdv")
     tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
-    torch.library.wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+    torch.library.wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, block_n), kv_heads, batch)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, order,
         *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scale_args, **tile,
     )  # fmt: skip
     block_m, block_n, _, opts = _tiles(head_dim, "dq")
     tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
-    torch.library.wrap_triton(attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+    torch.library.wrap_triton(attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, order,
         *common, dq.stride(0), dq.stride(1), *scale_args, **tile,
     )  # fmt: skip
     return dq, dk, dv

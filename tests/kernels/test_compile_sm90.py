@@ -126,7 +126,7 @@ def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, caus
     spill nothing; dK/dV at most 32 bytes at D = 64 / 128 (24 measured, causal, D = 128) and
     160 at the padded D = 72 (72 / 152 measured); other tile shapes spill more or lose wgmma."""
     pointers = {**dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"], dtype),
-                "LSE": "fp32", "DELTA": "fp32", "CU_Q": "i32", "CU_K": "i32"}  # fmt: skip
+                "LSE": "fp32", "DELTA": "fp32", "CU_Q": "i32", "CU_K": "i32", "ORDER": "i32"}  # fmt: skip
     limits = {"fwd": 0, "dkdv": 32 if head_dim % 16 == 0 else 160, "dq": 0}
     kernels = {
         "fwd": attention.attn_fwd_kernel,

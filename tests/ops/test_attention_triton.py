@@ -137,3 +137,11 @@ def test_cuda_packed_batch_past_int32_offsets():
     one = packed_cu([1000]).cuda()
     want = ops.varlen_attention(q[tail], k[tail], v[tail], one, one, 1000, 1000, backend="reference")
     assert rel_err(out[tail].float(), want.float()) < 1e-2
+
+
+def test_longest_first_schedule_order():
+    from fastdit.kernels.attention import longest_first
+
+    cu_q, cu_k = packed_cu([4, 100, 1, 30]), packed_cu([8, 2, 1, 30])
+    # work Lq * Lk: 32, 200, 1, 900 -> samples 3, 1, 0, 2
+    assert longest_first(cu_q, cu_k).tolist() == [3, 1, 0, 2]
