@@ -21,7 +21,7 @@ from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import values_checked
 
 # The fastdit ops the DiT calls.
-MODEL_OPS = ("rope3d_qk", "varlen_attention", "adaln_modulate", "gated_residual")
+MODEL_OPS = ("rope3d_qk_norm", "varlen_attention", "adaln_modulate", "gated_residual")
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -59,20 +59,22 @@ class Attention(nn.Module):
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
     def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig, backends: dict):
-        q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
-        k = self._heads(_rms_norm(self.k(x), self.k_norm, self.eps))
-        v = self._heads(self.v(x))
+        # q/k RMSNorm across heads and 3D RoPE in one op (one kernel on the Triton backend).
         q, k = ops.rope3d_qk(
-            q,
-            k,
+            self._heads(self.q(x)),
+            self._heads(self.k(x)),
             batch.grid_thw,
             batch.cu_seqlens,
             theta=config.rope_theta,
             axes_dim=config.rope_axes_dim,
             interleaved=config.rope_interleaved,
             token_offset=batch.token_offset,
-            backend=backends["rope3d_qk"],
+            q_norm_weight=self.q_norm,
+            k_norm_weight=self.k_norm,
+            norm_eps=self.eps,
+            backend=backends["rope3d_qk_norm"],
         )
+        v = self._heads(self.v(x))
         cu, n = batch.cu_seqlens, batch.max_seqlen
         out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))

@@ -11,6 +11,7 @@ from fastdit.kernels import triton_missing
 from fastdit.ops._common import as_packed, interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
+from fastdit.reference.modulation import rms_norm_bwd_ref, rms_norm_ref
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
 
 # ---- reference backend: torch.library custom ops over fastdit.reference -------------------------
@@ -212,6 +213,67 @@ else:
     register_triton_backend("rope3d_qk", None)
 
 
+# ---- q/k RMSNorm across heads fused into rope3d_qk: op "rope3d_qk_norm" ------------------------
+
+
+def _norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_ref(x.reshape(x.shape[0], -1), weight, eps).view(x.shape)
+
+
+def rope3d_qk_norm_reference(q, k, q_weight, k_weight, eps, grid_thw, cu_seqlens, token_offset, theta, axes_dim,
+                             interleaved):  # fmt: skip
+    """The unfused pair: RMSNorm across heads (rounded to the dtype), then the reference rotation."""
+    args = (grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, False)
+    return rope3d_qk_reference(_norm_heads(q, q_weight, eps), _norm_heads(k, k_weight, eps), *args)
+
+
+register_backend(Backend("rope3d_qk_norm", "reference", rope3d_qk_norm_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+if triton_missing() is None:
+
+    @torch.library.triton_op("fastdit::rope3d_qk_norm_triton", mutates_args=())
+    def rope3d_qk_norm_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        eps: float,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_offset: torch.Tensor | None,
+        theta: float,
+        axes_dim: list[int],
+        interleaved: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = _contiguous_last(q), _contiguous_last(k)
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        rope3d_launch(
+            q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, False,
+            q_norm_weight=q_weight.contiguous(), k_norm_weight=k_weight.contiguous(), norm_eps=eps,
+        )  # fmt: skip
+        return q_out, k_out
+
+    def _qk_norm_setup(ctx, inputs, output):
+        q, k, q_weight, k_weight, ctx.eps, grid, cu, offset, ctx.theta, ctx.axes_dim, ctx.interleaved = inputs
+        ctx.save_for_backward(q, k, q_weight, k_weight, grid, cu, offset)
+
+    def _qk_norm_backward(ctx, grad_q, grad_k):
+        # Unfused: undo the rotation with the Triton kernel (conjugate), then RMSNorm's backward.
+        q, k, q_weight, k_weight, grid, cu, offset = ctx.saved_tensors
+        args = (grid, cu, offset, ctx.theta, ctx.axes_dim, ctx.interleaved, True)
+        gq, gk = rope3d_qk_triton(grad_q, grad_k, *args)
+        flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
+        dq, dq_weight = rms_norm_bwd_ref(flat(gq), flat(q), q_weight, ctx.eps)
+        dk, dk_weight = rms_norm_bwd_ref(flat(gk), flat(k), k_weight, ctx.eps)
+        return dq.view(q.shape), dk.view(k.shape), dq_weight, dk_weight, *([None] * 7)
+
+    interpreter_fake(rope3d_qk_norm_triton, lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k)))
+    rope3d_qk_norm_triton.register_autograd(_qk_norm_backward, setup_context=_qk_norm_setup)
+    register_triton_backend("rope3d_qk_norm", rope3d_qk_norm_triton)
+else:
+    register_triton_backend("rope3d_qk_norm", None)
+
+
 # ---- cuda backend: csrc/rope3d.cu (same arguments as the reference ops) -------------------------
 
 
@@ -347,6 +409,9 @@ def rope3d_qk(
     interleaved: bool = True,
     token_offset: torch.Tensor | None = None,
     inplace: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope3d` on queries and keys of the same tokens in one call.
@@ -354,6 +419,10 @@ def rope3d_qk(
     Args:
         q: ``(total, Hq, D)`` packed or ``(B, S, Hq, D)`` dense.
         k: ``(total, Hk, D)`` / ``(B, S, Hk, D)``, same tokens, dtype and D as ``q``; Hk may differ (GQA).
+        q_norm_weight, k_norm_weight: ``(Hq * D,)`` and ``(Hk * D,)``: RMSNorm each token's q and k
+            across all heads first (Wan's ``rms_norm_across_heads``; fp32 statistics, the normed
+            value rounded to the dtype, as the unfused pair computes it). Both or neither.
+        norm_eps: the RMSNorm epsilon.
         Everything else as :func:`rope3d`.
 
     Returns:
@@ -365,6 +434,11 @@ def rope3d_qk(
     if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in every dim but the head count")
     packed_k = k.reshape(packed_q.shape[0], *k.shape[-2:])
+    if q_norm_weight is not None or k_norm_weight is not None:
+        return _rope3d_qk_norm(
+            q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta, axes, interleaved, inplace,
+            q_norm_weight, k_norm_weight, norm_eps, backend,
+        )  # fmt: skip
     impl = select_backend(
         "rope3d_qk",
         {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
@@ -375,6 +449,33 @@ def rope3d_qk(
         impl.inplace_fn(packed_q, packed_k, *args)
         return q, k
     out_q, out_k = impl.fn(packed_q, packed_k, *args)
+    out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
+    if inplace:
+        return q.copy_(out_q), k.copy_(out_k)
+    return out_q, out_k
+
+
+def _rope3d_qk_norm(q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta, axes, interleaved, inplace,
+                    q_weight, k_weight, eps, backend):  # fmt: skip
+    """rope3d_qk with the q/k RMSNorm across heads fused in (op ``rope3d_qk_norm``)."""
+    if q_weight is None or k_weight is None:
+        raise ValueError("q_norm_weight and k_norm_weight go together: pass both or neither")
+    for name, weight, x in (("q_norm_weight", q_weight, packed_q), ("k_norm_weight", k_weight, packed_k)):
+        check_tensor(name, weight, ndims=(1,), device=q.device)
+        if weight.shape[0] != x.shape[1] * x.shape[2]:
+            raise ValueError(
+                f"{name} must have shape (H * D,) = ({x.shape[1] * x.shape[2]},), got {tuple(weight.shape)}"
+            )
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"norm_eps must be a positive number, got {eps!r}")
+    impl = select_backend(
+        "rope3d_qk_norm",
+        {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
+        backend,
+    )
+    out_q, out_k = impl.fn(
+        packed_q, packed_k, q_weight, k_weight, float(eps), grid_thw, cu, token_offset, float(theta), axes, interleaved
+    )
     out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
     if inplace:
         return q.copy_(out_q), k.copy_(out_k)

@@ -129,3 +129,23 @@ def gated_residual_modulate_ref(
     """
     r = gated_residual_ref(res, y, gate, cu_seqlens)
     return r, adaln_modulate_ref(r, shift, scale, cu_seqlens, norm=norm, eps=eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of ``x (rows, C)`` with weight ``(C,)``; fp32 math, result in x.dtype."""
+    xf = upcast(x)
+    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+
+
+def rms_norm_bwd_ref(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of rms_norm_ref (the final rounding treated as identity)."""
+    xf = upcast(x)
+    g = grad.to(xf.dtype)
+    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    x_hat = xf * rstd
+    d_xhat = g * weight.to(xf.dtype)
+    dx = rstd * (d_xhat - x_hat * (d_xhat * x_hat).mean(dim=-1, keepdim=True))
+    return dx.to(x.dtype), (g * x_hat).sum(0).to(weight.dtype)

@@ -71,13 +71,14 @@ def compile_for_h100(kernel, pointers: dict, scalars: dict, constexprs: dict, nu
 @compiles
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_rope3d_kernel_compiles(dtype, interleaved):
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope3d_kernel_compiles(dtype, interleaved, norm):
     pointers = dict.fromkeys(["Q", "K", "Q_OUT", "K_OUT"], dtype)
-    pointers.update(CU_SEQLENS="i32", GRID_THW="i32", TOKEN_OFFSET="i32", INV_FREQ="fp64")
+    pointers.update(CU_SEQLENS="i32", GRID_THW="i32", TOKEN_OFFSET="i32", INV_FREQ="fp64", Q_W="fp32", K_W="fp32")
     constexprs = dict(HALF_D=64, T_PAIRS=22, TH_PAIRS=43, BLOCK_H=rope3d.ROPE_BLOCK_H, BLOCK_P=64, HAS_K=True,
-                      HAS_OFFSET=True, INTERLEAVED=interleaved, CONJUGATE=False)  # fmt: skip
+                      HAS_OFFSET=True, INTERLEAVED=interleaved, CONJUGATE=False, NORM=norm)  # fmt: skip
     kernel = rope3d.rope3d_kernel
-    compiled = compile_for_h100(kernel, pointers, {}, constexprs, divisible=strides_and_sizes(kernel))
+    compiled = compile_for_h100(kernel, pointers, {"eps": "fp32"}, constexprs, divisible=strides_and_sizes(kernel))
     assert "fma.rn.f64" in compiled.asm["ptx"]  # the angles are float64
     used = resources(compiled)
     # the only stack is the float64 sin/cos call frame; 32 heads at once used to spill 944 bytes

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdit import ops
 from tests.conftest import CPU_BACKENDS, packed_cu
@@ -136,3 +137,72 @@ def test_triton_cuda_bf16_real_shape_and_compile(heads):
     compiled = torch.compile(lambda a, b: ops.rope3d_qk(a, b, grid, cu, backend="triton"), fullgraph=True)
     for got, want in zip(compiled(q, k), (out_q, out_k)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def _qk_norm_inputs(dtype=torch.float32, heads=3, kv_heads=1, head_dim=64):
+    grids, lengths = [(2, 3, 2), (1, 1, 1), (1, 2, 8)], [12, 1, 18]  # 2 unrotated tokens in the last
+    q = torch.randn(sum(lengths), heads, head_dim).to(dtype)
+    k = torch.randn(sum(lengths), kv_heads, head_dim).to(dtype)
+    q_w, k_w = torch.randn(heads * head_dim), torch.randn(kv_heads * head_dim)
+    return q, k, q_w, k_w, grids, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_fused_qk_norm_matches_oracle(dtype, interleaved, poison_outputs):
+    q, k, q_w, k_w, grids, lengths = _qk_norm_inputs(dtype)
+    grid, cu = torch.tensor(grids, dtype=torch.int32), packed_cu(lengths)
+    kwargs = dict(interleaved=interleaved, q_norm_weight=q_w, k_norm_weight=k_w, norm_eps=1e-5)
+    got = ops.rope3d_qk(q, k, grid, cu, backend="triton", **kwargs)
+    ref = ops.rope3d_qk(q, k, grid, cu, backend="reference", **kwargs)
+    for x, w, out, want in ((q, q_w, got[0], ref[0]), (k, k_w, got[1], ref[1])):
+        normed = F.rms_norm(x.double().flatten(1), (w.numel(),), w.double(), 1e-5).to(dtype).view(x.shape)
+        oracle = rope_oracle(normed, grids, lengths, interleaved=interleaved)
+        torch.testing.assert_close(want.double(), oracle, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 2)
+        torch.testing.assert_close(out.double(), oracle, atol=TOL[dtype] * 8, rtol=TOL[dtype] * 2)
+
+
+def test_fused_qk_norm_backward_matches_float64():
+    q, k, q_w, k_w, grids, lengths = _qk_norm_inputs()
+    grid, cu = torch.tensor(grids, dtype=torch.int32), packed_cu(lengths)
+    leaves = [t.clone().requires_grad_() for t in (q, k, q_w, k_w)]
+    w1, w2 = torch.randn_like(q, dtype=torch.float64), torch.randn_like(k, dtype=torch.float64)
+
+    def grads(backend, tensors):
+        a, b = ops.rope3d_qk(tensors[0], tensors[1], grid, cu, q_norm_weight=tensors[2], k_norm_weight=tensors[3],
+                             backend=backend)  # fmt: skip
+        return torch.autograd.grad((a.double() * w1).sum() + (b.double() * w2).sum(), tensors)
+
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    for got, want in zip(grads("triton", leaves), grads("reference", doubles)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_qk_norm_bad_input_and_opcheck():
+    from fastdit.ops.rope3d import rope3d_qk_norm_triton
+
+    q, k, q_w, k_w, grids, lengths = _qk_norm_inputs()
+    grid, cu = torch.tensor(grids, dtype=torch.int32), packed_cu(lengths)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        ops.rope3d_qk(q, k, grid, cu, q_norm_weight=q_w)
+    with pytest.raises(ValueError, match=r"k_norm_weight must have shape \(H \* D,\) = \(64,\)"):
+        ops.rope3d_qk(q, k, grid, cu, q_norm_weight=q_w, k_norm_weight=q_w)
+    args = (q.requires_grad_(), k.requires_grad_(), q_w, k_w, 1e-6, grid, cu, None, 1e4, [24, 20, 20], True)
+    torch.library.opcheck(rope3d_qk_norm_triton, args, test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.gpu
+def test_fused_qk_norm_cuda_bf16_real_shape_and_compile():
+    grids, lengths = [(21, 30, 52), (1, 45, 80)], [32760, 3600]
+    grid, cu = torch.tensor(grids, dtype=torch.int32).cuda(), packed_cu(lengths).cuda()
+    q = torch.randn(sum(lengths), 12, 128, device="cuda").bfloat16()
+    k = torch.randn_like(q)
+    q_w, k_w = torch.randn(1536, device="cuda"), torch.randn(1536, device="cuda")
+    kwargs = dict(q_norm_weight=q_w, k_norm_weight=k_w)
+    got = ops.rope3d_qk(q, k, grid, cu, **kwargs)  # the dispatcher picks triton on CUDA
+    ref = ops.rope3d_qk(q, k, grid, cu, backend="reference", **kwargs)
+    for a, b in zip(got, ref):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 4e-3
+    compiled = torch.compile(lambda a, b: ops.rope3d_qk(a, b, grid, cu, **kwargs), fullgraph=True)
+    for a, b in zip(compiled(q, k), got):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
