@@ -1,0 +1,25 @@
+"""Runtime: sampling over the models (flow matching, CFG, the Sora-report generation modes)."""
+
+from fastdit.runtime.modes import (
+    connect,
+    extend,
+    image_to_video,
+    loop,
+    sdedit,
+    text_to_image,
+    text_to_video,
+)
+from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, flow_shift_sigmas
+
+__all__ = [
+    "FlowMatchSampler",
+    "SampleRequest",
+    "connect",
+    "extend",
+    "flow_shift_sigmas",
+    "image_to_video",
+    "loop",
+    "sdedit",
+    "text_to_image",
+    "text_to_video",
+]

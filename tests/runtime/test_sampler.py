@@ -1,0 +1,139 @@
+import pytest
+import torch
+from torch import nn
+
+from fastdit.models import DiT, preset
+from fastdit.runtime import (
+    FlowMatchSampler,
+    SampleRequest,
+    connect,
+    extend,
+    flow_shift_sigmas,
+    image_to_video,
+    loop,
+    sdedit,
+    text_to_image,
+    text_to_video,
+)
+from tests.conftest import rel_err
+
+
+class ExactVelocity(nn.Module):
+    """The exact rectified-flow velocity toward a fixed target: v = (x - target) / sigma."""
+
+    def __init__(self, target: float):
+        super().__init__()
+        self.target = target
+        self.anchor = nn.Parameter(torch.zeros(()))  # device / dtype for the sampler
+        self.config = preset("tiny").replace(patch_size=(1, 1, 1), in_channels=4, out_channels=4)
+        self.calls = []
+
+    def forward_packed(self, batch):
+        self.calls.append(batch.batch_size)
+        sigma = batch.timestep[0] / 1000.0  # every sample shares the step's sigma
+        return (batch.tokens - self.target) / sigma
+
+
+def test_sigma_schedule():
+    linear = flow_shift_sigmas(4, 1.0)
+    torch.testing.assert_close(linear, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    shifted = flow_shift_sigmas(10, 5.0)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and (shifted[1:] < shifted[:-1]).all()
+    assert (shifted[1:-1] > flow_shift_sigmas(10, 1.0)[1:-1]).all()  # more time at high noise
+    with pytest.raises(ValueError, match="num_steps"):
+        flow_shift_sigmas(0, 1.0)
+
+
+@pytest.mark.parametrize("steps, shift, guidance", [(1, 1.0, 1.0), (7, 3.0, 5.0), (20, 5.0, 2.5)])
+def test_euler_lands_on_the_target_with_the_exact_velocity(steps, shift, guidance):
+    model = ExactVelocity(target=0.5)
+    text = torch.randn(3, 32)
+    out = FlowMatchSampler(model, num_steps=steps, shift=shift, guidance=guidance)(
+        [SampleRequest((4, 2, 3, 5), text, seed=1), SampleRequest((4, 1, 2, 2), text, seed=2)]
+    )
+    for x in out:
+        torch.testing.assert_close(x, torch.full_like(x, 0.5), atol=1e-5, rtol=0)
+    # one packed forward per step, conditional + unconditional together when guided
+    assert model.calls == [2 * (2 if guidance != 1.0 else 1)] * steps
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = DiT(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def run(requests, steps=3):
+    return FlowMatchSampler(tiny(), num_steps=steps, shift=3.0, guidance=4.0)(requests)
+
+
+def test_known_frames_are_exactly_preserved():
+    text = torch.randn(4, 32)
+    image = torch.randn(16, 1, 2, 4)
+    clip_a, clip_b = torch.randn(16, 2, 2, 4), torch.randn(16, 1, 2, 4)
+    requests = [
+        image_to_video(image, text, frames=3, seed=1),
+        extend(clip_a, text, extra_frames=2, seed=2),
+        extend(clip_a, text, extra_frames=1, backward=True, seed=3),
+        connect(clip_a, clip_b, text, gap_frames=2, seed=4),
+    ]
+    i2v, forward, backward, joined = run(requests)
+    assert torch.equal(i2v[:, :1], image)
+    assert torch.equal(forward[:, :2], clip_a)
+    assert torch.equal(backward[:, 1:], clip_a)
+    assert torch.equal(joined[:, :2], clip_a) and torch.equal(joined[:, 4:], clip_b)
+    assert not torch.equal(joined[:, 2], torch.zeros_like(joined[:, 2]))  # the gap was generated
+
+
+def test_loop_ties_the_last_frame_to_the_first():
+    (out,) = run([loop(torch.randn(3, 32), channels=16, frames=4, height=2, width=4, seed=5)])
+    assert torch.equal(out[:, -1], out[:, 0])
+
+
+def test_sdedit_strength_zero_returns_the_input_and_one_is_text_to_video():
+    text, latent = torch.randn(3, 32), torch.randn(16, 2, 2, 4)
+    unchanged, full, t2v = run(
+        [sdedit(latent, text, 0.0, seed=7), sdedit(latent, text, 1.0, seed=7), text_to_video(text, 16, 2, 2, 4, seed=7)]
+    )
+    assert torch.equal(unchanged, latent)
+    assert rel_err(full, t2v) < 1e-6
+    (partial,) = run([sdedit(latent, text, 0.4, seed=7)])
+    assert rel_err(partial, latent) < rel_err(t2v, latent)  # closer to its input than a fresh sample
+
+
+def test_mixed_batch_equals_per_sample_runs_and_seeds_are_deterministic():
+    texts = [torch.randn(n, 32) for n in (3, 6, 2)]
+    requests = [
+        text_to_video(texts[0], 16, 3, 2, 4, seed=11),
+        text_to_image(texts[1], 16, 4, 2, seed=12),
+        image_to_video(torch.randn(16, 1, 2, 2), texts[2], frames=2, seed=13),
+    ]
+    together = run(requests)
+    for request, out in zip(requests, together):
+        (alone,) = run([request])
+        assert out.shape == request.shape
+        assert rel_err(out, alone) < 1e-5
+    again = run(requests)
+    for a, b in zip(together, again):
+        assert torch.equal(a, b)
+    (other_seed,) = run([text_to_video(texts[0], 16, 3, 2, 4, seed=99)])
+    assert rel_err(other_seed, together[0]) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, match",
+    [
+        (dict(shape=(16, 2, 2)), "must be .C, T, H, W."),
+        (dict(shape=(16, 2, 2, 4), known=torch.zeros(16, 2, 2, 4)), "known and known_frames go together"),
+        (dict(shape=(16, 2, 2, 4), init=torch.zeros(16, 1, 2, 4)), "init must have the latent shape"),
+        (dict(shape=(16, 2, 2, 4), strength=0.5), "needs an init latent"),
+        (dict(shape=(16, 2, 2, 4), init=torch.zeros(16, 2, 2, 4), strength=1.5), "strength must be in"),
+    ],
+)
+def test_bad_requests(request_kwargs, match):
+    request = SampleRequest(text=torch.randn(2, 32), **request_kwargs)
+    with pytest.raises(ValueError, match=match):
+        run([request])
