@@ -13,6 +13,8 @@ Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on 
 Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,7 @@ def attn_fwd_kernel(
     # constexprs: tile shape fixes the MMA shapes; CAUSAL prunes key blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    SEQLEN_BUCKET: tl.constexpr,  # log2 of max_seqlen_q: only an autotuning key
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -240,6 +243,22 @@ def attn_bwd_dq_kernel(
     )
 
 
+# Forward tiles the autotuner may pick on a GPU: every one keeps wgmma and spills nothing at
+# D = 64 and 128 in the sm_90 compile (tests/kernels/test_compile_sm90.py checks each).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))
+]
+attn_fwd_autotuned = triton.autotune(configs=FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET"])(
+    attn_fwd_kernel
+)
+
+
+def _autotune() -> bool:
+    """Autotune the forward on GPUs; FASTDIT_ATTN_AUTOTUNE=0 keeps the fixed tiles of _tiles."""
+    return not interpreting() and os.environ.get("FASTDIT_ATTN_AUTOTUNE", "1") != "0"
+
+
 def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, launch options) per kernel. Small tiles under the interpreter.
 
@@ -285,13 +304,20 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         return out, lse
     block_m, block_n, block_d, opts = _tiles(head_dim, "fwd")
     order = longest_first(cu_seqlens_q, cu_seqlens_k)
-    torch.library.wrap_triton(attn_fwd_kernel)[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
+    args = (
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         heads // k.shape[1], head_dim, softmax_scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype), **opts,
     )  # fmt: skip
+    flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
+                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length())  # fmt: skip
+    if _autotune():
+        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+        torch.library.wrap_triton(attn_fwd_autotuned)[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
+        torch.library.wrap_triton(attn_fwd_kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts)
     return out, lse
 
 

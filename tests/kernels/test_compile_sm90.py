@@ -137,6 +137,8 @@ def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, caus
     for name, kernel in kernels.items():
         block_m, block_n, block_d, opts = attention._tiles(head_dim, name)
         tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION="tf32")
+        if name == "fwd":
+            tile["SEQLEN_BUCKET"] = 15
         divisible = strides_and_sizes(kernel, ("head_dim",) if head_dim % 16 == 0 else ())
         compiled = compile_for_h100(kernel, pointers, ATTN_SCALARS, tile, divisible=divisible, **opts)
         assert "wgmma" in compiled.asm["ptx"], f"{name} does not use Hopper's warpgroup MMA"
@@ -147,6 +149,24 @@ def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, caus
     divisible = strides_and_sizes(kernel, ("head_dim",) if head_dim % 16 == 0 else ())
     pre = compile_for_h100(kernel, pointers, {}, dict(BLOCK_M=64, BLOCK_D=block_d), divisible=divisible)
     assert resources(pre)["stack"] == 0
+
+
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("config", range(len(attention.FWD_CONFIGS)))
+def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, config):
+    tune = attention.FWD_CONFIGS[config]
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
+                "ORDER": "i32"}  # fmt: skip
+    constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=True, PRECISION="tf32", SEQLEN_BUCKET=15)
+    kernel = attention.attn_fwd_kernel
+    compiled = compile_for_h100(
+        kernel, pointers, ATTN_SCALARS, constexprs, num_warps=tune.num_warps, num_stages=tune.num_stages,
+        divisible=strides_and_sizes(kernel, ("head_dim",)),
+    )  # fmt: skip
+    assert "wgmma" in compiled.asm["ptx"]
+    assert resources(compiled)["stack"] == 0
+    assert compiled.metadata.shared <= 232448  # the H100's shared memory per block
 
 
 @pytest.mark.skipif(not interpreting(), reason="the compile tests above run directly")
