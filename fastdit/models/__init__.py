@@ -1,8 +1,20 @@
-"""Models built on fastdit.ops: the Wan 2.1 DiT, its config and presets, packed batches, weight loading."""
+"""Models built on fastdit.ops: the Wan 2.1 DiT and causal VAE, configs and presets, packed batches, weights."""
 
 from fastdit.models.config import PRESETS, DiTConfig, preset
 from fastdit.models.dit import DiT
 from fastdit.models.packing import PackedBatch, patchify, unpatchify
+from fastdit.models.vae import CausalVAE, VAEConfig
 from fastdit.models.weights import WeightLoadError
 
-__all__ = ["DiT", "DiTConfig", "PRESETS", "PackedBatch", "WeightLoadError", "patchify", "preset", "unpatchify"]
+__all__ = [
+    "CausalVAE",
+    "DiT",
+    "DiTConfig",
+    "PRESETS",
+    "PackedBatch",
+    "VAEConfig",
+    "WeightLoadError",
+    "patchify",
+    "preset",
+    "unpatchify",
+]

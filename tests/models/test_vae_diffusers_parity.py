@@ -1,0 +1,64 @@
+"""CausalVAE (Wan 2.1 semantics on fastdit.ops) against diffusers' AutoencoderKLWan, float32 CPU."""
+
+import pytest
+import torch
+
+from fastdit.models.vae import CausalVAE
+from tests.conftest import rel_err
+
+pytest.importorskip("diffusers", reason="the parity oracle needs `pip install -e .[diffusers]`")
+from diffusers import AutoencoderKLWan  # noqa: E402
+
+
+def make_wan(**overrides):
+    torch.manual_seed(0)
+    config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+    model = AutoencoderKLWan(**{**config, **overrides}).eval()
+    with torch.no_grad():  # every weight random, norms away from 1
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "gamma" in name else 0.0, 0.2 if p.dim() > 1 else 0.1)
+    return model
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+@pytest.mark.parametrize("height, width", [(16, 24), (24, 16)])
+def test_encode_decode_match_diffusers(frames, height, width):
+    wan = make_wan()
+    vae = CausalVAE.from_diffusers(wan).eval()
+    video = torch.rand(1, 3, frames, height, width) * 2 - 1
+    with torch.no_grad():
+        expect = wan.encode(video).latent_dist.mean
+        latent = vae.encode(video)
+        assert latent.shape == (1, 4, 1 + (frames - 1) // 4, height // 8, width // 8)
+        assert rel_err(latent, expect) <= 1e-5
+        decoded = vae.decode(expect)
+        assert decoded.shape == video.shape
+        assert rel_err(decoded, wan.decode(expect).sample) <= 1e-5
+
+
+def test_two_res_blocks_and_batch_of_two():
+    # (diffusers 0.42's encoder cannot run attn_scales: it passes feat_cache to its attention block)
+    wan = make_wan(num_res_blocks=2)
+    vae = CausalVAE.from_diffusers(wan).eval()
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expect = wan.encode(video).latent_dist.mean
+        assert rel_err(vae.encode(video), expect) <= 1e-5
+        assert rel_err(vae.decode(expect), wan.decode(expect).sample) <= 1e-5
+
+
+def test_load_from_directory_and_bad_input(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    wan = make_wan()
+    wan.save_pretrained(tmp_path, safe_serialization=True)
+    vae = CausalVAE.from_diffusers(tmp_path)
+    assert vae.config.z_dim == 4 and vae.config.dim_mult == (1, 2, 2, 2)
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        vae.encode(torch.randn(1, 3, 4, 16, 16))
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state.pop("decoder.conv_out.weight")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="missing .*decoder.conv_out.weight"):
+        CausalVAE.from_diffusers(tmp_path)
