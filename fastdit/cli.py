@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and each op's backends with the reason when unavailable")
+    from fastdit.runtime import generate
+
+    generate.add_arguments(
+        sub.add_parser("generate", help="generate a video or image with a DiT + causal VAE (modes t2v ... v2v)")
+    )
     bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
     bench.add_argument("--suite", default="all", choices=["all", *SUITE])
     bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
@@ -86,6 +91,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         print(info_text())
+        return 0
+    if args.command == "generate":
+        from fastdit.runtime import generate
+
+        generate.run(args)
         return 0
     return _bench(args)
 

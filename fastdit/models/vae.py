@@ -32,6 +32,13 @@ class VAEConfig:
     latents_std: tuple[float, ...] = field(default_factory=tuple)
 
 
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # CPU tests and the demo: every layer type of the real VAE, 16 latent channels like Wan's.
+    "tiny": VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    "wan2.1": VAEConfig(),
+}
+
+
 class StreamCache:
     """The per-conv caches of one streaming pass, handed out in call order (Wan's feat_cache)."""
 
@@ -281,6 +288,32 @@ class CausalVAE(nn.Module):
             stream.start_chunk()
             frames.append(self.decoder(x[:, :, i : i + 1], stream))
         return torch.clamp(torch.cat(frames, dim=2), -1.0, 1.0)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "CausalVAE":
+        """A randomly initialised VAE of a named preset (``tiny``, ``wan2.1``)."""
+        if name not in VAE_PRESETS:
+            raise KeyError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS)}")
+        return cls(VAE_PRESETS[name])
+
+    def normalize(self, latent: torch.Tensor) -> torch.Tensor:
+        """(latent - mean) / std per channel: what the DiT works on (identity without stats)."""
+        if not self.config.latents_mean:
+            return latent
+        mean, std = self._stats(latent)
+        return (latent - mean) / std
+
+    def denormalize(self, latent: torch.Tensor) -> torch.Tensor:
+        if not self.config.latents_mean:
+            return latent
+        mean, std = self._stats(latent)
+        return latent * std + mean
+
+    def _stats(self, latent):
+        shape = (1, -1) + (1,) * (latent.dim() - 2)
+        mean = torch.tensor(self.config.latents_mean, dtype=latent.dtype, device=latent.device).view(shape)
+        std = torch.tensor(self.config.latents_std, dtype=latent.dtype, device=latent.device).view(shape)
+        return mean, std
 
     @classmethod
     def from_diffusers(cls, source) -> "CausalVAE":
