@@ -267,26 +267,40 @@ class CausalVAE(nn.Module):
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, chunk_frames: int = 4) -> torch.Tensor:
+        """Encode in chunks: the first frame alone, then ``chunk_frames`` (a multiple of 4) at a time.
+
+        Wan encodes [1, 4, 4, ...]; every chunking gives the same latent (the convs are causal
+        and carry their context in the stream caches), larger chunks trade memory for fewer steps.
+        """
         frames = video.shape[2]
         if (frames - 1) % 4:
             raise ValueError(f"video must have 1 + 4k frames, got {frames}")
+        if chunk_frames < 4 or chunk_frames % 4:
+            raise ValueError(f"chunk_frames must be a positive multiple of 4, got {chunk_frames}")
         stream = StreamCache()
+        bounds = [0, 1, *range(1 + chunk_frames, frames, chunk_frames), frames]
         chunks = []
-        for i in range(1 + (frames - 1) // 4):  # chunks [1, 4, 4, ...]
-            stream.start_chunk()
-            part = video[:, :, :1] if i == 0 else video[:, :, 1 + 4 * (i - 1) : 1 + 4 * i]
-            chunks.append(self.encoder(part, stream))
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                stream.start_chunk()
+                chunks.append(self.encoder(video[:, :, start:end], stream))
         moments = self.quant_conv(torch.cat(chunks, dim=2))
         return moments[:, : self.config.z_dim]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunk_frames: int = 1) -> torch.Tensor:
+        """Decode the first latent frame alone, then ``chunk_frames`` latent frames at a time
+        (Wan: one at a time, the least memory); every chunking gives the same video."""
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         x = self.post_quant_conv(z)
         stream = StreamCache()
+        bounds = [0, 1, *range(1 + chunk_frames, x.shape[2], chunk_frames), x.shape[2]]
         frames = []
-        for i in range(x.shape[2]):  # one latent frame at a time
-            stream.start_chunk()
-            frames.append(self.decoder(x[:, :, i : i + 1], stream))
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                stream.start_chunk()
+                frames.append(self.decoder(x[:, :, start:end], stream))
         return torch.clamp(torch.cat(frames, dim=2), -1.0, 1.0)
 
     @classmethod

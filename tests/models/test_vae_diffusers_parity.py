@@ -62,3 +62,17 @@ def test_load_from_directory_and_bad_input(tmp_path):
     save_file(state, str(weights))
     with pytest.raises(ValueError, match="missing .*decoder.conv_out.weight"):
         CausalVAE.from_diffusers(tmp_path)
+
+
+def test_every_chunking_gives_the_same_latent_and_video():
+    vae = CausalVAE.from_diffusers(make_wan()).eval()
+    video = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(video)  # Wan's [1, 4, 4, 4, 4]
+        for chunk in (8, 12, 16):
+            assert rel_err(vae.encode(video, chunk_frames=chunk), latent) <= 1e-6
+        decoded = vae.decode(latent)  # one latent frame at a time
+        for chunk in (2, 3, 4):
+            assert rel_err(vae.decode(latent, chunk_frames=chunk), decoded) <= 1e-6
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode(video, chunk_frames=6)
