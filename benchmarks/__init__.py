@@ -4,8 +4,8 @@ Each benchmark module has ``add_arguments(parser)`` and ``run(args, device) -> R
 are written as JSON rows (and a PNG) under ``benchmarks/results/`` by default.
 """
 
-from fastdit.benchmarks import attention, dit_step, memory_ops
+from fastdit.benchmarks import attention, dit_step, memory_ops, vae
 
-SUITE = {"memory_ops": memory_ops, "attention": attention, "dit_step": dit_step}
+SUITE = {"memory_ops": memory_ops, "attention": attention, "dit_step": dit_step, "vae": vae}
 
 __all__ = ["SUITE"]

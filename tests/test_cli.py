@@ -65,3 +65,14 @@ def test_bench_attention_rows(tmp_path):
         assert "fastdit-triton" in providers
     assert any(r["shape"].startswith("bwd packed") for r in rows)
     assert all(r["tflops"] > 0 for r in rows)
+
+
+def test_bench_vae_rows(tmp_path):
+    args = ["bench", "--suite", "vae", "--device", "cpu", "--quick", "--out", str(tmp_path)]
+    assert main(args + ["--vae-size", "5x32x32", "--vae-providers", "fastdit-eager,diffusers-eager"]) == 0
+    rows = json.loads((tmp_path / "vae_cpu.json").read_text())["rows"]
+    assert {(r["provider"], r["shape"].split()[0]) for r in rows} >= {
+        ("fastdit-eager", "decode"),
+        ("fastdit-eager", "encode"),
+    }
+    assert all(r["ms"] > 0 for r in rows)

@@ -1,0 +1,89 @@
+"""Causal VAE decode and encode, provider by provider: time and peak memory.
+
+Providers: fastdit's CausalVAE eager and with its encoder / decoder under torch.compile, and
+diffusers' AutoencoderKLWan (eager and compiled) where diffusers is installed; random weights,
+the same config for all. Defaults: CUDA bf16 at Wan 2.1 size, decode of a 21x60x104 latent
+(-> 81 frames of 480x832) and encode of that video; CPU: the tiny preset at 9 frames of 64x96.
+"""
+
+import argparse
+import gc
+import time
+
+import torch
+
+from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
+from fastdit.models.vae import VAE_PRESETS, CausalVAE
+
+PROVIDERS = ("fastdit-eager", "fastdit-compile", "diffusers-eager", "diffusers-compile")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae-size", default=None, help="vae: FRAMESxHEIGHTxWIDTH of the video (default 81x480x832)")
+    parser.add_argument("--vae-providers", default=",".join(PROVIDERS), help=f"vae: comma list of {PROVIDERS}")
+
+
+def _diffusers_vae(config):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=config.base_dim,
+        z_dim=config.z_dim,
+        dim_mult=list(config.dim_mult),
+        num_res_blocks=config.num_res_blocks,
+        temperal_downsample=list(config.temporal_downsample),
+    )
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Report:
+    cuda = device.type == "cuda"
+    name = "wan2.1" if cuda else "tiny"
+    config = VAE_PRESETS[name]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.vae_size:
+        frames, height, width = (int(v) for v in args.vae_size.lower().split("x"))
+    else:
+        frames, height, width = ((21 if args.quick else 81), 480, 832) if cuda else (9, 64, 96)
+    providers = [p.strip() for p in args.vae_providers.split(",") if p.strip()]
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("vae: skipping diffusers providers: diffusers is not installed")
+        providers = [p for p in providers if not p.startswith("diffusers")]
+    report = Report("vae", device, measure_ceilings(device, quick=args.quick))
+    gen = torch.Generator().manual_seed(0)
+    video = (torch.rand(1, 3, frames, height, width, generator=gen) * 2 - 1).to(device, dtype)
+    latent = torch.randn(1, config.z_dim, 1 + (frames - 1) // 4, height // 8, width // 8, generator=gen)
+    latent = latent.to(device, dtype)
+    shape = f"{name} {frames}x{height}x{width} {str(dtype).replace('torch.', '')}"
+    for family in ("fastdit", "diffusers"):
+        wanted = [p for p in providers if p.startswith(family)]
+        if not wanted:
+            continue
+        model = (CausalVAE(config) if family == "fastdit" else _diffusers_vae(config)).to(device, dtype).eval()
+        for provider in wanted:
+            if provider.endswith("compile"):
+                model.encoder = torch.compile(model.encoder)
+                model.decoder = torch.compile(model.decoder)
+            if family == "fastdit":
+                decode = lambda m=model: m.decode(latent)  # noqa: E731
+                encode = lambda m=model: m.encode(video)  # noqa: E731
+            else:
+                decode = lambda m=model: m.decode(latent).sample  # noqa: E731
+                encode = lambda m=model: m.encode(video).latent_dist.mean  # noqa: E731
+            for op, fn in (("decode", decode), ("encode", encode)):
+                with torch.inference_mode():
+                    reset_peak_memory(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    first = time.perf_counter() - t0
+                    ms = time_ms(fn, device, warmup=0, min_runs=3, budget_s=1.0 if args.quick else 3.0)
+                report.add(
+                    provider, f"{op} {shape}", ms, peak_gib=peak_memory_gib(device), first_call_s=round(first, 2)
+                )
+                print(f"  vae {provider} {op}: {ms:.1f} ms", flush=True)
+        del model
+        gc.collect()
+    return report
