@@ -330,11 +330,17 @@ class CausalVAE(nn.Module):
         return mean, std
 
     @classmethod
-    def from_diffusers(cls, source) -> "CausalVAE":
-        """Load diffusers ``AutoencoderKLWan`` weights: a module, a state dict with ``config=`` unknown,
-        or a diffusers directory (config.json + safetensors)."""
+    def from_diffusers(cls, source, config: VAEConfig | None = None) -> "CausalVAE":
+        """Load diffusers ``AutoencoderKLWan`` weights: a module, a diffusers directory (config.json +
+        safetensors, never pickle), or a state dict with its ``config`` (default: Wan 2.1's)."""
         if isinstance(source, nn.Module):
             cfg, state = dict(source.config), source.state_dict()
+        elif isinstance(source, dict):
+            model = cls(config or VAE_PRESETS["wan2.1"])
+            missing, unexpected = model.load_state_dict(source, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"VAE checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            return model.to(next(iter(source.values())).dtype)
         else:
             path = os.fspath(source)
             with open(os.path.join(path, "config.json")) as f:

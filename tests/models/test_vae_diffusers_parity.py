@@ -56,6 +56,10 @@ def test_load_from_directory_and_bad_input(tmp_path):
     assert vae.config.z_dim == 4 and vae.config.dim_mult == (1, 2, 2, 2)
     with pytest.raises(ValueError, match="1 \\+ 4k frames"):
         vae.encode(torch.randn(1, 3, 4, 16, 16))
+    from_state = CausalVAE.from_diffusers(dict(wan.state_dict()), config=vae.config)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(from_state.encode(video), vae.encode(video))
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     state.pop("decoder.conv_out.weight")
