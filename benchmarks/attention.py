@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, time_ms
-from fastdit.ops import dispatch
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
 
@@ -56,7 +55,7 @@ def _sdpa(backend_name):
     return run
 
 
-def _providers_dense(device, quick):
+def _providers_dense(device, quick, head_dim):
     names = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"] if device.type == "cuda" else ["sdpa-math"]
     if device.type == "cuda" and not quick:  # FlexAttention compiles per shape: full runs only
         names.append("flex-attention")
@@ -69,21 +68,20 @@ def _providers_dense(device, quick):
 
             compiled = torch.compile(flex_attention)
             providers[name] = lambda q, k, v, f=compiled: f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    for backend in _fastdit_backends("attention", device):
+    for backend in _fastdit_backends("attention", device, head_dim):
         providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.attention(q, k, v, backend=b)
     return providers
 
 
-def _fastdit_backends(op, device):
-    names = []
-    for name, backend in dispatch.backends(op).items():
-        if name == "reference" and device.type == "cuda":
-            continue  # the fp32 oracle, not a contender
-        inputs = {"device": device, "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                  "head_dim": 128, "causal": False}  # fmt: skip
-        if not backend.not_supported_reasons(inputs):
-            names.append(name)
-    return names
+def _fastdit_backends(op, device, head_dim):
+    cuda = device.type == "cuda"
+    inputs = {
+        "device": device,
+        "dtype": torch.bfloat16 if cuda else torch.float32,
+        "head_dim": head_dim,
+        "causal": False,
+    }
+    return runnable_backends(op, inputs, reference=not cuda)  # on CPU the reference is all there is
 
 
 def _providers_packed(lengths, heads, head_dim, device):
@@ -137,7 +135,7 @@ def _providers_packed(lengths, heads, head_dim, device):
             return out.transpose(1, 2).reshape(batch * longest, heads, head_dim)[index]
 
         providers["padded-masked-sdpa"] = padded
-    for backend in _fastdit_backends("varlen_attention", device):
+    for backend in _fastdit_backends("varlen_attention", device, head_dim):
         providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.varlen_attention(
             q, k, v, cu, cu, longest, longest, backend=b
         )
@@ -184,7 +182,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(backward)
 
     for head_dim in head_dims:
-        providers = _providers_dense(device, args.quick)
+        providers = _providers_dense(device, args.quick, head_dim)
         for seqlen in seqlens:
             tensors = tuple(rand(1, seqlen, heads, head_dim) for _ in range(3))
             flops = _flops([seqlen], [seqlen], heads, head_dim)

@@ -190,6 +190,23 @@ class Report:
         return "\n".join(lines)
 
 
+def runnable_backends(op: str, inputs: dict, *, reference: bool = False) -> list[str]:
+    """The fastdit backends of ``op`` that can run ``inputs`` (the reference only when asked: it
+    is the oracle, not a contender); prints why each other one is skipped."""
+    from fastdit.ops import dispatch
+
+    names = []
+    for name, backend in dispatch.backends(op).items():
+        if name == "reference" and not reference:
+            continue
+        reasons = backend.not_supported_reasons(inputs)
+        if reasons:
+            print(f"  {op}: {name} skipped: {'; '.join(reasons)}")
+        else:
+            names.append(name)
+    return names
+
+
 def _sig(value: float, digits: int = 4) -> float:
     """Round to significant digits, so a slow run's 0.0004 GB/s does not print as 0."""
     return float(f"{value:.{digits}g}")

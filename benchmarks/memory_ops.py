@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, time_ms
-from fastdit.ops import dispatch
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
 from fastdit.reference.rope3d import rope3d_angles, wan_axes_dim
 
 OPS = ("rope3d_qk", "adaln_modulate", "gated_residual", "gated_residual_modulate")
@@ -50,19 +49,6 @@ def _residual_eager(res, y, gate):
 def _residual_modulate_eager(res, y, gate, shift, scale):
     r = _residual_eager(res, y, gate)
     return r, _modulate_eager(r, shift, scale)
-
-
-def _fast_backends(op: str, inputs: dict) -> list[str]:
-    table = dispatch.backends(op)
-    usable = []
-    for name in ("triton", "cuda"):
-        if name in table:
-            reasons = table[name].not_supported_reasons(inputs)
-            if reasons:
-                print(f"  {op}: {name} skipped: {'; '.join(reasons)}")
-            else:
-                usable.append(name)
-    return usable
 
 
 def _time_backward(outs, grads, inputs, device, budget_s):
@@ -123,7 +109,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
         compiled = torch.compile(_rope_pair_eager)
         record("rope3d_qk", "eager", shape, eager, nbytes, nbytes, grads, (q, k))
         record("rope3d_qk", "torch.compile", shape, lambda: compiled(q, k, freqs), nbytes, nbytes, grads, (q, k))
-        for name in _fast_backends("rope3d_qk", base):
+        for name in runnable_backends("rope3d_qk", base):
             fwd = lambda name=name: ops.rope3d_qk(q, k, grid_thw, cu, backend=name)
             record("rope3d_qk", f"fastdit-{name}", shape, fwd, nbytes, nbytes, grads, (q, k))
 
@@ -138,7 +124,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
         args3 = (x, shift, scale)
         record("adaln_modulate", "eager", shape, lambda: _modulate_eager(*args3), 2 * row, 3 * row, g1, args3)
         record("adaln_modulate", "torch.compile", shape, lambda: compiled(*args3), 2 * row, 3 * row, g1, args3)
-        for name in _fast_backends("adaln_modulate", base):
+        for name in runnable_backends("adaln_modulate", base):
             fwd = lambda name=name: ops.adaln_modulate(x, shift, scale, cu, backend=name)
             record("adaln_modulate", f"fastdit-{name}", shape, fwd, 2 * row, 3 * row, g1, args3)
 
@@ -148,7 +134,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
         # backward: read g and y, write dy (dres is g itself): 3 passes
         record("gated_residual", "eager", shape, lambda: _residual_eager(*args3), 3 * row, 3 * row, g1, args3)
         record("gated_residual", "torch.compile", shape, lambda: compiled(*args3), 3 * row, 3 * row, g1, args3)
-        for name in _fast_backends("gated_residual", base):
+        for name in runnable_backends("gated_residual", base):
             fwd = lambda name=name: ops.gated_residual(x, y, gate, cu, backend=name)
             record("gated_residual", f"fastdit-{name}", shape, fwd, 3 * row, 3 * row, g1, args3)
 
@@ -161,7 +147,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
             "gated_residual_modulate", "eager", shape, lambda: _residual_modulate_eager(*args5), fb, bb, grads, args5
         )
         record("gated_residual_modulate", "torch.compile", shape, lambda: compiled(*args5), fb, bb, grads, args5)
-        for name in _fast_backends("gated_residual_modulate", base):
+        for name in runnable_backends("gated_residual_modulate", base):
             fwd = lambda name=name: ops.gated_residual_modulate(x, y, gate, shift, scale, cu, backend=name)
             record("gated_residual_modulate", f"fastdit-{name}", shape, fwd, fb, bb, grads, args5)
     return report

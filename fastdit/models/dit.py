@@ -19,6 +19,7 @@ from fastdit.models.config import DiTConfig, preset
 from fastdit.models.packing import PackedBatch
 from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import values_checked
+from fastdit.reference.modulation import rms_norm_ref
 
 # The fastdit ops the DiT calls.
 MODEL_OPS = ("rope3d_qk_norm", "varlen_attention", "adaln_modulate", "gated_residual")
@@ -38,7 +39,7 @@ def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 1000
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (all heads at once), statistics in float32."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return rms_norm_ref(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
 
 class Attention(nn.Module):

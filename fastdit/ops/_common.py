@@ -31,6 +31,11 @@ def as_packed(
     return x, cu_seqlens
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (what every kernel indexes), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def modulation_rows(
     name: str, mod: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, cu: torch.Tensor
 ) -> tuple[torch.Tensor, bool]:

@@ -4,7 +4,13 @@ import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
+from fastdit.ops._common import (
+    as_packed,
+    interpreter_fake,
+    last_dim_contiguous,
+    modulation_rows,
+    register_triton_backend,
+)
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
@@ -134,7 +140,7 @@ def _adaln_modulate_cuda(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
     def fp32(t):
         return None if t is None else t.float().contiguous()
 
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = last_dim_contiguous(x)
     return torch.ops.fastdit.adaln_modulate_cuda(
         x, fp32(shift), fp32(scale), cu_seqlens, norm, eps, fp32(weight), fp32(bias)
     )

@@ -5,7 +5,7 @@ import math
 import torch
 
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import interpreter_fake, register_triton_backend
+from fastdit.ops._common import interpreter_fake, last_dim_contiguous, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
@@ -142,10 +142,6 @@ def _triton_check(inputs: dict) -> list[str]:
     return []
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 if triton_missing() is None:
     from fastdit.kernels.attention import varlen_attention_backward, varlen_attention_forward
 
@@ -161,7 +157,7 @@ if triton_missing() is None:
         softmax_scale: float,
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal)
 
     @torch.library.triton_op("fastdit::varlen_attention_backward_triton", mutates_args=())
@@ -179,7 +175,7 @@ if triton_missing() is None:
         softmax_scale: float,
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         return varlen_attention_backward(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
         )

@@ -8,7 +8,7 @@ import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import as_packed, interpreter_fake, register_triton_backend
+from fastdit.ops._common import as_packed, interpreter_fake, last_dim_contiguous, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.modulation import rms_norm_bwd_ref, rms_norm_ref
@@ -111,10 +111,6 @@ register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=
 # ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
 
 
-def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 if triton_missing() is None:
     from fastdit.kernels.rope3d import rope3d_launch
 
@@ -129,7 +125,7 @@ if triton_missing() is None:
         interleaved: bool,
         conjugate: bool,
     ) -> torch.Tensor:
-        x = _contiguous_last(x)
+        x = last_dim_contiguous(x)
         out = torch.empty_like(x)
         rope3d_launch(x, None, out, None, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
         return out
@@ -146,7 +142,7 @@ if triton_missing() is None:
         interleaved: bool,
         conjugate: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k = _contiguous_last(q), _contiguous_last(k)
+        q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         rope3d_launch(q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
         return q_out, k_out
@@ -245,7 +241,7 @@ if triton_missing() is None:
         axes_dim: list[int],
         interleaved: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k = _contiguous_last(q), _contiguous_last(k)
+        q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         rope3d_launch(
             q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, False,
