@@ -1,10 +1,71 @@
-"""Causal 3D convolution with the streaming cache of the Wan VAE."""
+"""Causal 3D convolution with the streaming cache of the Wan VAE.
+
+Backends:
+- ``reference``: fastdit.reference (fp32 math, pads and concatenates in memory).
+- ``cudnn``: torch's conv3d in x's dtype and memory format (cuDNN on GPUs, oneDNN on CPUs),
+  after concatenating the cache / zero frames and nearest-upsampling in memory like diffusers.
+- ``triton``: kernels/conv3d.py, an implicit GEMM that reads the causal padding, the cache and
+  the upsampling in place, with bias and residual fused; output channels-last-3d. Its backward
+  is the reference backward (torch convolution gradients): the VAE runs inference.
+
+On GPUs the dispatcher tries cuDNN first: it is the measured baseline (../shared/anchors.md),
+while the Triton kernel's speed is unmeasured until an H100 run fills in docs/performance.md.
+"""
 
 import torch
 
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import interpreter_fake, register_triton_backend
+from fastdit.ops.dispatch import Backend, register_backend, select_backend, set_priority
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
-from fastdit.reference.causal_conv3d import causal_conv3d_bwd_ref, causal_conv3d_ref
+from fastdit.reference.causal_conv3d import (
+    _padded_input,
+    causal_conv3d_bwd_ref,
+    causal_conv3d_ref,
+    new_cache_ref,
+)
+
+
+def output_shape(x_shape, weight_shape, stride, padding, time_padding=None, upsample=1):
+    """(B, Cout, T', H', W') of a causal conv over x: ``time_padding`` (default kt - 1) front frames,
+    ``padding`` (p_h, p_w) or (top, bottom, left, right), x upsampled ``upsample`` x in space first."""
+    batch, _, frames, height, width = x_shape
+    cout, _, kt, kh, kw = weight_shape
+    st, sh, sw = stride
+    top, bottom, left, right = (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else padding
+    front = kt - 1 if time_padding is None else time_padding
+    return (
+        batch,
+        cout,
+        (frames + front - kt) // st + 1,
+        (height * upsample + top + bottom - kh) // sh + 1,
+        (width * upsample + left + right - kw) // sw + 1,
+    )
+
+
+def _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
+    cached = 0 if cache is None else cache.shape[2]
+    frames = min(time_padding, cached + x.shape[2])
+    y = x.new_empty(output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample))
+    return y, x.new_empty((x.shape[0], x.shape[1], frames, *x.shape[3:]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, residual, cache, ctx.stride, ctx.padding, ctx.time_padding, ctx.upsample = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, bias, residual, cache)
+
+
+def _backward(ctx, grad_y, grad_cache):
+    x, weight, bias, residual, cache = ctx.saved_tensors
+    dx, dw, db, dres, dcache = causal_conv3d_bwd_ref(
+        grad_y, x, weight, bias, stride=ctx.stride, padding=ctx.padding, time_padding=ctx.time_padding,
+        upsample=ctx.upsample, residual=residual, cache=cache,
+    )  # fmt: skip
+    return dx, dw, db, dres, dcache, None, None, None, None
+
+
+# ---- reference backend ---------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastdit::causal_conv3d_reference", mutates_args=())
@@ -12,52 +73,89 @@ def causal_conv3d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    cache: torch.Tensor | None,
     stride: list[int],
     padding: list[int],
-    cache: torch.Tensor | None,
+    time_padding: int,
+    upsample: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return causal_conv3d_ref(x, weight, bias, stride=stride, padding=padding, cache=cache)
+    return causal_conv3d_ref(
+        x, weight, bias, stride=stride, padding=padding, time_padding=time_padding, upsample=upsample,
+        residual=residual, cache=cache,
+    )  # fmt: skip
 
 
-def output_shape(x_shape, weight_shape, stride, padding) -> tuple[int, int, int, int, int]:
-    """(B, Cout, T', H', W') of a causal conv over x (front time padding kt - 1)."""
-    batch, _, frames, height, width = x_shape
-    cout, _, kt, kh, kw = weight_shape
-    st, sh, sw = stride
-    return (
-        batch,
-        cout,
-        (frames - 1) // st + 1,
-        (height + 2 * padding[0] - kh) // sh + 1,
-        (width + 2 * padding[1] - kw) // sw + 1,
-    )
-
-
-@causal_conv3d_reference.register_fake
-def _(x, weight, bias, stride, padding, cache):
-    keep = weight.shape[2] - 1
-    cached = 0 if cache is None else cache.shape[2]
-    frames = min(keep, cached + x.shape[2])
-    y = x.new_empty(output_shape(x.shape, weight.shape, stride, padding))
-    return y, x.new_empty((x.shape[0], x.shape[1], frames, *x.shape[3:]))
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bias, ctx.stride, ctx.padding, cache = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, bias, cache)
-
-
-def _backward(ctx, grad_y, grad_cache):
-    x, weight, bias, cache = ctx.saved_tensors
-    dx, dw, db, dcache = causal_conv3d_bwd_ref(
-        grad_y, x, weight, bias, stride=ctx.stride, padding=ctx.padding, cache=cache
-    )
-    return dx, dw, db, None, None, dcache
-
-
+causal_conv3d_reference.register_fake(_fake)
 causal_conv3d_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("causal_conv3d", "reference", causal_conv3d_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- cudnn backend: torch's conv3d --------------------------------------------------------------
+
+
+def causal_conv3d_cudnn(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
+    """torch.nn.functional.conv3d in x's dtype; autograd is torch's own."""
+    xp = _padded_input(x, cache, time_padding)
+    if upsample > 1:
+        xp = torch.nn.functional.interpolate(xp, scale_factor=(1, upsample, upsample), mode="nearest")
+    top, bottom, left, right = padding
+    if top != bottom or left != right:
+        xp = torch.nn.functional.pad(xp, (left, right, top, bottom))
+        top = left = 0
+    y = torch.nn.functional.conv3d(xp, weight, bias, stride=stride, padding=(0, top, left))
+    if residual is not None:
+        y = y + residual
+    return y, new_cache_ref(x, cache, time_padding)
+
+
+register_backend(
+    Backend(
+        "causal_conv3d",
+        "cudnn",
+        causal_conv3d_cudnn,
+        devices=("cuda", "cpu"),
+        dtypes=FLOAT_DTYPES,
+        auto_devices=("cuda",),  # on CPUs the reference (fp32 math) stays the default
+    )
+)
+
+
+# ---- triton backend: kernels/conv3d.py ----------------------------------------------------------
+
+if triton_missing() is None:
+    from fastdit.kernels.conv3d import conv3d_forward
+
+    @torch.library.triton_op("fastdit::causal_conv3d_triton", mutates_args=())
+    def causal_conv3d_triton(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        cache: torch.Tensor | None,
+        stride: list[int],
+        padding: list[int],
+        time_padding: int,
+        upsample: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
+        y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape)
+        return y, new_cache_ref(x, cache, time_padding)
+
+    def _fake_triton(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
+        y, new_cache = _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsample)
+        return y.contiguous(memory_format=torch.channels_last_3d), new_cache
+
+    interpreter_fake(causal_conv3d_triton, _fake_triton)
+    causal_conv3d_triton.register_autograd(_backward, setup_context=_setup)
+    register_triton_backend("causal_conv3d", causal_conv3d_triton)
+else:
+    register_triton_backend("causal_conv3d", None)
+
+set_priority("causal_conv3d", ["cudnn", "triton", "reference"])
+
+
+# ---- public op ----------------------------------------------------------------------------------
 
 
 def _triple(name, value) -> list[int]:
@@ -67,32 +165,46 @@ def _triple(name, value) -> list[int]:
     return vals
 
 
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def causal_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     stride: int | tuple[int, int, int] = 1,
-    padding: tuple[int, int] = (0, 0),
+    padding: tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     cache: torch.Tensor | None = None,
+    time_padding: int | None = None,
+    upsample: int = 1,
+    residual: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D convolution, causal in time: ``kt - 1`` zero frames in front, none behind.
+    """3D convolution, causal in time: ``time_padding`` frames in front (default ``kt - 1``), none behind.
 
     Args:
-        x: ``(B, Cin, T, H, W)`` in any memory format; fp16 / bf16 / fp32 / fp64; ``T >= 1``.
-        weight: ``(Cout, Cin, kt, kh, kw)``, x's dtype.
+        x: ``(B, Cin, T, H, W)`` in any memory format (channels-last-3d is the fast one);
+            fp16 / bf16 / fp32 / fp64.
+        weight: ``(Cout, Cin, kt, kh, kw)``, x's dtype, any memory format.
         bias: ``(Cout,)`` or None.
         stride: int or ``(st, sh, sw)``.
-        padding: ``(p_h, p_w)`` spatial zero padding on both sides.
-        cache: ``(B, Cin, c, H, W)`` with ``c <= kt - 1``: the last input frames of the previous
-            chunk; they replace the last ``c`` of the zero frames (streaming). None at the start.
-        backend: force a backend; default the dispatcher's choice.
+        padding: spatial zero padding, ``(p_h, p_w)`` on both sides or ``(top, bottom, left, right)``.
+        cache: ``(B, Cin, c, H, W)`` with ``c <= time_padding``: the last input frames of the
+            previous chunk; they replace the last ``c`` of the zero frames (streaming). None at the start.
+        time_padding: front frames (zeros or cache); default ``kt - 1``. With fewer (the VAE's
+            temporal downsampler uses 1 cached frame and stride 2) the output has
+            ``(T + time_padding - kt) // st + 1`` frames.
+        upsample: nearest spatial upsampling of x (and the cache) by this factor before the conv,
+            fused into the ``triton`` kernel's loads (the VAE's 2x upsamplers).
+        residual: a tensor of the output's shape added after the bias (fused in ``triton``).
+        backend: force a backend (``reference``, ``cudnn``, ``triton``); default the dispatcher's choice.
 
     Returns:
-        ``(y, new_cache)``: ``y (B, Cout, (T-1)//st + 1, H', W')`` in x's dtype, and the last
-        ``kt - 1`` frames of ``cat(cache, x)`` (fewer if fewer exist) to pass to the next chunk.
-        ``new_cache`` carries no gradient.
+        ``(y, new_cache)``: ``y (B, Cout, T', H', W')`` in x's dtype (channels-last-3d from
+        ``triton``), and the last ``time_padding`` frames of ``cat(cache, x)`` (fewer if fewer
+        exist, a copy) to pass to the next chunk. ``new_cache`` carries no gradient.
     """
     check_tensor("x", x, ndims=(5,))
     check_tensor("weight", weight, ndims=(5,), device=x.device)
@@ -108,20 +220,36 @@ def causal_conv3d(
             raise ValueError(f"bias must have shape (Cout,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     strides = _triple("stride", stride)
     pads = list(padding)
-    if len(pads) != 2 or any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in pads):
-        raise ValueError(f"padding must be two non-negative ints (p_h, p_w), got {padding!r}")
+    if len(pads) not in (2, 4) or not all(_nonneg_int(p) for p in pads):
+        raise ValueError(
+            f"padding must be two non-negative ints (p_h, p_w) or four (top, bottom, left, right), got {padding!r}"
+        )
+    pads = [pads[0], pads[0], pads[1], pads[1]] if len(pads) == 2 else pads
+    if not isinstance(upsample, int) or isinstance(upsample, bool) or upsample < 1:
+        raise ValueError(f"upsample must be a positive int, got {upsample!r}")
     kt, kh, kw = weight.shape[2:]
-    if height + 2 * pads[0] < kh or width + 2 * pads[1] < kw:
+    front = kt - 1 if time_padding is None else time_padding
+    if not _nonneg_int(front):
+        raise ValueError(f"time_padding must be a non-negative int, got {time_padding!r}")
+    if frames + front < kt:
+        raise ValueError(f"x has {frames} frames; with time_padding {front} that is fewer than the kernel's kt = {kt}")
+    if height * upsample + pads[0] + pads[1] < kh or width * upsample + pads[2] + pads[3] < kw:
         raise ValueError(f"x {tuple(x.shape)} with padding {tuple(pads)} is smaller than the kernel {(kh, kw)}")
     if cache is not None:
         check_tensor("cache", cache, ndims=(5,), device=x.device)
         check_same_dtype(("x", "cache"), (x, cache))
-        if cache.shape[:2] != x.shape[:2] or cache.shape[3:] != x.shape[3:] or cache.shape[2] > kt - 1:
+        if cache.shape[:2] != x.shape[:2] or cache.shape[3:] != x.shape[3:] or cache.shape[2] > front:
             raise ValueError(
-                f"cache must be (B, Cin, c <= kt-1 = {kt - 1}, H, W) = ({batch}, {cin}, <= {kt - 1}, {height}, "
-                f"{width}), got {tuple(cache.shape)}"
+                f"cache must be (B, Cin, c <= time_padding = {front}, H, W) = ({batch}, {cin}, <= {front}, "
+                f"{height}, {width}), got {tuple(cache.shape)}"
             )
+    if residual is not None:
+        check_tensor("residual", residual, ndims=(5,), device=x.device)
+        check_same_dtype(("x", "residual"), (x, residual))
+        expect = output_shape(x.shape, weight.shape, strides, pads, front, upsample)
+        if tuple(residual.shape) != expect:
+            raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
     impl = select_backend(
         "causal_conv3d", {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": strides}, backend
     )
-    return impl.fn(x, weight, bias, strides, pads, cache)
+    return impl.fn(x, weight, bias, residual, cache, strides, pads, front, upsample)

@@ -22,7 +22,7 @@ import torch
 
 logger = logging.getLogger("fastdit")
 
-BACKEND_NAMES = ("cuda", "triton", "reference")
+BACKEND_NAMES = ("cuda", "triton", "cudnn", "reference")
 # Until an H100 benchmark decides per op, Triton (proven under the interpreter) goes before the
 # CUDA kernels (compiled in CI, not yet run on a GPU). set_priority overrides per op.
 DEFAULT_PRIORITY = ("triton", "cuda", "reference")

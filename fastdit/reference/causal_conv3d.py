@@ -1,10 +1,12 @@
 """Causal 3D convolution (Wan 2.1 VAE semantics), whole-clip and streaming, forward and backward.
 
-The time axis is padded in front with ``kt - 1`` frames: zeros, of which the last ones are
-replaced by ``cache`` (the last <= kt - 1 input frames of the previous chunk) when streaming.
-Height and width get ``padding = (p_h, p_w)`` zeros on both sides. ``new_cache`` is the last
-``kt - 1`` frames of ``cat(cache, x)`` (fewer if fewer exist), so chunked calls equal one call on
-the whole clip. Math in float32 (float64 kept), output in x.dtype; new_cache keeps x's values.
+The time axis is padded in front with ``p_t`` frames (default ``kt - 1``): zeros, of which the
+last ones are replaced by ``cache`` (the last <= p_t input frames of the previous chunk) when
+streaming. ``upsample = u`` first repeats every pixel of every frame u x u (nearest upsampling,
+the VAE's upsamplers). Height and width then get ``padding = (top, bottom, left, right)`` zeros.
+``residual`` (the output's shape) is added after the bias. ``new_cache`` is the last ``p_t``
+frames of ``cat(cache, x)`` (fewer if fewer exist), so chunked calls equal one call on the whole
+clip. Math in float32 (float64 kept), output in x.dtype; new_cache keeps x's values.
 """
 
 import torch
@@ -17,20 +19,38 @@ def _triple(v: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)
 
 
-def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, kt: int) -> tuple[torch.Tensor, int]:
-    """cat(zeros, cache, x) along time with kt - 1 frames in front of x; returns it and #zero frames."""
-    front = [] if cache is None else [cache]
-    cached = 0 if cache is None else cache.shape[2]
-    zeros = max(0, kt - 1 - cached)
+def _four(padding) -> tuple[int, int, int, int]:
+    """(p_h, p_w) -> (p_h, p_h, p_w, p_w); (top, bottom, left, right) as it is."""
+    return (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else tuple(padding)
+
+
+def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, front: int) -> torch.Tensor:
+    """cat(zeros, cache, x) along time with ``front`` frames in front of x."""
+    parts = [] if cache is None else [cache]
+    zeros = max(0, front - (0 if cache is None else cache.shape[2]))
     if zeros:
-        front.insert(0, x.new_zeros((x.shape[0], x.shape[1], zeros, *x.shape[3:])))
-    return torch.cat([*front, x], dim=2) if front else x, zeros
+        parts.insert(0, x.new_zeros((x.shape[0], x.shape[1], zeros, *x.shape[3:])))
+    return torch.cat([*parts, x], dim=2) if parts else x
 
 
-def _new_cache(x: torch.Tensor, cache: torch.Tensor | None, kt: int) -> torch.Tensor:
-    keep = kt - 1
-    frames = x if cache is None else torch.cat([cache, x], dim=2)
-    return frames[:, :, max(0, frames.shape[2] - keep) :].clone() if keep else frames[:, :, :0].clone()
+def new_cache_ref(x: torch.Tensor, cache: torch.Tensor | None, keep: int) -> torch.Tensor:
+    """The last ``keep`` frames of cat(cache, x) (fewer if fewer exist), as a new tensor."""
+    if keep == 0:
+        return x[:, :, :0].clone()
+    if cache is None or x.shape[2] >= keep:
+        return x[:, :, max(0, x.shape[2] - keep) :].clone()
+    frames = torch.cat([cache, x], dim=2)
+    return frames[:, :, max(0, frames.shape[2] - keep) :].clone()
+
+
+def _conv(x, weight, bias, residual, cache, stride, padding, front, upsample):
+    """The causal conv in the dtype of its inputs (the callers upcast)."""
+    xp = _padded_input(x, cache, front)
+    if upsample > 1:
+        xp = xp.repeat_interleave(upsample, dim=3).repeat_interleave(upsample, dim=4)
+    top, bottom, left, right = _four(padding)
+    y = F.conv3d(F.pad(xp, (left, right, top, bottom)), weight, bias, stride=_triple(stride))
+    return y if residual is None else y + residual
 
 
 def causal_conv3d_ref(
@@ -39,21 +59,27 @@ def causal_conv3d_ref(
     bias: torch.Tensor | None = None,
     *,
     stride: int | tuple[int, int, int] = 1,
-    padding: tuple[int, int] | list[int] = (0, 0),
+    padding=(0, 0),
+    time_padding: int | None = None,
+    upsample: int = 1,
+    residual: torch.Tensor | None = None,
     cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, Cin, T, H, W), weight (Cout, Cin, kt, kh, kw), cache (B, Cin, <= kt-1, H, W) -> (y, new_cache)."""
-    kt = weight.shape[2]
+    """x (B, Cin, T, H, W), weight (Cout, Cin, kt, kh, kw), cache (B, Cin, <= p_t, H, W) -> (y, new_cache)."""
+    front = weight.shape[2] - 1 if time_padding is None else time_padding
     acc = torch.promote_types(x.dtype, torch.float32)
-    xp, _ = _padded_input(x.to(acc), None if cache is None else cache.to(acc), kt)
-    y = F.conv3d(
-        xp,
+    y = _conv(
+        x.to(acc),
         upcast(weight),
         None if bias is None else upcast(bias),
-        stride=_triple(stride),
-        padding=(0, padding[0], padding[1]),
+        None if residual is None else residual.to(acc),
+        None if cache is None else cache.to(acc),
+        stride,
+        padding,
+        front,
+        upsample,
     )
-    return y.to(x.dtype), _new_cache(x, cache, kt)
+    return y.to(x.dtype), new_cache_ref(x, cache, front)
 
 
 def causal_conv3d_bwd_ref(
@@ -63,28 +89,19 @@ def causal_conv3d_bwd_ref(
     bias: torch.Tensor | None,
     *,
     stride: int | tuple[int, int, int] = 1,
-    padding: tuple[int, int] | list[int] = (0, 0),
+    padding=(0, 0),
+    time_padding: int | None = None,
+    upsample: int = 1,
+    residual: torch.Tensor | None = None,
     cache: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dx, dweight, dbias, dcache) of causal_conv3d_ref's y (new_cache carries none)."""
-    kt = weight.shape[2]
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dx, dweight, dbias, dresidual, dcache) of causal_conv3d_ref's y; None for absent inputs."""
+    front = weight.shape[2] - 1 if time_padding is None else time_padding
     acc = torch.promote_types(x.dtype, torch.float32)
-    xp, zeros = _padded_input(x.to(acc), None if cache is None else cache.to(acc), kt)
-    w = weight.to(acc)
-    d_xp, d_w, d_b = torch.ops.aten.convolution_backward(
-        grad.to(acc),
-        xp,
-        w,
-        None if bias is None else [w.shape[0]],
-        list(_triple(stride)),
-        [0, padding[0], padding[1]],
-        [1, 1, 1],
-        False,
-        [0, 0, 0],
-        1,
-        [True, True, bias is not None],
-    )
-    cached = 0 if cache is None else cache.shape[2]
-    dx = d_xp[:, :, zeros + cached :]
-    d_cache = None if cache is None else d_xp[:, :, zeros : zeros + cached].to(cache.dtype)
-    return dx.to(x.dtype), d_w.to(weight.dtype), None if bias is None else d_b.to(bias.dtype), d_cache
+    inputs = (x, weight, bias, residual, cache)
+    leaves = [None if t is None else t.detach().to(acc).requires_grad_() for t in inputs]
+    with torch.enable_grad():
+        y = _conv(*leaves, stride, padding, front, upsample)
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, present, grad.to(acc)))
+    return tuple(None if t is None else next(grads).to(t.dtype) for t in inputs)

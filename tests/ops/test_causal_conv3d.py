@@ -100,8 +100,9 @@ def test_causal_conv3d_gradcheck():
 def test_causal_conv3d_opcheck():
     x, cache = torch.randn(1, 2, 3, 4, 5, requires_grad=True), torch.randn(1, 2, 2, 4, 5, requires_grad=True)
     weight, bias = torch.randn(3, 2, 3, 3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
-    torch.library.opcheck(causal_conv3d_reference, (x, weight, bias, [1, 1, 1], [1, 1], cache))
-    torch.library.opcheck(causal_conv3d_reference, (x, weight, None, [1, 2, 2], [1, 1], None))
+    res = torch.randn(1, 3, 3, 4, 5, requires_grad=True)
+    torch.library.opcheck(causal_conv3d_reference, (x, weight, bias, res, cache, [1, 1, 1], [1, 1, 1, 1], 2, 1))
+    torch.library.opcheck(causal_conv3d_reference, (x, weight, None, None, None, [1, 2, 2], [1, 1, 0, 1], 2, 2))
 
 
 def test_causal_conv3d_compiled_matches_eager():
@@ -126,6 +127,14 @@ def test_causal_conv3d_compiled_matches_eager():
         (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(Cout,\)"),
         (dict(stride=0), ValueError, "stride must be a positive int"),
         (dict(padding=(1,)), ValueError, "padding must be two"),
+        (dict(padding=(1, 1, 1)), ValueError, "or four"),
+        (dict(upsample=0), ValueError, "upsample must be a positive int"),
+        (dict(time_padding=-1), ValueError, "time_padding must be a non-negative int"),
+        (dict(x=torch.randn(1, 2, 1, 4, 5), time_padding=1), ValueError, "fewer than the kernel's kt"),
+        (dict(cache=torch.randn(1, 2, 2, 4, 5), time_padding=1), ValueError, "cache must be"),
+        (dict(residual=torch.randn(1, 3, 3, 4, 5)), ValueError, "residual must have the output's shape"),
+        (dict(residual=torch.randn(1, 3, 3, 2, 3).half()), TypeError, "x and residual must share one dtype"),
+        (dict(backend="cuda"), ValueError, "does not exist for this op"),
         (dict(cache=torch.randn(1, 2, 3, 4, 5)), ValueError, "cache must be"),
         (dict(cache=torch.randn(1, 2, 2, 4, 4)), ValueError, "cache must be"),
         (dict(x=torch.randn(1, 2, 3, 2, 2)), ValueError, "smaller than the kernel"),

@@ -1,0 +1,84 @@
+"""RMS norm over channels, optionally fused with SiLU: the Wan VAE's ``silu(RMS_norm(x))``."""
+
+import torch
+
+from fastdit.kernels import triton_missing
+from fastdit.ops._common import interpreter_fake, register_triton_backend
+from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
+from fastdit.reference.norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
+
+
+def _setup(ctx, inputs, output):
+    x, weight, ctx.eps, ctx.silu = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx, dweight = rms_norm_silu_bwd_ref(grad, x, weight, eps=ctx.eps, silu=ctx.silu)
+    return dx, dweight, None, None
+
+
+@torch.library.custom_op("fastdit::rms_norm_silu_reference", mutates_args=())
+def rms_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
+    return rms_norm_silu_ref(x, weight, eps=eps, silu=silu)
+
+
+rms_norm_silu_reference.register_fake(lambda x, weight, eps, silu: torch.empty_like(x))
+rms_norm_silu_reference.register_autograd(_backward, setup_context=_setup)
+register_backend(Backend("rms_norm_silu", "reference", rms_norm_silu_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, ...) with channels moved last: a view when x is channels-last, else a copy."""
+    rows = x.movedim(1, -1)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+if triton_missing() is None:
+    from fastdit.kernels.norm_silu import rms_norm_silu_forward
+
+    @torch.library.triton_op("fastdit::rms_norm_silu_triton", mutates_args=())
+    def rms_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
+        rows = _channels_last_rows(x)
+        out = rms_norm_silu_forward(rows.view(-1, x.shape[1]), weight, eps, silu)
+        return out.view(rows.shape).movedim(-1, 1)
+
+    interpreter_fake(
+        rms_norm_silu_triton, lambda x, weight, eps, silu: torch.empty_like(_channels_last_rows(x)).movedim(-1, 1)
+    )
+    rms_norm_silu_triton.register_autograd(_backward, setup_context=_setup)
+    register_triton_backend("rms_norm_silu", rms_norm_silu_triton)
+else:
+    register_triton_backend("rms_norm_silu", None)
+
+
+def rms_norm_silu(
+    x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-12, silu: bool = True, backend: str | None = None
+) -> torch.Tensor:
+    """``silu(x / max(||x||_C, eps) * sqrt(C) * weight)``, the L2 norm taken over channels (dim 1).
+
+    Args:
+        x: ``(B, C, ...)`` (for the VAE ``(B, C, T, H, W)``), any memory format; channels-last
+            is the fast one (the ``triton`` kernel reads rows of contiguous channels and copies
+            any other layout first). fp16 / bf16 / fp32 / fp64.
+        weight: ``(C,)`` (gamma), x's dtype; any shape with C elements is flattened.
+        eps: lower bound of the norm (``F.normalize``'s, 1e-12 by default, as in Wan).
+        silu: apply SiLU after the norm (Wan's residual blocks and output heads); False gives the plain RMS norm.
+        backend: force a backend; default the dispatcher's choice.
+
+    Returns:
+        ``(B, C, ...)`` in x's dtype; channels-last from ``triton``. Statistics and math in fp32.
+    """
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, C, ...) with at least 2 dims, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, device=x.device)
+    check_same_dtype(("x", "weight"), (x, weight))
+    if weight.numel() != x.shape[1]:
+        raise ValueError(f"weight must have C = {x.shape[1]} elements, got shape {tuple(weight.shape)}")
+    if not isinstance(eps, float | int) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    impl = select_backend("rms_norm_silu", {"device": x.device, "dtype": x.dtype}, backend)
+    return impl.fn(x, weight.reshape(-1), float(eps), bool(silu))

@@ -1,0 +1,262 @@
+"""The fast backends of causal_conv3d (triton: implicit GEMM; cudnn: torch's conv3d) and of
+rms_norm_silu, against float64 oracles built without any conv kernel (CPU: Triton under
+TRITON_INTERPRET=1; GPU: -m gpu in bf16 at VAE shapes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdit import ops
+from fastdit.ops.causal_conv3d import causal_conv3d_triton
+from fastdit.ops.norm_silu import rms_norm_silu_triton
+from tests.conftest import CPU_BACKENDS, rel_err
+
+needs_triton = [
+    pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
+    pytest.mark.triton_cpu,
+]
+FAST = [pytest.param("triton", marks=needs_triton), "cudnn"]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not torch.cuda.is_available()
+    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+)
+
+
+def oracle(x, weight, bias=None, *, stride=(1, 1, 1), padding=(0, 0, 0, 0), front=None, upsample=1, cache=None,
+           residual=None):  # fmt: skip
+    """float64 sum over taps of shifted windows times weight taps; ``front`` frames before x, the
+    last of which are ``cache``; x (and cache) nearest-upsampled, then padded (top, bottom, left, right)."""
+    kt, kh, kw = weight.shape[2:]
+    front = kt - 1 if front is None else front
+    x = x.double()
+    cached = 0 if cache is None else cache.shape[2]
+    parts = [torch.zeros(x.shape[0], x.shape[1], front - cached, *x.shape[3:], dtype=torch.float64)]
+    xp = torch.cat([*parts, *([] if cache is None else [cache.double()]), x], dim=2)
+    xp = xp.repeat_interleave(upsample, 3).repeat_interleave(upsample, 4)
+    top, bottom, left, right = padding
+    xp = F.pad(xp, (left, right, top, bottom))
+    st, sh, sw = stride
+    t_out, h_out, w_out = ((xp.shape[2 + i] - k) // s + 1 for i, (k, s) in enumerate(zip((kt, kh, kw), stride)))
+    y = torch.zeros(x.shape[0], weight.shape[0], t_out, h_out, w_out, dtype=torch.float64)
+    for a in range(kt):
+        for b in range(kh):
+            for c in range(kw):
+                window = xp[:, :, a : a + st * t_out : st, b : b + sh * h_out : sh, c : c + sw * w_out : sw]
+                y += torch.einsum("bitxy,oi->botxy", window, weight[:, :, a, b, c].double())
+    if bias is not None:
+        y += bias.double()[None, :, None, None, None]
+    return y if residual is None else y + residual.double()
+
+
+# (kernel, stride, padding (top, bottom, left, right), time_padding, upsample, cached frames):
+# every conv of the Wan VAE, plus odd strides and paddings.
+CASES = [
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1, 1), None, 1, 0),  # residual-block conv, first chunk
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1, 1), None, 1, 1),  # ... after a one-frame chunk
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1, 1), None, 1, 2),  # ... streaming
+    ((1, 1, 1), (1, 1, 1), (0, 0, 0, 0), None, 1, 0),  # shortcut / quant convs
+    ((1, 3, 3), (1, 2, 2), (0, 1, 0, 1), None, 1, 0),  # spatial downsampler (ZeroPad2d(0, 1, 0, 1))
+    ((1, 3, 3), (1, 1, 1), (1, 1, 1, 1), None, 2, 0),  # spatial upsampler: nearest 2x fused
+    ((3, 1, 1), (2, 1, 1), (0, 0, 0, 0), 1, 1, 1),  # temporal downsampler: one cached frame, stride 2
+    ((3, 1, 1), (1, 1, 1), (0, 0, 0, 0), None, 1, 2),  # temporal upsampler's conv
+    ((3, 3, 3), (2, 1, 2), (0, 1, 2, 0), None, 1, 0),
+    ((2, 3, 1), (1, 2, 1), (1, 0, 0, 0), None, 1, 1),
+]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[0]}s{c[1]}p{c[2]}tp{c[3]}u{c[4]}c{c[5]}")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_conv_matches_oracle(backend, dtype, case, channels_last, poison_outputs):
+    kernel, stride, padding, time_padding, up, cached = case
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 4, 6, 7).to(dtype).to(memory_format=fmt)
+    weight = (torch.randn(11, 5, *kernel) / 4).to(dtype)
+    bias = torch.randn(11).to(dtype)
+    cache = torch.randn(2, 5, cached, 6, 7).to(dtype) if cached else None
+    kw = dict(stride=stride, padding=padding, time_padding=time_padding, upsample=up, cache=cache)
+    y, new_cache = ops.causal_conv3d(x, weight, bias, backend=backend, **kw)
+    expect = oracle(x, weight, bias, stride=stride, padding=padding, front=time_padding, upsample=up, cache=cache)
+    assert y.dtype == dtype and y.shape == expect.shape
+    torch.testing.assert_close(y.double(), expect, atol=TOL[dtype] * 20, rtol=TOL[dtype])
+    ref_y, ref_cache = ops.causal_conv3d(x, weight, bias, backend="reference", **kw)
+    assert torch.equal(new_cache, ref_cache)
+    residual = torch.randn(expect.shape).to(dtype)
+    y_res, _ = ops.causal_conv3d(x, weight, bias, residual=residual, backend=backend, **kw)
+    torch.testing.assert_close(y_res.double(), expect + residual.double(), atol=TOL[dtype] * 20, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("cin, cout", [(3, 8), (16, 40), (40, 16), (70, 33)])
+def test_fast_conv_channel_counts(backend, cin, cout, poison_outputs):
+    """Channel counts below, at and across BLOCK_K / BLOCK_N, not powers of two (the VAE's 3 -> 96 input conv)."""
+    x = torch.randn(1, cin, 3, 5, 4).to(memory_format=torch.channels_last_3d)
+    weight, bias = torch.randn(cout, cin, 3, 3, 3) / cin, torch.randn(cout)
+    y, _ = ops.causal_conv3d(x, weight, bias, padding=(1, 1), backend=backend)
+    torch.testing.assert_close(y.double(), oracle(x, weight, bias, padding=(1, 1, 1, 1)), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_conv_streaming_equals_whole_clip(backend):
+    x = torch.randn(1, 6, 9, 5, 6).to(memory_format=torch.channels_last_3d)
+    weight, bias = torch.randn(4, 6, 3, 3, 3) / 8, torch.randn(4)
+    whole, _ = ops.causal_conv3d(x, weight, bias, padding=(1, 1), backend=backend)
+    outs, cache, start = [], None, 0
+    for n in (1, 4, 1, 3):
+        y, cache = ops.causal_conv3d(x[:, :, start : start + n], weight, bias, padding=(1, 1), cache=cache,
+                                     backend=backend)  # fmt: skip
+        outs.append(y)
+        start += n
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_conv_gradients_match_reference(backend):
+    d = dict(dtype=torch.float64 if backend == "cudnn" else torch.float32)
+    x, cache = torch.randn(1, 3, 3, 4, 5, **d), torch.randn(1, 3, 2, 4, 5, **d)
+    weight, bias, res = torch.randn(4, 3, 3, 3, 3, **d), torch.randn(4, **d), torch.randn(1, 4, 3, 8, 10, **d)
+    grad = torch.randn(1, 4, 3, 8, 10, **d)
+
+    def grads(name):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, res, cache)]
+        y, _ = ops.causal_conv3d(leaves[0], leaves[1], leaves[2], padding=(1, 1), upsample=2, residual=leaves[3],
+                                 cache=leaves[4], backend=name)  # fmt: skip
+        return torch.autograd.grad(y, leaves, grad)
+
+    for got, want in zip(grads(backend), grads("reference")):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fast_conv_rejected_dtype_and_forced_reasons(backend):
+    if backend == "triton" and "triton" not in CPU_BACKENDS:
+        pytest.skip("triton is not installed")
+    x, weight = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64), torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
+    if backend == "triton":
+        with pytest.raises(ops.BackendNotSupportedError, match="dtype float64"):
+            ops.causal_conv3d(x, weight, backend="triton")
+    else:
+        ops.causal_conv3d(x, weight, backend="reference")  # every dtype
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
+def test_triton_conv_opcheck(backend):
+    x, cache = torch.randn(1, 4, 3, 4, 5), torch.randn(1, 4, 2, 4, 5)
+    weight, bias, res = torch.randn(8, 4, 3, 3, 3), torch.randn(8), torch.randn(1, 8, 3, 4, 5)
+    for args in (
+        (x, weight, bias, res, cache, [1, 1, 1], [1, 1, 1, 1], 2, 1),
+        (x, weight[:, :, :1], None, None, None, [1, 2, 2], [0, 1, 0, 1], 0, 1),
+        (x, weight, bias, None, None, [1, 1, 1], [1, 1, 1, 1], 2, 2),
+    ):
+        torch.library.opcheck(causal_conv3d_triton, args, test_utils=OPCHECK_UTILS)
+
+
+# ---- rms_norm_silu ---------------------------------------------------------------------------------
+
+
+def norm_silu_oracle(x, gamma, silu=True, eps=1e-12):
+    x = x.double()
+    norm = x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(eps)
+    y = x / norm * x.shape[1] ** 0.5 * gamma.double().reshape(1, -1, *([1] * (x.dim() - 2)))
+    return y * torch.sigmoid(y) if silu else y
+
+
+NORM_BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", NORM_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels", [3, 24, 96, 100])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_rms_norm_silu_matches_oracle(backend, dtype, channels, silu, channels_last, poison_outputs):
+    x = (torch.randn(2, channels, 3, 5, 4) * 3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    gamma = (torch.rand(channels) + 0.5).to(dtype)
+    out = ops.rms_norm_silu(x, gamma, silu=silu, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, silu), atol=TOL[dtype] * 10, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", NORM_BACKENDS)
+def test_rms_norm_silu_images_zero_rows_and_gradients(backend):
+    x = torch.randn(3, 16, 5, 7)  # 4D: the VAE attention's per-frame norm
+    x[1, :, 2, 3] = 0.0  # a zero pixel: the eps clamp keeps it finite
+    gamma = torch.rand(16) + 0.5
+    out = ops.rms_norm_silu(x, gamma.reshape(16, 1, 1), silu=False, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, False), atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 16, 5, 7)  # gradients away from the norm's kink at zero
+    xs, gs = x.double().requires_grad_(), gamma.double().requires_grad_()
+    xs32, gs32 = x.clone().requires_grad_(), gamma.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    got = torch.autograd.grad(ops.rms_norm_silu(xs32, gs32, backend=backend), (xs32, gs32), grad)
+    want = torch.autograd.grad(norm_silu_oracle(xs, gs), (xs, gs), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
+def test_rms_norm_silu_triton_opcheck(backend):
+    x = torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    for args in ((x, torch.rand(8), 1e-12, True), (x.contiguous(), torch.rand(8), 1e-6, False)):
+        torch.library.opcheck(rms_norm_silu_triton, args, test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=torch.randn(4)), ValueError, "at least 2 dims"),
+        (dict(weight=torch.randn(5)), ValueError, "weight must have C = 4"),
+        (dict(weight=torch.randn(4).double()), TypeError, "x and weight must share one dtype"),
+        (dict(eps=0.0), ValueError, "eps must be a positive number"),
+        (dict(backend="cuda"), ValueError, "does not exist for this op"),
+    ],
+)
+def test_rms_norm_silu_bad_input(kwargs, error, match):
+    x, weight = kwargs.pop("x", torch.randn(2, 4, 3)), kwargs.pop("weight", torch.randn(4))
+    with pytest.raises(error, match=match):
+        ops.rms_norm_silu(x, weight, **kwargs)
+
+
+# ---- GPU: bf16 at VAE shapes, compiled --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cudnn"])
+@pytest.mark.parametrize(
+    "cin, cout, frames, hw, kernel, up",
+    [(384, 384, 2, (30, 52), (3, 3, 3), 1), (16, 384, 2, (30, 52), (3, 3, 3), 1), (96, 96, 2, (120, 208), (3, 3, 3), 1),
+     (192, 96, 2, (60, 104), (1, 3, 3), 2), (3, 96, 1, (60, 104), (3, 3, 3), 1)],
+)  # fmt: skip
+def test_fast_conv_cuda_bf16(backend, cin, cout, frames, hw, kernel, up):
+    x = torch.randn(1, cin, frames, *hw, device="cuda").bfloat16().to(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(cout, cin, *kernel, device="cuda") / (cin * 3) ** 0.5).bfloat16()
+    cache = torch.randn(1, cin, 2, *hw, device="cuda").bfloat16()
+    kw = dict(padding=(1, 1), upsample=up, cache=cache if kernel[0] == 3 else None)
+    y, _ = ops.causal_conv3d(x, weight, backend=backend, **kw)
+    expect, _ = ops.causal_conv3d(x.double(), weight.double(), cache=None if kw["cache"] is None else cache.double(),
+                                  padding=(1, 1), upsample=up, backend="reference")  # fmt: skip
+    ours = rel_err(y, expect)
+    sdpa_like, _ = ops.causal_conv3d(x, weight, backend="cudnn", **kw)  # cuDNN's own bf16 error sets the bar
+    assert ours <= 2 * max(rel_err(sdpa_like, expect), 1e-3), ours
+
+
+@pytest.mark.gpu
+def test_fast_ops_compile_fullgraph_cuda():
+    x = torch.randn(1, 96, 4, 32, 48, device="cuda").bfloat16().to(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(96, 96, 3, 3, 3, device="cuda") / 50).bfloat16()
+    gamma = torch.ones(96, device="cuda").bfloat16()
+
+    def block(x):
+        h = ops.rms_norm_silu(x, gamma, backend="triton")
+        y, cache = ops.causal_conv3d(h, weight, padding=(1, 1), residual=x, backend="triton")
+        return y, cache
+
+    compiled = torch.compile(block, fullgraph=True)
+    for got, want in zip(compiled(x), block(x)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
