@@ -4,8 +4,8 @@ Each benchmark module has ``add_arguments(parser)`` and ``run(args, device) -> R
 are written as JSON rows (and a PNG) under ``benchmarks/results/`` by default.
 """
 
-from fastdit.benchmarks import attention, dit_step, memory_ops, vae
+from fastdit.benchmarks import attention, dit_step, memory_ops, vae, vae_ops
 
-SUITE = {"memory_ops": memory_ops, "attention": attention, "dit_step": dit_step, "vae": vae}
+SUITE = {"memory_ops": memory_ops, "attention": attention, "dit_step": dit_step, "vae": vae, "vae_ops": vae_ops}
 
 __all__ = ["SUITE"]

@@ -1,8 +1,10 @@
 """Causal VAE decode and encode, provider by provider: time and peak memory.
 
-Providers: fastdit's CausalVAE eager and with its encoder / decoder under torch.compile, and
-diffusers' AutoencoderKLWan (eager and compiled) where diffusers is installed; random weights,
-the same config for all. Defaults: CUDA bf16 at Wan 2.1 size, decode of a 21x60x104 latent
+Providers: fastdit's CausalVAE eager on the dispatcher's backends (``fastdit-eager``), with every
+conv on the Triton implicit GEMM (``fastdit-triton``), with its encoder / decoder under
+torch.compile, and diffusers' AutoencoderKLWan (eager and compiled) where diffusers is
+installed; random weights, the same config for all. fastdit runs channels-last-3d.
+Defaults: CUDA bf16 at Wan 2.1 size, decode of a 21x60x104 latent
 (-> 81 frames of 480x832) and encode of that video; CPU: the tiny preset at 9 frames of 64x96.
 """
 
@@ -15,7 +17,7 @@ import torch
 from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
 from fastdit.models.vae import VAE_PRESETS, CausalVAE
 
-PROVIDERS = ("fastdit-eager", "fastdit-compile", "diffusers-eager", "diffusers-compile")
+PROVIDERS = ("fastdit-eager", "fastdit-triton", "fastdit-compile", "diffusers-eager", "diffusers-compile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             continue
         model = (CausalVAE(config) if family == "fastdit" else _diffusers_vae(config)).to(device, dtype).eval()
         for provider in wanted:
+            if family == "fastdit":
+                if provider == "fastdit-triton" and not cuda:
+                    print("vae: skipping fastdit-triton on CPU (Triton would run in its interpreter)")
+                    continue
+                model.set_backend("triton" if provider == "fastdit-triton" else None)
             if provider.endswith("compile"):
                 model.encoder = torch.compile(model.encoder)
                 model.decoder = torch.compile(model.decoder)

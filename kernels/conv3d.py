@@ -109,16 +109,19 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-# Implicit-GEMM tiles for sm_90 (wgmma wants BLOCK_M >= 64 per warpgroup). Autotuned per
-# (Cin, Cout, kernel, stride, upsample) on GPUs; FASTDIT_CONV_AUTOTUNE=0 keeps _tiles.
+# Implicit-GEMM tiles for sm_90 (wgmma wants BLOCK_M >= 64 per warpgroup). Each one compiles to
+# wgmma with no spills (tests/kernels/test_compile_sm90.py); 256-row tiles and 128 x 64 on four
+# warps spilled 144-584 bytes and were dropped. Autotuned per (Cin, Cout, kernel, stride,
+# upsample) on GPUs; FASTDIT_CONV_AUTOTUNE=0 keeps _tiles.
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for m, n, k, w, s in (
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+        (128, 64, 32, 4, 4),
         (64, 128, 64, 4, 3),
-        (256, 128, 32, 8, 3),
+        (64, 64, 64, 4, 4),
         (128, 32, 16, 4, 4),
         (128, 128, 16, 8, 4),
         (128, 64, 16, 4, 4),
@@ -140,8 +143,14 @@ def _tiles(cin: int, cout: int) -> dict:
     block_k = min(64, max(16, triton.next_power_of_2(cin)))
     block_n = min(128, max(16 if interpreting() else 32, triton.next_power_of_2(cout)))
     if interpreting():
-        return dict(BLOCK_M=64, BLOCK_N=min(block_n, 32), BLOCK_K=min(block_k, 32))
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 128 else 4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=min(block_n, 64), BLOCK_K=min(block_k, 32))
+    return dict(
+        BLOCK_M=128,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=8 if block_n >= 128 or block_n * block_k >= 4096 else 4,
+        num_stages=3,
+    )
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:

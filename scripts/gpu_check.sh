@@ -48,7 +48,7 @@ BENCH_ARGS=(--quick)
 {
   echo "fastdit gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   [ -f "$OUT_DIR/gpu_pytest.log" ] && grep -E "passed|failed|error" "$OUT_DIR/gpu_pytest.log" | tail -1
-  [ -f "$OUT_DIR/gpu_bench.log" ] && sed -n '/^\(memory_ops\|attention\|dit_step\) on /,/^wrote /p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
+  [ -f "$OUT_DIR/gpu_bench.log" ] && sed -n '/^\(memory_ops\|attention\|dit_step\|vae\|vae_ops\) on /,/^wrote /p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
   [ ${#failed[@]} -eq 0 ] && echo "all steps passed" || echo "FAILED steps: ${failed[*]}"
 } | tee "$OUT_DIR/gpu_summary.txt"
 [ ${#failed[@]} -eq 0 ]

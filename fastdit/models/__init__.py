@@ -3,11 +3,12 @@
 from fastdit.models.config import PRESETS, DiTConfig, preset
 from fastdit.models.dit import DiT
 from fastdit.models.packing import PackedBatch, patchify, unpatchify
-from fastdit.models.vae import CausalVAE, VAEConfig
+from fastdit.models.vae import CausalVAE, SpatialTiling, VAEConfig
 from fastdit.models.weights import WeightLoadError
 
 __all__ = [
     "CausalVAE",
+    "SpatialTiling",
     "DiT",
     "DiTConfig",
     "PRESETS",

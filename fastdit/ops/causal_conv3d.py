@@ -43,11 +43,12 @@ def output_shape(x_shape, weight_shape, stride, padding, time_padding=None, upsa
     )
 
 
-def _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
-    cached = 0 if cache is None else cache.shape[2]
-    frames = min(time_padding, cached + x.shape[2])
+def _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, layout=torch.contiguous_format):
+    """Outputs of a fixed layout whatever x's (torch.compile plans strides from the fake)."""
     y = x.new_empty(output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample))
-    return y, x.new_empty((x.shape[0], x.shape[1], frames, *x.shape[3:]))
+    frames = min(time_padding, x.shape[2] + (0 if cache is None else cache.shape[2]))
+    new_cache = x.new_empty((x.shape[0], x.shape[1], frames, *x.shape[3:]))
+    return y.contiguous(memory_format=layout), new_cache.contiguous(memory_format=layout)
 
 
 def _setup(ctx, inputs, output):
@@ -80,10 +81,11 @@ def causal_conv3d_reference(
     time_padding: int,
     upsample: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return causal_conv3d_ref(
+    y, new_cache = causal_conv3d_ref(
         x, weight, bias, stride=stride, padding=padding, time_padding=time_padding, upsample=upsample,
         residual=residual, cache=cache,
     )  # fmt: skip
+    return y.contiguous(), new_cache.contiguous()  # contiguous always, as the fake says
 
 
 causal_conv3d_reference.register_fake(_fake)
@@ -140,11 +142,11 @@ if triton_missing() is None:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
         y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape)
-        return y, new_cache_ref(x, cache, time_padding)
+        # Both outputs channels-last-3d always: the next chunk's kernel reads the cache in rows.
+        return y, new_cache_ref(x, cache, time_padding).contiguous(memory_format=torch.channels_last_3d)
 
-    def _fake_triton(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
-        y, new_cache = _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsample)
-        return y.contiguous(memory_format=torch.channels_last_3d), new_cache
+    def _fake_triton(*args):
+        return _fake(*args, layout=torch.channels_last_3d)
 
     interpreter_fake(causal_conv3d_triton, _fake_triton)
     causal_conv3d_triton.register_autograd(_backward, setup_context=_setup)

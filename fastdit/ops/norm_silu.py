@@ -22,10 +22,10 @@ def _backward(ctx, grad):
 
 @torch.library.custom_op("fastdit::rms_norm_silu_reference", mutates_args=())
 def rms_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
-    return rms_norm_silu_ref(x, weight, eps=eps, silu=silu)
+    return rms_norm_silu_ref(x, weight, eps=eps, silu=silu).contiguous()  # fixed layout, as the fake says
 
 
-rms_norm_silu_reference.register_fake(lambda x, weight, eps, silu: torch.empty_like(x))
+rms_norm_silu_reference.register_fake(lambda x, weight, eps, silu: x.new_empty(x.shape))
 rms_norm_silu_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("rms_norm_silu", "reference", rms_norm_silu_reference, devices=None, dtypes=FLOAT_DTYPES))
 

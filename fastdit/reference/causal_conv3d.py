@@ -29,7 +29,10 @@ def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, front: int) -> to
     parts = [] if cache is None else [cache]
     zeros = max(0, front - (0 if cache is None else cache.shape[2]))
     if zeros:
-        parts.insert(0, x.new_zeros((x.shape[0], x.shape[1], zeros, *x.shape[3:])))
+        pad = x.new_zeros((x.shape[0], x.shape[1], zeros, *x.shape[3:]))
+        if x.is_contiguous(memory_format=torch.channels_last_3d):  # keep channels-last through the cat
+            pad = pad.contiguous(memory_format=torch.channels_last_3d)
+        parts.insert(0, pad)
     return torch.cat([*parts, x], dim=2) if parts else x
 
 

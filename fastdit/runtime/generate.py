@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdit.models import DiT
-from fastdit.models.vae import CausalVAE
+from fastdit.models.vae import CausalVAE, SpatialTiling
 from fastdit.runtime import modes
 from fastdit.runtime.sampler import FlowMatchSampler
 
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=0.7, help="v2v: noise level the input is taken to")
     parser.add_argument("--out", default="fastdit_out.mp4", help=".mp4 for video, .png for one frame")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--vae-tiling", action="store_true", help="encode / decode in overlapping 256-pixel tiles (less VAE memory)"
+    )
 
 
 @dataclass
@@ -112,7 +115,9 @@ def run(args) -> dict:
     else:
         torch.manual_seed(args.seed)
         dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
-    dit, vae = dit.to(device, dtype).eval(), vae.to(device).eval()
+    # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
+    dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
+    tiling = SpatialTiling() if args.vae_tiling else None
     text_dim = dit.config.text_dim
     if args.prompt_embeds:
         from safetensors.torch import load_file
@@ -133,7 +138,7 @@ def run(args) -> dict:
     latent_shape = (vae.config.z_dim, 1 + (plan.frames - 1) // TEMPORAL, plan.height // SPATIAL, plan.width // SPATIAL)
     inputs = [_read_video(p, plan.height, plan.width).to(device) for p in args.input]
     with torch.no_grad():
-        latents = [vae.normalize(vae.encode(v[None]))[0].cpu() for v in inputs]
+        latents = [vae.normalize(vae.encode(v[None].to(dtype), tiling=tiling).float())[0].cpu() for v in inputs]
     common = dict(seed=args.seed, negative_text=negative)
     c, t, h, w = latent_shape
     if args.mode == "t2v":
@@ -166,7 +171,7 @@ def run(args) -> dict:
 
     start = time.perf_counter()
     with torch.no_grad():
-        video = vae.decode(vae.denormalize(latent.to(device)[None]).float())[0]
+        video = vae.decode(vae.denormalize(latent.to(device)[None].float()).to(dtype), tiling=tiling)[0].float()
     timings["decode"] = time.perf_counter() - start
     start = time.perf_counter()
     _write(args.out, video)

@@ -22,7 +22,7 @@ compiles = pytest.mark.skipif(interpreting(), reason="run by test_compile_in_sub
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastdit.kernels import attention, modulation, rope3d  # noqa: E402
+from fastdit.kernels import attention, conv3d, modulation, norm_silu, rope3d  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -167,6 +167,60 @@ def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, con
     assert "wgmma" in compiled.asm["ptx"]
     assert resources(compiled)["stack"] == 0
     assert compiled.metadata.shared <= 232448  # the H100's shared memory per block
+
+
+CONV_POINTERS = ["X", "CACHE", "W", "BIAS", "RES", "OUT"]
+# Channels-last tensors: channel strides are 1 (Triton specializes them at launch), every
+# other stride and the channel counts are multiples of 16 at the VAE's shapes.
+CONV_UNIT = {name: 1 for name in ("sx_c", "sc_c", "sr_c", "so_c", "sw_i")}
+CONV_DIVISIBLE = [n for n in conv3d.conv3d_fwd_kernel.arg_names if n[:2] in ("sx", "sc", "sr", "so", "sw")
+                  and n not in CONV_UNIT] + ["cin", "cout"]  # fmt: skip
+
+
+def compile_conv(tiles: dict, kernel=(3, 3, 3), up=1, has_res=True, num_warps=4, num_stages=3):
+    flags = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], ST=1, SH=1, SW=1, UP=up, HAS_CACHE=kernel[0] > 1,
+                 HAS_BIAS=True, HAS_RES=has_res, PRECISION="tf32", **tiles)  # fmt: skip
+    return compile_for_h100(
+        conv3d.conv3d_fwd_kernel, dict.fromkeys(CONV_POINTERS, "bf16"), {}, {**flags, **CONV_UNIT},
+        num_warps=num_warps, num_stages=num_stages, divisible=CONV_DIVISIBLE,
+    )  # fmt: skip
+
+
+@compiles
+@pytest.mark.parametrize("config", range(len(conv3d.FWD_CONFIGS)))
+def test_every_conv3d_config_keeps_wgmma_within_shared_memory(config):
+    """The implicit GEMM's tiles issue wgmma, load the A tile (channels-last rows) with 16-byte
+    vectors and fit the H100's shared memory at every autotune config."""
+    tune = conv3d.FWD_CONFIGS[config]
+    compiled = compile_conv(tune.kwargs, num_warps=tune.num_warps, num_stages=tune.num_stages)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma" in ptx
+    assert "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx or "cp.async.ca.shared.global" in ptx
+    assert resources(compiled)["stack"] == 0
+    assert compiled.metadata.shared <= 232448
+
+
+@compiles
+@pytest.mark.parametrize("cin, cout, kernel, up", [(384, 384, (3, 3, 3), 1), (16, 384, (3, 3, 3), 1),
+                                                   (96, 96, (3, 3, 3), 1), (192, 96, (1, 3, 3), 2)])  # fmt: skip
+def test_conv3d_fixed_tiles_compile(cin, cout, kernel, up):
+    tiles = conv3d._tiles(cin, cout)
+    opts = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+    compiled = compile_conv(tiles, kernel=kernel, up=up, **opts)
+    assert "wgmma" in compiled.asm["ptx"]
+    assert resources(compiled)["stack"] == 0
+
+
+@compiles
+@pytest.mark.parametrize("channels", [96, 384])
+def test_rms_norm_silu_kernel_compiles(channels):
+    block_c = triton.next_power_of_2(channels)
+    kernel = norm_silu.rms_norm_silu_kernel
+    compiled = compile_for_h100(
+        kernel, dict.fromkeys(["X", "GAMMA", "OUT"], "bf16"), {"eps": "fp32", "scale": "fp32"},
+        dict(BLOCK_R=max(1, 4096 // block_c), BLOCK_C=block_c, SILU=True), divisible=("n_cols",),
+    )  # fmt: skip
+    assert resources(compiled)["stack"] == 0
 
 
 @pytest.mark.skipif(not interpreting(), reason="the compile tests above run directly")

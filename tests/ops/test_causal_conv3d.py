@@ -103,6 +103,12 @@ def test_causal_conv3d_opcheck():
     res = torch.randn(1, 3, 3, 4, 5, requires_grad=True)
     torch.library.opcheck(causal_conv3d_reference, (x, weight, bias, res, cache, [1, 1, 1], [1, 1, 1, 1], 2, 1))
     torch.library.opcheck(causal_conv3d_reference, (x, weight, None, None, None, [1, 2, 2], [1, 1, 0, 1], 2, 2))
+    cl = torch.channels_last_3d
+    x_cl = x.detach().contiguous(memory_format=cl).requires_grad_()
+    cache_cl = cache.detach().contiguous(memory_format=cl).requires_grad_()
+    torch.library.opcheck(causal_conv3d_reference, (x_cl, weight, bias, None, cache_cl, [1, 1, 1], [1, 1, 1, 1], 2, 1))
+    y, new_cache = causal_conv3d_reference(x_cl, weight, bias, None, cache_cl, [1, 1, 1], [1, 1, 1, 1], 2, 1)
+    assert y.is_contiguous() and new_cache.is_contiguous()  # fixed layout, whatever x's
 
 
 def test_causal_conv3d_compiled_matches_eager():

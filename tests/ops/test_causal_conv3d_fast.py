@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.ops.causal_conv3d import causal_conv3d_triton
-from fastdit.ops.norm_silu import rms_norm_silu_triton
+from fastdit.ops.norm_silu import rms_norm_silu_reference, rms_norm_silu_triton
 from tests.conftest import CPU_BACKENDS, rel_err
 
 needs_triton = [
@@ -150,7 +150,9 @@ def test_triton_conv_opcheck(backend):
         (x, weight, bias, res, cache, [1, 1, 1], [1, 1, 1, 1], 2, 1),
         (x, weight[:, :, :1], None, None, None, [1, 2, 2], [0, 1, 0, 1], 0, 1),
         (x, weight, bias, None, None, [1, 1, 1], [1, 1, 1, 1], 2, 2),
-    ):
+        (x.contiguous(memory_format=torch.channels_last_3d), weight, bias, None,
+         cache.contiguous(memory_format=torch.channels_last_3d), [1, 1, 1], [1, 1, 1, 1], 2, 1),
+    ):  # fmt: skip
         torch.library.opcheck(causal_conv3d_triton, args, test_utils=OPCHECK_UTILS)
 
 
@@ -205,6 +207,7 @@ def test_rms_norm_silu_triton_opcheck(backend):
     x = torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
     for args in ((x, torch.rand(8), 1e-12, True), (x.contiguous(), torch.rand(8), 1e-6, False)):
         torch.library.opcheck(rms_norm_silu_triton, args, test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(rms_norm_silu_reference, args)
 
 
 @pytest.mark.parametrize(

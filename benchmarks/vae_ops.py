@@ -1,0 +1,108 @@
+"""The VAE's kernels, provider by provider: causal conv3d at the shapes of ../shared/anchors.md
+and the fused RMS norm + SiLU.
+
+conv3d providers: cuDNN through torch the way diffusers runs it (zero frames concatenated in
+front, ``F.conv3d`` with spatial padding) in NCDHW and in channels-last-3d, and each fastdit
+backend of ``causal_conv3d`` (``cudnn``, ``triton``; the reference is the oracle, not a
+contender). TFLOP/s counts the conv's multiply-adds (2 * B*T*H*W * Cout * Cin * 27); % is of the
+dense bf16 matmul rate measured in the same run.
+
+norm + SiLU providers: eager (``F.silu(F.normalize(x) * sqrt(C) * gamma)``, Wan's code), the same
+under torch.compile, and fastdit's backends of ``rms_norm_silu``. GB/s counts one read and one
+write of x; % is of the copy bandwidth measured in the same run.
+
+Defaults: CUDA bf16 at the anchors' shapes; CPU fp32 at shapes 8x smaller in each spatial dim
+and channel count (the Triton kernels are not timed under the CPU interpreter).
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from fastdit import ops
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
+
+# (Cin, Cout, T, H, W): anchors.md's causal conv3d table (k = 3, two zero frames in front).
+CONV_SHAPES = [
+    (384, 384, 4, 60, 104),
+    (384, 384, 8, 120, 208),
+    (192, 192, 16, 240, 416),
+    (96, 96, 16, 480, 832),
+    (16, 384, 4, 60, 104),
+]
+CPU_CONV_SHAPES = [(48, 48, 2, 8, 13), (24, 24, 2, 30, 52), (2, 48, 2, 8, 13)]
+# (C, T, H, W) of the norm + SiLU: the decoder's last stage and its middle.
+NORM_SHAPES = [(96, 4, 480, 832), (384, 4, 60, 104)]
+CPU_NORM_SHAPES = [(96, 2, 60, 104)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conv-shapes", default=None, help="vae_ops: CIN,COUT,T,H,W[;...] conv3d shapes")
+
+
+def _diffusers_conv(x, weight):
+    """diffusers' WanCausalConv3d: F.pad two zero frames in front and one pixel around, then conv3d."""
+    return F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), weight)
+
+
+def _wan_norm_silu(x, gamma):
+    return F.silu(F.normalize(x, dim=1) * x.shape[1] ** 0.5 * gamma)
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Report:
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    report = Report("vae_ops", device, measure_ceilings(device, quick=args.quick))
+    budget_s = 0.3 if args.quick else 2.0
+    gen = torch.Generator().manual_seed(0)
+    shapes = _parse_shapes(args.conv_shapes) if args.conv_shapes else (CONV_SHAPES if cuda else CPU_CONV_SHAPES)
+    if args.quick and cuda and not args.conv_shapes:
+        shapes = [s for s in shapes if s[0] * s[2] * s[3] * s[4] < 100_000_000]  # the 96-channel 480p shape is 614M
+    contenders = [b for b in runnable_backends("causal_conv3d", {"device": device, "dtype": dtype})
+                  if cuda or b != "triton"]  # fmt: skip
+    for cin, cout, frames, height, width in shapes:
+        x = torch.randn(1, cin, frames, height, width, generator=gen).to(device, dtype)
+        weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5).to(device, dtype)
+        x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+        w_cl = weight.contiguous(memory_format=torch.channels_last_3d)
+        flops = 2 * frames * height * width * cout * cin * 27
+        shape = f"conv3d {cin}-{cout} T={frames} {height}x{width}"
+        runs = {
+            "torch-ncdhw": lambda x=x, w=weight: _diffusers_conv(x, w),
+            "torch-channels-last": lambda x=x_cl, w=w_cl: _diffusers_conv(x, w),
+        }
+        for name in contenders:
+            runs[f"fastdit-{name}"] = lambda n=name, x=x_cl, w=w_cl: ops.causal_conv3d(x, w, padding=(1, 1), backend=n)
+        with torch.inference_mode():
+            for provider, fn in runs.items():
+                ms = time_ms(fn, device, budget_s=budget_s)
+                report.add(provider, shape, ms, flops=flops)
+                print(f"  {shape} {provider}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+        runs.clear()  # free this shape's tensors before the next one
+
+    compiled = torch.compile(_wan_norm_silu)
+    norm_backends = [b for b in runnable_backends("rms_norm_silu", {"device": device, "dtype": dtype})
+                     if cuda or b != "triton"]  # fmt: skip
+    for channels, frames, height, width in NORM_SHAPES if cuda else CPU_NORM_SHAPES:
+        x = torch.randn(1, channels, frames, height, width, generator=gen).to(device, dtype)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        gamma = torch.ones(channels, 1, 1, 1, device=device, dtype=dtype)
+        nbytes = 2 * x.numel() * x.element_size()
+        shape = f"rms_norm_silu C={channels} T={frames} {height}x{width}"
+        runs = {
+            "eager": lambda x=x, g=gamma: _wan_norm_silu(x, g),
+            "torch.compile": lambda x=x, g=gamma: compiled(x, g),
+        }
+        for name in norm_backends:
+            runs[f"fastdit-{name}"] = lambda n=name, x=x, g=gamma: ops.rms_norm_silu(x, g, backend=n)
+        with torch.inference_mode():
+            for provider, fn in runs.items():
+                ms = time_ms(fn, device, budget_s=budget_s)
+                report.add(provider, shape, ms, nbytes=nbytes)
+                print(f"  {shape} {provider}: {ms:.3f} ms, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+    return report
