@@ -9,4 +9,20 @@ __version__ = "0.1.0"
 
 from fastdit import ops  # noqa: E402  (registers the fastdit:: custom ops)
 
-__all__ = ["__version__", "ops"]
+
+def patch(target, attention=True, rope=True, adaln=True, vae=True, backend=None) -> list[str]:
+    """Run a diffusers Wan pipeline / transformer / VAE on fastdit's ops in place; returns the
+    changes. See :mod:`fastdit.integrations.diffusers`."""
+    from fastdit.integrations.diffusers import patch as _patch
+
+    return _patch(target, attention=attention, rope=rope, adaln=adaln, vae=vae, backend=backend)
+
+
+def unpatch(target) -> None:
+    """Undo :func:`patch` exactly."""
+    from fastdit.integrations.diffusers import unpatch as _unpatch
+
+    _unpatch(target)
+
+
+__all__ = ["__version__", "ops", "patch", "unpatch"]

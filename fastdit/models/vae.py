@@ -365,13 +365,18 @@ class CausalVAE(nn.Module):
     def _channels_last(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last_3d)
 
-    def encode(self, video: torch.Tensor, chunk_frames: int = 4, tiling: SpatialTiling | None = None) -> torch.Tensor:
+    def encode(
+        self, video: torch.Tensor, chunk_frames: int = 4, tiling: SpatialTiling | None = None, moments: bool = False
+    ) -> torch.Tensor:
         """Encode in chunks: the first frame alone, then ``chunk_frames`` (a multiple of 4) at a time.
 
         Wan encodes [1, 4, 4, ...]; every chunking gives the same latent (the convs are causal
         and carry their context in the stream caches), larger chunks trade memory for fewer
         steps. ``tiling`` encodes overlapping spatial tiles when the video is larger than one.
+        ``moments=True`` returns the posterior's mean and log-variance ``(B, 2z, ...)`` (diffusers'
+        ``_encode``) instead of the mean.
         """
+        want_moments = moments
         frames = video.shape[2]
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be (B, 3, T, H, W), got shape {tuple(video.shape)}")
@@ -388,7 +393,7 @@ class CausalVAE(nn.Module):
             )  # fmt: skip
         else:
             moments = self._encode_moments(video, chunk_frames)
-        return moments[:, : self.config.z_dim].contiguous()
+        return moments.contiguous() if want_moments else moments[:, : self.config.z_dim].contiguous()
 
     def _encode_moments(self, video: torch.Tensor, chunk_frames: int) -> torch.Tensor:
         frames = video.shape[2]
@@ -468,9 +473,10 @@ class CausalVAE(nn.Module):
         return mean, std
 
     @classmethod
-    def from_diffusers(cls, source, config: VAEConfig | None = None) -> "CausalVAE":
+    def from_diffusers(cls, source, config: VAEConfig | None = None, share_weights: bool = False) -> "CausalVAE":
         """Load diffusers ``AutoencoderKLWan`` weights: a module, a diffusers directory (config.json +
-        safetensors, never pickle), or a state dict with its ``config`` (default: Wan 2.1's)."""
+        safetensors, never pickle), or a state dict with its ``config`` (default: Wan 2.1's).
+        ``share_weights=True`` (a module) uses the module's parameter tensors themselves, no copy."""
         if isinstance(source, nn.Module):
             cfg, state = dict(source.config), source.state_dict()
         elif isinstance(source, dict):
@@ -496,8 +502,15 @@ class CausalVAE(nn.Module):
             latents_mean=tuple(cfg.get("latents_mean", ())),
             latents_std=tuple(cfg.get("latents_std", ())),
         )
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if share_weights:
+            if not isinstance(source, nn.Module):
+                raise ValueError("share_weights=True needs an AutoencoderKLWan module as the source")
+            with torch.device("meta"):
+                model = cls(config)
+            missing, unexpected = model.load_state_dict(source.state_dict(keep_vars=True), strict=False, assign=True)
+        else:
+            model = cls(config)
+            missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"VAE checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        return model.to(next(iter(state.values())).dtype)
+        return model if share_weights else model.to(next(iter(state.values())).dtype)

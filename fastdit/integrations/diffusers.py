@@ -1,0 +1,350 @@
+"""fastdit as a drop-in backend for diffusers' Wan 2.1 (``WanPipeline``, ``WanTransformer3DModel``,
+``AutoencoderKLWan``); tested with diffusers 0.42.
+
+What :func:`patch` changes, each reversibly (:func:`unpatch` undoes them in reverse order):
+
+- ``attention``: fastdit's ``ops.attention`` becomes a diffusers attention backend named
+  ``"fastdit"`` in diffusers' own dispatcher (``attention_dispatch``), and every attention
+  processor of the transformer is pointed at it, as ``set_attention_backend`` would (but without
+  changing diffusers' process-wide default). diffusers' backend enum is closed, so fastdit adds
+  one member to it, once per process.
+- ``rope``: the transformer's ``rope`` module returns the patch grid instead of per-token cos /
+  sin tables, and the self-attention processors apply the q / k RMSNorm and the 3D RoPE in one
+  ``ops.rope3d_qk`` call (angles computed in-kernel, never a ``[S, D]`` table).
+- ``adaln``: each ``WanTransformerBlock.forward`` runs on ``ops.adaln_modulate``,
+  ``ops.gated_residual`` and the fused ``ops.gated_residual_modulate`` (cross-attention residual
+  plus the FFN's modulation in one pass) instead of diffusers' fp32 elementwise chains.
+- ``vae``: ``AutoencoderKLWan``'s ``_encode`` / ``_decode`` run fastdit's ``CausalVAE`` sharing the
+  module's weights (no copy), channels-last with the fused norm + SiLU; diffusers' tiling settings
+  (``enable_tiling``) carry over.
+
+The patched objects keep their classes, parameters and call signatures: ``pipe(...)`` is called
+unchanged.
+"""
+
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastdit import ops
+
+logger = logging.getLogger("fastdit")
+
+BACKEND_NAME = "fastdit"
+_PATCHES_ATTR = "_fastdit_patches"
+
+
+@dataclass
+class _Change:
+    description: str
+    undo: Callable[[], None]
+
+
+def _set_attr(obj, name: str, value, description: str) -> _Change:
+    """Set ``obj.name`` on the instance; undo restores the instance attribute, or removes it when
+    the value came from the class (so the object is exactly as before)."""
+    had_own = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def undo():
+        if had_own:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+    return _Change(description, undo)
+
+
+# ---- attention: a backend in diffusers' dispatcher ---------------------------------------------
+
+
+_fallback_logged = False
+
+
+def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """diffusers' backend contract: q (B, S, H, D), k / v (B, S_kv, H_kv, D) -> (B, S, H, D)."""
+    global _fallback_logged
+    if attn_mask is not None or dropout_p:
+        # fastdit's kernel has no arbitrary mask or dropout (Wan uses neither); say so once.
+        if not _fallback_logged:
+            logger.warning("fastdit attention backend: attn_mask / dropout given, running torch SDPA for those calls")
+            _fallback_logged = True
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+            dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+        return out.transpose(1, 2)
+    return ops.attention(query, key, value, softmax_scale=scale, causal=is_causal)
+
+
+def register_attention_backend():
+    """Add ``"fastdit"`` to diffusers' attention backends (idempotent); returns the enum member."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    member = AttentionBackendName._value2member_map_.get(BACKEND_NAME)
+    if member is None:
+        # AttentionBackendName is a closed str Enum: add one member the way Enum builds its own.
+        member = str.__new__(AttentionBackendName, BACKEND_NAME)
+        member._name_, member._value_ = BACKEND_NAME.upper(), BACKEND_NAME
+        AttentionBackendName._member_map_[member._name_] = member
+        AttentionBackendName._value2member_map_[BACKEND_NAME] = member
+        AttentionBackendName._member_names_.append(member._name_)
+    if member not in _AttentionBackendRegistry._backends:
+        _AttentionBackendRegistry.register(member)(fastdit_attention)
+    return member
+
+
+def _attention_modules(model):
+    from diffusers.models.attention import AttentionModuleMixin
+
+    return [m for m in model.modules() if isinstance(m, AttentionModuleMixin)]
+
+
+def _patch_attention(model, prefix: str) -> list[_Change]:
+    member = register_attention_backend()
+    changes = []
+    for module in _attention_modules(model):
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            changes.append(_set_attr(processor, "_attention_backend", member, ""))
+    if changes:
+        changes[0].description = f"{prefix}: {len(changes)} attention processors -> diffusers backend 'fastdit'"
+    return changes
+
+
+# ---- rope: the 3D RoPE (and q / k RMSNorm) fused --------------------------------------------------
+
+
+class WanRopeGrid:
+    """What the patched ``rope`` module returns: the post-patch grid, for ops.rope3d_qk."""
+
+    def __init__(self, grid_thw: torch.Tensor, theta: float, axes_dim: tuple[int, int, int]):
+        self.grid_thw, self.theta, self.axes_dim = grid_thw, theta, axes_dim
+
+
+def _rope_forward(rope_module, theta: float):
+    axes = (rope_module.t_dim, rope_module.h_dim, rope_module.w_dim)
+
+    def forward(hidden_states):
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = rope_module.patch_size
+        grid = torch.tensor([[frames // p_t, height // p_h, width // p_w]] * batch, dtype=torch.int32)
+        return WanRopeGrid(grid.to(hidden_states.device), theta, axes)
+
+    return forward
+
+
+class FastditWanAttnProcessor:
+    """Wan's self-attention processor with the q / k RMSNorm and 3D RoPE in one fastdit op.
+
+    Same projections, attention dispatch (``_attention_backend``) and output as diffusers'
+    ``WanAttnProcessor``; only the normalisation and rotation of q and k differ in how they run.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, original, backend: str | None):
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or not isinstance(rotary_emb, WanRopeGrid):
+            raise TypeError("FastditWanAttnProcessor serves Wan's self-attention with a fastdit-patched rope module")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        rope = dict(theta=rotary_emb.theta, axes_dim=rotary_emb.axes_dim, backend=self.backend)
+        if isinstance(attn.norm_q, torch.nn.RMSNorm) and isinstance(attn.norm_k, torch.nn.RMSNorm):
+            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            query, key = ops.rope3d_qk(
+                query, key, rotary_emb.grid_thw, q_norm_weight=attn.norm_q.weight, k_norm_weight=attn.norm_k.weight,
+                norm_eps=eps, **rope,
+            )  # fmt: skip
+        else:
+            query = attn.norm_q(query.flatten(2)).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key.flatten(2)).unflatten(2, (attn.heads, -1))
+            query, key = ops.rope3d_qk(query, key, rotary_emb.grid_thw, **rope)
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )  # fmt: skip
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _patch_rope(model, prefix: str, backend: str | None) -> list[_Change]:
+    rope_module = getattr(model, "rope", None)
+    if rope_module is None or not all(hasattr(rope_module, a) for a in ("t_dim", "h_dim", "w_dim", "patch_size")):
+        raise ValueError(f"{prefix}: no Wan rotary embedding module (.rope) to patch; pass rope=False")
+    theta = 10000.0  # WanRotaryPosEmbed's default; diffusers' Wan transformer never passes another
+    changes = [_set_attr(rope_module, "forward", _rope_forward(rope_module, theta), f"{prefix}.rope -> grid only")]
+    count = 0
+    for block in getattr(model, "blocks", []):
+        attn = getattr(block, "attn1", None)
+        if attn is None:
+            continue
+        changes.append(_set_attr(attn, "processor", FastditWanAttnProcessor(attn.processor, backend), ""))
+        count += 1
+    changes[-1].description = f"{prefix}: {count} self-attention processors -> fused q/k RMSNorm + 3D RoPE"
+    return changes
+
+
+# ---- adaln: the block's modulation and residuals ---------------------------------------------------
+
+
+def _block_forward(backend: str | None):
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if temb.ndim == 4:  # per-token modulation (Wan 2.2 TI2V): (B, S, 6, C)
+            mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
+        else:  # (B, 6, C)
+            mods = (self.scale_shift_table + temb.float()).unbind(1)
+        shift, scale, gate, c_shift, c_scale, c_gate = mods
+        eps = self.norm1.eps
+        h = ops.adaln_modulate(hidden_states, shift, scale, norm="layer", eps=eps, backend=backend)
+        attn_output = self.attn1(h, None, None, rotary_emb)
+        x = ops.gated_residual(hidden_states, attn_output, gate, backend=backend)
+        h = self.norm2(x.float()).type_as(x)
+        attn_output = self.attn2(h, encoder_hidden_states, None, None)
+        # x + attn2 (a gate of ones) and the FFN's modulation of the sum, in one pass.
+        ones = torch.ones_like(c_gate)
+        x, h = ops.gated_residual_modulate(x, attn_output, ones, c_shift, c_scale, norm="layer",
+                                           eps=self.norm3.eps, backend=backend)  # fmt: skip
+        ff_output = self.ffn(h)
+        return ops.gated_residual(x, ff_output, c_gate, backend=backend)
+
+    return forward
+
+
+def _patch_blocks(model, prefix: str, backend: str | None) -> list[_Change]:
+    blocks = [b for b in getattr(model, "blocks", []) if hasattr(b, "scale_shift_table") and hasattr(b, "norm3")]
+    if not blocks:
+        raise ValueError(f"{prefix}: no Wan transformer blocks to patch; pass adaln=False")
+    forward = _block_forward(backend)
+    changes = [_set_attr(b, "forward", types.MethodType(forward, b), "") for b in blocks]
+    changes[-1].description = f"{prefix}: {len(blocks)} blocks -> fused adaLN modulation and gated residuals"
+    return changes
+
+
+# ---- vae -------------------------------------------------------------------------------------------
+
+
+def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    from fastdit.models.vae import CausalVAE, SpatialTiling
+
+    config = dict(vae.config)
+    if config.get("is_residual") or (config.get("patch_size") or 1) != 1:
+        raise ValueError(f"{prefix}: only the Wan 2.1 VAE is supported (not Wan 2.2's residual / patchified one); "
+                         "pass vae=False")  # fmt: skip
+    fast = CausalVAE.from_diffusers(vae, share_weights=True).set_backend(backend)
+
+    def tiling():
+        if not vae.use_tiling:
+            return None
+        return SpatialTiling(vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
+                             vae.tile_sample_stride_width)  # fmt: skip
+
+    def _encode(x):
+        return fast.encode(x, tiling=tiling(), moments=True)
+
+    def _decode(z, return_dict=True):
+        out = fast.decode(z, tiling=tiling())
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+    return [
+        _set_attr(vae, "_fastdit_vae", fast, ""),
+        _set_attr(vae, "_encode", _encode, ""),
+        _set_attr(vae, "_decode", _decode, f"{prefix}: encode / decode -> fastdit CausalVAE (shared weights)"),
+    ]
+
+
+# ---- public -----------------------------------------------------------------------------------------
+
+
+def _components(target) -> tuple[list[tuple[str, object]], list[tuple[str, object]]]:
+    """(transformers, vaes) of a pipeline, a transformer or a VAE, each with its name."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    if isinstance(target, WanTransformer3DModel):
+        return [("transformer", target)], []
+    if isinstance(target, AutoencoderKLWan):
+        return [], [("vae", target)]
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, WanTransformer3DModel) or isinstance(getattr(target, "vae", None), AutoencoderKLWan):
+        transformers = [(name, getattr(target, name, None)) for name in ("transformer", "transformer_2")]
+        transformers = [(n, t) for n, t in transformers if isinstance(t, WanTransformer3DModel)]
+        vae = getattr(target, "vae", None)
+        return transformers, [("vae", vae)] if isinstance(vae, AutoencoderKLWan) else []
+    raise TypeError(
+        f"fastdit.patch supports diffusers' WanPipeline (and pipelines holding a WanTransformer3DModel / "
+        f"AutoencoderKLWan), WanTransformer3DModel and AutoencoderKLWan; got {type(target).__name__}"
+    )
+
+
+def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True, vae: bool = True,
+          backend: str | None = None) -> list[str]:  # fmt: skip
+    """Run ``target`` (a diffusers Wan pipeline, transformer or VAE) on fastdit's ops, in place.
+
+    Args:
+        target: ``WanPipeline`` (its ``transformer``, ``transformer_2`` and ``vae``),
+            ``WanTransformer3DModel`` or ``AutoencoderKLWan``.
+        attention, rope, adaln, vae: which parts to replace (see the module docstring); parts the
+            target does not have are skipped.
+        backend: force one fastdit backend on every op (``"triton"``, ``"reference"``, ...);
+            default: fastdit's dispatcher picks per op.
+
+    Returns:
+        One line per change made. :func:`unpatch` restores the original exactly.
+    """
+    if getattr(target, _PATCHES_ATTR, None):
+        raise RuntimeError("this object is already patched by fastdit; call fastdit.unpatch(...) first")
+    transformers, vaes = _components(target)
+    changes: list[_Change] = []
+    try:
+        for name, model in transformers:
+            if rope:
+                changes += _patch_rope(model, name, backend)
+            if attention:
+                changes += _patch_attention(model, name)
+            if adaln:
+                changes += _patch_blocks(model, name, backend)
+        if vae:
+            for name, module in vaes:
+                changes += _patch_vae(module, name, backend)
+    except Exception:
+        for change in reversed(changes):
+            change.undo()
+        raise
+    if not changes:
+        raise ValueError(f"fastdit.patch changed nothing on {type(target).__name__}: every part is off or absent")
+    setattr(target, _PATCHES_ATTR, changes)
+    return [c.description for c in changes if c.description]
+
+
+def unpatch(target) -> None:
+    """Undo :func:`patch` on ``target``: every attribute it set is restored or removed."""
+    changes = getattr(target, _PATCHES_ATTR, None)
+    if not changes:
+        raise ValueError(f"{type(target).__name__} is not patched by fastdit")
+    for change in reversed(changes):
+        change.undo()
+    delattr(target, _PATCHES_ATTR)
+
+
+def is_patched(target) -> bool:
+    return bool(getattr(target, _PATCHES_ATTR, None))
+
+
+__all__ = ["BACKEND_NAME", "fastdit_attention", "is_patched", "patch", "register_attention_backend", "unpatch"]

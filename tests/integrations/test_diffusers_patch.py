@@ -1,0 +1,214 @@
+"""fastdit.patch / unpatch on diffusers' Wan 2.1 transformer, VAE and pipeline (tiny, random weights)."""
+
+import sys
+
+import pytest
+import torch
+
+import fastdit
+from fastdit.ops import dispatch
+from tests.conftest import CPU_BACKENDS, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="the drop-in tests need `pip install -e .[diffusers]`")
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline  # noqa: E402
+
+from tests.models.test_dit_diffusers_parity import make_wan  # noqa: E402
+
+TRANSFORMER_OPS = {"attention", "rope3d_qk_norm", "adaln_modulate", "gated_residual", "gated_residual_modulate"}
+VAE_OPS = {"causal_conv3d", "rms_norm_silu"}
+
+
+def make_vae(**overrides):
+    torch.manual_seed(1)
+    config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                  latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0])  # fmt: skip
+    vae = AutoencoderKLWan(**{**config, **overrides}).eval()
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            p.normal_(1.0 if "gamma" in name else 0.0, 0.2 if p.dim() > 1 else 0.1)
+    return vae
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Names of the fastdit ops dispatched during the test."""
+    seen = []
+    real = dispatch.select_backend
+
+    def spy(op, inputs, backend=None):
+        seen.append(op)
+        return real(op, inputs, backend)
+
+    for module in ("fastdit.ops.attention", "fastdit.ops.rope3d", "fastdit.ops.adaln_modulate",
+                   "fastdit.ops.gated_residual", "fastdit.ops.causal_conv3d", "fastdit.ops.norm_silu"):  # fmt: skip
+        monkeypatch.setattr(sys.modules[module], "select_backend", spy)
+    return seen
+
+
+def instance_state(model):
+    """Every module's own attribute names and processor objects: what unpatch must restore."""
+    return [(name, sorted(vars(m)), id(getattr(m, "processor", None))) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("cross_attn_norm", [True, False])
+@pytest.mark.parametrize("shape, text_len", [((2, 4, 3, 6, 10), 5), ((1, 4, 1, 8, 6), 7)])
+def test_patched_transformer_matches_and_unpatch_restores_bitwise(cross_attn_norm, shape, text_len, op_calls):
+    wan = make_wan(cross_attn_norm=cross_attn_norm)
+    x, text = torch.randn(shape), torch.randn(shape[0], text_len, 16)
+    t = torch.rand(shape[0]) * 1000
+    before = instance_state(wan)
+    with torch.no_grad():
+        expect = wan(x, t, text).sample
+        changes = fastdit.patch(wan)
+        assert len(changes) == 4 and any("attention processors" in c for c in changes)
+        op_calls.clear()
+        got = wan(x, t, text).sample
+        assert TRANSFORMER_OPS <= set(op_calls), set(op_calls)  # the patch changed what runs
+        assert rel_err(got, expect) <= 1e-5
+        fastdit.unpatch(wan)
+        op_calls.clear()
+        again = wan(x, t, text).sample
+    assert not op_calls
+    assert torch.equal(again, expect)
+    assert instance_state(wan) == before
+
+
+@pytest.mark.parametrize(
+    "flags, expect_ops",
+    [
+        (dict(attention=True, rope=False, adaln=False), {"attention"}),
+        (dict(attention=False, rope=True, adaln=False), {"rope3d_qk_norm"}),
+        (dict(attention=False, rope=False, adaln=True), TRANSFORMER_OPS - {"attention", "rope3d_qk_norm"}),
+    ],
+)
+def test_each_part_alone(flags, expect_ops, op_calls):
+    wan = make_wan()
+    x, t, text = torch.randn(1, 4, 3, 6, 10), torch.tensor([300.0]), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        expect = wan(x, t, text).sample
+        fastdit.patch(wan, vae=False, **flags)
+        op_calls.clear()
+        got = wan(x, t, text).sample
+        fastdit.unpatch(wan)
+    assert set(op_calls) == expect_ops
+    assert rel_err(got, expect) <= 1e-5
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+def test_patched_transformer_fp16_on_triton():
+    wan = make_wan()
+    x, t, text = torch.randn(2, 4, 3, 6, 10), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        exact = wan(x, t, text).sample.double()
+        half = wan.half()
+        plain = half(x.half(), t, text.half()).sample
+        fastdit.patch(half, backend="triton")
+        fast = half(x.half(), t, text.half()).sample
+        fastdit.unpatch(half)
+    assert fast.dtype == torch.float16
+    # fastdit in fp16 is at most 2x as far from the fp32 model as diffusers' own fp16 run
+    assert rel_err(fast, exact) <= max(2 * rel_err(plain, exact), 2e-3)
+
+
+def test_diffusers_set_attention_backend_reaches_fastdit(op_calls):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from fastdit.integrations.diffusers import register_attention_backend
+
+    register_attention_backend()
+    wan = make_wan()
+    x, t, text = torch.randn(1, 4, 1, 6, 6), torch.tensor([5.0]), torch.randn(1, 3, 16)
+    old = _AttentionBackendRegistry._active_backend
+    try:
+        with torch.no_grad():
+            expect = wan(x, t, text).sample
+            wan.set_attention_backend("fastdit")  # diffusers' own API, unchanged
+            op_calls.clear()
+            got = wan(x, t, text).sample
+            wan.reset_attention_backend()
+    finally:
+        _AttentionBackendRegistry.set_active_backend(old)
+    assert op_calls.count("attention") == 4  # 2 blocks x (self + cross)
+    assert rel_err(got, expect) <= 1e-5
+
+
+def test_patched_vae_matches_shares_weights_and_tiles(op_calls):
+    vae = make_vae()
+    video = torch.rand(1, 3, 5, 48, 64) * 2 - 1
+    with torch.no_grad():
+        expect_latent = vae.encode(video).latent_dist
+        expect_video = vae.decode(expect_latent.mean).sample
+        before = instance_state(vae)  # after diffusers' own calls, which add their cache attributes
+        changes = fastdit.patch(vae)
+        assert changes == ["vae: encode / decode -> fastdit CausalVAE (shared weights)"]
+        fast = vae._fastdit_vae
+        assert fast.decoder.conv_out.weight.data_ptr() == vae.decoder.conv_out.weight.data_ptr()
+        op_calls.clear()
+        latent = vae.encode(video).latent_dist
+        assert VAE_OPS <= set(op_calls)
+        assert rel_err(latent.mean, expect_latent.mean) <= 1e-5
+        assert rel_err(latent.logvar, expect_latent.logvar) <= 1e-5
+        assert rel_err(vae.decode(expect_latent.mean).sample, expect_video) <= 1e-5
+        # diffusers' tiling settings carry over
+        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                          tile_sample_stride_width=16)  # fmt: skip
+        tiled = vae.decode(expect_latent.mean).sample
+        fastdit.unpatch(vae)
+        assert rel_err(tiled, vae.decode(expect_latent.mean).sample) <= 1e-5
+        vae.disable_tiling()
+        assert torch.equal(vae.decode(expect_latent.mean).sample, expect_video)
+    assert instance_state(vae) == before
+
+
+def test_patched_pipeline_is_called_unchanged():
+    vae = make_vae()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=make_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+
+    def run():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=32, width=48, num_frames=5,
+                    num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").frames  # fmt: skip
+
+    expect = run()
+    changes = fastdit.patch(pipe)
+    assert [c.split(":")[0].split(".")[0] for c in changes] == ["transformer"] * 4 + ["vae"]
+    got = run()
+    fastdit.unpatch(pipe)
+    assert got.shape == expect.shape == (1, 5, 3, 32, 48)
+    assert rel_err(got, expect) <= 1e-5
+    assert torch.equal(run(), expect)
+
+
+def test_patch_errors():
+    wan = make_wan()
+    with pytest.raises(TypeError, match="supports diffusers' WanPipeline"):
+        fastdit.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="changed nothing"):
+        fastdit.patch(wan, attention=False, rope=False, adaln=False)
+    with pytest.raises(ValueError, match="not patched"):
+        fastdit.unpatch(wan)
+    fastdit.patch(wan)
+    with pytest.raises(RuntimeError, match="already patched"):
+        fastdit.patch(wan)
+    fastdit.unpatch(wan)
+    with pytest.raises(ValueError, match="only the Wan 2.1 VAE"):
+        fastdit.patch(make_vae(is_residual=True, base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
+
+
+@pytest.mark.gpu
+def test_patched_transformer_cuda_bf16():
+    wan = make_wan(num_attention_heads=4, attention_head_dim=64, text_dim=64).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 4, 5, 16, 16, device="cuda", dtype=torch.bfloat16)
+    t, text = torch.tensor([10.0, 700.0], device="cuda"), torch.randn(2, 12, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = wan.float()(x.float(), t, text.float()).sample.double()
+        wan.to(torch.bfloat16)
+        plain = wan(x, t, text).sample
+        fastdit.patch(wan)
+        fast = wan(x, t, text).sample
+        fastdit.unpatch(wan)
+    assert rel_err(fast, exact) <= max(2 * rel_err(plain, exact), 1e-2)
