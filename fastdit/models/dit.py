@@ -80,10 +80,13 @@ class Attention(nn.Module):
         out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
-    def forward_cross(self, x: torch.Tensor, context: torch.Tensor, batch: PackedBatch, backends: dict):
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys (RMS-normed) and values of the text tokens: (total_text, H, D) each."""
+        return self._heads(_rms_norm(self.k(context), self.k_norm, self.eps)), self._heads(self.v(context))
+
+    def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch, backends: dict):
         q = self._heads(_rms_norm(self.q(x), self.q_norm, self.eps))
-        k = self._heads(_rms_norm(self.k(context), self.k_norm, self.eps))
-        v = self._heads(self.v(context))
+        k, v = kv
         out = ops.varlen_attention(
             q,
             k,
@@ -110,7 +113,7 @@ class DiTBlock(nn.Module):
         # (shift, scale, gate) of self-attention, then of the FFN; added to the per-sample projection.
         self.modulation = nn.Parameter(torch.randn(1, 6, hidden) / hidden**0.5)
 
-    def forward(self, x, context, mod, batch: PackedBatch, backends: dict):
+    def forward(self, x, text_kv, mod, batch: PackedBatch, backends: dict):
         cfg, cu = self.config, batch.cu_seqlens
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + mod).unbind(1)
 
@@ -124,7 +127,7 @@ class DiTBlock(nn.Module):
                 x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps
             )
             h = h.to(x.dtype)
-        x = x + self.cross_attn.forward_cross(h, context, batch, backends)
+        x = x + self.cross_attn.forward_cross(h, text_kv, batch, backends)
 
         h = ops.adaln_modulate(x, ffn_shift, ffn_scale, cu, norm="layer", eps=cfg.eps, backend=modulate)
         ffn = self.ffn_out(F.gelu(self.ffn_in(h), approximate="tanh"))
@@ -168,31 +171,44 @@ class DiT(nn.Module):
 
         return load_diffusers_dit(cls, source, config=config, backend=backend)
 
-    def embed_conditions(self, timestep: torch.Tensor, text: torch.Tensor):
-        """(temb (B, C), block modulation (B, 6, C) float32, text tokens (total_text, C))."""
+    def embed_conditions(self, timestep: torch.Tensor):
+        """(temb (B, C), block modulation (B, 6, C) float32): once per step, shared by every block."""
         dtype = self.time_in.weight.dtype
         temb = self.time_out(F.silu(self.time_in(timestep_features(timestep, self.config.freq_dim).to(dtype))))
-        mod = self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
-        context = self.text_out(F.gelu(self.text_in(text), approximate="tanh"))
-        return temb, mod, context
+        return temb, self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+    def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention (keys, values) for packed text ``(total_text, text_dim)``.
+
+        They depend on the text only, not on the step: a sampler computes them once per run and
+        passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and two
+        ``L x C x C`` projections per block per step.
+        """
+        context = self.text_out(F.gelu(self.text_in(text.to(self.text_in.weight.dtype)), approximate="tanh"))
+        return [block.cross_attn.text_kv(context) for block in self.blocks]
+
+    def forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         """Packed batch -> packed prediction ``(total, pt ph pw C_out)``; ``batch.unpack`` splits it.
 
+        ``text_kv``: :meth:`text_kv` of ``batch.text``, precomputed (``batch.text`` is then unused).
         In eager mode the batch is validated once here, and the ops skip their per-call value
         checks (no host sync per layer); under torch.compile no value check runs at all.
         """
         if torch.compiler.is_compiling():
-            return self._forward_packed(batch)
+            return self._forward_packed(batch, text_kv)
         batch.validate()
+        if text_kv is not None and len(text_kv) != len(self.blocks):
+            raise ValueError(f"text_kv has {len(text_kv)} entries; the model has {len(self.blocks)} blocks")
         with values_checked():
-            return self._forward_packed(batch)
+            return self._forward_packed(batch, text_kv)
 
-    def _forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+    def _forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
-        temb, mod, context = self.embed_conditions(batch.timestep, batch.text.to(self.text_in.weight.dtype))
-        for block in self.blocks:
-            x = block(x, context, mod, batch, self.op_backends)
+        temb, mod = self.embed_conditions(batch.timestep)
+        if text_kv is None:
+            text_kv = self.text_kv(batch.text)
+        for block, kv in zip(self.blocks, text_kv):
+            x = block(x, kv, mod, batch, self.op_backends)
         shift, scale = (self.head_modulation.float() + temb.float()[:, None]).unbind(1)
         x = ops.adaln_modulate(
             x,

@@ -1,5 +1,6 @@
 """Runtime: sampling over the models (flow matching, CFG, the Sora-report generation modes)."""
 
+from fastdit.runtime.graphs import GraphedDiT
 from fastdit.runtime.modes import (
     connect,
     extend,
@@ -13,6 +14,7 @@ from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, flow_shift_
 
 __all__ = [
     "FlowMatchSampler",
+    "GraphedDiT",
     "SampleRequest",
     "connect",
     "extend",

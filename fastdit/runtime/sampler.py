@@ -88,13 +88,24 @@ class FlowMatchSampler:
         shift: timestep shift (Wan uses 5 at 720p, 3 at 480p).
         guidance: classifier-free guidance scale; 1 disables the unconditional pass.
         progress: show a tqdm progress bar (if tqdm is installed).
+        cache_text: compute the text's cross-attention keys and values once per run (per set of
+            active requests) instead of once per step, when the model offers ``text_kv``.
+        cuda_graphs: run each step as a CUDA graph replay, captured once per shape bucket
+            (:class:`fastdit.runtime.GraphedDiT`; CUDA and the fast backends only).
     """
 
-    def __init__(self, model, num_steps: int = 30, shift: float = 5.0, guidance: float = 5.0, progress: bool = False):
+    def __init__(self, model, num_steps: int = 30, shift: float = 5.0, guidance: float = 5.0, progress: bool = False,
+                 cache_text: bool = True, cuda_graphs: bool = False):  # fmt: skip
         self.model = model
         self.sigmas = flow_shift_sigmas(num_steps, shift)
         self.guidance = float(guidance)
         self.progress = progress
+        self.cache_text = cache_text and hasattr(model, "text_kv")
+        self.forward = model.forward_packed
+        if cuda_graphs:
+            from fastdit.runtime.graphs import GraphedDiT
+
+            self.forward = GraphedDiT(model)
 
     def _start_step(self, request: SampleRequest) -> int:
         """First step whose sigma is <= the request's strength (all of them from pure noise)."""
@@ -124,12 +135,13 @@ class FlowMatchSampler:
             starts.append(start)
 
         bar = _progress(steps, self.progress)
+        text_kv = {}  # per set of active requests: the text is fixed for the whole run
         for step in range(steps):
             active = [i for i, start in enumerate(starts) if start <= step]
             if active:
                 sigma, sigma_next = float(self.sigmas[step]), float(self.sigmas[step + 1])
                 velocities = self._velocities([requests[i] for i in active], [latents[i] for i in active], sigma,
-                                              device, dtype)  # fmt: skip
+                                              device, dtype, text_kv, tuple(active))  # fmt: skip
                 for i, v in zip(active, velocities):
                     x = latents[i] + (sigma_next - sigma) * v
                     latents[i] = self._impose(requests[i], x, noise[i], sigma_next)
@@ -137,7 +149,7 @@ class FlowMatchSampler:
         bar.close()
         return latents
 
-    def _velocities(self, requests, latents, sigma, device, dtype) -> list[torch.Tensor]:
+    def _velocities(self, requests, latents, sigma, device, dtype, text_kv, key) -> list[torch.Tensor]:
         """The guided velocity of each latent: conditional and unconditional passes in one batch."""
         cfg = self.guidance != 1.0
         texts = [r.text for r in requests]
@@ -148,7 +160,13 @@ class FlowMatchSampler:
         batch = PackedBatch.from_samples(
             [x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts], self.model.config.patch_size
         )
-        out = batch.unpack(self.model.forward_packed(batch).float(), self.model.config.out_channels)
+        kv = None
+        if self.cache_text:
+            if key not in text_kv:
+                text_kv[key] = self.model.text_kv(batch.text)
+            kv = text_kv[key]
+        pred = self.forward(batch) if kv is None else self.forward(batch, text_kv=kv)
+        out = batch.unpack(pred.float(), self.model.config.out_channels)
         if not cfg:
             return out
         n = len(requests)
