@@ -1,8 +1,12 @@
 """One DiT denoising step (transformer forward) at a preset and video size, provider by provider.
 
-Providers: fastdit eager, fastdit under ``torch.compile(fullgraph=True)``, and, when diffusers is
-importable, diffusers' ``WanTransformer3DModel`` eager and compiled with the same config. Random
-weights, one CFG branch, batch 1. FLOPs count every matmul and both attentions (see ``step_flops``).
+Providers: fastdit eager, eager with the text keys / values precomputed (what a sampling run pays
+per step), CUDA-graph replay of that step (CUDA only), fastdit under
+``torch.compile(fullgraph=True)``, and, when diffusers is importable, diffusers'
+``WanTransformer3DModel`` eager, compiled, and patched by ``fastdit.patch``, with the same config.
+Random weights, one CFG branch, batch 1. FLOPs count every matmul and both attentions (see
+``step_flops``). Then a packed batch of mixed sizes (a video, an image at a larger size, a smaller
+video) in one fastdit forward against the same requests one by one.
 
 Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 81x480x832`` (or ``python -m
 fastdit.benchmarks.dit_step ...``).
@@ -14,10 +18,21 @@ import time
 
 import torch
 
+import fastdit
 from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
-from fastdit.models import DiT, DiTConfig, preset
+from fastdit.models import DiT, DiTConfig, PackedBatch, preset
+from fastdit.runtime import GraphedDiT
 
-PROVIDERS = ("fastdit-eager", "fastdit-compile", "diffusers-eager", "diffusers-compile")
+PROVIDERS = (
+    "fastdit-eager",
+    "fastdit-text-cached",
+    "fastdit-graph",
+    "fastdit-compile",
+    "diffusers-eager",
+    "diffusers-compile",
+    "diffusers-patched",
+    "fastdit-packed",  # the mixed-size batch: packed and one by one
+)
 
 
 def latent_shape(config: DiTConfig, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -117,20 +132,31 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     text = torch.randn(1, text_len, config.text_dim, generator=gen).to(device, dtype)
 
     for family in ("fastdit", "diffusers"):
-        wanted = [p for p in providers if p.startswith(family)]
+        wanted = [p for p in providers if p.startswith(family) and p != "fastdit-packed"]
         if not wanted:
             continue
         reset_peak_memory(device)
         if family == "fastdit":
             model = DiT(config).to(device, dtype).eval()
+            batch = PackedBatch.from_dense(latents, timestep, text, config.patch_size)
+            with torch.inference_mode():
+                text_kv = model.text_kv(batch.text)
         else:
             model = cast_like_from_pretrained(diffusers_model(config).to(device), dtype).eval()
         for provider in wanted:
-            compiled = provider.endswith("compile")
-            if compiled:
+            if provider == "fastdit-graph" and device.type != "cuda":
+                print("  fastdit-graph: skipped (CUDA graphs need a GPU)")
+                continue
+            fn_model = model
+            if provider.endswith("compile"):
                 fn_model = torch.compile(model, fullgraph=family == "fastdit")
-            else:
-                fn_model = model
+            elif provider == "diffusers-patched":
+                fastdit.patch(model)
+            elif provider == "fastdit-text-cached":
+                fn_model = lambda *_, m=model, b=batch, kv=text_kv: m.forward_packed(b, text_kv=kv)  # noqa: E731
+            elif provider == "fastdit-graph":
+                graphed = GraphedDiT(model)
+                fn_model = lambda *_, g=graphed, b=batch, kv=text_kv: g(b, text_kv=kv)  # noqa: E731
 
             def step(fn_model=fn_model, family=family):
                 with torch.inference_mode():
@@ -153,9 +179,49 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
                 first_call_s=round(first_call_s, 2),
             )
             print(f"  {provider}: {ms:.3f} ms (first call {first_call_s:.1f} s)", flush=True)
+            if provider == "diffusers-patched":
+                fastdit.unpatch(model)
         del model, fn_model
         gc.collect()
+    if "fastdit-packed" in providers:
+        _mixed_batch(report, config, device, dtype, text_len)
     return report
+
+
+def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int):
+    """One packed forward over mixed sizes vs the same requests one by one (fastdit eager).
+
+    CUDA: a 480x832 81-frame video, a 720x1280 image and a 240x416 81-frame video; CPU: the
+    same mix at a sixteenth of the size.
+    """
+    sizes = [(81, 480, 832), (1, 720, 1280), (81, 240, 416)]
+    if device.type != "cuda":
+        sizes = [(9, 32, 48), (1, 48, 80), (9, 16, 32)]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    latents = [torch.randn(*latent_shape(config, *s), generator=gen).to(device, dtype) for s in sizes]
+    texts = [torch.randn(text_len, config.text_dim, generator=gen).to(device, dtype) for _ in sizes]
+    timestep = torch.full((len(sizes),), 500.0, device=device)
+    model = DiT(config).to(device, dtype).eval()
+    packed = PackedBatch.from_samples(latents, timestep, texts, config.patch_size)
+    singles = [PackedBatch.from_samples([x], timestep[:1], [t], config.patch_size) for x, t in zip(latents, texts)]
+    tokens = packed.tokens.shape[0]
+    flops = sum(step_flops(config, b.tokens.shape[0], text_len) for b in singles)
+    label = "mixed " + " + ".join("x".join(map(str, s)) for s in sizes) + f" S={tokens}"
+
+    def run_packed():
+        with torch.inference_mode():
+            return model.forward_packed(packed)
+
+    def run_singles():
+        with torch.inference_mode():
+            return [model.forward_packed(b) for b in singles]
+
+    budget = 2.0 if device.type == "cpu" else 5.0
+    for provider, fn in (("fastdit-packed", run_packed), ("fastdit-one-by-one", run_singles)):
+        reset_peak_memory(device)
+        ms = time_ms(fn, device, warmup=1, min_runs=3, budget_s=budget)
+        report.add(provider, label, ms, flops=flops, peak_gib=peak_memory_gib(device))
+        print(f"  {label} {provider}: {ms:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
     assert "fastdit-eager" in out and "pct_of_matmul" in out
 
 
+def test_bench_packed_mixed_batch_rows(tmp_path):
+    args = ["bench", "--suite", "dit_step", "--device", "cpu", "--out", str(tmp_path), "--providers", "fastdit-packed"]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "dit_step_cpu.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["fastdit-packed", "fastdit-one-by-one"]
+    assert rows[0]["shape"] == rows[1]["shape"] and rows[0]["shape"].startswith("mixed ")
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+
+
 def test_bench_rejects_unknown_provider(tmp_path):
     with pytest.raises(SystemExit, match="unknown providers"):
         main(["bench", "--suite", "dit_step", "--out", str(tmp_path), "--providers", "tensorrt"])
