@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastdit.models import DiT, PackedBatch, preset
+from fastdit.models.dit import MODEL_OPS
+from fastdit.ops.dispatch import backends_for
 from fastdit.runtime import FlowMatchSampler, GraphedDiT, text_to_image, text_to_video
 from tests.conftest import rel_err
 
@@ -82,3 +84,20 @@ def test_sampler_with_cuda_graphs_matches_eager():
     graphed = FlowMatchSampler(model, num_steps=4, guidance=3.0, cuda_graphs=True)(requests)
     for a, b in zip(graphed, eager):
         assert rel_err(a, b) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_fast_step_allocates_no_more_than_the_reference():
+    model = tiny("cuda").to(torch.bfloat16)
+    batch = mixed_batch(model.config, "cuda", torch.bfloat16)
+    peaks = {}
+    with torch.no_grad():
+        for backend in ("reference", None):
+            model.op_backends = backends_for(backend, MODEL_OPS)
+            model.forward_packed(batch)  # warm up (Triton compiles, autotunes)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            model.forward_packed(batch)
+            peaks[backend] = torch.cuda.max_memory_allocated() - base
+    assert peaks[None] <= peaks["reference"], peaks
