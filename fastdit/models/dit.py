@@ -55,6 +55,9 @@ class Attention(nn.Module):
         self.o = nn.Linear(hidden, hidden)
         self.q_norm = nn.Parameter(torch.ones(hidden))
         self.k_norm = nn.Parameter(torch.ones(hidden))
+        # Self-attention over a sequence sharded across ranks (fastdit.runtime.parallel sets it):
+        # fn(q, k, v, batch, backend) -> out, q / k / v being this rank's tokens, all heads.
+        self.sequence_parallel = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
@@ -77,7 +80,10 @@ class Attention(nn.Module):
         )
         v = self._heads(self.v(x))
         cu, n = batch.cu_seqlens, batch.max_seqlen
-        out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel(q, k, v, batch, backends["varlen_attention"])
+        else:
+            out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

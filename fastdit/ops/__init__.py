@@ -6,7 +6,7 @@ implementation and registered autograd; the functions here validate inputs, pick
 """
 
 from fastdit.ops.adaln_modulate import adaln_modulate
-from fastdit.ops.attention import attention, varlen_attention
+from fastdit.ops.attention import attention, varlen_attention, varlen_attention_backward
 from fastdit.ops.causal_conv3d import causal_conv3d
 from fastdit.ops.dispatch import BackendNotSupportedError, backends, priority, select_backend, set_priority
 from fastdit.ops.gated_residual import gated_residual, gated_residual_modulate
@@ -28,4 +28,5 @@ __all__ = [
     "select_backend",
     "set_priority",
     "varlen_attention",
+    "varlen_attention_backward",
 ]

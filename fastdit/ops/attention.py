@@ -6,7 +6,7 @@ import torch
 
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, last_dim_contiguous, register_triton_backend
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.dispatch import Backend, BackendNotSupportedError, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
 from fastdit.reference.common import dense_cu_seqlens
@@ -339,3 +339,56 @@ def attention(
     )
     out, _ = impl.fn(q, k, v, scale, bool(causal))
     return out
+
+
+_VARLEN_BACKWARD = {
+    "reference": lambda dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal: (
+        varlen_attention_backward_reference(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
+    ),
+}
+if triton_missing() is None:
+    _VARLEN_BACKWARD["triton"] = varlen_attention_backward_triton
+
+
+def varlen_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`varlen_attention` given its output and LSE (flash-attn's
+    ``_flash_attn_varlen_backward``), for callers that split attention over key blocks.
+
+    ``out`` and ``lse`` may be those of a larger attention that these keys are one block of (ring
+    attention): ``softmax`` is then normalised by the global ``lse`` and the gradients are this
+    block's exact share. Shapes as in :func:`varlen_attention`; ``lse`` is ``(H, total_q)`` float32.
+    """
+    _check_qkv(q, k, v, ndim=3)
+    for name, t in (("dout", dout), ("out", out)):
+        check_tensor(name, t, ndims=(3,), device=q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_tensor("lse", lse, ndims=(2,), dtypes=(torch.float32, torch.float64), device=q.device)
+    if lse.shape != (q.shape[1], q.shape[0]):
+        raise ValueError(f"lse must be (H, total_q) = ({q.shape[1]}, {q.shape[0]}), got {tuple(lse.shape)}")
+    impl = select_backend(
+        "varlen_attention",
+        {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)},
+        backend,
+    )
+    if impl.name not in _VARLEN_BACKWARD:
+        raise BackendNotSupportedError(f"varlen_attention_backward has no {impl.name!r} implementation")
+    scale = _scale(softmax_scale, q.shape[-1])
+    return _VARLEN_BACKWARD[impl.name](
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal)
+    )

@@ -10,12 +10,16 @@ from fastdit.runtime.modes import (
     text_to_image,
     text_to_video,
 )
+from fastdit.runtime.parallel import SequenceParallelDiT, all_reduce_gradients, apply_sequence_parallel
 from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, flow_shift_sigmas
 
 __all__ = [
     "FlowMatchSampler",
     "GraphedDiT",
     "SampleRequest",
+    "SequenceParallelDiT",
+    "all_reduce_gradients",
+    "apply_sequence_parallel",
     "connect",
     "extend",
     "flow_shift_sigmas",

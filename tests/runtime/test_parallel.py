@@ -1,0 +1,183 @@
+"""Sequence parallelism on CPU with gloo: 2, 3 and 4 processes, Ulysses / Ring / USP / CFG, against
+the single-process model (forward and gradients), and the failure modes (never a hang)."""
+
+import copy
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastdit.models import DiT, PackedBatch, preset
+from fastdit.runtime.parallel import (
+    Layout,
+    all_reduce_gradients,
+    apply_sequence_parallel,
+    balanced_bounds,
+    head_split,
+    make_plan,
+    pieces,
+)
+
+# (cfg, ulysses, ring) per world size: heads = 3, so Ulysses 2 and 4 split them unevenly (4 leaves
+# one rank without a head), and 31 / 32 tokens split unevenly over every degree.
+CONFIGS = {
+    2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)],
+    3: [(1, 3, 1), (1, 1, 3)],
+    4: [(1, 2, 2), (1, 4, 1), (1, 1, 4), (2, 2, 1), (2, 1, 2)],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = DiT(preset("tiny").replace(num_heads=3, head_dim=16), backend="reference")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def make_batch(cfg: int) -> PackedBatch:
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4, 6), (1, 8, 4), (5, 2, 2)] + ([(1, 2, 2)] if cfg == 2 else [])
+    latents = [torch.randn(16, *s, generator=gen) for s in shapes]
+    texts = [torch.randn(n, 32, generator=gen) for n in (4, 7, 1, 3)[: len(shapes)]]
+    timesteps = torch.tensor([10.0, 500.0, 999.0, 250.0][: len(shapes)])
+    return PackedBatch.from_samples(latents, timesteps, texts, (1, 2, 2))
+
+
+def _init(rank, world, port, timeout_s=60):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
+
+
+def _parity_worker(rank, world, port):
+    _init(rank, world, port)
+    try:
+        for cfg, ulysses, ring in CONFIGS[world]:
+            model = make_model()
+            reference = copy.deepcopy(model)
+            batch = make_batch(cfg)
+            weight = torch.randn(batch.tokens.shape[0], 64, generator=torch.Generator().manual_seed(2))
+            expect = reference.forward_packed(batch)
+            (expect * weight).sum().backward()
+            sp = apply_sequence_parallel(model, ulysses=ulysses, ring=ring, cfg=cfg)
+            out = sp.forward_packed(batch)
+            where = f"rank {rank}, cfg={cfg} ulysses={ulysses} ring={ring}"
+            err = ((out - expect).norm() / expect.norm()).item()
+            assert out.shape == expect.shape and err <= 1e-5, f"{where}: output error {err}"
+            (out * weight).sum().backward()
+            all_reduce_gradients(model)
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                gerr = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
+                assert gerr <= 1e-4, f"{where}: gradient of {name} error {gerr}"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sequence_parallel_matches_single_process(world):
+    mp.spawn(_parity_worker, args=(world, free_port()), nprocs=world, join=True)
+
+
+def _mismatch_worker(rank, world, port, kind, queue):
+    _init(rank, world, port, timeout_s=30)
+    try:
+        model = make_model()
+        if kind == "config":
+            apply_sequence_parallel(model, ulysses=2 if rank == 0 else 1, ring=1 if rank == 0 else 2)
+        else:
+            sp = apply_sequence_parallel(model, ulysses=2)
+            batch = make_batch(1)
+            if rank == 1:
+                batch = PackedBatch.from_samples([torch.randn(16, 1, 2, 2)], torch.tensor([1.0]),
+                                                 [torch.randn(2, 32)], (1, 2, 2))  # fmt: skip
+            sp.forward_packed(batch)
+        queue.put((rank, "no error"))
+    except Exception as err:  # noqa: BLE001 - the test inspects what every rank raised
+        queue.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dying_worker(rank, world, port, queue):
+    _init(rank, world, port, timeout_s=20)
+    if rank == 1:
+        dist.barrier()
+        os._exit(3)  # dies without a word
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        sp = apply_sequence_parallel(make_model(), ulysses=2)
+        sp.forward_packed(make_batch(1))
+        queue.put((rank, "no error", time.monotonic() - start))
+    except Exception as err:  # noqa: BLE001
+        queue.put((rank, f"{type(err).__name__}: {err}"[:300], time.monotonic() - start))
+
+
+def _run_processes(target, world, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in range(sum(1 for _ in procs) if target is not _dying_worker else 1):
+            results.append(queue.get(timeout=120))
+    except Exception:
+        traceback.print_exc()
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return sorted(results)
+
+
+@pytest.mark.parametrize("kind, match", [("config", "differs across ranks"), ("batch", "different batch")])
+def test_mismatch_raises_on_every_rank(kind, match):
+    results = _run_processes(_mismatch_worker, 2, kind)
+    assert len(results) == 2, results
+    for rank, message in results:
+        assert match in message, (rank, message)
+
+
+def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang():
+    results = _run_processes(_dying_worker, 2)
+    assert len(results) == 1, results
+    rank, message, elapsed = results[0]
+    assert rank == 0 and message != "no error" and elapsed < 60, results
+
+
+# ---- the plan, without processes ---------------------------------------------------------------------
+
+
+def test_plan_balances_tokens_and_keeps_pieces_in_order():
+    assert balanced_bounds(0, 31, 4) == [0, 7, 15, 23, 31]
+    assert head_split(12, 8) == [2, 2, 2, 2, 1, 1, 1, 1] and head_split(3, 4) == [1, 1, 1, 0]
+    cu = [0, 18, 26, 31]
+    plan = make_plan(Layout(cfg=1, ulysses=2, ring=2, rank=0), cu)
+    assert plan.ring_shard == {(0, 0): (0, 15), (0, 1): (15, 31)}
+    assert plan.sub[(0, 1, 0)] == (15, 23) and plan.sub[(0, 1, 1)] == (23, 31)
+    shard = pieces(cu, 15, 31)  # sample 0 straddles: its tail starts at offset 15
+    assert [(p.sample, p.start, p.end, p.offset) for p in shard] == [(0, 15, 18, 15), (1, 18, 26, 0), (2, 26, 31, 0)]
+    with pytest.raises(ValueError, match="divisible"):
+        make_plan(Layout(cfg=2, ulysses=1, ring=1, rank=0), cu)
+
+
+def test_apply_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        apply_sequence_parallel(make_model(), ulysses=2)
