@@ -181,3 +181,28 @@ def test_plan_balances_tokens_and_keeps_pieces_in_order():
 def test_apply_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         apply_sequence_parallel(make_model(), ulysses=2)
+
+
+def test_comm_model_volumes():
+    from fastdit.benchmarks.sp_scaling import comm_bytes_per_rank
+
+    # Ulysses 8 at 1.3B / 480p: 4 N C / P elements per layer per rank, 7/8 of it leaves the rank
+    got = comm_bytes_per_rank(32760, 1536, 30, ulysses=8, ring=1, itemsize=2)
+    assert got["ring_bytes"] == 0 and abs(got["ulysses_bytes"] - 4 * 32760 * 1536 / 8 * 7 / 8 * 30 * 2) < 1
+    got = comm_bytes_per_rank(32760, 1536, 30, ulysses=1, ring=8, itemsize=2)
+    assert got["ulysses_bytes"] == 0 and abs(got["ring_bytes"] - 2 * 32760 * 1536 * 7 / 8 * 30 * 2) < 1
+
+
+def test_scaling_benchmark_runs_under_torchrun(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "fastdit.benchmarks.sp_scaling", "--ring", "2", "--ulysses", "1", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "sp_scaling_cpu.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["1 device", "2 ranks U=1 R=2 cfg=1"]
+    assert rows[1]["ring_bytes"] > 0 and rows[1]["efficiency"] > 0
