@@ -143,7 +143,8 @@ def _triton_check(inputs: dict) -> list[str]:
 
 
 if triton_missing() is None:
-    from fastdit.kernels.attention import varlen_attention_backward, varlen_attention_forward
+    from fastdit.kernels.attention import varlen_attention_backward as varlen_backward_kernel
+    from fastdit.kernels.attention import varlen_attention_forward
 
     @torch.library.triton_op("fastdit::varlen_attention_triton", mutates_args=())
     def varlen_attention_triton(
@@ -176,7 +177,7 @@ if triton_missing() is None:
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-        return varlen_attention_backward(
+        return varlen_backward_kernel(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
         )
 

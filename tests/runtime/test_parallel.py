@@ -39,9 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model():
+def make_model(backend="reference"):
     torch.manual_seed(0)
-    model = DiT(preset("tiny").replace(num_heads=3, head_dim=16), backend="reference")
+    model = DiT(preset("tiny").replace(num_heads=3, head_dim=16), backend=backend)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -63,11 +63,11 @@ def _init(rank, world, port, timeout_s=60):
     torch.set_num_threads(1)
 
 
-def _parity_worker(rank, world, port):
+def _parity_worker(rank, world, port, backend="reference", configs=None):
     _init(rank, world, port)
     try:
-        for cfg, ulysses, ring in CONFIGS[world]:
-            model = make_model()
+        for cfg, ulysses, ring in configs or CONFIGS[world]:
+            model = make_model(backend)
             reference = copy.deepcopy(model)
             batch = make_batch(cfg)
             weight = torch.randn(batch.tokens.shape[0], 64, generator=torch.Generator().manual_seed(2))
@@ -90,6 +90,13 @@ def _parity_worker(rank, world, port):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sequence_parallel_matches_single_process(world):
     mp.spawn(_parity_worker, args=(world, free_port()), nprocs=world, join=True)
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs the interpreter")
+def test_sequence_parallel_on_triton_kernels():
+    """Ring and Ulysses over the Triton attention (forward, LSE, backward) and RoPE kernels."""
+    mp.spawn(_parity_worker, args=(2, free_port(), "triton", [(1, 1, 2), (1, 2, 1)]), nprocs=2, join=True)
 
 
 def _mismatch_worker(rank, world, port, kind, queue):
