@@ -1,4 +1,4 @@
-"""``fastdit`` command line: ``fastdit info`` and ``fastdit bench``."""
+"""``fastdit`` command line: ``info``, ``generate``, ``bench`` and ``export``."""
 
 import argparse
 import platform
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_arguments(
         sub.add_parser("generate", help="generate a video or image with a DiT + causal VAE (modes t2v ... v2v)")
     )
+    from fastdit.export import cli as export_cli
+
+    export_cli.add_arguments(sub.add_parser("export", help="export ONNX graphs and TensorRT engines"))
     bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
     bench.add_argument("--suite", default="all", choices=["all", *SUITE])
     bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
@@ -96,6 +99,11 @@ def main(argv=None) -> int:
         from fastdit.runtime import generate
 
         generate.run(args)
+        return 0
+    if args.command == "export":
+        from fastdit.export import cli as export_cli
+
+        export_cli.run(args)
         return 0
     return _bench(args)
 

@@ -1,0 +1,50 @@
+"""``fastdit export onnx`` and ``fastdit export tensorrt``."""
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="format", required=True)
+    onnx = sub.add_parser("onnx", help="export the DiT (or the VAE decoder) to ONNX with dynamic sizes")
+    onnx.add_argument("--preset", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b (random weights)")
+    onnx.add_argument("--weights", default=None, help="diffusers Wan 2.1 directory (transformer/, vae/)")
+    onnx.add_argument("--vae", action="store_true", help="export the VAE decoder instead of the DiT")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--out", required=True, help="the .onnx file")
+    trt = sub.add_parser("tensorrt", help="build a TensorRT engine from a DiT ONNX graph (needs tensorrt + a GPU)")
+    trt.add_argument("--onnx", required=True)
+    trt.add_argument("--out", required=True, help="the .engine file")
+    trt.add_argument("--profile", action="append", required=True, help="HEIGHTxWIDTHxFRAMES, one per size bucket")
+    trt.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16", "fp8"])
+    trt.add_argument("--text-len", type=int, default=512)
+    trt.add_argument("--text-dim", type=int, default=4096)
+    trt.add_argument("--channels", type=int, default=16, help="latent channels")
+    trt.add_argument("--max-batch", type=int, default=2, help="2: a CFG pair")
+
+
+def run(args) -> str:
+    if args.format == "onnx":
+        from fastdit.export.onnx import to_onnx
+        from fastdit.models import DiT
+        from fastdit.models.vae import CausalVAE
+
+        if args.weights:
+            folder = os.path.join(args.weights, "vae" if args.vae else "transformer")
+            if not os.path.isdir(folder):
+                raise SystemExit(f"--weights {args.weights} has no {os.path.basename(folder)}/ directory")
+            model = CausalVAE.from_diffusers(folder) if args.vae else DiT.from_diffusers(folder)
+        elif args.vae:
+            model = CausalVAE.from_preset("wan2.1" if args.preset.startswith("wan") else "tiny")
+        else:
+            model = DiT.from_preset(args.preset)
+        path = to_onnx(model.eval(), args.out, opset=args.opset)
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB), checked: standard ops TensorRT parses")
+        return path
+    from fastdit.export.tensorrt import Profile, build_engine
+
+    profiles = [Profile.parse(p) for p in args.profile]
+    path = build_engine(args.onnx, args.out, profiles, precision=args.precision, latent_channels=args.channels,
+                        text_dim=args.text_dim, text_len=args.text_len, max_batch=args.max_batch)  # fmt: skip
+    print(f"wrote {path}: {len(profiles)} optimization profiles, {args.precision}")
+    return path
