@@ -70,6 +70,19 @@ def test_dit_onnx_graph_is_standard_and_tensorrt_parsable(dit_onnx):
     assert not {"Attention", "Loop", "If"} & set(ops)
 
 
+def test_external_weights_for_big_models(tmp_path):
+    model = random_dit()
+    path = to_onnx(model, tmp_path / "big.onnx", external_data=True)
+    side = [p for p in tmp_path.iterdir() if p.name != "big.onnx"]
+    assert [p.name for p in side] == ["big.onnx.data"] and side[0].stat().st_size > 100_000  # weights beside it
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, t, text = torch.randn(1, 16, 2, 4, 4), torch.tensor([5.0]), torch.randn(1, 4, 32)
+    with torch.no_grad():
+        expect = model(x, t, text)
+    (got,) = session.run(None, {"latents": x.numpy(), "timestep": t.numpy(), "text": text.numpy()})
+    assert rel(got, expect) <= 1e-4
+
+
 def test_check_onnx_rejects_what_tensorrt_cannot_parse(tmp_path):
     from onnx import TensorProto, helper
 

@@ -221,16 +221,18 @@ def _example_dit_inputs(config, batch=2, frames=2, height=4, width=6, text_len=5
     )
 
 
-def to_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, check: bool = True) -> str:
+def to_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, check: bool = True,
+            external_data: bool | None = None) -> str:  # fmt: skip
     """Export a :class:`DiT` (or a :class:`CausalVAE`'s decoder) to an ONNX file with dynamic sizes.
 
     Args:
         model: a ``DiT`` (inputs ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, D)``,
             output ``(B, C_out, T, H, W)``) or a ``CausalVAE`` (input ``z (B, z_dim, T', H', W')``,
             output the video ``(B, 3, 1 + 4 (T'-1), 8 H', 8 W')``). Exported in float32.
-        path: the ``.onnx`` file (weights inside it).
+        path: the ``.onnx`` file (weights inside it, or beside it in ``<path>.data`` past 1.5 GiB).
         opset: ONNX opset (>= 18).
         check: run ``onnx.checker`` and assert every op is a standard one TensorRT parses.
+        external_data: weights in a side file; None: when they pass 1.5 GiB (protobuf's cap is 2).
 
     Returns:
         The path written.
@@ -267,7 +269,10 @@ def to_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, check
             twin, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset, input_names=names[0],
             output_names=names[1], external_data=False,
         )  # fmt: skip
-    program.save(path)
+    # protobuf caps a file at 2 GiB: larger models keep their weights in a side file (path + ".data")
+    if external_data is None:
+        external_data = sum(p.numel() * 4 for p in model.parameters()) > 1.5 * 2**30
+    program.save(path, external_data=external_data)
     if check:
         check_onnx(path)
     return path
@@ -278,8 +283,9 @@ def check_onnx(path: str | os.PathLike) -> list[str]:
     Returns the sorted op types used."""
     import onnx
 
-    model = onnx.load(os.fspath(path))
-    onnx.checker.check_model(model, full_check=True)
+    path = os.fspath(path)
+    onnx.checker.check_model(path, full_check=True)  # by path: works past 2 GiB with external weights
+    model = onnx.load(path, load_external_data=False)
     used, foreign = set(), set()
     for graph in [model.graph, *[f for f in model.functions]]:
         for node in graph.node:
