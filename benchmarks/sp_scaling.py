@@ -86,8 +86,8 @@ def main(argv=None) -> None:
         sp.forward_packed(batch)  # warm up (kernels compile, NCCL connects)
         dist.barrier()
         ms = time_ms(lambda: sp.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=5.0)
-    times = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(times, torch.tensor([ms]).to(device) if cuda else torch.tensor([ms]))
+    times = [torch.zeros(1, device=device) for _ in range(world)]
+    dist.all_gather(times, torch.tensor([ms], device=device))  # NCCL: CUDA tensors on both sides
     slowest = max(float(t.item()) for t in times)
     if rank == 0:
         comm = comm_bytes_per_rank(tokens // args.cfg, config.hidden, config.num_layers, ulysses, args.ring,

@@ -454,9 +454,10 @@ class SequenceParallelDiT(torch.nn.Module):
 
     def _check_same_batch(self, batch: PackedBatch, cu: list[int], cu_text: list[int]) -> None:
         """Every rank must pass the same batch: compare a fingerprint, raise on every rank if not."""
+        # float64 on the batch's device: NCCL gathers CUDA tensors only
         mine = torch.tensor(
             [len(cu), cu[-1], sum(cu), cu_text[-1], sum(cu_text), *batch.grid_thw.sum(0).tolist(),
-             batch.tokens.shape[1]], dtype=torch.float64,
+             batch.tokens.shape[1]], dtype=torch.float64, device=batch.tokens.device,
         )  # fmt: skip
         everyone = [torch.empty_like(mine) for _ in range(self.layout.size)]
         dist.all_gather(everyone, mine, group=self.group)

@@ -213,3 +213,31 @@ def test_scaling_benchmark_runs_under_torchrun(tmp_path):
     rows = json.loads((tmp_path / "sp_scaling_cpu.json").read_text())["rows"]
     assert [r["provider"] for r in rows] == ["1 device", "2 ranks U=1 R=2 cfg=1"]
     assert rows[1]["ring_bytes"] > 0 and rows[1]["efficiency"] > 0
+
+
+def _cuda_degree_one_worker(rank, world, port):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        model = make_model(backend=None).cuda().to(torch.bfloat16)
+        reference = copy.deepcopy(model)
+        batch = make_batch(1)
+        batch = PackedBatch.from_samples(
+            [x.cuda().bfloat16() for x in batch.unpack(batch.tokens, 16)], batch.timestep.cuda(),
+            [batch.text[:4].cuda().bfloat16(), batch.text[4:11].cuda().bfloat16(), batch.text[11:].cuda().bfloat16()],
+            (1, 2, 2),
+        )  # fmt: skip
+        for ulysses, ring in ((1, 1),):
+            sp = apply_sequence_parallel(model, ulysses=ulysses, ring=ring)
+            with torch.no_grad():
+                out, expect = sp.forward_packed(batch), reference.forward_packed(batch)
+            assert ((out.float() - expect.float()).norm() / expect.float().norm()).item() <= 1e-2
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_degree_one_on_the_gpu_with_nccl():
+    """With one GPU: the sequence-parallel path (NCCL collectives, Triton kernels) at degree 1."""
+    mp.spawn(_cuda_degree_one_worker, args=(1, free_port()), nprocs=1, join=True)
