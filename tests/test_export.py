@@ -151,6 +151,14 @@ def test_profiles_and_precisions_are_validated():
         build_engine("x.onnx", "x.engine", [Profile.parse("480x832x81")], precision="int4")
 
 
+def test_cli_tensorrt_says_why_it_cannot_build(tmp_path):
+    with pytest.raises(SystemExit, match="HEIGHTxWIDTHxFRAMES"):
+        main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832"])
+    if tensorrt_missing() is not None:
+        with pytest.raises(SystemExit, match="tensorrt cannot be imported"):
+            main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832x81"])
+
+
 def test_euler_cfg_step_matches_the_sampler_math():
     model = random_dit()
     x, text, negative = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 3, 32), torch.randn(1, 3, 32)

@@ -41,9 +41,15 @@ def run(args) -> str:
         path = to_onnx(model.eval(), args.out, opset=args.opset)
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB), checked: standard ops TensorRT parses")
         return path
-    from fastdit.export.tensorrt import Profile, build_engine
+    from fastdit.export.tensorrt import Profile, build_engine, tensorrt_missing
 
-    profiles = [Profile.parse(p) for p in args.profile]
+    try:
+        profiles = [Profile.parse(p) for p in args.profile]
+    except ValueError as err:
+        raise SystemExit(f"fastdit export tensorrt: {err}") from None
+    missing = tensorrt_missing()
+    if missing:
+        raise SystemExit(f"fastdit export tensorrt: {missing} (pip install tensorrt on a machine with a GPU)")
     path = build_engine(args.onnx, args.out, profiles, precision=args.precision, latent_channels=args.channels,
                         text_dim=args.text_dim, text_len=args.text_len, max_batch=args.max_batch)  # fmt: skip
     print(f"wrote {path}: {len(profiles)} optimization profiles, {args.precision}")
