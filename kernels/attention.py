@@ -39,10 +39,12 @@ def attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     # sizes
     group, head_dim, scale_log2,
+    total_k, kv_width,  # rows and row length (Hk * D) of k / v, for the TMA descriptors
     # constexprs: tile shape fixes the MMA shapes; CAUSAL prunes key blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     SEQLEN_BUCKET: tl.constexpr,  # log2 of max_seqlen_q: only an autotuning key
+    USE_TMA: tl.constexpr = False,  # K / V tiles by TMA (tensor descriptors) instead of masked loads
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -68,12 +70,28 @@ def attn_fwd_kernel(
     n_end = len_k
     if CAUSAL:
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
+    if USE_TMA:
+        # Boxes of [BLOCK_N, BLOCK_D] from k / v seen as (total_k, Hk * D). Rows past this sample
+        # are the next sample's (finite; their scores are masked to -inf below), rows past the
+        # tensor and columns past the row are zero-filled; columns past D (padded head dims) are
+        # the next head's, which meet zero-padded q columns and land in unstored output columns.
+        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
     for n0 in range(0, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < len_k
-        kv_mask = col_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if USE_TMA:
+            row0 = (k_start + n0).to(tl.int32)
+            k = k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)])
+            v = v_desc.load([row0, (kv_h * stride_vh).to(tl.int32)])
+        else:
+            kv_mask = col_mask[:, None] & d_mask[None, :]
+            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
+                        other=0.0)  # fmt: skip
+            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
+                        other=0.0)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = col_mask[None, :]
         if CAUSAL:
@@ -249,14 +267,32 @@ FWD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
     for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))
 ]
-attn_fwd_autotuned = triton.autotune(configs=FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET"])(
-    attn_fwd_kernel
-)
+attn_fwd_autotuned = triton.autotune(
+    configs=FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "USE_TMA"]
+)(attn_fwd_kernel)
 
 
 def _autotune() -> bool:
     """Autotune the forward on GPUs; FASTDIT_ATTN_AUTOTUNE=0 keeps the fixed tiles of _tiles."""
     return not interpreting() and os.environ.get("FASTDIT_ATTN_AUTOTUNE", "1") != "0"
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for device-side TMA descriptors (Triton asks its allocator for it)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """K / V by TMA when asked (FASTDIT_ATTN_TMA=1) and the layout allows it: contiguous k / v,
+    16-byte aligned base and row stride. Off by default until an H100 run shows it pays."""
+    if os.environ.get("FASTDIT_ATTN_TMA", "0") != "1":
+        return False
+    for t in (k, v):
+        if not t.is_contiguous() or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    if not interpreting():
+        triton.set_allocator(_tma_allocator)
+    return True
 
 
 def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
@@ -308,10 +344,10 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        heads // k.shape[1], head_dim, softmax_scale * LOG2E,
+        heads // k.shape[1], head_dim, softmax_scale * LOG2E, k.shape[0], k.shape[1] * head_dim,
     )  # fmt: skip
     flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
-                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length())  # fmt: skip
+                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=use_tma(k, v))  # fmt: skip
     if _autotune():
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
         torch.library.wrap_triton(attn_fwd_autotuned)[grid](*args, **flags)

@@ -54,6 +54,8 @@ def compile_for_h100(kernel, pointers: dict, scalars: dict, constexprs: dict, nu
     PTX shows the vector widths real launches get.
     """
     signature, attrs = {}, {}
+    # constexprs left out take their defaults (as a launch would)
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     for index, name in enumerate(kernel.arg_names):
         if name in pointers:
             signature[name] = "*" + pointers[name]
@@ -167,6 +169,23 @@ def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, con
     assert "wgmma" in compiled.asm["ptx"]
     assert resources(compiled)["stack"] == 0
     assert compiled.metadata.shared <= 232448  # the H100's shared memory per block
+
+
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_forward_tma_variant_issues_bulk_tensor_copies(head_dim):
+    """USE_TMA (FASTDIT_ATTN_TMA=1): K / V arrive by cp.async.bulk.tensor, still wgmma, no spills."""
+    block_m, block_n, block_d, opts = attention._tiles(head_dim, "fwd")
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
+                "ORDER": "i32"}  # fmt: skip
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=False, PRECISION="tf32",
+                      SEQLEN_BUCKET=15, USE_TMA=True)  # fmt: skip
+    kernel = attention.attn_fwd_kernel
+    compiled = compile_for_h100(kernel, pointers, ATTN_SCALARS, constexprs,
+                                divisible=strides_and_sizes(kernel, ("head_dim", "kv_width")), **opts)  # fmt: skip
+    ptx = compiled.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
+    assert resources(compiled)["stack"] == 0
 
 
 CONV_POINTERS = ["X", "CACHE", "W", "BIAS", "RES", "OUT"]
