@@ -184,17 +184,20 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         del model, fn_model
         gc.collect()
     if "fastdit-packed" in providers:
-        _mixed_batch(report, config, device, dtype, text_len)
+        _mixed_batch(report, config, device, dtype, text_len, args.quick)
     return report
 
 
-def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int):
+def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int,
+                 quick: bool = False):  # fmt: skip
     """One packed forward over mixed sizes vs the same requests one by one (fastdit eager).
 
-    CUDA: a 480x832 81-frame video, a 720x1280 image and a 240x416 81-frame video; CPU: the
-    same mix at a sixteenth of the size.
+    CUDA: a 480x832 81-frame video, a 720x1280 image and a 240x416 81-frame video (``--quick``:
+    21-frame videos); CPU: the same mix at a sixteenth of the size.
     """
     sizes = [(81, 480, 832), (1, 720, 1280), (81, 240, 416)]
+    if quick:
+        sizes = [(21, 480, 832), (1, 720, 1280), (21, 240, 416)]
     if device.type != "cuda":
         sizes = [(9, 32, 48), (1, 48, 80), (9, 16, 32)]
     gen = torch.Generator(device="cpu").manual_seed(1)

@@ -7,7 +7,8 @@
 # Wheels of missing packages (diffusers, say) may be placed in .whl/; they are installed first.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# TESTS=0 or BENCH=0 skips that half (to split the work over two calls if one would pass 10 min).
+# TESTS=0 or BENCH=0 skips that half (to split the work over two calls if one would pass 10 min);
+# SUITES="memory_ops attention" runs only those benchmark suites (default: all of them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
@@ -43,12 +44,20 @@ run info $PY -m fastdit info
 [ "${TESTS:-1}" = "1" ] && run pytest $PY -m pytest -m gpu -q -rs tests
 BENCH_ARGS=(--quick)
 [ "${FULL:-0}" = "1" ] && BENCH_ARGS=()
-[ "${BENCH:-1}" = "1" ] && run bench $PY -m fastdit bench "${BENCH_ARGS[@]}" --out "$OUT_DIR"
+if [ "${BENCH:-1}" = "1" ]; then
+  if [ -n "${SUITES:-}" ]; then
+    for suite in $SUITES; do run "bench_$suite" $PY -m fastdit bench --suite "$suite" "${BENCH_ARGS[@]}" --out "$OUT_DIR"; done
+  else
+    run bench $PY -m fastdit bench "${BENCH_ARGS[@]}" --out "$OUT_DIR"
+  fi
+fi
 
 {
   echo "fastdit gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   [ -f "$OUT_DIR/gpu_pytest.log" ] && grep -E "passed|failed|error" "$OUT_DIR/gpu_pytest.log" | tail -1
-  [ -f "$OUT_DIR/gpu_bench.log" ] && sed -n '/^\(memory_ops\|attention\|dit_step\|vae\|vae_ops\) on /,/^wrote /p' "$OUT_DIR/gpu_bench.log" | grep -v '^wrote'
+  for log in "$OUT_DIR"/gpu_bench*.log; do
+    [ -f "$log" ] && sed -n '/^\(memory_ops\|attention\|dit_step\|vae\|vae_ops\) on /,/^wrote /p' "$log" | grep -v '^wrote'
+  done
   [ ${#failed[@]} -eq 0 ] && echo "all steps passed" || echo "FAILED steps: ${failed[*]}"
 } | tee "$OUT_DIR/gpu_summary.txt"
 [ ${#failed[@]} -eq 0 ]
