@@ -157,6 +157,7 @@ def attn_bwd_dkdv_kernel(
     group, head_dim, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    SEQLEN_BUCKET: tl.constexpr = 0,  # log2 of the longest sample: only an autotuning key
 ):  # fmt: skip
     n_block = tl.program_id(0)
     kv_h = tl.program_id(1).to(tl.int64)
@@ -221,6 +222,7 @@ def attn_bwd_dq_kernel(
     group, head_dim, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    SEQLEN_BUCKET: tl.constexpr = 0,  # log2 of the longest sample: only an autotuning key
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -272,8 +274,55 @@ attn_fwd_autotuned = triton.autotune(
 )(attn_fwd_kernel)
 
 
+# Backward tiles the autotuner may pick on a GPU, from the sm_90 compile (registers / stack per
+# thread, tests/kernels/test_compile_sm90.py checks each): every one issues wgmma. dK/dV is
+# (queries per step BLOCK_M, keys per program BLOCK_N); at D = 128 only 128-key tiles with 16 or
+# 32 queries per step spill nothing (32 x 64 spilled 224 B, 64 x 128 312 B), so the wider ones
+# are offered at D <= 64 only. dQ is (queries per program, keys per step): none of these spill.
+DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in (
+        (32, 128, 8, 2),
+        (16, 128, 8, 2),
+        (32, 128, 8, 3),
+        (64, 128, 8, 2),
+        (32, 64, 4, 2),
+        (32, 64, 4, 3),
+    )  # fmt: skip
+]
+DKDV_WIDE_HEAD_OK = {(32, 128, 8, 2), (16, 128, 8, 2)}
+DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in (
+        (128, 32, 8, 2),
+        (128, 32, 8, 3),
+        (128, 64, 8, 2),
+        (64, 32, 4, 2),
+        (64, 64, 4, 3),
+        (128, 16, 8, 2),
+    )  # fmt: skip
+]
+
+
+def _key(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    if named_args["BLOCK_D"] <= 64:
+        return configs
+    return [c for c in configs if _key(c) in DKDV_WIDE_HEAD_OK]
+
+
+_BWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET"]
+attn_bwd_dkdv_autotuned = triton.autotune(
+    configs=DKDV_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv}
+)(attn_bwd_dkdv_kernel)
+attn_bwd_dq_autotuned = triton.autotune(configs=DQ_CONFIGS, key=_BWD_KEY)(attn_bwd_dq_kernel)
+
+
 def _autotune() -> bool:
-    """Autotune the forward on GPUs; FASTDIT_ATTN_AUTOTUNE=0 keeps the fixed tiles of _tiles."""
+    """Autotune forward and backward tiles on GPUs; FASTDIT_ATTN_AUTOTUNE=0 keeps the fixed tiles of _tiles."""
     return not interpreting() and os.environ.get("FASTDIT_ATTN_AUTOTUNE", "1") != "0"
 
 
@@ -383,16 +432,28 @@ def varlen_attention_backward(
         dout.stride(0), dout.stride(1), lse.stride(0),
     )  # fmt: skip
     scale_args = (heads // kv_heads, head_dim, softmax_scale, softmax_scale * LOG2E)
-    block_m, block_n, _, opts = _tiles(head_dim, "dkdv")
-    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
-    torch.library.wrap_triton(attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen_k, block_n), kv_heads, batch)](
+    dkdv_args = (
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, order,
-        *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scale_args, **tile,
+        *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scale_args,
     )  # fmt: skip
-    block_m, block_n, _, opts = _tiles(head_dim, "dq")
-    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, **opts)
-    torch.library.wrap_triton(attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen_q, block_m), heads, batch)](
+    dq_args = (
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, order,
-        *common, dq.stride(0), dq.stride(1), *scale_args, **tile,
+        *common, dq.stride(0), dq.stride(1), *scale_args,
     )  # fmt: skip
+    flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision,
+                 SEQLEN_BUCKET=max(0, max(max_seqlen_q, max_seqlen_k) - 1).bit_length())  # fmt: skip
+    if _autotune():
+        grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
+        torch.library.wrap_triton(attn_bwd_dkdv_autotuned)[grid](*dkdv_args, **flags)
+        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+        torch.library.wrap_triton(attn_bwd_dq_autotuned)[grid](*dq_args, **flags)
+    else:
+        block_m, block_n, _, opts = _tiles(head_dim, "dkdv")
+        grid = (triton.cdiv(max_seqlen_k, block_n), kv_heads, batch)
+        torch.library.wrap_triton(attn_bwd_dkdv_kernel)[grid](*dkdv_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                                              **opts)  # fmt: skip
+        block_m, block_n, _, opts = _tiles(head_dim, "dq")
+        grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
+        torch.library.wrap_triton(attn_bwd_dq_kernel)[grid](*dq_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                                            **opts)  # fmt: skip
     return dq, dk, dv

@@ -173,6 +173,34 @@ def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, con
 
 @compiles
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kernel_name", ["dkdv", "dq"])
+def test_every_autotuned_backward_config_keeps_wgmma_without_spills(head_dim, kernel_name):
+    kernel = attention.attn_bwd_dkdv_kernel if kernel_name == "dkdv" else attention.attn_bwd_dq_kernel
+    configs = attention.DKDV_CONFIGS if kernel_name == "dkdv" else attention.DQ_CONFIGS
+    if kernel_name == "dkdv":
+        configs = attention._prune_dkdv(configs, {"BLOCK_D": head_dim})
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"], "bf16"),
+                "LSE": "fp32", "DELTA": "fp32", "CU_Q": "i32", "CU_K": "i32", "ORDER": "i32"}  # fmt: skip
+    assert configs
+    for tune in configs:
+        constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=True, PRECISION="tf32", SEQLEN_BUCKET=15)
+        compiled = compile_for_h100(
+            kernel, pointers, ATTN_SCALARS, constexprs, num_warps=tune.num_warps, num_stages=tune.num_stages,
+            divisible=strides_and_sizes(kernel, ("head_dim",)),
+        )  # fmt: skip
+        assert "wgmma" in compiled.asm["ptx"], tune
+        # causal dK/dV keeps a little stack (24-32 B, as the fixed tiles); dQ none
+        limit = 32 if kernel_name == "dkdv" else 0
+        assert resources(compiled)["stack"] <= limit, (_tune_key(tune), resources(compiled))
+        assert compiled.metadata.shared <= 232448
+
+
+def _tune_key(tune):
+    return (*tune.kwargs.values(), tune.num_warps, tune.num_stages)
+
+
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_forward_tma_variant_issues_bulk_tensor_copies(head_dim):
     """USE_TMA (FASTDIT_ATTN_TMA=1): K / V arrive by cp.async.bulk.tensor, still wgmma, no spills."""
     block_m, block_n, block_d, opts = attention._tiles(head_dim, "fwd")
