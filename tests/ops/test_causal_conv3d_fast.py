@@ -245,8 +245,10 @@ def test_fast_conv_cuda_bf16(backend, cin, cout, frames, hw, kernel, up):
     expect, _ = ops.causal_conv3d(x.double(), weight.double(), cache=None if kw["cache"] is None else cache.double(),
                                   padding=(1, 1), upsample=up, backend="reference")  # fmt: skip
     ours = rel_err(y, expect)
-    sdpa_like, _ = ops.causal_conv3d(x, weight, backend="cudnn", **kw)  # cuDNN's own bf16 error sets the bar
-    assert ours <= 2 * max(rel_err(sdpa_like, expect), 1e-3), ours
+    assert ours <= 1e-2, ours  # bf16 inputs, fp32 accumulation
+    if backend == "triton":  # at most twice cuDNN's own bf16 error against the same float64 oracle
+        cudnn_y, _ = ops.causal_conv3d(x, weight, backend="cudnn", **kw)
+        assert ours <= 2 * max(rel_err(cudnn_y, expect), 1e-3), ours
 
 
 @pytest.mark.gpu
