@@ -16,12 +16,15 @@ and channel count (the Triton kernels are not timed under the CPU interpreter).
 """
 
 import argparse
+import json
+import os
 
 import torch
 import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
+from fastdit.ops.causal_conv3d import policy_key
 
 # (Cin, Cout, T, H, W): anchors.md's causal conv3d table (k = 3, two zero frames in front).
 CONV_SHAPES = [
@@ -39,6 +42,10 @@ CPU_NORM_SHAPES = [(96, 2, 60, 104)]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-shapes", default=None, help="vae_ops: CIN,COUT,T,H,W[;...] conv3d shapes")
+    parser.add_argument(
+        "--conv-policy-out", default=None,
+        help="vae_ops: write the per-shape winner among fastdit's conv backends as a dispatcher policy (JSON)",
+    )  # fmt: skip
 
 
 def _diffusers_conv(x, weight):
@@ -48,6 +55,26 @@ def _diffusers_conv(x, weight):
 
 def _wan_norm_silu(x, gamma):
     return F.silu(F.normalize(x, dim=1) * x.shape[1] ** 0.5 * gamma)
+
+
+def _write_policy(path: str, totals: dict, device: torch.device, report: Report) -> None:
+    """The fastest fastdit backend per conv signature (summed over the sizes measured), as the
+    JSON ``fastdit.ops.causal_conv3d.load_policy`` reads."""
+    from fastdit.benchmarks.harness import environment
+
+    choices = {key: min(per, key=per.get) for key, per in sorted(totals.items()) if per}
+    policy = {
+        "device_type": device.type,
+        "device": environment(device)["device"],
+        "source": "fastdit bench --suite vae_ops",
+        "ms": {key: {name: round(ms, 4) for name, ms in per.items()} for key, per in sorted(totals.items())},
+        "choices": choices,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(policy, f, indent=2)
+        f.write("\n")
+    print(f"  wrote the conv policy {path}: {choices}", flush=True)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -65,6 +92,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         shapes = [s for s in shapes if s[0] * s[2] * s[3] * s[4] < 100_000_000]  # the 96-channel 480p shape is 614M
     contenders = [b for b in runnable_backends("causal_conv3d", {"device": device, "dtype": dtype})
                   if cuda or b != "triton"]  # fmt: skip
+    totals: dict[str, dict[str, float]] = {}  # policy key -> backend -> summed ms over sizes
     for cin, cout, frames, height, width in shapes:
         x = torch.randn(1, cin, frames, height, width, generator=gen).to(device, dtype)
         weight = (torch.randn(cout, cin, 3, 3, 3, generator=gen) / (27 * cin) ** 0.5).to(device, dtype)
@@ -83,7 +111,14 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
                 ms = time_ms(fn, device, budget_s=budget_s)
                 report.add(provider, shape, ms, flops=flops)
                 print(f"  {shape} {provider}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+                if provider.startswith("fastdit-"):
+                    key = policy_key(cin, cout, (3, 3, 3), (1, 1, 1), 1, dtype)
+                    per = totals.setdefault(key, {})
+                    per[provider.removeprefix("fastdit-")] = per.get(provider.removeprefix("fastdit-"), 0.0) + ms
         runs.clear()  # free this shape's tensors before the next one
+
+    if args.conv_policy_out:
+        _write_policy(args.conv_policy_out, totals, device, report)
 
     compiled = torch.compile(_wan_norm_silu)
     norm_backends = [b for b in runnable_backends("rms_norm_silu", {"device": device, "dtype": dtype})

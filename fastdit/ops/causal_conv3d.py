@@ -10,13 +10,19 @@ Backends:
 
 On GPUs the dispatcher tries cuDNN first: it is the measured baseline (../shared/anchors.md),
 while the Triton kernel's speed is unmeasured until an H100 run fills in docs/performance.md.
+A per-shape policy overrides that order where a benchmark measured the winner:
+``fastdit bench --suite vae_ops --conv-policy-out FILE`` writes one, ``FASTDIT_CONV_POLICY=FILE``
+or ``fastdit/ops/policies/causal_conv3d.json`` (none is committed yet) installs it.
 """
+
+import json
+import os
 
 import torch
 
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, register_triton_backend
-from fastdit.ops.dispatch import Backend, register_backend, select_backend, set_priority
+from fastdit.ops.dispatch import Backend, register_backend, select_backend, set_priority, set_shape_policy
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.causal_conv3d import (
     _padded_input,
@@ -157,6 +163,49 @@ else:
 set_priority("causal_conv3d", ["cudnn", "triton", "reference"])
 
 
+# ---- per-shape choice: the winners a vae_ops benchmark measured --------------------------------
+
+POLICY_FILE = os.path.join(os.path.dirname(__file__), "policies", "causal_conv3d.json")
+
+
+def policy_key(cin: int, cout: int, kernel, stride, upsample: int, dtype: torch.dtype) -> str:
+    """The shape signature a conv policy is keyed on (spatial size and frames excluded)."""
+    k, st = "".join(map(str, kernel)), "".join(map(str, stride))
+    return f"{cin}-{cout}-k{k}-s{st}-u{upsample}-{str(dtype).replace('torch.', '')}"
+
+
+def load_policy(path: str | None = None) -> dict | None:
+    """The policy JSON (``FASTDIT_CONV_POLICY`` or the packaged file): ``{"device_type": "cuda",
+    "choices": {policy_key: backend}, ...}``; None when there is none."""
+    path = path or os.environ.get("FASTDIT_CONV_POLICY") or POLICY_FILE
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        policy = json.load(f)
+    if not isinstance(policy.get("choices"), dict) or "device_type" not in policy:
+        raise ValueError(f"{path}: a conv policy needs 'device_type' and a 'choices' mapping")
+    return policy
+
+
+def use_policy(policy: dict | None) -> None:
+    """Install (or with None remove) a measured per-shape conv policy in the dispatcher."""
+    if policy is None:
+        set_shape_policy("causal_conv3d", None)
+        return
+    device_type, choices = policy["device_type"], policy["choices"]
+
+    def choose(inputs: dict) -> str | None:
+        if inputs["device"].type != device_type:
+            return None
+        return choices.get(policy_key(inputs["cin"], inputs["cout"], inputs["kernel"], inputs["stride"],
+                                      inputs["upsample"], inputs["dtype"]))  # fmt: skip
+
+    set_shape_policy("causal_conv3d", choose)
+
+
+use_policy(load_policy())
+
+
 # ---- public op ----------------------------------------------------------------------------------
 
 
@@ -251,7 +300,7 @@ def causal_conv3d(
         expect = output_shape(x.shape, weight.shape, strides, pads, front, upsample)
         if tuple(residual.shape) != expect:
             raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
-    impl = select_backend(
-        "causal_conv3d", {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": strides}, backend
-    )
+    inputs = {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": strides, "cin": cin,
+              "cout": weight.shape[0], "upsample": upsample}  # fmt: skip
+    impl = select_backend("causal_conv3d", inputs, backend)
     return impl.fn(x, weight, bias, residual, cache, strides, pads, front, upsample)

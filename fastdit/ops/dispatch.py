@@ -76,6 +76,8 @@ class Backend:
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
 _PRIORITY: dict[str, list[str]] = {}
+# Per-shape choices measured by a benchmark: op -> fn(inputs) -> backend name or None.
+_SHAPE_POLICY: dict[str, Callable[[dict], str | None]] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -92,6 +94,16 @@ def set_priority(op: str, names: Sequence[str]) -> None:
     if unknown:
         raise ValueError(f"unknown backend names {unknown}; expected some of {BACKEND_NAMES}")
     _PRIORITY[op] = list(names)
+
+
+def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None) -> None:
+    """Let ``policy(inputs)`` name the backend for particular shapes of ``op`` (a benchmark's
+    per-shape winners); None from it, or a backend that cannot run the inputs, falls back to the
+    priority list. ``policy=None`` removes it. A forced backend still wins over the policy."""
+    if policy is None:
+        _SHAPE_POLICY.pop(op, None)
+    else:
+        _SHAPE_POLICY[op] = policy
 
 
 def backends(op: str) -> dict[str, Backend]:
@@ -164,6 +176,11 @@ def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend
                 f"fastdit.{op}: backend {name!r} (from {source}) cannot run these inputs: {'; '.join(reasons)}"
             )
         return table[name]
+    policy = _SHAPE_POLICY.get(op)
+    if policy is not None:
+        chosen = policy(inputs)
+        if chosen in table and not table[chosen].not_supported_reasons(inputs):
+            return table[chosen]
     rejected: dict[str, list[str]] = {}
     for candidate in priority(op):
         if not table[candidate].auto_selectable(inputs["device"]):

@@ -265,3 +265,48 @@ def test_fast_ops_compile_fullgraph_cuda():
     compiled = torch.compile(block, fullgraph=True)
     for got, want in zip(compiled(x), block(x)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ---- the measured per-shape policy --------------------------------------------------------------------
+
+
+def test_measured_policy_picks_the_backend_per_shape(tmp_path):
+    import json
+
+    from fastdit.ops import dispatch
+    from fastdit.ops.causal_conv3d import load_policy, policy_key, use_policy
+
+    x, weight = torch.randn(1, 4, 3, 5, 5), torch.randn(6, 4, 3, 3, 3)
+    chosen = policy_key(4, 6, (3, 3, 3), (1, 1, 1), 1, torch.float32)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"device_type": "cpu", "choices": {chosen: "cudnn"}}))
+    inputs = lambda w: {"device": x.device, "dtype": x.dtype, "kernel": tuple(w.shape[2:]), "stride": [1, 1, 1],  # noqa: E731
+                        "cin": 4, "cout": w.shape[0], "upsample": 1}  # fmt: skip
+    try:
+        use_policy(load_policy(str(path)))
+        assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "cudnn"  # measured winner
+        other = torch.randn(5, 4, 3, 3, 3)
+        assert dispatch.select_backend("causal_conv3d", inputs(other)).name == "reference"  # not in the policy
+        assert dispatch.select_backend("causal_conv3d", inputs(weight), "reference").name == "reference"  # forced
+        y, _ = ops.causal_conv3d(x, weight, padding=(1, 1))
+        torch.testing.assert_close(y, ops.causal_conv3d(x, weight, padding=(1, 1), backend="reference")[0])
+    finally:
+        use_policy(load_policy())
+    assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "reference"
+    path.write_text(json.dumps({"choices": {}}))
+    with pytest.raises(ValueError, match="device_type"):
+        load_policy(str(path))
+
+
+def test_vae_ops_benchmark_writes_a_loadable_policy(tmp_path):
+    from fastdit.cli import main
+    from fastdit.ops.causal_conv3d import load_policy
+
+    out = tmp_path / "policy.json"
+    args = ["bench", "--suite", "vae_ops", "--device", "cpu", "--quick", "--out", str(tmp_path),
+            "--conv-shapes", "8,16,2,6,10;4,8,1,5,5", "--conv-policy-out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    policy = load_policy(str(out))
+    assert policy["device_type"] == "cpu"
+    assert set(policy["choices"]) == {"8-16-k333-s111-u1-float32", "4-8-k333-s111-u1-float32"}
+    assert set(policy["choices"].values()) <= {"cudnn", "triton"}
