@@ -304,18 +304,14 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Ten
     return b
 
 
-def _tiled(fn, x: torch.Tensor, tile_in: tuple[int, int], stride_in: tuple[int, int], scale: float,
-           out_hw: tuple[int, int]) -> torch.Tensor:  # fmt: skip
-    """Run ``fn`` on overlapping spatial tiles of x and blend them (diffusers' tiled_encode / decode).
+def tile_starts(height: int, width: int, stride: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """Top and left corners of the overlapping spatial tiles, in rows and columns (diffusers' order)."""
+    return list(range(0, height, stride[0])), list(range(0, width, stride[1]))
 
-    ``tile_in`` / ``stride_in`` are in x's pixels, ``scale`` maps them to the output's.
-    """
-    height, width = x.shape[-2:]
-    rows = []
-    for i in range(0, height, stride_in[0]):
-        rows.append([fn(x[..., i : i + tile_in[0], j : j + tile_in[1]]) for j in range(0, width, stride_in[1])])
-    tile_out = (int(tile_in[0] * scale), int(tile_in[1] * scale))
-    stride_out = (int(stride_in[0] * scale), int(stride_in[1] * scale))
+
+def blend_tiles(rows: list[list[torch.Tensor]], tile_out: tuple[int, int], stride_out: tuple[int, int],
+                out_hw: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    """Blend a grid of decoded / encoded tiles into one picture (diffusers' seams, in place)."""
     blend = (tile_out[0] - stride_out[0], tile_out[1] - stride_out[1])
     out_rows = []
     for i, row in enumerate(rows):
@@ -328,6 +324,19 @@ def _tiled(fn, x: torch.Tensor, tile_in: tuple[int, int], stride_in: tuple[int, 
             out_row.append(tile[..., : stride_out[0], : stride_out[1]])
         out_rows.append(torch.cat(out_row, dim=-1))
     return torch.cat(out_rows, dim=-2)[..., : out_hw[0], : out_hw[1]]
+
+
+def _tiled(fn, x: torch.Tensor, tile_in: tuple[int, int], stride_in: tuple[int, int], scale: float,
+           out_hw: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    """Run ``fn`` on overlapping spatial tiles of x and blend them (diffusers' tiled_encode / decode).
+
+    ``tile_in`` / ``stride_in`` are in x's pixels, ``scale`` maps them to the output's.
+    """
+    tops, lefts = tile_starts(*x.shape[-2:], stride_in)
+    rows = [[fn(x[..., i : i + tile_in[0], j : j + tile_in[1]]) for j in lefts] for i in tops]
+    tile_out = (int(tile_in[0] * scale), int(tile_in[1] * scale))
+    stride_out = (int(stride_in[0] * scale), int(stride_in[1] * scale))
+    return blend_tiles(rows, tile_out, stride_out, out_hw)
 
 
 class CausalVAE(nn.Module):

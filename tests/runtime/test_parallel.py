@@ -235,3 +235,29 @@ def _cuda_degree_one_worker(rank, world, port):
 def test_degree_one_on_the_gpu_with_nccl():
     """With one GPU: the sequence-parallel path (NCCL collectives, Triton kernels) at degree 1."""
     mp.spawn(_cuda_degree_one_worker, args=(1, free_port()), nprocs=1, join=True)
+
+
+def _vae_worker(rank, world, port):
+    from fastdit.models.vae import SpatialTiling
+    from fastdit.runtime.parallel import parallel_vae_decode
+    from tests.models.test_vae_fast import random_vae
+
+    _init(rank, world, port)
+    try:
+        vae = random_vae()
+        tiling = SpatialTiling(min_height=32, min_width=32, stride_height=24, stride_width=24)
+        z = torch.randn(1, 16, 2, 6, 8, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            expect = vae.decode(z, tiling=tiling)
+            got = parallel_vae_decode(vae, z, tiling)
+            small = torch.randn(1, 16, 2, 3, 3)
+            assert torch.equal(parallel_vae_decode(vae, small, tiling), vae.decode(small))  # one tile: no split
+        assert got.shape == expect.shape == (1, 3, 5, 48, 64)
+        assert torch.equal(got, expect), (got - expect).abs().max()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vae_decode_split_over_ranks_equals_the_tiled_decode(world):
+    mp.spawn(_vae_worker, args=(world, free_port()), nprocs=world, join=True)
