@@ -11,7 +11,8 @@ from fastdit.kernels import triton_missing
 from fastdit.ops._common import as_packed, interpreter_fake, last_dim_contiguous, register_triton_backend
 from fastdit.ops.dispatch import Backend, register_backend, select_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
-from fastdit.reference.modulation import rms_norm_bwd_ref, rms_norm_ref
+from fastdit.reference.common import dense_cu_seqlens
+from fastdit.reference.modulation import rms_norm_ref
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
 
 # ---- reference backend: torch.library custom ops over fastdit.reference -------------------------
@@ -253,15 +254,25 @@ if triton_missing() is None:
         q, k, q_weight, k_weight, ctx.eps, grid, cu, offset, ctx.theta, ctx.axes_dim, ctx.interleaved = inputs
         ctx.save_for_backward(q, k, q_weight, k_weight, grid, cu, offset)
 
+    def _rms_norm_backward(grad, x, weight, eps):
+        """RMSNorm-across-heads backward in one Triton pass: the RMS backward of adaLN modulation's
+        kernel (norm="rms", affine weight, scale 0 and one sample): dx and the fp32 dweight reduction."""
+        rows = x.reshape(x.shape[0], -1)
+        zeros = rows.new_zeros((1, rows.shape[1]), dtype=torch.float32)
+        cu = dense_cu_seqlens(1, rows.shape[0], x.device)
+        dx, _, _, dweight, _ = torch.ops.fastdit.adaln_modulate_backward_triton(
+            grad.reshape(rows.shape), rows, zeros, cu, "rms", eps, weight, None
+        )
+        return dx.view(x.shape), dweight.to(weight.dtype)
+
     def _qk_norm_backward(ctx, grad_q, grad_k):
-        # Unfused: undo the rotation with the Triton kernel (conjugate), then RMSNorm's backward.
+        # Two Triton passes: undo the rotation (conjugate angles), then RMSNorm's backward.
         q, k, q_weight, k_weight, grid, cu, offset = ctx.saved_tensors
         args = (grid, cu, offset, ctx.theta, ctx.axes_dim, ctx.interleaved, True)
         gq, gk = rope3d_qk_triton(grad_q, grad_k, *args)
-        flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
-        dq, dq_weight = rms_norm_bwd_ref(flat(gq), flat(q), q_weight, ctx.eps)
-        dk, dk_weight = rms_norm_bwd_ref(flat(gk), flat(k), k_weight, ctx.eps)
-        return dq.view(q.shape), dk.view(k.shape), dq_weight, dk_weight, *([None] * 7)
+        dq, dq_weight = _rms_norm_backward(gq, q, q_weight, ctx.eps)
+        dk, dk_weight = _rms_norm_backward(gk, k, k_weight, ctx.eps)
+        return dq, dk, dq_weight, dk_weight, *([None] * 7)
 
     interpreter_fake(rope3d_qk_norm_triton, lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k)))
     rope3d_qk_norm_triton.register_autograd(_qk_norm_backward, setup_context=_qk_norm_setup)
