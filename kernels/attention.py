@@ -31,27 +31,15 @@ def _sample_bounds(CU, b):
 
 
 @triton.jit
-def attn_fwd_kernel(
-    # pointers
-    Q, K, V, OUT, LSE, CU_Q, CU_K,
-    ORDER,  # (B,) int: samples longest first; program axis 2 walks it so heavy samples start first
-    # strides in elements: token and head of q, k, v, o; head of lse
+def _attn_fwd_tile(
+    Q, K, V, OUT, LSE, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    # sizes
-    group, head_dim, scale_log2,
-    total_k, kv_width,  # rows and row length (Hk * D) of k / v, for the TMA descriptors
-    # constexprs: tile shape fixes the MMA shapes; CAUSAL prunes key blocks
+    group, head_dim, scale_log2, total_k, kv_width,
+    m_block, h, b, q_start, len_q,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SEQLEN_BUCKET: tl.constexpr,  # log2 of max_seqlen_q: only an autotuning key
-    USE_TMA: tl.constexpr = False,  # K / V tiles by TMA (tensor descriptors) instead of masked loads
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    m_block = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.load(ORDER + tl.program_id(2))
-    q_start, len_q = _sample_bounds(CU_Q, b)
-    if m_block * BLOCK_M >= len_q:
-        return
+    """One (query block, head, sample) tile: online softmax over the sample's key blocks."""
     k_start, len_k = _sample_bounds(CU_K, b)
     kv_h = h // group
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,6 +101,75 @@ def attn_fwd_kernel(
         mask=row_mask[:, None] & d_mask[None, :],
     )
     tl.store(LSE + h * stride_lh + q_start + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def attn_fwd_kernel(
+    # pointers
+    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    ORDER,  # (B,) int: samples longest first; program axis 2 walks it so heavy samples start first
+    # strides in elements: token and head of q, k, v, o; head of lse
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    # sizes
+    group, head_dim, scale_log2,
+    total_k, kv_width,  # rows and row length (Hk * D) of k / v, for the TMA descriptors
+    # constexprs: tile shape fixes the MMA shapes; CAUSAL prunes key blocks
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SEQLEN_BUCKET: tl.constexpr,  # log2 of max_seqlen_q: only an autotuning key
+    USE_TMA: tl.constexpr = False,  # K / V tiles by TMA (tensor descriptors) instead of masked loads
+):  # fmt: skip
+    m_block = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.load(ORDER + tl.program_id(2))
+    q_start, len_q = _sample_bounds(CU_Q, b)
+    if m_block * BLOCK_M >= len_q:
+        return
+    _attn_fwd_tile(
+        Q, K, V, OUT, LSE, CU_K,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+        group, head_dim, scale_log2, total_k, kv_width, m_block, h, b, q_start, len_q,
+        BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA,
+    )  # fmt: skip
+
+
+@triton.jit
+def attn_fwd_persistent_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    group, head_dim, scale_log2, total_k, kv_width,
+    num_samples, heads,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
+):  # fmt: skip
+    """Persistent schedule: a fixed grid (a few programs per SM) walks the tiles of every sample,
+    longest sample first (ORDER), all heads of a query block before the next block, each program
+    taking every num_programs-th tile. The tile list is never materialised: each program counts
+    tiles per sample from cu_seqlens (B is small) to find a tile's sample."""
+    total = 0
+    for i in range(num_samples):
+        b = tl.load(ORDER + i)
+        len_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
+        total += tl.cdiv(len_q, BLOCK_M) * heads
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        slot = 0
+        local = tile
+        base = 0
+        for i in range(num_samples):
+            b = tl.load(ORDER + i)
+            count = tl.cdiv(tl.load(CU_Q + b + 1) - tl.load(CU_Q + b), BLOCK_M) * heads
+            here = (tile >= base) & (tile < base + count)
+            slot = tl.where(here, i, slot)
+            local = tl.where(here, tile - base, local)
+            base += count
+        b = tl.load(ORDER + slot)
+        q_start, len_q = _sample_bounds(CU_Q, b)
+        _attn_fwd_tile(
+            Q, K, V, OUT, LSE, CU_K,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+            group, head_dim, scale_log2, total_k, kv_width, local // heads, (local % heads).to(tl.int64), b,
+            q_start, len_q, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -326,6 +383,19 @@ def _autotune() -> bool:
     return not interpreting() and os.environ.get("FASTDIT_ATTN_AUTOTUNE", "1") != "0"
 
 
+def _persistent() -> bool:
+    """FASTDIT_ATTN_PERSISTENT=1: the persistent forward schedule (fixed tiles; off until measured)."""
+    return os.environ.get("FASTDIT_ATTN_PERSISTENT", "0") == "1"
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent grid: two per SM on a GPU (one resident per SM at these tiles,
+    the second hides the tail); three under the interpreter, so programs loop over tiles."""
+    if interpreting():
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tma_allocator(size: int, alignment: int, stream):
     """Global scratch for device-side TMA descriptors (Triton asks its allocator for it)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -397,7 +467,15 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     )  # fmt: skip
     flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
                  SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=use_tma(k, v))  # fmt: skip
-    if _autotune():
+    if _persistent():
+        # an upper bound of the tile count, known without reading cu_seqlens back
+        tiles = triton.cdiv(max_seqlen_q, block_m) * heads * batch
+        grid = (max(1, min(tiles, _persistent_programs(q.device))),)
+        flags.pop("SEQLEN_BUCKET")
+        torch.library.wrap_triton(attn_fwd_persistent_kernel)[grid](
+            *args, batch, heads, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts
+        )
+    elif _autotune():
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
         torch.library.wrap_triton(attn_fwd_autotuned)[grid](*args, **flags)
     else:

@@ -216,6 +216,21 @@ def test_attention_forward_tma_variant_issues_bulk_tensor_copies(head_dim):
     assert resources(compiled)["stack"] == 0
 
 
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("tma", [False, True])
+def test_persistent_attention_forward_compiles_to_wgmma_without_spills(head_dim, tma):
+    block_m, block_n, block_d, opts = attention._tiles(head_dim, "fwd")
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
+                "ORDER": "i32"}  # fmt: skip
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=False, PRECISION="tf32", USE_TMA=tma)
+    kernel = attention.attn_fwd_persistent_kernel
+    compiled = compile_for_h100(kernel, pointers, ATTN_SCALARS, constexprs,
+                                divisible=strides_and_sizes(kernel, ("head_dim", "kv_width")), **opts)  # fmt: skip
+    assert "wgmma" in compiled.asm["ptx"]
+    assert resources(compiled)["stack"] == 0, resources(compiled)
+
+
 CONV_POINTERS = ["X", "CACHE", "W", "BIAS", "RES", "OUT"]
 # Channels-last tensors: channel strides are 1 (Triton specializes them at launch), every
 # other stride and the channel counts are multiples of 16 at the VAE's shapes.
