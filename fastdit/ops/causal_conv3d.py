@@ -149,7 +149,7 @@ if triton_missing() is None:
         shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
         y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape)
         # Both outputs channels-last-3d always: the next chunk's kernel reads the cache in rows.
-        return y, new_cache_ref(x, cache, time_padding).contiguous(memory_format=torch.channels_last_3d)
+        return y, new_cache_ref(x, cache, time_padding, memory_format=torch.channels_last_3d)
 
     def _fake_triton(*args):
         return _fake(*args, layout=torch.channels_last_3d)

@@ -36,14 +36,16 @@ def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, front: int) -> to
     return torch.cat([*parts, x], dim=2) if parts else x
 
 
-def new_cache_ref(x: torch.Tensor, cache: torch.Tensor | None, keep: int) -> torch.Tensor:
-    """The last ``keep`` frames of cat(cache, x) (fewer if fewer exist), as a new tensor."""
+def new_cache_ref(
+    x: torch.Tensor, cache: torch.Tensor | None, keep: int, memory_format=torch.preserve_format
+) -> torch.Tensor:
+    """The last ``keep`` frames of cat(cache, x) (fewer if fewer exist), as a new tensor in ``memory_format``."""
     if keep == 0:
-        return x[:, :, :0].clone()
+        return x[:, :, :0].clone(memory_format=memory_format)
     if cache is None or x.shape[2] >= keep:
-        return x[:, :, max(0, x.shape[2] - keep) :].clone()
+        return x[:, :, max(0, x.shape[2] - keep) :].clone(memory_format=memory_format)
     frames = torch.cat([cache, x], dim=2)
-    return frames[:, :, max(0, frames.shape[2] - keep) :].clone()
+    return frames[:, :, max(0, frames.shape[2] - keep) :].clone(memory_format=memory_format)
 
 
 def _conv(x, weight, bias, residual, cache, stride, padding, front, upsample):

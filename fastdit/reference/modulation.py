@@ -136,16 +136,3 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     xf = upcast(x)
     rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
     return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
-
-
-def rms_norm_bwd_ref(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dweight) of rms_norm_ref (the final rounding treated as identity)."""
-    xf = upcast(x)
-    g = grad.to(xf.dtype)
-    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-    x_hat = xf * rstd
-    d_xhat = g * weight.to(xf.dtype)
-    dx = rstd * (d_xhat - x_hat * (d_xhat * x_hat).mean(dim=-1, keepdim=True))
-    return dx.to(x.dtype), (g * x_hat).sum(0).to(weight.dtype)
