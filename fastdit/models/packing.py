@@ -93,12 +93,12 @@ class PackedBatch:
             raise ValueError(f"timesteps must have shape ({len(latents)},), got {tuple(timestep.shape)}")
         return cls(
             tokens=torch.cat(token_lists),
-            cu_seqlens=_cumulative(lengths, device),
+            cu_seqlens=cu_seqlens_of(lengths, device),
             max_seqlen=max(lengths),
             grid_thw=torch.tensor(grids, dtype=torch.int32, device=device),
             timestep=timestep,
             text=torch.cat(list(texts)),
-            cu_seqlens_text=_cumulative(text_lengths, device),
+            cu_seqlens_text=cu_seqlens_of(text_lengths, device),
             max_seqlen_text=max(text_lengths),
             patch_size=patch_size,
         )
@@ -165,7 +165,8 @@ class PackedBatch:
         ]
 
 
-def _cumulative(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+def cu_seqlens_of(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(B+1,)`` int32 boundaries ``[0, n0, n0+n1, ...]`` of samples of these lengths."""
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)

@@ -32,13 +32,14 @@ batch that differs across ranks raise on every rank; a dead rank surfaces as the
 error or timeout (``init_process_group(timeout=...)``), never a silent hang.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from fastdit import ops
-from fastdit.models.packing import PackedBatch
+from fastdit.models.packing import PackedBatch, cu_seqlens_of
 from fastdit.ops.validation import values_checked
 
 # ---- the shard plan ---------------------------------------------------------------------------------
@@ -137,23 +138,16 @@ def local_batch(batch: PackedBatch, cu: list[int], cu_text: list[int], start: in
         offsets = offsets + batch.token_offset[samples].to(torch.int32)
     return PackedBatch(
         tokens=batch.tokens[start:end],
-        cu_seqlens=_cumulative(lengths, device),
+        cu_seqlens=cu_seqlens_of(lengths, device),
         max_seqlen=max(lengths),
         grid_thw=batch.grid_thw[samples],
         timestep=batch.timestep[samples],
         text=torch.cat([batch.text[cu_text[p.sample] : cu_text[p.sample + 1]] for p in parts]),
-        cu_seqlens_text=_cumulative(text_lengths, device),
+        cu_seqlens_text=cu_seqlens_of(text_lengths, device),
         max_seqlen_text=max(text_lengths),
         patch_size=batch.patch_size,
         token_offset=offsets,
     ), parts
-
-
-def _cumulative(lengths, device) -> torch.Tensor:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
 
 
 # ---- communication (autograd-aware) ------------------------------------------------------------------
@@ -162,21 +156,14 @@ def _cumulative(lengths, device) -> torch.Tensor:
 def _all_to_all_padded(chunks: list[torch.Tensor], out_shapes: list[tuple], group) -> list[torch.Tensor]:
     """all_to_all of chunks of different shapes: each flattened and padded to the largest
     (gloo's all-to-all needs equal sizes); ``out_shapes[i]`` is what rank i sends here."""
-    size = max([c.numel() for c in chunks] + [_numel(s) for s in out_shapes] + [1])
+    size = max([c.numel() for c in chunks] + [math.prod(s) for s in out_shapes] + [1])
     ref = chunks[0]
     send = ref.new_zeros((len(chunks), size))
     for i, c in enumerate(chunks):
         send[i, : c.numel()] = c.reshape(-1)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return [recv[i, : _numel(s)].view(s) for i, s in enumerate(out_shapes)]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return [recv[i, : math.prod(s)].view(s) for i, s in enumerate(out_shapes)]
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -306,7 +293,7 @@ def _ring_forward(q, k, v, ring: _Ring):
         if match is not None:
             (q0, q1), (k0, k1), q_len, k_len = match
             o, part_lse = ops.varlen_attention(
-                q[q0:q1], kv[0][k0:k1], kv[1][k0:k1], _cumulative(q_len, q.device), _cumulative(k_len, q.device),
+                q[q0:q1], kv[0][k0:k1], kv[1][k0:k1], cu_seqlens_of(q_len, q.device), cu_seqlens_of(k_len, q.device),
                 max(q_len), max(k_len), softmax_scale=ring.scale, return_lse=True, backend=ring.backend,
             )  # fmt: skip
             part_lse = part_lse.float()
@@ -335,7 +322,7 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring):
             kb, vb = carry[0][k0:k1], carry[1][k0:k1]
             dq_b, dk_b, dv_b = ops.varlen_attention_backward(
                 dout[q0:q1], q[q0:q1], kb, vb, out[q0:q1], lse[:, q0:q1].contiguous(),
-                _cumulative(q_len, q.device), _cumulative(k_len, q.device), max(q_len), max(k_len),
+                cu_seqlens_of(q_len, q.device), cu_seqlens_of(k_len, q.device), max(q_len), max(k_len),
                 softmax_scale=ring.scale, backend=ring.backend,
             )  # fmt: skip
             dq[q0:q1] += dq_b.float()
@@ -343,13 +330,11 @@ def _ring_backward(dout, q, k, v, out, lse, ring: _Ring):
             carry[3][k0:k1] += dv_b.float()
         nxt, prev = ring.ranks[(ring.me + 1) % size], ring.ranks[(ring.me - 1) % size]
         rows = ring.rows((owner - 1) % size)
-        if step + 1 < size:
-            shapes = [(rows, *k.shape[1:])] * 2 + [(rows, *k.shape[1:])] * 2
-            received = _shift(carry, shapes, nxt, prev, ring.group)
-            carry = [received[0], received[1], received[2].float(), received[3].float()]
+        shape = (rows, *k.shape[1:])
+        if step + 1 < size:  # K, V and their fp32 dK / dV accumulators travel together
+            carry = _shift(carry, [shape] * 4, nxt, prev, ring.group)
         else:  # the last hop brings each shard's dK / dV home
-            shapes = [(rows, *k.shape[1:])] * 2
-            carry[2], carry[3] = _shift(carry[2:], shapes, nxt, prev, ring.group)
+            carry[2], carry[3] = _shift(carry[2:], [shape] * 2, nxt, prev, ring.group)
     return dq.to(q.dtype), carry[2].to(k.dtype), carry[3].to(v.dtype)
 
 
@@ -440,7 +425,7 @@ class SequenceParallelDiT(torch.nn.Module):
             out = _RingAttention.apply(q, k, v, self._ring(ring_parts, c, u, scale, backend))
         else:
             parts = ring_parts[0]
-            cu = _cumulative([p.end - p.start for p in parts], q.device)
+            cu = cu_seqlens_of([p.end - p.start for p in parts], q.device)
             longest = max(p.end - p.start for p in parts)
             out = ops.varlen_attention(q, k, v, cu, cu, longest, longest, softmax_scale=scale, backend=backend)
         if layout.ulysses > 1:
