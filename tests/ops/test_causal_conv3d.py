@@ -7,18 +7,24 @@ from fastdit.ops.causal_conv3d import causal_conv3d_reference
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
 
 
-def conv_oracle(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0), front=None):
+def conv_oracle(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0), front=None, *, time_padding=None, upsample=1,
+                residual=None):  # fmt: skip
     """float64 causal conv as a sum of shifted windows times weight taps (no conv kernel used).
 
-    ``front``: frames placed before x (cache); the rest of the kt - 1 front frames are zeros.
+    ``time_padding`` frames (default kt - 1) go before x: ``front`` (the cache) last, zeros before
+    it. x and the cache are nearest-upsampled ``upsample`` x, then zero-padded by ``padding``
+    (p_h, p_w) or (top, bottom, left, right); ``residual`` is added at the end.
     """
     kt, kh, kw = weight.shape[2:]
+    pad_t = kt - 1 if time_padding is None else time_padding
     x = x.double()
     frames = [] if front is None else [front.double()]
     cached = 0 if front is None else front.shape[2]
-    zeros = torch.zeros(x.shape[0], x.shape[1], kt - 1 - cached, *x.shape[3:], dtype=torch.float64)
+    zeros = torch.zeros(x.shape[0], x.shape[1], pad_t - cached, *x.shape[3:], dtype=torch.float64)
     xp = torch.cat([zeros, *frames, x], dim=2)
-    xp = torch.nn.functional.pad(xp, (padding[1], padding[1], padding[0], padding[0]))
+    xp = xp.repeat_interleave(upsample, 3).repeat_interleave(upsample, 4)
+    top, bottom, left, right = (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else padding
+    xp = torch.nn.functional.pad(xp, (left, right, top, bottom))
     st, sh, sw = stride
     t_out = (xp.shape[2] - kt) // st + 1
     h_out = (xp.shape[3] - kh) // sh + 1
@@ -31,7 +37,7 @@ def conv_oracle(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0), front=No
                 y += torch.einsum("bitxy,oi->botxy", window, weight[:, :, a, b, c].double())
     if bias is not None:
         y += bias.double()[None, :, None, None, None]
-    return y
+    return y if residual is None else y + residual.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])

@@ -4,12 +4,12 @@ TRITON_INTERPRET=1; GPU: -m gpu in bf16 at VAE shapes)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.ops.causal_conv3d import causal_conv3d_triton
 from fastdit.ops.norm_silu import rms_norm_silu_reference, rms_norm_silu_triton
 from tests.conftest import CPU_BACKENDS, rel_err
+from tests.ops.test_causal_conv3d import conv_oracle
 
 needs_triton = [
     pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
@@ -22,32 +22,6 @@ OPCHECK_UTILS = (
     if not torch.cuda.is_available()
     else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 )
-
-
-def oracle(x, weight, bias=None, *, stride=(1, 1, 1), padding=(0, 0, 0, 0), front=None, upsample=1, cache=None,
-           residual=None):  # fmt: skip
-    """float64 sum over taps of shifted windows times weight taps; ``front`` frames before x, the
-    last of which are ``cache``; x (and cache) nearest-upsampled, then padded (top, bottom, left, right)."""
-    kt, kh, kw = weight.shape[2:]
-    front = kt - 1 if front is None else front
-    x = x.double()
-    cached = 0 if cache is None else cache.shape[2]
-    parts = [torch.zeros(x.shape[0], x.shape[1], front - cached, *x.shape[3:], dtype=torch.float64)]
-    xp = torch.cat([*parts, *([] if cache is None else [cache.double()]), x], dim=2)
-    xp = xp.repeat_interleave(upsample, 3).repeat_interleave(upsample, 4)
-    top, bottom, left, right = padding
-    xp = F.pad(xp, (left, right, top, bottom))
-    st, sh, sw = stride
-    t_out, h_out, w_out = ((xp.shape[2 + i] - k) // s + 1 for i, (k, s) in enumerate(zip((kt, kh, kw), stride)))
-    y = torch.zeros(x.shape[0], weight.shape[0], t_out, h_out, w_out, dtype=torch.float64)
-    for a in range(kt):
-        for b in range(kh):
-            for c in range(kw):
-                window = xp[:, :, a : a + st * t_out : st, b : b + sh * h_out : sh, c : c + sw * w_out : sw]
-                y += torch.einsum("bitxy,oi->botxy", window, weight[:, :, a, b, c].double())
-    if bias is not None:
-        y += bias.double()[None, :, None, None, None]
-    return y if residual is None else y + residual.double()
 
 
 # (kernel, stride, padding (top, bottom, left, right), time_padding, upsample, cached frames):
@@ -79,7 +53,7 @@ def test_fast_conv_matches_oracle(backend, dtype, case, channels_last, poison_ou
     cache = torch.randn(2, 5, cached, 6, 7).to(dtype) if cached else None
     kw = dict(stride=stride, padding=padding, time_padding=time_padding, upsample=up, cache=cache)
     y, new_cache = ops.causal_conv3d(x, weight, bias, backend=backend, **kw)
-    expect = oracle(x, weight, bias, stride=stride, padding=padding, front=time_padding, upsample=up, cache=cache)
+    expect = conv_oracle(x, weight, bias, stride, padding, front=cache, time_padding=time_padding, upsample=up)
     assert y.dtype == dtype and y.shape == expect.shape
     torch.testing.assert_close(y.double(), expect, atol=TOL[dtype] * 20, rtol=TOL[dtype])
     ref_y, ref_cache = ops.causal_conv3d(x, weight, bias, backend="reference", **kw)
@@ -96,7 +70,7 @@ def test_fast_conv_channel_counts(backend, cin, cout, poison_outputs):
     x = torch.randn(1, cin, 3, 5, 4).to(memory_format=torch.channels_last_3d)
     weight, bias = torch.randn(cout, cin, 3, 3, 3) / cin, torch.randn(cout)
     y, _ = ops.causal_conv3d(x, weight, bias, padding=(1, 1), backend=backend)
-    torch.testing.assert_close(y.double(), oracle(x, weight, bias, padding=(1, 1, 1, 1)), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y.double(), conv_oracle(x, weight, bias, padding=(1, 1)), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -130,16 +104,11 @@ def test_fast_conv_gradients_match_reference(backend):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_fast_conv_rejected_dtype_and_forced_reasons(backend):
-    if backend == "triton" and "triton" not in CPU_BACKENDS:
-        pytest.skip("triton is not installed")
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+def test_triton_conv_rejects_float64_with_its_reason():
     x, weight = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64), torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
-    if backend == "triton":
-        with pytest.raises(ops.BackendNotSupportedError, match="dtype float64"):
-            ops.causal_conv3d(x, weight, backend="triton")
-    else:
-        ops.causal_conv3d(x, weight, backend="reference")  # every dtype
+    with pytest.raises(ops.BackendNotSupportedError, match="dtype float64"):
+        ops.causal_conv3d(x, weight, backend="triton")
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
