@@ -286,13 +286,10 @@ def check_onnx(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     onnx.checker.check_model(path, full_check=True)  # by path: works past 2 GiB with external weights
     model = onnx.load(path, load_external_data=False)
-    used, foreign = set(), set()
-    for graph in [model.graph, *[f for f in model.functions]]:
-        for node in graph.node:
-            (used if node.domain in ("", "ai.onnx") else foreign).add(f"{node.domain}::{node.op_type}"
-                                                                        if node.domain not in ("", "ai.onnx")
-                                                                        else node.op_type)  # fmt: skip
-    unsupported = sorted(op for op in used if op not in TENSORRT_OPS) + sorted(foreign)
+    nodes = [node for graph in (model.graph, *model.functions) for node in graph.node]
+    used = {node.op_type for node in nodes if node.domain in ("", "ai.onnx")}
+    foreign = {f"{node.domain}::{node.op_type}" for node in nodes if node.domain not in ("", "ai.onnx")}
+    unsupported = sorted(used - TENSORRT_OPS) + sorted(foreign)
     if unsupported:
         raise ValueError(f"{path}: ops outside the TensorRT-parsable set: {unsupported}")
     double = onnx.TensorProto.DOUBLE
