@@ -3,8 +3,11 @@ serving, forward and backward, in (useful) TFLOP/s and % of the bf16 matmul rate
 
 Providers: SDPA with each backend forced (flash, cuDNN, efficient), FlexAttention (compiled; a
 document mask for the packed batch), torch's varlen_attn, a Python loop of per-sample cuDNN
-calls, padded + boolean mask (efficient kernel), and fastdit's backends. A provider that cannot
-run here (missing API, unsupported shape) is skipped with its reason printed.
+calls, padded + boolean mask (efficient kernel), and fastdit's backends. fastdit's triton backend
+also runs its opt-in forward variants in the same run (``fastdit-triton+tma``, ``+persistent``,
+``+ws``, ``+ws+persistent``: kernels/attention.py's FASTDIT_ATTN_* switches, forward only, as the
+backward is the same kernels), so one GPU call A/Bs them. A provider that cannot run here
+(missing API, unsupported shape) is skipped with its reason printed.
 
 FLOPs: forward 4 * S_q * S_k * H * D per sample (half of it when causal), backward 2.5x the
 forward (the flash-attn convention); "useful" counts only real tokens, never padding.
@@ -13,6 +16,8 @@ batch (32760, 32760, 23400, 4096, 4080, 10800 tokens); CPU: small shapes.
 """
 
 import argparse
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,44 @@ from fastdit import ops
 from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
+# The triton forward's opt-in variants (kernels/attention.py reads these at every call).
+TRITON_VARIANTS = {
+    "tma": {"FASTDIT_ATTN_TMA": "1"},
+    "persistent": {"FASTDIT_ATTN_PERSISTENT": "1"},
+    "ws": {"FASTDIT_ATTN_WS": "1"},
+    "ws+persistent": {"FASTDIT_ATTN_WS": "1", "FASTDIT_ATTN_PERSISTENT": "1"},
+}
+VARIANT_KEYS = sorted({key for env in TRITON_VARIANTS.values() for key in env})
+
+
+@contextlib.contextmanager
+def variant_environment(values: dict):
+    """Run with exactly ``values`` among the FASTDIT_ATTN_* variant switches; restore them after."""
+    saved = {key: os.environ.get(key) for key in VARIANT_KEYS}
+    for key in VARIANT_KEYS:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def with_variants(providers: dict) -> dict:
+    """name -> (fn, environment, backward): every provider as given (with the variant switches
+    cleared, so a stray FASTDIT_ATTN_* cannot relabel the baseline) plus, after fastdit-triton,
+    its forward variants."""
+    out = {}
+    for name, fn in providers.items():
+        out[name] = (fn, {}, True)
+        if name == "fastdit-triton":
+            for variant, env in TRITON_VARIANTS.items():
+                out[f"{name}+{variant}"] = (fn, env, False)
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,18 +225,21 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(backward)
 
     for head_dim in head_dims:
-        providers = _providers_dense(device, args.quick, head_dim)
+        providers = with_variants(_providers_dense(device, args.quick, head_dim))
         for seqlen in seqlens:
             tensors = tuple(rand(1, seqlen, heads, head_dim) for _ in range(3))
             flops = _flops([seqlen], [seqlen], heads, head_dim)
-            for name, fn in providers.items():
-                _measure(report, name, f"dense S={seqlen} H={heads} D={head_dim}", fn, tensors, flops, device, backward)
+            shape = f"dense S={seqlen} H={heads} D={head_dim}"
+            for name, (fn, env, with_backward) in providers.items():
+                with variant_environment(env):
+                    _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward)
             del tensors
     lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
     head_dim = head_dims[0]
     tensors = tuple(rand(sum(lengths), heads, head_dim) for _ in range(3))
     flops = _flops(lengths, lengths, heads, head_dim)
     shape = f"packed {'+'.join(map(str, lengths))} H={heads} D={head_dim}"
-    for name, fn in _providers_packed(lengths, heads, head_dim, device).items():
-        _measure(report, name, shape, fn, tensors, flops, device, backward)
+    for name, (fn, env, with_backward) in with_variants(_providers_packed(lengths, heads, head_dim, device)).items():
+        with variant_environment(env):
+            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward)
     return report

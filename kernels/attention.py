@@ -9,6 +9,11 @@ Backward: a preprocess kernel (delta = rowsum(dO * O)), a dK/dV kernel (one prog
 block and KV head, looping over the query heads of its GQA group and the query blocks that see
 it) and a dQ kernel (one program per query block and head). No atomics: deterministic.
 
+Opt-in forward variants, off until an H100 run shows they pay: K / V by TMA (FASTDIT_ATTN_TMA=1),
+a persistent longest-first schedule (FASTDIT_ATTN_PERSISTENT=1) and Triton's Hopper warp
+specialization of the key loop (FASTDIT_ATTN_WS=1: a TMA producer warpgroup and two consumer
+warpgroups); they compose.
+
 Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on padded tiles).
 Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
 """
@@ -37,7 +42,8 @@ def _attn_fwd_tile(
     group, head_dim, scale_log2, total_k, kv_width,
     m_block, h, b, q_start, len_q,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    total_q=0, q_width=0,
 ):  # fmt: skip
     """One (query block, head, sample) tile: online softmax over the sample's key blocks."""
     k_start, len_k = _sample_bounds(CU_K, b)
@@ -46,11 +52,20 @@ def _attn_fwd_tile(
     d = tl.arange(0, BLOCK_D)
     row_mask = rows < len_q
     d_mask = d < head_dim
-    q = tl.load(
-        Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
-        mask=row_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    if WARP_SPECIALIZE:
+        # The specialized loop's producer issues only TMA copies, so q comes by TMA too: a box of
+        # (total_q, H * D) whose rows past the sample are unstored and whose columns past D
+        # (padded head dims: the next head's) are zeroed here, as the masked load would.
+        q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, q_width], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+        q = q_desc.load([(q_start + m_block * BLOCK_M).to(tl.int32), (h * stride_qh).to(tl.int32)])
+        q = tl.where(d_mask[None, :], q, 0.0)
+    else:
+        q = tl.load(
+            Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -58,6 +73,8 @@ def _attn_fwd_tile(
     n_end = len_k
     if CAUSAL:
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
+    if WARP_SPECIALIZE:  # empty query blocks run no key block (the caller cannot return early)
+        n_end = tl.where(m_block * BLOCK_M >= len_q, 0, n_end)
     if USE_TMA:
         # Boxes of [BLOCK_N, BLOCK_D] from k / v seen as (total_k, Hk * D). Rows past this sample
         # are the next sample's (finite; their scores are masked to -inf below), rows past the
@@ -67,7 +84,7 @@ def _attn_fwd_tile(
                                            block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
         v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in tl.range(0, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < len_k
         if USE_TMA:
@@ -118,18 +135,21 @@ def attn_fwd_kernel(
     PRECISION: tl.constexpr,
     SEQLEN_BUCKET: tl.constexpr,  # log2 of max_seqlen_q: only an autotuning key
     USE_TMA: tl.constexpr = False,  # K / V tiles by TMA (tensor descriptors) instead of masked loads
+    WARP_SPECIALIZE: tl.constexpr = False,  # Hopper warp specialization of the key loop (q by TMA too)
+    total_q=0,  # rows of q, for its TMA descriptor
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.load(ORDER + tl.program_id(2))
     q_start, len_q = _sample_bounds(CU_Q, b)
-    if m_block * BLOCK_M >= len_q:
-        return
+    if not WARP_SPECIALIZE:  # an early return before the specialized loop does not compile (Triton 3.6)
+        if m_block * BLOCK_M >= len_q:
+            return
     _attn_fwd_tile(
         Q, K, V, OUT, LSE, CU_K,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
         group, head_dim, scale_log2, total_k, kv_width, m_block, h, b, q_start, len_q,
-        BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA, WARP_SPECIALIZE, total_q, kv_width * group,
     )  # fmt: skip
 
 
@@ -140,7 +160,8 @@ def attn_fwd_persistent_kernel(
     group, head_dim, scale_log2, total_k, kv_width,
     num_samples, heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    total_q=0,
 ):  # fmt: skip
     """Persistent schedule: a fixed grid (a few programs per SM) walks the tiles of every sample,
     longest sample first (ORDER), all heads of a query block before the next block, each program
@@ -168,7 +189,8 @@ def attn_fwd_persistent_kernel(
             Q, K, V, OUT, LSE, CU_K,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
             group, head_dim, scale_log2, total_k, kv_width, local // heads, (local % heads).to(tl.int64), b,
-            q_start, len_q, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA,
+            q_start, len_q, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA, WARP_SPECIALIZE,
+            total_q, kv_width * group,
         )  # fmt: skip
 
 
@@ -326,9 +348,16 @@ FWD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
     for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))
 ]
-attn_fwd_autotuned = triton.autotune(
-    configs=FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "USE_TMA"]
-)(attn_fwd_kernel)
+_FWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "USE_TMA", "WARP_SPECIALIZE"]
+attn_fwd_autotuned = triton.autotune(configs=FWD_CONFIGS, key=_FWD_KEY)(attn_fwd_kernel)
+# Warp-specialized forward (FASTDIT_ATTN_WS=1): Triton specializes only at num_warps = 4 (at 8 the
+# loop compiles unspecialized). These spill nothing at D = 64 and 128 and fit shared memory;
+# 256-row tiles spill (40-1008 B) and 128 x 128 x 3 stages needs 262 KB at D = 128.
+WS_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=st)
+    for m, n, st in ((128, 64, 2), (128, 64, 3), (128, 128, 2))
+]
+attn_fwd_ws_autotuned = triton.autotune(configs=WS_FWD_CONFIGS, key=_FWD_KEY)(attn_fwd_kernel)
 
 
 # Backward tiles the autotuner may pick on a GPU, from the sm_90 compile (registers / stack per
@@ -401,17 +430,33 @@ def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """K / V by TMA when asked (FASTDIT_ATTN_TMA=1) and the layout allows it: contiguous k / v,
-    16-byte aligned base and row stride. Off by default until an H100 run shows it pays."""
-    if os.environ.get("FASTDIT_ATTN_TMA", "0") != "1":
-        return False
-    for t in (k, v):
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can read these (tokens, heads, D) tensors as 2-D (tokens, heads * D) boxes:
+    contiguous, 16-byte aligned base and row stride. Installs the descriptors' allocator."""
+    for t in tensors:
         if not t.is_contiguous() or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
     if not interpreting():
         triton.set_allocator(_tma_allocator)
     return True
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """K / V by TMA when asked (FASTDIT_ATTN_TMA=1) and the layout allows it (_tma_ready).
+    Off by default until an H100 run shows it pays."""
+    return os.environ.get("FASTDIT_ATTN_TMA", "0") == "1" and _tma_ready(k, v)
+
+
+def use_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """FASTDIT_ATTN_WS=1: Triton's Hopper warp specialization of the forward's key loop.
+
+    Its producer partition issues only TMA copies (a masked load there does not compile), so
+    q, k and v all go by TMA and must all be _tma_ready; otherwise the plain kernel runs. With
+    num_warps = 4 the compiled kernel has 12 warps: one producer warpgroup (40 registers after
+    setmaxnreg) feeding two consumer warpgroups (232) that each take 64 rows of the query tile.
+    Off by default until an H100 run shows it pays.
+    """
+    return os.environ.get("FASTDIT_ATTN_WS", "0") == "1" and _tma_ready(q, k, v)
 
 
 def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
@@ -427,6 +472,8 @@ def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
     if interpreting():
         return 16, 16, block_d, {}
     small = block_d <= 64
+    if kernel == "fwd_ws":  # 12 warps once specialized; 128 x 128 tiles also fit (WS_FWD_CONFIGS)
+        return 128, 64, block_d, {"num_warps": 4, "num_stages": 2}
     if kernel == "fwd":
         return 128, 64, block_d, {"num_warps": 4, "num_stages": 3} if small else {"num_warps": 8, "num_stages": 2}
     if kernel == "dkdv":  # BLOCK_M: queries per step, BLOCK_N: keys per program
@@ -457,7 +504,8 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0:
         return out, lse
-    block_m, block_n, block_d, opts = _tiles(head_dim, "fwd")
+    ws = use_warp_specialization(q, k, v)
+    block_m, block_n, block_d, opts = _tiles(head_dim, "fwd_ws" if ws else "fwd")
     order = longest_first(cu_seqlens_q, cu_seqlens_k)
     args = (
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, order,
@@ -466,7 +514,8 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         heads // k.shape[1], head_dim, softmax_scale * LOG2E, k.shape[0], k.shape[1] * head_dim,
     )  # fmt: skip
     flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
-                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=use_tma(k, v))  # fmt: skip
+                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=ws or use_tma(k, v),
+                 WARP_SPECIALIZE=ws, total_q=total_q)  # fmt: skip
     if _persistent():
         # an upper bound of the tile count, known without reading cu_seqlens back
         tiles = triton.cdiv(max_seqlen_q, block_m) * heads * batch
@@ -477,7 +526,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         )
     elif _autotune():
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-        torch.library.wrap_triton(attn_fwd_autotuned)[grid](*args, **flags)
+        torch.library.wrap_triton(attn_fwd_ws_autotuned if ws else attn_fwd_autotuned)[grid](*args, **flags)
     else:
         grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
         torch.library.wrap_triton(attn_fwd_kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts)

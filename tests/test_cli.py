@@ -72,8 +72,28 @@ def test_bench_attention_rows(tmp_path):
     assert {"sdpa-math", "fastdit-reference"} <= providers
     if TRITON_ON_CPU:
         assert "fastdit-triton" in providers
+        for variant in ("tma", "persistent", "ws", "ws+persistent"):  # forward only, same run
+            shapes = {r["shape"].split(" ")[0] + " " + r["shape"].split(" ")[1] for r in rows
+                      if r["provider"] == f"fastdit-triton+{variant}"}  # fmt: skip
+            assert shapes == {"fwd dense", "fwd packed"}, (variant, shapes)
     assert any(r["shape"].startswith("bwd packed") for r in rows)
     assert all(r["tflops"] > 0 for r in rows)
+
+
+def test_attention_variant_environment_is_exact_and_restored(monkeypatch):
+    import os
+
+    from fastdit.benchmarks.attention import variant_environment, with_variants
+
+    monkeypatch.setenv("FASTDIT_ATTN_TMA", "1")  # a stray switch must not leak into other variants
+    monkeypatch.delenv("FASTDIT_ATTN_WS", raising=False)
+    with variant_environment({"FASTDIT_ATTN_WS": "1"}):
+        assert os.environ.get("FASTDIT_ATTN_WS") == "1" and "FASTDIT_ATTN_TMA" not in os.environ
+    assert os.environ["FASTDIT_ATTN_TMA"] == "1" and "FASTDIT_ATTN_WS" not in os.environ
+    providers = with_variants({"sdpa-cudnn": len, "fastdit-triton": abs})
+    assert list(providers)[:2] == ["sdpa-cudnn", "fastdit-triton"]
+    assert providers["fastdit-triton"] == (abs, {}, True)
+    assert providers["fastdit-triton+ws"] == (abs, {"FASTDIT_ATTN_WS": "1"}, False)
 
 
 def test_bench_vae_rows(tmp_path):

@@ -231,6 +231,57 @@ def test_persistent_attention_forward_compiles_to_wgmma_without_spills(head_dim,
     assert resources(compiled)["stack"] == 0, resources(compiled)
 
 
+def _setmaxnreg(ptx: str) -> set[str]:
+    """The register budgets a warp-specialized kernel hands its partitions (setmaxnreg.inc / .dec)."""
+    return {line.split()[0] + " " + line.split()[1].rstrip(";") for line in ptx.splitlines() if "setmaxnreg" in line}
+
+
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_warp_specialized_forward_is_specialized(head_dim, causal, persistent):
+    """FASTDIT_ATTN_WS=1, at every autotune config: Triton's Hopper pass really specializes the
+    key loop (12 warps: a TMA producer warpgroup and two consumer warpgroups, register budgets
+    moved by setmaxnreg), still wgmma and bulk tensor copies, no spills, within shared memory."""
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
+                "ORDER": "i32"}  # fmt: skip
+    kernel = attention.attn_fwd_persistent_kernel if persistent else attention.attn_fwd_kernel
+    configs = attention.WS_FWD_CONFIGS[:1] if persistent else attention.WS_FWD_CONFIGS
+    for tune in configs:
+        constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=causal, PRECISION="tf32", USE_TMA=True,
+                          WARP_SPECIALIZE=True)  # fmt: skip
+        if not persistent:
+            constexprs["SEQLEN_BUCKET"] = 15
+        compiled = compile_for_h100(
+            kernel, pointers, ATTN_SCALARS, constexprs, num_warps=tune.num_warps, num_stages=tune.num_stages,
+            divisible=strides_and_sizes(kernel, ("head_dim", "kv_width")),
+        )  # fmt: skip
+        ptx = compiled.asm["ptx"]
+        assert compiled.metadata.num_warps == 12, _tune_key(tune)
+        budgets = _setmaxnreg(ptx)
+        assert any(b.startswith("setmaxnreg.dec") for b in budgets), budgets
+        assert any(b.startswith("setmaxnreg.inc") for b in budgets), budgets
+        assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
+        assert resources(compiled)["stack"] == 0, (_tune_key(tune), resources(compiled))
+        assert compiled.metadata.shared <= 232448
+
+
+@compiles
+def test_warp_specialization_needs_four_warps():
+    """At num_warps = 8 Triton 3.6 leaves the loop unspecialized: WS_FWD_CONFIGS must use 4."""
+    assert {c.num_warps for c in attention.WS_FWD_CONFIGS} == {4}
+    assert attention._tiles(128, "fwd_ws")[3]["num_warps"] == 4
+    pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
+                "ORDER": "i32"}  # fmt: skip
+    constexprs = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, CAUSAL=False, PRECISION="tf32", SEQLEN_BUCKET=15,
+                      USE_TMA=True, WARP_SPECIALIZE=True)  # fmt: skip
+    kernel = attention.attn_fwd_kernel
+    compiled = compile_for_h100(kernel, pointers, ATTN_SCALARS, constexprs, num_warps=8, num_stages=2,
+                                divisible=strides_and_sizes(kernel, ("head_dim", "kv_width")))  # fmt: skip
+    assert compiled.metadata.num_warps == 8 and not _setmaxnreg(compiled.asm["ptx"])
+
+
 CONV_POINTERS = ["X", "CACHE", "W", "BIAS", "RES", "OUT"]
 # Channels-last tensors: channel strides are 1 (Triton specializes them at launch), every
 # other stride and the channel counts are multiples of 16 at the VAE's shapes.
