@@ -1,5 +1,7 @@
 """fastdit as a drop-in backend for diffusers' Wan 2.1 (``WanPipeline``, ``WanTransformer3DModel``,
-``AutoencoderKLWan``); tested with diffusers 0.42.
+``AutoencoderKLWan``); tested with diffusers 0.36 to 0.42 (CI runs these tests on 0.42 and on
+0.36.0, the oldest supported release; 0.35 and older differ in the rope module and the VAE's
+output clamp, and :func:`patch` warns on a version outside the range).
 
 What :func:`patch` changes, each reversibly (:func:`unpatch` undoes them in reverse order):
 
@@ -23,7 +25,9 @@ unchanged.
 """
 
 import logging
+import re
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +40,22 @@ logger = logging.getLogger("fastdit")
 
 BACKEND_NAME = "fastdit"
 _PATCHES_ATTR = "_fastdit_patches"
+# diffusers (major, minor) releases patch() is tested with: [first, past the last)
+SUPPORTED_DIFFUSERS = ((0, 36), (0, 43))
+
+
+def _warn_if_untested_diffusers() -> None:
+    import diffusers
+
+    found = re.match(r"(\d+)\.(\d+)", diffusers.__version__)
+    first, past = SUPPORTED_DIFFUSERS
+    if found is None or not first <= (int(found[1]), int(found[2])) < past:
+        warnings.warn(
+            f"fastdit.patch is tested with diffusers {first[0]}.{first[1]} to {past[0]}.{past[1] - 1}, "
+            f"found {diffusers.__version__}: the patch may fail or change outputs",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -310,6 +330,7 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
     """
     if getattr(target, _PATCHES_ATTR, None):
         raise RuntimeError("this object is already patched by fastdit; call fastdit.unpatch(...) first")
+    _warn_if_untested_diffusers()
     transformers, vaes = _components(target)
     changes: list[_Change] = []
     try:

@@ -1,6 +1,8 @@
 """fastdit.patch / unpatch on diffusers' Wan 2.1 transformer, VAE and pipeline (tiny, random weights)."""
 
+import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -128,7 +130,7 @@ def test_diffusers_set_attention_backend_reaches_fastdit(op_calls):
             got = wan(x, t, text).sample
             wan.reset_attention_backend()
     finally:
-        _AttentionBackendRegistry.set_active_backend(old)
+        _AttentionBackendRegistry._active_backend = old
     assert op_calls.count("attention") == 4  # 2 blocks x (self + cross)
     assert rel_err(got, expect) <= 1e-5
 
@@ -197,6 +199,25 @@ def test_patch_errors():
     fastdit.unpatch(wan)
     with pytest.raises(ValueError, match="only the Wan 2.1 VAE"):
         fastdit.patch(make_vae(is_residual=True, base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
+
+
+@pytest.mark.parametrize("version", ["0.35.2", "0.43.0.dev0", "1.0.0"])
+def test_patch_warns_outside_the_tested_diffusers_range(monkeypatch, version):
+    import diffusers
+
+    wan = make_wan()
+    monkeypatch.setattr(diffusers, "__version__", version)
+    with pytest.warns(UserWarning, match=f"tested with diffusers 0.36 to 0.42, found {re.escape(version)}"):
+        fastdit.patch(wan)
+    fastdit.unpatch(wan)
+
+
+def test_patch_is_silent_on_the_installed_diffusers():
+    wan = make_wan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fastdit.patch(wan)
+    fastdit.unpatch(wan)
 
 
 @pytest.mark.gpu
