@@ -4,9 +4,10 @@ serving, forward and backward, in (useful) TFLOP/s and % of the bf16 matmul rate
 Providers: SDPA with each backend forced (flash, cuDNN, efficient), FlexAttention (compiled; a
 document mask for the packed batch), torch's varlen_attn, a Python loop of per-sample cuDNN
 calls, padded + boolean mask (efficient kernel), and fastdit's backends. fastdit's triton backend
-also runs its opt-in forward variants in the same run (``fastdit-triton+tma``, ``+persistent``,
-``+ws``, ``+ws+persistent``: kernels/attention.py's FASTDIT_ATTN_* switches, forward only, as the
-backward is the same kernels), so one GPU call A/Bs them. A provider that cannot run here
+also runs its opt-in variants in the same run (kernels/attention.py's FASTDIT_ATTN_* switches):
+``fastdit-triton+tma``, ``+persistent``, ``+ws``, ``+ws+persistent`` change the forward and are
+timed forward only; ``+bwd-ws`` (warp-specialized backward) is timed both ways. One GPU call
+A/Bs them all. A provider that cannot run here
 (missing API, unsupported shape) is skipped with its reason printed.
 
 FLOPs: forward 4 * S_q * S_k * H * D per sample (half of it when causal), backward 2.5x the
@@ -32,7 +33,9 @@ TRITON_VARIANTS = {
     "persistent": {"FASTDIT_ATTN_PERSISTENT": "1"},
     "ws": {"FASTDIT_ATTN_WS": "1"},
     "ws+persistent": {"FASTDIT_ATTN_WS": "1", "FASTDIT_ATTN_PERSISTENT": "1"},
+    "bwd-ws": {"FASTDIT_ATTN_BWD_WS": "1"},
 }
+BACKWARD_VARIANTS = {"bwd-ws"}  # the variants that change the backward: timed forward and backward
 VARIANT_KEYS = sorted({key for env in TRITON_VARIANTS.values() for key in env})
 
 
@@ -62,7 +65,7 @@ def with_variants(providers: dict) -> dict:
         out[name] = (fn, {}, True)
         if name == "fastdit-triton":
             for variant, env in TRITON_VARIANTS.items():
-                out[f"{name}+{variant}"] = (fn, env, False)
+                out[f"{name}+{variant}"] = (fn, env, variant in BACKWARD_VARIANTS)
     return out
 
 

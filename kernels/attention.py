@@ -12,7 +12,7 @@ it) and a dQ kernel (one program per query block and head). No atomics: determin
 Opt-in forward variants, off until an H100 run shows they pay: K / V by TMA (FASTDIT_ATTN_TMA=1),
 a persistent longest-first schedule (FASTDIT_ATTN_PERSISTENT=1) and Triton's Hopper warp
 specialization of the key loop (FASTDIT_ATTN_WS=1: a TMA producer warpgroup and two consumer
-warpgroups); they compose.
+warpgroups); they compose. FASTDIT_ATTN_BWD_WS=1 specializes the backward kernels the same way.
 
 Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on padded tiles).
 Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
@@ -21,12 +21,14 @@ Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor 
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from fastdit.kernels import interpreting
 
 LOG2E = 1.4426950408889634
+ALIGN_ROWS = 128  # sample alignment of the warp-specialized backward's lse / delta copies
 
 
 @triton.jit
@@ -200,6 +202,9 @@ def attn_bwd_preprocess_kernel(
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
     head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    # warp-specialized backward: delta and a copy of lse with each sample starting at row
+    # CU_ALIGNED[b] (a multiple of ALIGN_ROWS), so their TMA boxes start 16-byte aligned
+    LSE=None, LSE_ALIGNED=None, CU_ALIGNED=None, stride_lh=0,
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -213,7 +218,13 @@ def attn_bwd_preprocess_kernel(
     o = tl.load(OUT + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h * stride_dh + q_start + rows, delta, mask=rows < len_q)
+    if CU_ALIGNED is not None:
+        start = tl.load(CU_ALIGNED + b).to(tl.int64)
+        tl.store(DELTA + h * stride_dh + start + rows, delta, mask=rows < len_q)
+        lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=rows < len_q)
+        tl.store(LSE_ALIGNED + h * stride_dh + start + rows, lse, mask=rows < len_q)
+    else:
+        tl.store(DELTA + h * stride_dh + q_start + rows, delta, mask=rows < len_q)
 
 
 @triton.jit
@@ -229,6 +240,24 @@ def _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2
 
 
 @triton.jit
+def _dkdv_step(k, v, q, do, lse, delta, dk, dv, cols, rows, col_mask, row_mask, offset, scale_log2,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """dK, dV plus one query block's share, in the transposed (keys x queries) orientation: no
+    transposes of the large tiles."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+    visible = col_mask[:, None] & row_mask[None, :]
+    if CAUSAL:
+        visible = visible & (cols[:, None] <= rows[None, :] + offset)
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    p_t = tl.where(visible, tl.exp2(s_t - lse_log2[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
@@ -237,13 +266,18 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     SEQLEN_BUCKET: tl.constexpr = 0,  # log2 of the longest sample: only an autotuning key
+    WARP_SPECIALIZE: tl.constexpr = False,  # Hopper warp specialization: every load by TMA
+    # with WARP_SPECIALIZE: extents for the TMA descriptors; LSE / DELTA are the preprocess's
+    # aligned copies, sample b's rows starting at CU_ALIGNED[b]
+    total_q=0, total_k=0, kv_width=0, lse_numel=0, CU_ALIGNED=None,
 ):  # fmt: skip
     n_block = tl.program_id(0)
     kv_h = tl.program_id(1).to(tl.int64)
     b = tl.load(ORDER + tl.program_id(2))
     k_start, len_k = _sample_bounds(CU_K, b)
-    if n_block * BLOCK_N >= len_k:
-        return
+    if not WARP_SPECIALIZE:  # an early return before the specialized loop does not compile
+        if n_block * BLOCK_N >= len_k:
+            return
     q_start, len_q = _sample_bounds(CU_Q, b)
     offset = len_k - len_q
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,36 +285,65 @@ def attn_bwd_dkdv_kernel(
     col_mask = cols < len_k
     d_mask = d < head_dim
     kv_mask = col_mask[:, None] & d_mask[None, :]
-    k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_begin = 0
     if CAUSAL:  # the first query row that sees key n_block * BLOCK_N, rounded down to a block
         m_begin = tl.maximum(n_block * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
-    for g in range(0, group):
-        h = kv_h * group + g
-        for m0 in range(m_begin, len_q, BLOCK_M):
+    if WARP_SPECIALIZE:
+        # The producer partition lowers only TMA copies, so every tile comes by TMA: k / v zeroed
+        # past the sample and past D (the next head's columns would meet q's in S); q / dO rows
+        # and columns past the sample or D only reach masked probabilities or unstored dK / dV
+        # columns; lse / delta are 1-D boxes of the preprocess's aligned, zero-padded copies.
+        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, kv_width * group], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+        do_desc = tl.make_tensor_descriptor(DO, shape=[total_q, kv_width * group], strides=[stride_dot, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+        lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+        aligned = tl.load(CU_ALIGNED + b).to(tl.int64)
+        row0 = (k_start + n_block * BLOCK_N).to(tl.int32)
+        k = tl.where(kv_mask, k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)]), 0.0)
+        v = tl.where(kv_mask, v_desc.load([row0, (kv_h * stride_vh).to(tl.int32)]), 0.0)
+        m_end = tl.where(n_block * BLOCK_N >= len_k, 0, len_q)  # empty key blocks run no query block
+        blocks = tl.cdiv(tl.maximum(m_end - m_begin, 0), BLOCK_M)
+        # One flat loop over (query head of the GQA group, query block): the pass aborts on the
+        # nested loops of the plain kernel at 128-key tiles (WSDataPartition, Triton 3.6).
+        for step in tl.range(0, group * blocks, warp_specialize=True):
+            g = step // blocks
+            h = kv_h * group + g
+            m0 = m_begin + (step - g * blocks) * BLOCK_M
             rows = m0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < len_q
-            q_mask = row_mask[:, None] & d_mask[None, :]
-            q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(
-                DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0
-            )
-            lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
-            delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
-            # Transposed orientation (keys x queries): no transposes of the large tiles.
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-            visible = col_mask[:, None] & row_mask[None, :]
-            if CAUSAL:
-                visible = visible & (cols[:, None] <= rows[None, :] + offset)
-            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            p_t = tl.where(visible, tl.exp2(s_t - lse_log2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            q0 = (q_start + m0).to(tl.int32)
+            q = q_desc.load([q0, (h * stride_qh).to(tl.int32)])
+            do = do_desc.load([q0, (h * stride_doh).to(tl.int32)])
+            lse = lse_desc.load([(h * stride_lh + aligned + m0).to(tl.int32)])
+            delta = delta_desc.load([(h * stride_lh + aligned + m0).to(tl.int32)])
+            dk, dv = _dkdv_step(k, v, q, do, lse, delta, dk, dv, cols, rows, col_mask, rows < len_q, offset,
+                                scale_log2, CAUSAL, PRECISION)  # fmt: skip
+    else:
+        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
+                    other=0.0)  # fmt: skip
+        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
+                    other=0.0)  # fmt: skip
+        for g in range(0, group):
+            h = kv_h * group + g
+            for m0 in range(m_begin, len_q, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_mask = rows < len_q
+                q_mask = row_mask[:, None] & d_mask[None, :]
+                q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask,
+                            other=0.0)  # fmt: skip
+                do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask,
+                             other=0.0)  # fmt: skip
+                lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+                delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+                dk, dv = _dkdv_step(k, v, q, do, lse, delta, dk, dv, cols, rows, col_mask, row_mask, offset,
+                                    scale_log2, CAUSAL, PRECISION)  # fmt: skip
     tl.store(
         DK + (k_start + cols)[:, None] * stride_dkt + kv_h * stride_dkh + d[None, :],
         (dk * scale).to(DK.dtype.element_ty),
@@ -302,13 +365,18 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     SEQLEN_BUCKET: tl.constexpr = 0,  # log2 of the longest sample: only an autotuning key
+    WARP_SPECIALIZE: tl.constexpr = False,  # Hopper warp specialization: every load by TMA
+    # with WARP_SPECIALIZE: extents for the TMA descriptors; LSE / DELTA are the preprocess's
+    # aligned copies, sample b's rows starting at CU_ALIGNED[b]
+    total_q=0, total_k=0, kv_width=0, lse_numel=0, CU_ALIGNED=None,
 ):  # fmt: skip
     m_block = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.load(ORDER + tl.program_id(2))
     q_start, len_q = _sample_bounds(CU_Q, b)
-    if m_block * BLOCK_M >= len_q:
-        return
+    if not WARP_SPECIALIZE:  # an early return before the specialized loop does not compile
+        if m_block * BLOCK_M >= len_q:
+            return
     k_start, len_k = _sample_bounds(CU_K, b)
     kv_h = h // group
     offset = len_k - len_q
@@ -317,20 +385,50 @@ def attn_bwd_dq_kernel(
     row_mask = rows < len_q
     d_mask = d < head_dim
     q_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
-    delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+    if WARP_SPECIALIZE:
+        # Every tile by TMA (see the dK/dV kernel): q / dO zeroed past D (the next head's columns
+        # would meet k's and v's in S and dP); k / v rows past the sample are masked probabilities.
+        q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, kv_width * group], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+        do_desc = tl.make_tensor_descriptor(DO, shape=[total_q, kv_width * group], strides=[stride_dot, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+        lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        q0 = (q_start + m_block * BLOCK_M).to(tl.int32)
+        q = tl.where(d_mask[None, :], q_desc.load([q0, (h * stride_qh).to(tl.int32)]), 0.0)
+        do = tl.where(d_mask[None, :], do_desc.load([q0, (h * stride_doh).to(tl.int32)]), 0.0)
+        aligned = tl.load(CU_ALIGNED + b).to(tl.int64)
+        lse = lse_desc.load([(h * stride_lh + aligned + m_block * BLOCK_M).to(tl.int32)])
+        delta = delta_desc.load([(h * stride_lh + aligned + m_block * BLOCK_M).to(tl.int32)])
+    else:
+        q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask,
+                     other=0.0)  # fmt: skip
+        lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+        delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_end = len_k
     if CAUSAL:
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
-    for n0 in range(0, n_end, BLOCK_N):
+    if WARP_SPECIALIZE:  # empty query blocks run no key block
+        n_end = tl.where(m_block * BLOCK_M >= len_q, 0, n_end)
+    for n0 in tl.range(0, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < len_k
-        kv_mask = col_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if WARP_SPECIALIZE:
+            k0 = (k_start + n0).to(tl.int32)
+            k = k_desc.load([k0, (kv_h * stride_kh).to(tl.int32)])
+            v = v_desc.load([k0, (kv_h * stride_vh).to(tl.int32)])
+        else:
+            kv_mask = col_mask[:, None] & d_mask[None, :]
+            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
+                        other=0.0)  # fmt: skip
+            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
+                        other=0.0)  # fmt: skip
         p = _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2, CAUSAL, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -390,6 +488,20 @@ DQ_CONFIGS = [
 ]
 
 
+# Warp-specialized backward (FASTDIT_ATTN_BWD_WS=1): 4 warps, which the Hopper pass turns into 12.
+# From the sm_90 compile: at D = 128 only these dK/dV tiles keep the stack within 8 B (64-query
+# steps spill 192-320 B); every dQ tile below is spill-free at D = 64 and 128.
+DKDV_WS_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2)
+    for m, n in ((32, 128), (16, 128), (32, 64), (64, 128), (64, 64))
+]
+DKDV_WS_WIDE_HEAD_OK = {(32, 128, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)}
+DQ_WS_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2)
+    for m, n in ((128, 32), (128, 64), (64, 64), (128, 16), (64, 32))
+]
+
+
 def _key(config) -> tuple:
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
@@ -400,11 +512,21 @@ def _prune_dkdv(configs, named_args, **kwargs):
     return [c for c in configs if _key(c) in DKDV_WIDE_HEAD_OK]
 
 
-_BWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET"]
+def _prune_dkdv_ws(configs, named_args, **kwargs):
+    if named_args["BLOCK_D"] <= 64:
+        return configs
+    return [c for c in configs if _key(c) in DKDV_WS_WIDE_HEAD_OK]
+
+
+_BWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "WARP_SPECIALIZE"]
 attn_bwd_dkdv_autotuned = triton.autotune(
     configs=DKDV_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv}
 )(attn_bwd_dkdv_kernel)
 attn_bwd_dq_autotuned = triton.autotune(configs=DQ_CONFIGS, key=_BWD_KEY)(attn_bwd_dq_kernel)
+attn_bwd_dkdv_ws_autotuned = triton.autotune(
+    configs=DKDV_WS_CONFIGS, key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv_ws}
+)(attn_bwd_dkdv_kernel)
+attn_bwd_dq_ws_autotuned = triton.autotune(configs=DQ_WS_CONFIGS, key=_BWD_KEY)(attn_bwd_dq_kernel)
 
 
 def _autotune() -> bool:
@@ -459,6 +581,12 @@ def use_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return os.environ.get("FASTDIT_ATTN_WS", "0") == "1" and _tma_ready(q, k, v)
 
 
+def use_backward_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """FASTDIT_ATTN_BWD_WS=1: the same for the dK/dV and dQ kernels (their q, dO, k, v tiles and
+    lse / delta vectors all by TMA; dO and lse are made contiguous). Off until measured."""
+    return os.environ.get("FASTDIT_ATTN_BWD_WS", "0") == "1" and _tma_ready(q, k, v)
+
+
 def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, launch options) per kernel. Small tiles under the interpreter.
 
@@ -478,6 +606,10 @@ def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
         return 128, 64, block_d, {"num_warps": 4, "num_stages": 3} if small else {"num_warps": 8, "num_stages": 2}
     if kernel == "dkdv":  # BLOCK_M: queries per step, BLOCK_N: keys per program
         return 32, 128, block_d, {"num_warps": 8, "num_stages": 2}
+    if kernel == "dkdv_ws":  # the spill-free tiles of DKDV_WS_CONFIGS
+        return 32 if small else 16, 128, block_d, {"num_warps": 4, "num_stages": 2}
+    if kernel == "dq_ws":
+        return 128, 32, block_d, {"num_warps": 4, "num_stages": 2}
     return 128, 32, block_d, {"num_warps": 8, "num_stages": 2}  # dq
 
 
@@ -543,17 +675,32 @@ def varlen_attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if total_q == 0:
         return dq, dk.zero_(), dv.zero_()
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    delta = torch.empty_like(lse)
+    ws = use_backward_warp_specialization(q, k, v)
+    dout = dout.contiguous() if ws or dout.stride(-1) != 1 else dout  # TMA reads dO as (total_q, H * D)
     precision = _precision(q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     pre_m = 16 if interpreting() else 64
     order = longest_first(cu_seqlens_q, cu_seqlens_k)
+    extra = {}
+    if ws:
+        # TMA's 1-D lse / delta boxes must start 16-byte aligned: the preprocess writes delta and
+        # a copy of lse with every sample starting at a multiple of ALIGN_ROWS (zeros between).
+        lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        padded = (lengths + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
+        cu_aligned = F.pad(torch.cumsum(padded, 0), (1, 0)).to(torch.int32)
+        rows = triton.cdiv(total_q, ALIGN_ROWS) * ALIGN_ROWS + batch * ALIGN_ROWS  # a bound, no sync
+        delta = torch.zeros((heads, rows), dtype=torch.float32, device=q.device)
+        lse_aligned = torch.zeros_like(delta)
+        extra = dict(LSE=lse, LSE_ALIGNED=lse_aligned, CU_ALIGNED=cu_aligned, stride_lh=lse.stride(0))
+    else:
+        delta = torch.empty_like(lse)
     torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), heads, batch)](
         out, dout, delta, cu_seqlens_q, order,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-        head_dim, BLOCK_M=pre_m, BLOCK_D=block_d,
+        head_dim, BLOCK_M=pre_m, BLOCK_D=block_d, **extra,
     )  # fmt: skip
+    if ws:
+        lse = lse_aligned
     common = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), lse.stride(0),
@@ -568,18 +715,22 @@ def varlen_attention_backward(
         *common, dq.stride(0), dq.stride(1), *scale_args,
     )  # fmt: skip
     flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision,
-                 SEQLEN_BUCKET=max(0, max(max_seqlen_q, max_seqlen_k) - 1).bit_length())  # fmt: skip
+                 SEQLEN_BUCKET=max(0, max(max_seqlen_q, max_seqlen_k) - 1).bit_length(), WARP_SPECIALIZE=ws,
+                 total_q=total_q, total_k=k.shape[0], kv_width=kv_heads * head_dim, lse_numel=lse.numel(),
+                 CU_ALIGNED=extra.get("CU_ALIGNED"))  # fmt: skip
     if _autotune():
+        dkdv_kernel = attn_bwd_dkdv_ws_autotuned if ws else attn_bwd_dkdv_autotuned
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
-        torch.library.wrap_triton(attn_bwd_dkdv_autotuned)[grid](*dkdv_args, **flags)
+        torch.library.wrap_triton(dkdv_kernel)[grid](*dkdv_args, **flags)
+        dq_kernel = attn_bwd_dq_ws_autotuned if ws else attn_bwd_dq_autotuned
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-        torch.library.wrap_triton(attn_bwd_dq_autotuned)[grid](*dq_args, **flags)
+        torch.library.wrap_triton(dq_kernel)[grid](*dq_args, **flags)
     else:
-        block_m, block_n, _, opts = _tiles(head_dim, "dkdv")
+        block_m, block_n, _, opts = _tiles(head_dim, "dkdv_ws" if ws else "dkdv")
         grid = (triton.cdiv(max_seqlen_k, block_n), kv_heads, batch)
         torch.library.wrap_triton(attn_bwd_dkdv_kernel)[grid](*dkdv_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                                                               **opts)  # fmt: skip
-        block_m, block_n, _, opts = _tiles(head_dim, "dq")
+        block_m, block_n, _, opts = _tiles(head_dim, "dq_ws" if ws else "dq")
         grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
         torch.library.wrap_triton(attn_bwd_dq_kernel)[grid](*dq_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                                                             **opts)  # fmt: skip

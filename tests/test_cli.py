@@ -72,10 +72,11 @@ def test_bench_attention_rows(tmp_path):
     assert {"sdpa-math", "fastdit-reference"} <= providers
     if TRITON_ON_CPU:
         assert "fastdit-triton" in providers
-        for variant in ("tma", "persistent", "ws", "ws+persistent"):  # forward only, same run
+        for variant in ("tma", "persistent", "ws", "ws+persistent", "bwd-ws"):  # in the same run
             shapes = {r["shape"].split(" ")[0] + " " + r["shape"].split(" ")[1] for r in rows
                       if r["provider"] == f"fastdit-triton+{variant}"}  # fmt: skip
-            assert shapes == {"fwd dense", "fwd packed"}, (variant, shapes)
+            passes = ("fwd", "bwd") if variant == "bwd-ws" else ("fwd",)
+            assert shapes == {f"{p} {kind}" for p in passes for kind in ("dense", "packed")}, (variant, shapes)
     assert any(r["shape"].startswith("bwd packed") for r in rows)
     assert all(r["tflops"] > 0 for r in rows)
 

@@ -176,7 +176,7 @@ if triton_missing() is None:
         softmax_scale: float,
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v, out, lse = (last_dim_contiguous(t) for t in (q, k, v, out, lse))
         return varlen_backward_kernel(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
         )

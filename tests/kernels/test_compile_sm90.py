@@ -56,6 +56,10 @@ def compile_for_h100(kernel, pointers: dict, scalars: dict, constexprs: dict, nu
     signature, attrs = {}, {}
     # constexprs left out take their defaults (as a launch would)
     constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
+    # optional pointer args left out are None at launch, which Triton specializes as a constexpr
+    for p in kernel.params:
+        if p.has_default and p.default is None and p.name not in pointers:
+            constexprs.setdefault(p.name, None)
     for index, name in enumerate(kernel.arg_names):
         if name in pointers:
             signature[name] = "*" + pointers[name]
@@ -265,6 +269,46 @@ def test_warp_specialized_forward_is_specialized(head_dim, causal, persistent):
         assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
         assert resources(compiled)["stack"] == 0, (_tune_key(tune), resources(compiled))
         assert compiled.metadata.shared <= 232448
+
+
+@compiles
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kernel_name", ["dkdv", "dq"])
+def test_warp_specialized_backward_is_specialized(head_dim, kernel_name):
+    """FASTDIT_ATTN_BWD_WS=1, at every autotune config the pruner keeps: specialized (12 warps,
+    setmaxnreg), wgmma and bulk tensor copies, causal dK/dV stack <= 8 B (0 for dQ), shared memory."""
+    if kernel_name == "dkdv":
+        kernel = attention.attn_bwd_dkdv_kernel
+        configs = attention._prune_dkdv_ws(attention.DKDV_WS_CONFIGS, {"BLOCK_D": head_dim})
+    else:
+        kernel, configs = attention.attn_bwd_dq_kernel, attention.DQ_WS_CONFIGS
+    pointers = {**dict.fromkeys(["Q", "K", "V", "DO", "DK", "DV", "DQ"], "bf16"), "LSE": "fp32", "DELTA": "fp32",
+                "CU_Q": "i32", "CU_K": "i32", "ORDER": "i32", "CU_ALIGNED": "i32"}  # fmt: skip
+    assert configs
+    for tune in configs:
+        for causal in (False, True):
+            constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=causal, PRECISION="tf32", SEQLEN_BUCKET=15,
+                              WARP_SPECIALIZE=True)  # fmt: skip
+            compiled = compile_for_h100(
+                kernel, pointers, ATTN_SCALARS, constexprs, num_warps=tune.num_warps, num_stages=tune.num_stages,
+                divisible=strides_and_sizes(kernel, ("head_dim", "kv_width")),
+            )  # fmt: skip
+            ptx = compiled.asm["ptx"]
+            assert compiled.metadata.num_warps == 12 and _setmaxnreg(ptx), (_tune_key(tune), causal)
+            assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
+            limit = 8 if kernel_name == "dkdv" and causal else 0
+            assert resources(compiled)["stack"] <= limit, (_tune_key(tune), causal, resources(compiled))
+            assert compiled.metadata.shared <= 232448
+
+
+@compiles
+def test_backward_preprocess_writes_the_aligned_copies():
+    kernel = attention.attn_bwd_preprocess_kernel
+    pointers = {"OUT": "bf16", "DO": "bf16", "DELTA": "fp32", "CU_Q": "i32", "ORDER": "i32", "LSE": "fp32",
+                "LSE_ALIGNED": "fp32", "CU_ALIGNED": "i32"}  # fmt: skip
+    compiled = compile_for_h100(kernel, pointers, {}, dict(BLOCK_M=64, BLOCK_D=128),
+                                divisible=strides_and_sizes(kernel, ("head_dim",)))  # fmt: skip
+    assert compiled.asm["ptx"].count("st.global") >= 2 and resources(compiled)["stack"] == 0
 
 
 @compiles
