@@ -554,9 +554,11 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA can read these (tokens, heads, D) tensors as 2-D (tokens, heads * D) boxes:
-    contiguous, 16-byte aligned base and row stride. Installs the descriptors' allocator."""
+    contiguous, and the base, the row stride and every head's column offset (h * D elements)
+    16-byte aligned. Installs the descriptors' allocator."""
     for t in tensors:
-        if not t.is_contiguous() or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        size = t.element_size()
+        if not t.is_contiguous() or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.stride(1) * size) % 16:
             return False
     if not interpreting():
         triton.set_allocator(_tma_allocator)

@@ -204,6 +204,8 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
     k, v = (torch.randn(sum(len_k), 2, head_dim) for _ in range(2))
     assert use_warp_specialization(q, k, v)
     assert not use_warp_specialization(q[:, 1:], k, v)  # a strided q falls back to the plain kernel
+    odd = torch.randn(4, 3, 20, dtype=torch.float16)  # head offsets of 40 B: TMA boxes would misalign
+    assert not use_warp_specialization(odd, odd, odd) and use_warp_specialization(*(odd.float(),) * 3)
     out, lse = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, return_lse=True,
                                     backend="triton")  # fmt: skip
     want, want_lse = ops.varlen_attention(q.double(), k.double(), v.double(), cq, ck, max(len_q), max(len_k),
