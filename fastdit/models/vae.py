@@ -345,8 +345,9 @@ class CausalVAE(nn.Module):
 
     Every conv and norm runs on fastdit.ops (``backend`` forces one for all of them, else the
     dispatcher picks: on GPUs cuDNN or Triton convs and the fused Triton norm + SiLU; on CPUs the
-    reference). Activations are channels-last-3d throughout; bf16 / fp16 weights run in bf16 /
-    fp16 with fp32 statistics and accumulation.
+    reference). Activations are channels-last-3d throughout, and so are the conv weights (Cin
+    innermost; ``load_state_dict`` and ``.to()`` keep that layout); bf16 / fp16 weights run in
+    bf16 / fp16 with fp32 statistics and accumulation.
     """
 
     def __init__(self, config: VAEConfig, backend: str | None = None):
@@ -356,7 +357,19 @@ class CausalVAE(nn.Module):
         self.quant_conv = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
+        self._conv_weights_channels_last()
         self.set_backend(backend)
+
+    def _conv_weights_channels_last(self) -> None:
+        """Store every conv weight with Cin innermost, as the activations: the Triton conv then
+        reads each (Cin block, Cout block) weight tile as contiguous 16-byte rows instead of
+        gathering elements 27 (or 9) apart, and cuDNN's channels-last convs need no per-call
+        weight transpose. (Weights shared with another module, ``from_diffusers(share_weights=True)``,
+        keep their layout; the Triton op then reorders them per call.)"""
+        for module in self.modules():
+            if isinstance(module, CausalConv3d | nn.Conv2d):
+                layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
     def set_backend(self, backend: str | None) -> "CausalVAE":
         """Run every conv (causal_conv3d) and norm (rms_norm_silu) on ``backend`` where that op

@@ -147,6 +147,11 @@ if triton_missing() is None:
         upsample: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
+        if weight.stride(1) != 1:
+            # Cin innermost, so each (Cin block, Cout block) weight tile loads as contiguous rows
+            # (a default-layout (Cout, Cin, kt, kh, kw) weight would be gathered 27 elements apart).
+            # A copy per call (<= 8 MB at the VAE's shapes); CausalVAE stores its weights this way.
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)
         y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape)
         # Both outputs channels-last-3d always: the next chunk's kernel reads the cache in rows.
         return y, new_cache_ref(x, cache, time_padding, memory_format=torch.channels_last_3d)

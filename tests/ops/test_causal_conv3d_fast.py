@@ -104,6 +104,43 @@ def test_fast_conv_gradients_match_reference(backend):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
+def test_triton_conv_always_reads_cin_innermost_weights(backend, monkeypatch):
+    """The kernel gets every weight with Cin innermost (its compile-checked, coalesced layout):
+    a default-layout weight is reordered, a channels-last one passed as is; results are bitwise
+    equal, as the kernel's arithmetic does not depend on the layout."""
+    import importlib
+
+    conv_module = importlib.import_module("fastdit.ops.causal_conv3d")  # the module, not the op it exports
+    seen = []
+    real = conv_module.conv3d_forward
+
+    def spy(x, weight, *args):
+        seen.append((weight.stride(1), weight.data_ptr()))
+        return real(x, weight, *args)
+
+    monkeypatch.setattr(conv_module, "conv3d_forward", spy)
+    x = torch.randn(1, 6, 3, 5, 4).to(memory_format=torch.channels_last_3d)
+    weight = torch.randn(7, 6, 3, 3, 3)
+    channels_last = weight.contiguous(memory_format=torch.channels_last_3d)
+    y_default, _ = ops.causal_conv3d(x, weight, padding=(1, 1), backend=backend)
+    y_last, _ = ops.causal_conv3d(x, channels_last, padding=(1, 1), backend=backend)
+    assert [stride for stride, _ in seen] == [1, 1]
+    assert seen[1][1] == channels_last.data_ptr()  # no copy when the layout is already right
+    assert torch.equal(y_default, y_last)
+
+
+def test_vae_conv_weights_are_stored_cin_innermost():
+    from fastdit.models.vae import CausalConv3d, CausalVAE
+
+    vae = CausalVAE.from_preset("tiny")
+    copy = CausalVAE(vae.config)
+    copy.load_state_dict({k: v.contiguous() for k, v in vae.state_dict().items()})  # a default-layout checkpoint
+    for model in (vae, copy, copy.to(torch.float16)):
+        convs = [m for m in model.modules() if isinstance(m, CausalConv3d | torch.nn.Conv2d)]
+        assert convs and all(m.weight.stride(1) == 1 for m in convs)
+
+
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
 def test_triton_conv_rejects_float64_with_its_reason():
     x, weight = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64), torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
