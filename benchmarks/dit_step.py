@@ -8,12 +8,24 @@ Random weights, one CFG branch, batch 1. FLOPs count every matmul and both atten
 ``step_flops``). Then a packed batch of mixed sizes (a video, an image at a larger size, a smaller
 video) in one fastdit forward against the same requests one by one.
 
+``fastdit-cold-start`` is the time to the first step in a fresh process whose Triton and
+inductor caches are empty (every kernel JIT-compiled and autotuned on the spot): the other
+providers' ``first_call_s`` run after earlier suites and tests warmed those caches, so they
+understate what a new deployment pays. Its row also gives the child's model build and whole
+process time (imports included); ``fastdit-cold-start-fixed-tiles`` is the same with the
+attention autotuner off (``FASTDIT_ATTN_AUTOTUNE=0``).
+
 Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 81x480x832`` (or ``python -m
 fastdit.benchmarks.dit_step ...``).
 """
 
 import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -32,6 +44,7 @@ PROVIDERS = (
     "diffusers-compile",
     "diffusers-patched",
     "fastdit-packed",  # the mixed-size batch: packed and one by one
+    "fastdit-cold-start",  # the first step of a fresh process with empty kernel caches
 )
 
 
@@ -132,7 +145,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     text = torch.randn(1, text_len, config.text_dim, generator=gen).to(device, dtype)
 
     for family in ("fastdit", "diffusers"):
-        wanted = [p for p in providers if p.startswith(family) and p != "fastdit-packed"]
+        wanted = [p for p in providers if p.startswith(family) and p not in ("fastdit-packed", "fastdit-cold-start")]
         if not wanted:
             continue
         reset_peak_memory(device)
@@ -185,7 +198,71 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         gc.collect()
     if "fastdit-packed" in providers:
         _mixed_batch(report, config, device, dtype, text_len, args.quick)
+    if "fastdit-cold-start" in providers:
+        # with the attention autotuner (the default) and with its fixed tiles, which compile once
+        for label, env in (
+            ("fastdit-cold-start", {}),
+            ("fastdit-cold-start-fixed-tiles", {"FASTDIT_ATTN_AUTOTUNE": "0"}),
+        ):
+            cold = cold_first_step(name, (frames, height, width), text_len, dtype, device, env)
+            report.add(label, shape, cold["step_ms"], flops=flops, first_call_s=cold["first_step_s"],
+                       build_s=cold["build_s"], process_s=cold["process_s"])  # fmt: skip
+            print(f"  {label}: first step {cold['first_step_s']:.1f} s with empty kernel caches "
+                  f"(model build {cold['build_s']:.1f} s, whole process {cold['process_s']:.1f} s), "
+                  f"then {cold['step_ms']:.3f} ms", flush=True)  # fmt: skip
     return report
+
+
+def cold_first_step(name: str, size: tuple[int, int, int], text_len: int, dtype: torch.dtype,
+                    device: torch.device, extra_env: dict | None = None) -> dict:  # fmt: skip
+    """Run :func:`cold_child` in a fresh interpreter with empty Triton / inductor cache dirs."""
+    with tempfile.TemporaryDirectory(prefix="fastdit-cold-") as cache:
+        env = {**os.environ, **(extra_env or {}), "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+               "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}  # fmt: skip
+        spec = dict(preset=name, size=list(size), text_len=text_len, dtype=str(dtype).removeprefix("torch."),
+                    device=str(device))  # fmt: skip
+        code = (
+            "import sys, json; from fastdit.benchmarks.dit_step import cold_child; cold_child(json.loads(sys.argv[1]))"
+        )
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
+                              timeout=1200)  # fmt: skip
+        process_s = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"cold-start child failed ({done.returncode}): {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "process_s": round(process_s, 2)}
+
+
+def cold_child(spec: dict) -> None:
+    """Build the preset's DiT on the device (random weights), time its first step (every Triton
+    kernel compiled and autotuned now), then a steady step; print one JSON line."""
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    config = preset(spec["preset"])
+    frames, height, width = spec["size"]
+    channels, t, h, w = latent_shape(config, frames, height, width)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    start = time.perf_counter()
+    model = DiT(config).to(device, dtype).eval()
+    latents = torch.randn(1, channels, t, h, w, generator=gen).to(device, dtype)
+    text = torch.randn(1, spec["text_len"], config.text_dim, generator=gen).to(device, dtype)
+    timestep = torch.tensor([500.0], device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    build_s = time.perf_counter() - start
+
+    def step():
+        with torch.inference_mode():
+            return model(latents, timestep, text)
+
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - start
+    step_ms = time_ms(step, device, warmup=0, min_runs=2, budget_s=2.0)
+    print(json.dumps({"build_s": round(build_s, 2), "first_step_s": round(first_step_s, 2), "step_ms": step_ms}))
 
 
 def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int,

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -34,6 +35,38 @@ def test_bench_packed_mixed_batch_rows(tmp_path):
     assert [r["provider"] for r in rows] == ["fastdit-packed", "fastdit-one-by-one"]
     assert rows[0]["shape"] == rows[1]["shape"] and rows[0]["shape"].startswith("mixed ")
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+
+
+def test_bench_cold_start_runs_in_a_fresh_process_with_empty_kernel_caches(tmp_path, monkeypatch):
+    import subprocess
+
+    from fastdit.benchmarks import dit_step
+
+    seen = []
+    real_run = subprocess.run
+
+    def spy(cmd, **kwargs):
+        if "cold_child" not in " ".join(map(str, cmd)):  # the harness's own calls (git, nvidia-smi)
+            return real_run(cmd, **kwargs)
+        env = kwargs["env"]
+        caches = [
+            os.listdir(env[k]) if os.path.isdir(env[k]) else [] for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+        ]
+        seen.append((env, caches))
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(dit_step.subprocess, "run", spy)
+    args = ["bench", "--suite", "dit_step", "--device", "cpu", "--out", str(tmp_path), "--providers",
+            "fastdit-cold-start"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "dit_step_cpu.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["fastdit-cold-start", "fastdit-cold-start-fixed-tiles"]
+    for row in rows:
+        assert row["ms"] > 0 and 0 < row["first_call_s"] < row["process_s"] and row["build_s"] >= 0
+    for env, caches in seen:
+        assert caches == [[], []]  # nothing compiled before the child starts
+        assert env["TRITON_CACHE_DIR"] != os.environ.get("TRITON_CACHE_DIR")
+    assert [env.get("FASTDIT_ATTN_AUTOTUNE") for env, _ in seen] == [os.environ.get("FASTDIT_ATTN_AUTOTUNE"), "0"]
 
 
 def test_bench_rejects_unknown_provider(tmp_path):
