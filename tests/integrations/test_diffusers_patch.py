@@ -201,6 +201,32 @@ def test_patch_errors():
         fastdit.patch(make_vae(is_residual=True, base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
 
 
+@pytest.mark.parametrize("flags", [{}, {"adaln": False}])
+def test_patched_forward_skips_the_ops_value_checks(monkeypatch, op_calls, flags):
+    """The patched code builds the ops' sample boundaries itself, so the per-call value checks
+    (a host sync each on a GPU: 5 per block before) are skipped; the grid is checked on host ints."""
+    from fastdit.ops import validation
+
+    checked = []
+    real = validation.check_values_enabled
+
+    def spy():
+        enabled = real()
+        checked.append(enabled)
+        return enabled
+
+    monkeypatch.setattr(validation, "check_values_enabled", spy)
+    wan = make_wan()
+    fastdit.patch(wan, **flags)
+    with torch.no_grad():
+        wan(torch.randn(1, 4, 3, 6, 6), torch.tensor([5.0]), torch.randn(1, 3, 16))
+    assert "rope3d_qk_norm" in op_calls and checked and not any(checked)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        with torch.no_grad():
+            wan(torch.randn(1, 4, 3, 1, 6), torch.tensor([5.0]), torch.randn(1, 3, 16))
+    fastdit.unpatch(wan)
+
+
 @pytest.mark.parametrize("version", ["0.35.2", "0.43.0.dev0", "1.0.0"])
 def test_patch_warns_outside_the_tested_diffusers_range(monkeypatch, version):
     import diffusers
