@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
+from fastdit.benchmarks.attention import TRITON_VARIANTS  # the opt-in paths the benchmark A/Bs
 from tests.conftest import CPU_BACKENDS, packed_cu, rel_err
 from tests.ops.test_attention import attention_oracle
 
@@ -93,20 +94,18 @@ def test_triton_is_not_picked_on_cpu_and_head_dim_limit():
         ops.select_backend("varlen_attention", too_big, backend="triton")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 72, 96, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
-    # bf16 error against float64 at most 2x PyTorch's own bf16 SDPA error (the flash-attn rule).
-    lengths = [4096, 77, 1, 2100]
+def check_cuda_bf16_error_budget(lengths, head_dim, causal, backend=None, compile_too=True):
+    """bf16 output and gradients against float64 at most 2x PyTorch's own bf16 SDPA error (the
+    flash-attn rule), a bitwise-identical repeat, and the same result under torch.compile."""
     cu = packed_cu(lengths).cuda()
+    longest = max(lengths)
     q, k, v = (torch.randn(sum(lengths), 8, head_dim, device="cuda", dtype=torch.float64) for _ in range(3))
     w = torch.randn_like(q)
     bf = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    out = ops.varlen_attention(*bf, cu, cu, 4096, 4096, causal=causal)  # the dispatcher picks triton
+    out = ops.varlen_attention(*bf, cu, cu, longest, longest, causal=causal, backend=backend)
     grads = torch.autograd.grad((out.double() * w).sum(), bf)
     d64 = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = ops.varlen_attention(*d64, cu, cu, 4096, 4096, causal=causal, backend="reference")
+    ref = ops.varlen_attention(*d64, cu, cu, longest, longest, causal=causal, backend="reference")
     ref_grads = torch.autograd.grad((ref * w).sum(), d64)
     sdpa_out, start = [], 0
     sb = [t.bfloat16().requires_grad_() for t in (q, k, v)]
@@ -119,57 +118,30 @@ def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
     assert (out.double() - ref).abs().max() <= 2 * (sdpa.double() - ref).abs().max()
     for g, s, r in zip(grads, sdpa_grads, ref_grads):
         assert (g.double() - r).abs().max() <= 2 * (s.double() - r).abs().max()
-    again = ops.varlen_attention(*bf, cu, cu, 4096, 4096, causal=causal)
-    assert torch.equal(again, out)
-    compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, 4096, 4096, causal=causal),
-                             fullgraph=True)  # fmt: skip
-    torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
-
-
-VARIANTS = {
-    "tma": {"FASTDIT_ATTN_TMA": "1"},
-    "persistent": {"FASTDIT_ATTN_PERSISTENT": "1"},
-    "ws": {"FASTDIT_ATTN_WS": "1"},
-    "ws+persistent": {"FASTDIT_ATTN_WS": "1", "FASTDIT_ATTN_PERSISTENT": "1"},
-    "bwd-ws": {"FASTDIT_ATTN_BWD_WS": "1"},
-}
+    assert torch.equal(ops.varlen_attention(*bf, cu, cu, longest, longest, causal=causal, backend=backend), out)
+    if compile_too:
+        compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, longest, longest, causal=causal,
+                                                                      backend=backend), fullgraph=True)  # fmt: skip
+        torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("head_dim", [64, 72, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
+    check_cuda_bf16_error_budget([4096, 77, 1, 2100], head_dim, causal)  # the dispatcher picks triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
 @pytest.mark.parametrize("head_dim, causal", [(128, False), (64, True), (72, False)])
 def test_cuda_opt_in_variants_keep_the_error_budget(monkeypatch, variant, head_dim, causal, poison_outputs):
     """Each opt-in path on the H100 (TMA, persistent, Hopper warp specialization, forward and
-    backward): bf16 error against float64 within 2x SDPA's, as the default path; no NaN from an
-    unwritten tile; bitwise-repeatable; and under torch.compile (Triton's TMA scratch allocator)."""
-    for key, value in VARIANTS[variant].items():
+    backward) keeps the default path's error budget, with NaN-poisoned outputs (an unwritten tile
+    fails) and, at D = 128, under torch.compile (Triton's TMA scratch allocator)."""
+    for key, value in TRITON_VARIANTS[variant].items():
         monkeypatch.setenv(key, value)
-    lengths = [3000, 77, 1, 1100]
-    cu = packed_cu(lengths).cuda()
-    q, k, v = (torch.randn(sum(lengths), 8, head_dim, device="cuda", dtype=torch.float64) for _ in range(3))
-    w = torch.randn_like(q)
-    bf = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    out = ops.varlen_attention(*bf, cu, cu, 3000, 3000, causal=causal, backend="triton")
-    grads = torch.autograd.grad((out.double() * w).sum(), bf)
-    d64 = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = ops.varlen_attention(*d64, cu, cu, 3000, 3000, causal=causal, backend="reference")
-    ref_grads = torch.autograd.grad((ref * w).sum(), d64)
-    sdpa_out, start = [], 0
-    sb = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    for n in lengths:
-        qs, ks, vs = (t[start : start + n].transpose(0, 1) for t in sb)
-        sdpa_out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
-        start += n
-    sdpa = torch.cat(sdpa_out)
-    sdpa_grads = torch.autograd.grad((sdpa.double() * w).sum(), sb)
-    assert (out.double() - ref).abs().max() <= 2 * (sdpa.double() - ref).abs().max()
-    for g, s_, r in zip(grads, sdpa_grads, ref_grads):
-        assert (g.double() - r).abs().max() <= 2 * (s_.double() - r).abs().max()
-    assert torch.equal(ops.varlen_attention(*bf, cu, cu, 3000, 3000, causal=causal, backend="triton"), out)
-    if head_dim == 128:
-        compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, 3000, 3000, causal=causal,
-                                                                      backend="triton"), fullgraph=True)  # fmt: skip
-        torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
+    check_cuda_bf16_error_budget([3000, 77, 1, 1100], head_dim, causal, backend="triton", compile_too=head_dim == 128)
 
 
 @pytest.mark.gpu
