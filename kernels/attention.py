@@ -554,11 +554,13 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA can read these (tokens, heads, D) tensors as 2-D (tokens, heads * D) boxes:
-    contiguous, and the base, the row stride and every head's column offset (h * D elements)
-    16-byte aligned. Installs the descriptors' allocator."""
+    each token's heads adjacent (strides (any, D, 1): contiguous tensors and views of a fused
+    qkv projection alike), and the base, the token stride and every head's column offset
+    (h * D elements) 16-byte aligned. Installs the descriptors' allocator."""
     for t in tensors:
         size = t.element_size()
-        if not t.is_contiguous() or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.stride(1) * size) % 16:
+        heads_adjacent = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
+        if not heads_adjacent or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.shape[2] * size) % 16:
             return False
     if not interpreting():
         triton.set_allocator(_tma_allocator)

@@ -177,7 +177,8 @@ def test_tma_path_matches_the_reference(monkeypatch, head_dim, causal, poison_ou
     cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, head_dim)
     k, v = (torch.randn(sum(len_k), 2, head_dim) for _ in range(2))
-    assert use_tma(k, v) and not use_tma(k[:, :1], v)  # a strided view falls back to masked loads
+    head_major = k.transpose(0, 1).contiguous().transpose(0, 1)  # heads not adjacent: masked loads
+    assert use_tma(k, v) and not use_tma(head_major, v) and not use_tma(k[..., ::2], v[..., ::2])
     out = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, backend="triton")
     expect = ops.varlen_attention(q.double(), k.double(), v.double(), cq, ck, max(len_q), max(len_k), causal=causal,
                                   backend="reference")  # fmt: skip
@@ -221,7 +222,8 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
     q = torch.randn(sum(len_q), 4, head_dim)
     k, v = (torch.randn(sum(len_k), 2, head_dim) for _ in range(2))
     assert use_warp_specialization(q, k, v)
-    assert not use_warp_specialization(q[:, 1:], k, v)  # a strided q falls back to the plain kernel
+    head_major = q.transpose(0, 1).contiguous().transpose(0, 1)  # heads not adjacent: the plain kernel
+    assert not use_warp_specialization(head_major, k, v)
     odd = torch.randn(4, 3, 20, dtype=torch.float16)  # head offsets of 40 B: TMA boxes would misalign
     assert not use_warp_specialization(odd, odd, odd) and use_warp_specialization(*(odd.float(),) * 3)
     out, lse = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, return_lse=True,
@@ -232,6 +234,29 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
     finite = torch.isfinite(want_lse)
     torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.isfinite(lse), finite)
+
+
+@pytest.mark.parametrize("switch", ["FASTDIT_ATTN_TMA", "FASTDIT_ATTN_WS", "FASTDIT_ATTN_BWD_WS"])
+def test_tma_paths_read_views_of_a_fused_qkv_projection(monkeypatch, switch, poison_outputs):
+    """q, k, v as views of one (tokens, 3, H, D) projection (token stride 3 H D, heads adjacent)
+    qualify for TMA and give the reference's outputs and gradients."""
+    from fastdit.kernels.attention import _tma_ready
+
+    monkeypatch.setenv(switch, "1")
+    lengths = [17, 3, 30]
+    cu = packed_cu(lengths)
+    qkv = torch.randn(sum(lengths), 3, 4, 32, dtype=torch.float64)
+    w = torch.randn(sum(lengths), 4, 32, dtype=torch.float64)
+    fused = qkv.float().requires_grad_()
+    q, k, v = fused.unbind(1)
+    assert not q.is_contiguous() and _tma_ready(q, k, v)
+    out = ops.varlen_attention(q, k, v, cu, cu, 30, 30, backend="triton")
+    (grad,) = torch.autograd.grad((out.double() * w).sum(), fused)
+    ref_in = qkv.clone().requires_grad_()
+    want = ops.varlen_attention(*ref_in.unbind(1), cu, cu, 30, 30, backend="reference")
+    (want_grad,) = torch.autograd.grad((want * w).sum(), ref_in)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-4, rtol=1e-4)
 
 
 def test_warp_specialized_forward_feeds_the_backward(monkeypatch):
@@ -263,7 +288,7 @@ def test_warp_specialized_backward_matches_float64(monkeypatch, head_dim, causal
     cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, head_dim, dtype=torch.float64)
     k, v = (torch.randn(sum(len_k), 2, head_dim, dtype=torch.float64) for _ in range(2))
-    assert use_backward_warp_specialization(q, k, v) and not use_backward_warp_specialization(q, k[:, :1], v)
+    assert use_backward_warp_specialization(q, k, v) and not use_backward_warp_specialization(q, k[..., ::2], v)
     w = torch.randn_like(q)
     got = [t.float().requires_grad_() for t in (q, k, v)]
     out = ops.varlen_attention(*got, cq, ck, max(len_q), max(len_k), causal=causal, backend="triton")
