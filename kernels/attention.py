@@ -539,12 +539,14 @@ def _persistent() -> bool:
     return os.environ.get("FASTDIT_ATTN_PERSISTENT", "0") == "1"
 
 
-def _persistent_programs(device: torch.device) -> int:
+def _persistent_programs(device: torch.device, warp_specialized: bool = False) -> int:
     """Programs of the persistent grid: two per SM on a GPU (one resident per SM at these tiles,
-    the second hides the tail); three under the interpreter, so programs loop over tiles."""
+    the second hides the tail), one when warp-specialized (12 warps x 168 registers fill an SM's
+    register file: a second program would only queue behind the first); three under the
+    interpreter, so programs loop over tiles."""
     if interpreting():
         return 3
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return (1 if warp_specialized else 2) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -655,7 +657,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if _persistent():
         # an upper bound of the tile count, known without reading cu_seqlens back
         tiles = triton.cdiv(max_seqlen_q, block_m) * heads * batch
-        grid = (max(1, min(tiles, _persistent_programs(q.device))),)
+        grid = (max(1, min(tiles, _persistent_programs(q.device, ws))),)
         flags.pop("SEQLEN_BUCKET")
         torch.library.wrap_triton(attn_fwd_persistent_kernel)[grid](
             *args, batch, heads, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts
