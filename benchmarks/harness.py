@@ -93,6 +93,12 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     }
 
 
+# Where reports save their rows as they come (``fastdit bench`` sets it to --out): a run killed
+# half way (a hung kernel, a machine's time limit) still leaves the rows it measured on disk,
+# marked "complete": false. None: only the final write.
+AUTOSAVE_DIR: str | None = None
+
+
 @dataclass
 class Report:
     """Rows of one benchmark run, with the run's environment and ceilings."""
@@ -101,6 +107,7 @@ class Report:
     device: torch.device
     ceilings: dict
     rows: list[dict] = field(default_factory=list)
+    autosave_dir: str | None = field(default_factory=lambda: AUTOSAVE_DIR)
 
     def add(
         self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
@@ -116,21 +123,29 @@ class Report:
             row["pct_of_copy"] = _sig(100 * gbps / self.ceilings["copy_gbps"])
         row.update({k: v for k, v in extra.items() if v is not None})
         self.rows.append(row)
+        if self.autosave_dir:
+            self._write_json(self.autosave_dir, complete=False)
         return row
 
-    def to_json(self) -> dict:
-        return {"environment": environment(self.device), "ceilings": self.ceilings, "rows": self.rows}
+    def to_json(self, complete: bool = True) -> dict:
+        if not hasattr(self, "_environment"):  # once per report: it runs a device query
+            self._environment = environment(self.device)
+        return {"environment": self._environment, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
+
+    def _write_json(self, out_dir: str, complete: bool) -> str:
+        os.makedirs(out_dir, exist_ok=True)
+        json_path = os.path.join(out_dir, f"{self.name}_{device_slug(self.device)}.json")
+        partial = json_path + ".partial"
+        with open(partial, "w") as f:
+            json.dump(self.to_json(complete), f, indent=2)
+            f.write("\n")
+        os.replace(partial, json_path)  # never a half-written file, even when killed mid-write
+        return json_path
 
     def write(self, out_dir: str) -> list[str]:
         """``<name>_<device>.json`` and, when matplotlib is installed, ``<name>_<device>.png``."""
-        os.makedirs(out_dir, exist_ok=True)
-        slug = device_slug(self.device)
-        json_path = os.path.join(out_dir, f"{self.name}_{slug}.json")
-        with open(json_path, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
-        paths = [json_path]
-        png = self.plot(os.path.join(out_dir, f"{self.name}_{slug}.png"))
+        paths = [self._write_json(out_dir, complete=True)]
+        png = self.plot(os.path.join(out_dir, f"{self.name}_{device_slug(self.device)}.png"))
         if png:
             paths.append(png)
         return paths

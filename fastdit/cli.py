@@ -53,8 +53,9 @@ def info_text() -> str:
 
 
 def _bench(args) -> int:
-    from fastdit.benchmarks import SUITE
+    from fastdit.benchmarks import SUITE, harness
 
+    harness.AUTOSAVE_DIR = args.out  # each row reaches the JSON as it is measured
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     names = list(SUITE) if args.suite == "all" else [args.suite]
     for name in names:

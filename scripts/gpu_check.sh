@@ -9,6 +9,10 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # TESTS=0 or BENCH=0 skips that half (to split the work over two calls if one would pass 10 min);
 # SUITES="memory_ops attention" runs only those benchmark suites (default: all of them).
+# Each step is killed after STEP_TIMEOUT seconds (default 500), so a hung kernel costs one step,
+# not the call: benchmarks save every row as it is measured, tests print each result (-v), and
+# the opt-in attention paths (TMA, persistent, warp specialization) are tested in a step of
+# their own after the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
@@ -23,8 +27,9 @@ run() {  # run NAME CMD...: log to OUT_DIR/gpu_NAME.log, remember failures
   shift
   echo "== $name: $*"
   local start=$SECONDS
-  "$@" >"$OUT_DIR/gpu_$name.log" 2>&1
+  timeout -k 15 "${STEP_TIMEOUT:-500}" "$@" >"$OUT_DIR/gpu_$name.log" 2>&1
   local rc=$?
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "== $name: killed after ${STEP_TIMEOUT:-500} s (STEP_TIMEOUT)"
   tail -n 15 "$OUT_DIR/gpu_$name.log"
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   [ $rc -eq 0 ] || failed+=("$name")
@@ -41,7 +46,10 @@ run install $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
   exit 1
 }
 run info $PY -m fastdit info
-[ "${TESTS:-1}" = "1" ] && run pytest $PY -m pytest -m gpu -q -rs tests
+if [ "${TESTS:-1}" = "1" ]; then
+  run pytest $PY -m pytest -m gpu -v -rs -k "not opt_in_variants" tests
+  run pytest_optin $PY -m pytest -m gpu -v -rs -k opt_in_variants tests/ops/test_attention_triton.py
+fi
 BENCH_ARGS=(--quick)
 [ "${FULL:-0}" = "1" ] && BENCH_ARGS=()
 if [ "${BENCH:-1}" = "1" ]; then
@@ -54,7 +62,9 @@ fi
 
 {
   echo "fastdit gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-  [ -f "$OUT_DIR/gpu_pytest.log" ] && grep -E "passed|failed|error" "$OUT_DIR/gpu_pytest.log" | tail -1
+  for log in "$OUT_DIR"/gpu_pytest*.log; do
+    [ -f "$log" ] && echo "$(basename "$log"): $(grep -E "passed|failed|error" "$log" | tail -1)"
+  done
   for log in "$OUT_DIR"/gpu_bench*.log; do
     [ -f "$log" ] && sed -n '/^\(memory_ops\|attention\|dit_step\|vae\|vae_ops\) on /,/^wrote /p' "$log" | grep -v '^wrote'
   done

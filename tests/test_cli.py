@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fastdit.cli import info_text, main
 from tests.conftest import TRITON_ON_CPU
@@ -19,6 +20,7 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
     args = ["bench", "--suite", "dit_step", "--device", "cpu", "--out", str(tmp_path), "--providers", "fastdit-eager"]
     assert main(args) == 0
     data = json.loads((tmp_path / "dit_step_cpu.json").read_text())
+    assert data["complete"] is True
     assert {"device", "torch", "triton", "date", "command"} <= set(data["environment"])
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
     (row,) = data["rows"]
@@ -26,6 +28,22 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
     assert "tiny 9x64x64 S=48 L=16" in row["shape"]
     out = capsys.readouterr().out
     assert "fastdit-eager" in out and "pct_of_matmul" in out
+
+
+def test_report_saves_rows_as_they_come(tmp_path):
+    """A run killed half way leaves its measured rows on disk, marked incomplete."""
+    from fastdit.benchmarks.harness import Report
+
+    ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "float32"}
+    report = Report("demo", torch.device("cpu"), ceilings, autosave_dir=str(tmp_path))
+    report.add("a", "shape 1", 2.0, flops=4e9)
+    saved = json.loads((tmp_path / "demo_cpu.json").read_text())
+    assert saved["complete"] is False and [r["provider"] for r in saved["rows"]] == ["a"]
+    report.add("b", "shape 1", 3.0)
+    assert len(json.loads((tmp_path / "demo_cpu.json").read_text())["rows"]) == 2
+    report.write(str(tmp_path))
+    assert json.loads((tmp_path / "demo_cpu.json").read_text())["complete"] is True
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_bench_packed_mixed_batch_rows(tmp_path):
