@@ -8,7 +8,8 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # TESTS=0 or BENCH=0 skips that half (to split the work over two calls if one would pass 10 min);
-# SUITES="memory_ops attention" runs only those benchmark suites (default: all of them).
+# SUITES="memory_ops attention" runs only those benchmark suites (default: all of them);
+# BENCH_EXTRA adds flags to every `fastdit bench` call.
 # Each step is killed after STEP_TIMEOUT seconds (default 500), so a hung kernel costs one step,
 # not the call: benchmarks save every row as it is measured, tests print each result (-v), and
 # the opt-in attention paths (TMA, persistent, warp specialization) are tested in a step of
@@ -52,6 +53,9 @@ if [ "${TESTS:-1}" = "1" ]; then
 fi
 BENCH_ARGS=(--quick)
 [ "${FULL:-0}" = "1" ] && BENCH_ARGS=()
+# BENCH_EXTRA: more `fastdit bench` flags, e.g. "--conv-policy-out $OUT/causal_conv3d.json"
+read -r -a EXTRA <<<"${BENCH_EXTRA:-}"
+[ ${#EXTRA[@]} -gt 0 ] && BENCH_ARGS+=("${EXTRA[@]}")
 if [ "${BENCH:-1}" = "1" ]; then
   if [ -n "${SUITES:-}" ]; then
     for suite in $SUITES; do run "bench_$suite" $PY -m fastdit bench --suite "$suite" "${BENCH_ARGS[@]}" --out "$OUT_DIR"; done
