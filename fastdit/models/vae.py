@@ -346,8 +346,9 @@ class CausalVAE(nn.Module):
     Every conv and norm runs on fastdit.ops (``backend`` forces one for all of them, else the
     dispatcher picks: on GPUs cuDNN or Triton convs and the fused Triton norm + SiLU; on CPUs the
     reference). Activations are channels-last-3d throughout, and so are the conv weights (Cin
-    innermost; ``load_state_dict`` and ``.to()`` keep that layout); bf16 / fp16 weights run in
-    bf16 / fp16 with fp32 statistics and accumulation.
+    innermost; ``load_state_dict`` and ``.to()`` keep that layout; safetensors wants contiguous
+    tensors, so save ``{k: v.contiguous() for k, v in vae.state_dict().items()}``); bf16 / fp16
+    weights run in bf16 / fp16 with fp32 statistics and accumulation.
     """
 
     def __init__(self, config: VAEConfig, backend: str | None = None):
