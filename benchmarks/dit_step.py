@@ -31,7 +31,14 @@ import time
 import torch
 
 import fastdit
-from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
+from fastdit.benchmarks.harness import (
+    Report,
+    measure_ceilings,
+    peak_memory_gib,
+    reset_peak_memory,
+    significant,
+    time_ms,
+)
 from fastdit.models import DiT, DiTConfig, PackedBatch, preset
 from fastdit.runtime import GraphedDiT
 
@@ -231,7 +238,7 @@ def cold_first_step(name: str, size: tuple[int, int, int], text_len: int, dtype:
     if done.returncode != 0:
         raise RuntimeError(f"cold-start child failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "process_s": round(process_s, 2)}
+    return {**result, "process_s": significant(process_s, 3)}
 
 
 def cold_child(spec: dict) -> None:
@@ -262,7 +269,8 @@ def cold_child(spec: dict) -> None:
         torch.cuda.synchronize(device)
     first_step_s = time.perf_counter() - start
     step_ms = time_ms(step, device, warmup=0, min_runs=2, budget_s=2.0)
-    print(json.dumps({"build_s": round(build_s, 2), "first_step_s": round(first_step_s, 2), "step_ms": step_ms}))
+    timings = {"build_s": significant(build_s, 3), "first_step_s": significant(first_step_s, 3), "step_ms": step_ms}
+    print(json.dumps(timings))
 
 
 def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int,

@@ -112,15 +112,15 @@ class Report:
     def add(
         self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
     ):
-        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": _sig(ms)}
+        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": significant(ms)}
         if flops is not None:
             tflops = flops / ms / 1e9
-            row["tflops"] = _sig(tflops)
-            row["pct_of_matmul"] = _sig(100 * tflops / self.ceilings["matmul_tflops"])
+            row["tflops"] = significant(tflops)
+            row["pct_of_matmul"] = significant(100 * tflops / self.ceilings["matmul_tflops"])
         if nbytes is not None:
             gbps = nbytes / ms / 1e6
-            row["gbps"] = _sig(gbps)
-            row["pct_of_copy"] = _sig(100 * gbps / self.ceilings["copy_gbps"])
+            row["gbps"] = significant(gbps)
+            row["pct_of_copy"] = significant(100 * gbps / self.ceilings["copy_gbps"])
         row.update({k: v for k, v in extra.items() if v is not None})
         self.rows.append(row)
         if self.autosave_dir:
@@ -222,7 +222,7 @@ def runnable_backends(op: str, inputs: dict, *, reference: bool = False) -> list
     return names
 
 
-def _sig(value: float, digits: int = 4) -> float:
+def significant(value: float, digits: int = 4) -> float:
     """Round to significant digits, so a slow run's 0.0004 GB/s does not print as 0."""
     return float(f"{value:.{digits}g}")
 
