@@ -17,14 +17,12 @@ batch (32760, 32760, 23400, 4096, 4080, 10800 tokens); CPU: small shapes.
 """
 
 import argparse
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches, time_ms
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
 # The triton forward's opt-in variants (kernels/attention.py reads these at every call).
@@ -39,21 +37,9 @@ BACKWARD_VARIANTS = {"bwd-ws"}  # the variants that change the backward: timed f
 VARIANT_KEYS = sorted({key for env in TRITON_VARIANTS.values() for key in env})
 
 
-@contextlib.contextmanager
 def variant_environment(values: dict):
     """Run with exactly ``values`` among the FASTDIT_ATTN_* variant switches; restore them after."""
-    saved = {key: os.environ.get(key) for key in VARIANT_KEYS}
-    for key in VARIANT_KEYS:
-        os.environ.pop(key, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return switches(values, VARIANT_KEYS)
 
 
 def with_variants(providers: dict) -> dict:

@@ -5,6 +5,7 @@ line, so a result file says where it came from. On CUDA, timing is ``triton.test
 (median, after warm-up); on CPU a median of ``time.perf_counter`` runs.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -13,7 +14,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,24 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
 # half way (a hung kernel, a machine's time limit) still leaves the rows it measured on disk,
 # marked "complete": false. None: only the final write.
 AUTOSAVE_DIR: str | None = None
+
+
+@contextlib.contextmanager
+def switches(values: dict, keys: Sequence[str]):
+    """Run with exactly ``values`` set among the environment switches ``keys`` (the others
+    unset, so a stray one cannot relabel a baseline); restore all of them after."""
+    saved = {key: os.environ.get(key) for key in keys}
+    for key in keys:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass

@@ -4,8 +4,10 @@ and the fused RMS norm + SiLU.
 conv3d providers: cuDNN through torch the way diffusers runs it (zero frames concatenated in
 front, ``F.conv3d`` with spatial padding) in NCDHW and in channels-last-3d, and each fastdit
 backend of ``causal_conv3d`` (``cudnn``, ``triton``; the reference is the oracle, not a
-contender). TFLOP/s counts the conv's multiply-adds (2 * B*T*H*W * Cout * Cin * 27); % is of the
-dense bf16 matmul rate measured in the same run.
+contender), plus ``fastdit-triton+wtma``: the Triton conv with its weight tiles by TMA
+(FASTDIT_CONV_TMA=1), timed in the same run and left out of the policy. TFLOP/s counts the
+conv's multiply-adds (2 * B*T*H*W * Cout * Cin * 27); % is of the dense bf16 matmul rate
+measured in the same run.
 
 norm + SiLU providers: eager (``F.silu(F.normalize(x) * sqrt(C) * gamma)``, Wan's code), the same
 under torch.compile, and fastdit's backends of ``rms_norm_silu``. GB/s counts one read and one
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, time_ms
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches, time_ms
 from fastdit.ops.causal_conv3d import policy_key
 
 # (Cin, Cout, T, H, W): anchors.md's causal conv3d table (k = 3, two zero frames in front).
@@ -106,12 +108,15 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         }
         for name in contenders:
             runs[f"fastdit-{name}"] = lambda n=name, x=x_cl, w=w_cl: ops.causal_conv3d(x, w, padding=(1, 1), backend=n)
+        if "triton" in contenders:
+            runs["fastdit-triton+wtma"] = runs["fastdit-triton"]
         with torch.inference_mode():
             for provider, fn in runs.items():
-                ms = time_ms(fn, device, budget_s=budget_s)
+                with switches({"FASTDIT_CONV_TMA": "1"} if provider.endswith("+wtma") else {}, ["FASTDIT_CONV_TMA"]):
+                    ms = time_ms(fn, device, budget_s=budget_s)
                 report.add(provider, shape, ms, flops=flops)
                 print(f"  {shape} {provider}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
-                if provider.startswith("fastdit-"):
+                if provider.startswith("fastdit-") and "+" not in provider:  # the policy picks among backends
                     key = policy_key(cin, cout, (3, 3, 3), (1, 1, 1), 1, dtype)
                     per = totals.setdefault(key, {})
                     per[provider.removeprefix("fastdit-")] = per.get(provider.removeprefix("fastdit-"), 0.0) + ms

@@ -28,3 +28,14 @@ def interpreting() -> bool:
 def triton_devices() -> tuple[str, ...]:
     """Devices Triton kernels can run on in this process: CUDA, plus CPU under the interpreter."""
     return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+
+def use_device_tma_descriptors() -> None:
+    """Give Triton an allocator for the global scratch its device-side TMA descriptors
+    (``tl.make_tensor_descriptor``) live in; a no-op under the interpreter."""
+    if interpreting():
+        return
+    import torch
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))

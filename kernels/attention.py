@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdit.kernels import interpreting
+from fastdit.kernels import interpreting, use_device_tma_descriptors
 
 LOG2E = 1.4426950408889634
 ALIGN_ROWS = 128  # sample alignment of the warp-specialized backward's lse / delta copies
@@ -549,11 +549,6 @@ def _persistent_programs(device: torch.device, warp_specialized: bool = False) -
     return (1 if warp_specialized else 2) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    """Global scratch for device-side TMA descriptors (Triton asks its allocator for it)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA can read these (tokens, heads, D) tensors as 2-D (tokens, heads * D) boxes:
     each token's heads adjacent (strides (any, D, 1): contiguous tensors and views of a fused
@@ -564,8 +559,7 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
         heads_adjacent = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
         if not heads_adjacent or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.shape[2] * size) % 16:
             return False
-    if not interpreting():
-        triton.set_allocator(_tma_allocator)
+    use_device_tma_descriptors()
     return True
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import interpreting
+from fastdit.kernels import interpreting, use_device_tma_descriptors
 
 
 @triton.jit
@@ -46,6 +46,7 @@ def conv3d_fwd_kernel(
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, UP: tl.constexpr,
     HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr = False,  # weight tiles by TMA (FASTDIT_CONV_TMA=1; see use_weight_tma)
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -63,6 +64,13 @@ def conv3d_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(cin, BLOCK_K)
+    if W_TMA:
+        # The channels-last weight as a (Cout, taps * Cin) matrix: the tile of tap t and channels
+        # c0.. is the box at column t * Cin + c0. Its columns past Cin are the next tap's weights,
+        # which meet the A tile's zeroed channels; rows past Cout and columns past the last tap
+        # are zero-filled.
+        w_desc = tl.make_tensor_descriptor(W, shape=[cout, KT * KH * KW * cin], strides=[sw_o, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])  # fmt: skip
     for step in range(0, KT * KH * KW * c_blocks):
         tap = step // c_blocks
         c0 = (step % c_blocks) * BLOCK_K
@@ -86,8 +94,11 @@ def conv3d_fwd_kernel(
             tc = tl.where(from_cache, ti + cached, 0)
             c_ptr = CACHE + (b * sc_b + tc * sc_t + hi * sc_h + wi * sc_w)[:, None] + ci[None, :] * sc_c
             a += tl.load(c_ptr, mask=from_cache[:, None] & ci_ok[None, :], other=0.0)
-        w_ptr = W + co[None, :] * sw_o + ci[:, None] * sw_i + dt * sw_t + dh * sw_h + dw * sw_w
-        wt = tl.load(w_ptr, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        if W_TMA:
+            wt = tl.trans(w_desc.load([pid_n * BLOCK_N, tap * cin + c0]))
+        else:
+            w_ptr = W + co[None, :] * sw_o + ci[:, None] * sw_i + dt * sw_t + dh * sw_h + dw * sw_w
+            wt = tl.load(w_ptr, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
@@ -129,13 +140,31 @@ FWD_CONFIGS = [
 ]
 conv3d_fwd_autotuned = triton.autotune(
     configs=FWD_CONFIGS,
-    key=["cin", "cout", "KT", "KH", "KW", "ST", "SH", "SW", "UP", "HAS_RES"],
+    key=["cin", "cout", "KT", "KH", "KW", "ST", "SH", "SW", "UP", "HAS_RES", "W_TMA"],
     prune_configs_by={"early_config_prune": _prune},
 )(conv3d_fwd_kernel)
 
 
 def _autotune() -> bool:
     return not interpreting() and os.environ.get("FASTDIT_CONV_AUTOTUNE", "1") != "0"
+
+
+def use_weight_tma(weight: torch.Tensor) -> bool:
+    """FASTDIT_CONV_TMA=1: weight tiles by TMA instead of cp.async gathers (in the sm_90 compile
+    registers drop from 240-250 to 176-200 per thread at the wide tiles). Needs the weight
+    channels-last and dense ((Cout, kt, kh, kw, Cin) in memory, as CausalVAE stores it) with a
+    16-byte aligned base, row and tap offsets (Cin * element size a multiple of 16). Off until an
+    H100 run shows it pays."""
+    if os.environ.get("FASTDIT_CONV_TMA", "0") != "1":
+        return False
+    cout, cin, kt, kh, kw = weight.shape
+    size = weight.element_size()
+    want = (kt * kh * kw * cin, 1, kh * kw * cin, kw * cin, cin)
+    dense_channels_last = all(n == 1 or got == w for n, got, w in zip(weight.shape, weight.stride(), want))
+    if not dense_channels_last or weight.data_ptr() % 16 or (cin * size) % 16:
+        return False
+    use_device_tma_descriptors()
+    return True
 
 
 def _tiles(cin: int, cout: int) -> dict:
@@ -189,7 +218,7 @@ def conv3d_forward(
     flags = dict(
         KT=kt, KH=kh, KW=kw, ST=stride[0], SH=stride[1], SW=stride[2], UP=upsample,
         HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", W_TMA=use_weight_tma(weight),
     )  # fmt: skip
     if _autotune():
         grid = lambda meta: (triton.cdiv(n_pix, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731

@@ -130,6 +130,31 @@ def test_triton_conv_always_reads_cin_innermost_weights(backend, monkeypatch):
     assert torch.equal(y_default, y_last)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cin", [24, 40])
+@pytest.mark.parametrize("case", CASES[:8], ids=lambda c: f"k{c[0]}s{c[1]}p{c[2]}tp{c[3]}u{c[4]}c{c[5]}")
+def test_weight_tma_path_matches_oracle(monkeypatch, backend, dtype, cin, case, poison_outputs):
+    """FASTDIT_CONV_TMA=1: weight tiles as boxes of the (Cout, taps * Cin) matrix (interpreted
+    here). Cin = 24 leaves 8 columns of each 32-wide box in the next tap, which must meet zeros;
+    Cin = 40 takes two channel blocks per tap; Cout = 11 leaves rows past the tensor."""
+    from fastdit.kernels.conv3d import use_weight_tma
+
+    monkeypatch.setenv("FASTDIT_CONV_TMA", "1")
+    kernel, stride, padding, time_padding, up, cached = case
+    x = torch.randn(1, cin, 3, 5, 6).to(dtype).to(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(11, cin, *kernel) / cin).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    bias = torch.randn(11).to(dtype)
+    cache = torch.randn(1, cin, cached, 5, 6).to(dtype) if cached else None
+    assert use_weight_tma(weight)
+    if kernel != (1, 1, 1):  # (Cout, Cin, 1, 1, 1) is channels-last either way
+        assert not use_weight_tma(weight.contiguous())
+    kw = dict(stride=stride, padding=padding, time_padding=time_padding, upsample=up, cache=cache)
+    y, _ = ops.causal_conv3d(x, weight, bias, backend=backend, **kw)
+    expect = conv_oracle(x, weight, bias, stride, padding, front=cache, time_padding=time_padding, upsample=up)
+    torch.testing.assert_close(y.double(), expect, atol=TOL[dtype] * 20, rtol=TOL[dtype])
+
+
 def test_vae_conv_weights_are_stored_cin_innermost():
     from fastdit.models.vae import CausalConv3d, CausalVAE
 
