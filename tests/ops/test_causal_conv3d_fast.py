@@ -261,15 +261,18 @@ def test_rms_norm_silu_bad_input(kwargs, error, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cudnn"])
+@pytest.mark.parametrize("backend", ["triton", "triton+wtma", "cudnn"])
 @pytest.mark.parametrize(
     "cin, cout, frames, hw, kernel, up",
     [(384, 384, 2, (30, 52), (3, 3, 3), 1), (16, 384, 2, (30, 52), (3, 3, 3), 1), (96, 96, 2, (120, 208), (3, 3, 3), 1),
      (192, 96, 2, (60, 104), (1, 3, 3), 2), (3, 96, 1, (60, 104), (3, 3, 3), 1)],
 )  # fmt: skip
-def test_fast_conv_cuda_bf16(backend, cin, cout, frames, hw, kernel, up):
+def test_fast_conv_cuda_bf16(monkeypatch, backend, cin, cout, frames, hw, kernel, up):
+    backend, _, variant = backend.partition("+")
+    monkeypatch.setenv("FASTDIT_CONV_TMA", "1" if variant == "wtma" else "0")
     x = torch.randn(1, cin, frames, *hw, device="cuda").bfloat16().to(memory_format=torch.channels_last_3d)
     weight = (torch.randn(cout, cin, *kernel, device="cuda") / (cin * 3) ** 0.5).bfloat16()
+    weight = weight.contiguous(memory_format=torch.channels_last_3d)  # as CausalVAE stores it
     cache = torch.randn(1, cin, 2, *hw, device="cuda").bfloat16()
     kw = dict(padding=(1, 1), upsample=up, cache=cache if kernel[0] == 3 else None)
     y, _ = ops.causal_conv3d(x, weight, backend=backend, **kw)
