@@ -40,6 +40,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTDIT_")},
     }
 
 

@@ -1,6 +1,7 @@
 """``fastdit`` command line: ``info``, ``generate``, ``bench`` and ``export``."""
 
 import argparse
+import os
 import platform
 import sys
 
@@ -36,6 +37,8 @@ def info_text() -> str:
         lines.append("device: cpu (no CUDA device)")
     cuda_reason = cuda_extension_missing()
     lines.append("fastdit._C: loaded" if cuda_reason is None else f"fastdit._C: unavailable ({cuda_reason})")
+    switches = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("FASTDIT_"))
+    lines.append(f"switches: {' '.join(switches)}" if switches else "switches: none set (defaults)")
     lines.append("")
     lines.append("op                       backend    status")
     for op in dispatch.ops():

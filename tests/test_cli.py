@@ -8,6 +8,14 @@ from fastdit.cli import info_text, main
 from tests.conftest import TRITON_ON_CPU
 
 
+def test_info_lists_the_fastdit_switches_in_effect(monkeypatch):
+    monkeypatch.setenv("FASTDIT_ATTN_WS", "1")
+    assert "switches: " in info_text() and "FASTDIT_ATTN_WS=1" in info_text()
+    for key in [k for k in os.environ if k.startswith("FASTDIT_")]:
+        monkeypatch.delenv(key)
+    assert "switches: none set (defaults)" in info_text()
+
+
 def test_info_lists_every_op_and_why_cuda_is_unavailable():
     text = info_text()
     for op in ("rope3d", "adaln_modulate", "gated_residual", "varlen_attention", "causal_conv3d"):
@@ -21,7 +29,7 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
     assert main(args) == 0
     data = json.loads((tmp_path / "dit_step_cpu.json").read_text())
     assert data["complete"] is True
-    assert {"device", "torch", "triton", "date", "command"} <= set(data["environment"])
+    assert {"device", "torch", "triton", "date", "command", "switches"} <= set(data["environment"])
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
     (row,) = data["rows"]
     assert row["provider"] == "fastdit-eager" and row["ms"] > 0 and row["tflops"] > 0
