@@ -38,6 +38,50 @@ def _sample_bounds(CU, b):
 
 
 @triton.jit
+def _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+              stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """The (BLOCK_N, BLOCK_D) k and v tiles of key block n0: by TMA, or masked loads (rows past the
+    sample only when MASKED; columns past D always)."""
+    if USE_TMA:
+        row0 = (k_start + n0).to(tl.int32)
+        k = k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)])
+        v = v_desc.load([row0, (kv_h * stride_vh).to(tl.int32)])
+    else:
+        kv_mask = d_mask[None, :]
+        if MASKED:
+            kv_mask = (cols < len_k)[:, None] & kv_mask
+        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
+                    other=0.0)  # fmt: skip
+        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
+                    other=0.0)  # fmt: skip
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, m_i, l_i, acc, cols, rows, len_k, offset, scale_log2,
+                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One key block of the exp2-domain online softmax. MASKED: keys past the sample (and past the
+    diagonal when causal) score -inf, and rows with no visible key yet keep m = -inf; unmasked
+    blocks are seen whole by every row, so neither the masks nor the -inf guard are needed."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        visible = (cols < len_k)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_tile(
     Q, K, V, OUT, LSE, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -46,6 +90,7 @@ def _attn_fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
     total_q=0, q_width=0,
+    SPLIT: tl.constexpr = True,  # whole key blocks in an unmasked loop first (see n_full below)
 ):  # fmt: skip
     """One (query block, head, sample) tile: online softmax over the sample's key blocks."""
     k_start, len_k = _sample_bounds(CU_K, b)
@@ -86,31 +131,27 @@ def _attn_fwd_tile(
                                            block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
         v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-    for n0 in tl.range(0, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    if not USE_TMA:  # placeholders: _kv_tiles reads them only when USE_TMA
+        k_desc, v_desc = K, V
+    n_full = 0  # key blocks every row of this tile sees whole: no masks, no -inf
+    # The specialized kernel keeps one loop, masked throughout; so does the persistent one, whose
+    # outer tile loop leaves no registers for a second copy of the body (40 B spilled at D = 64).
+    if SPLIT and not WARP_SPECIALIZE:
+        n_full = len_k // BLOCK_N * BLOCK_N
+        if CAUSAL:  # ... and below the diagonal for the tile's first row
+            n_full = tl.minimum(n_full, tl.maximum(m_block * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
+        for n0 in range(0, n_full, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+                             stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA, False)  # fmt: skip
+            m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, cols, rows, len_k, offset, scale_log2,
+                                                 False, CAUSAL, PRECISION)  # fmt: skip
+    for n0 in tl.range(n_full, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < len_k
-        if USE_TMA:
-            row0 = (k_start + n0).to(tl.int32)
-            k = k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)])
-            v = v_desc.load([row0, (kv_h * stride_vh).to(tl.int32)])
-        else:
-            kv_mask = col_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0)  # fmt: skip
-            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
-                        other=0.0)  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        visible = col_mask[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + offset)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+                         stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA, True)  # fmt: skip
+        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, cols, rows, len_k, offset, scale_log2,
+                                             True, CAUSAL, PRECISION)  # fmt: skip
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
@@ -192,7 +233,7 @@ def attn_fwd_persistent_kernel(
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
             group, head_dim, scale_log2, total_k, kv_width, local // heads, (local % heads).to(tl.int64), b,
             q_start, len_q, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION, USE_TMA, WARP_SPECIALIZE,
-            total_q, kv_width * group,
+            total_q, kv_width * group, SPLIT=False,
         )  # fmt: skip
 
 
@@ -447,7 +488,18 @@ FWD_CONFIGS = [
     for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))
 ]
 _FWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "USE_TMA", "WARP_SPECIALIZE"]
-attn_fwd_autotuned = triton.autotune(configs=FWD_CONFIGS, key=_FWD_KEY)(attn_fwd_kernel)
+FWD_WIDE_HEAD_SPILLS = {(64, 128, 4, 3)}  # 40 B of stack at D = 128 since the unmasked loop was split off
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    if named_args["BLOCK_D"] <= 64:
+        return configs
+    return [c for c in configs if _key(c) not in FWD_WIDE_HEAD_SPILLS]
+
+
+attn_fwd_autotuned = triton.autotune(
+    configs=FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
+)(attn_fwd_kernel)
 # Warp-specialized forward (FASTDIT_ATTN_WS=1): Triton specializes only at num_warps = 4 (at 8 the
 # loop compiles unspecialized). These spill nothing at D = 64 and 128 and fit shared memory;
 # 256-row tiles spill (40-1008 B) and 128 x 128 x 3 stages needs 262 KB at D = 128.

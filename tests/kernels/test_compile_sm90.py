@@ -162,6 +162,8 @@ def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, caus
 @pytest.mark.parametrize("config", range(len(attention.FWD_CONFIGS)))
 def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, config):
     tune = attention.FWD_CONFIGS[config]
+    if tune not in attention._prune_fwd(attention.FWD_CONFIGS, {"BLOCK_D": head_dim}):
+        pytest.skip("pruned at this head dim (it spills)")
     pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
                 "ORDER": "i32"}  # fmt: skip
     constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=True, PRECISION="tf32", SEQLEN_BUCKET=15)
