@@ -281,6 +281,22 @@ def _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2
 
 
 @triton.jit
+def _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """dQ plus one key block's share. Unmasked blocks are seen whole by every row of the tile, so
+    P needs no masks: rows past the sample have zero q and dO (P = 1 but dS = 0) and every real
+    row has a finite lse."""
+    if MASKED:
+        p = _probabilities(q, k, lse, rows, cols, row_mask, cols < len_k, offset, scale_log2, CAUSAL, PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        p = tl.exp2(s - (lse * 1.4426950408889634)[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
 def _dkdv_step(k, v, q, do, lse, delta, dk, dv, cols, rows, col_mask, row_mask, offset, scale_log2,
                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dK, dV plus one query block's share, in the transposed (keys x queries) orientation: no
@@ -457,23 +473,25 @@ def attn_bwd_dq_kernel(
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
     if WARP_SPECIALIZE:  # empty query blocks run no key block
         n_end = tl.where(m_block * BLOCK_M >= len_q, 0, n_end)
-    for n0 in tl.range(0, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    if not WARP_SPECIALIZE:  # placeholders: _kv_tiles reads them only by TMA
+        k_desc, v_desc = K, V
+    n_full = 0  # whole key blocks every row of the tile sees: no masks (as in the forward)
+    if not WARP_SPECIALIZE:
+        n_full = len_k // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            n_full = tl.minimum(n_full, tl.maximum(m_block * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
+        for n0 in range(0, n_full, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+                             stride_kt, stride_kh, stride_vt, stride_vh, False, False)  # fmt: skip
+            dq = _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+                          False, CAUSAL, PRECISION)  # fmt: skip
+    for n0 in tl.range(n_full, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < len_k
-        if WARP_SPECIALIZE:
-            k0 = (k_start + n0).to(tl.int32)
-            k = k_desc.load([k0, (kv_h * stride_kh).to(tl.int32)])
-            v = v_desc.load([k0, (kv_h * stride_vh).to(tl.int32)])
-        else:
-            kv_mask = col_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0)  # fmt: skip
-            v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
-                        other=0.0)  # fmt: skip
-        p = _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2, CAUSAL, PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+                         stride_kt, stride_kh, stride_vt, stride_vh, WARP_SPECIALIZE, True)  # fmt: skip
+        dq = _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+                      True, CAUSAL, PRECISION)  # fmt: skip
     tl.store(
         DQ + (q_start + rows)[:, None] * stride_dqt + h * stride_dqh + d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
