@@ -269,28 +269,19 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse, rows, cols, row_mask, col_mask, offset, scale_log2,
-                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """P = exp(S - lse) of a (BLOCK_M, BLOCK_N) tile, 0 where masked or where a row saw no key."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    visible = row_mask[:, None] & col_mask[None, :]
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + offset)
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    return tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
-
-
-@triton.jit
-def _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+def _dq_step(q, do, k, v, lse_log2, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """dQ plus one key block's share. Unmasked blocks are seen whole by every row of the tile, so
-    P needs no masks: rows past the sample have zero q and dO (P = 1 but dS = 0) and every real
-    row has a finite lse."""
+    """dQ plus one key block's share; ``lse_log2`` is the rows' lse in log2 units, +inf for a row
+    that saw no key (its P is 0). MASKED zeroes P outside the sample (and above the diagonal).
+    Unmasked blocks are seen whole by every row of the tile: rows past the sample have zero q and
+    dO (P = 1 but dS = 0) and every real row has a finite lse."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    p = tl.exp2(s - lse_log2[:, None])
     if MASKED:
-        p = _probabilities(q, k, lse, rows, cols, row_mask, cols < len_k, offset, scale_log2, CAUSAL, PRECISION)
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        p = tl.exp2(s - (lse * 1.4426950408889634)[:, None])
+        visible = row_mask[:, None] & (cols < len_k)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -467,6 +458,7 @@ def attn_bwd_dq_kernel(
                      other=0.0)  # fmt: skip
         lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
         delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_mask, other=0.0)
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # once, not per key block
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_end = len_k
     if CAUSAL:
@@ -484,13 +476,13 @@ def attn_bwd_dq_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
                              stride_kt, stride_kh, stride_vt, stride_vh, False, False)  # fmt: skip
-            dq = _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+            dq = _dq_step(q, do, k, v, lse_log2, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
                           False, CAUSAL, PRECISION)  # fmt: skip
     for n0 in tl.range(n_full, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
         k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
                          stride_kt, stride_kh, stride_vt, stride_vh, WARP_SPECIALIZE, True)  # fmt: skip
-        dq = _dq_step(q, do, k, v, lse, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
+        dq = _dq_step(q, do, k, v, lse_log2, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
                       True, CAUSAL, PRECISION)  # fmt: skip
     tl.store(
         DQ + (q_start + rows)[:, None] * stride_dqt + h * stride_dqh + d[None, :],
