@@ -498,15 +498,27 @@ FWD_CONFIGS = [
     for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3))
 ]
 _FWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "USE_TMA", "WARP_SPECIALIZE"]
-FWD_WIDE_HEAD_SPILLS = {(64, 128, 4, 3)}  # 40 B of stack at D = 128 since the unmasked loop was split off
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    if named_args["BLOCK_D"] <= 64:
-        return configs
-    return [c for c in configs if _key(c) not in FWD_WIDE_HEAD_SPILLS]
+def _key(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
+def _prune_wide_heads(allowed: set[tuple]):
+    """An autotune pruner: at D <= 64 every config, above it only the ``allowed`` tiles (the
+    others spill there in the sm_90 compile)."""
+
+    def prune(configs, named_args, **kwargs):
+        if named_args["BLOCK_D"] <= 64:
+            return configs
+        return [c for c in configs if _key(c) in allowed]
+
+    return prune
+
+
+# (64, 128, 4, 3) spills 40 B at D = 128 since the unmasked loop was split off
+FWD_WIDE_HEAD_OK = {_key(c) for c in FWD_CONFIGS} - {(64, 128, 4, 3)}
+_prune_fwd = _prune_wide_heads(FWD_WIDE_HEAD_OK)
 attn_fwd_autotuned = triton.autotune(
     configs=FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(attn_fwd_kernel)
@@ -564,20 +576,8 @@ DQ_WS_CONFIGS = [
 ]
 
 
-def _key(config) -> tuple:
-    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-
-
-def _prune_dkdv(configs, named_args, **kwargs):
-    if named_args["BLOCK_D"] <= 64:
-        return configs
-    return [c for c in configs if _key(c) in DKDV_WIDE_HEAD_OK]
-
-
-def _prune_dkdv_ws(configs, named_args, **kwargs):
-    if named_args["BLOCK_D"] <= 64:
-        return configs
-    return [c for c in configs if _key(c) in DKDV_WS_WIDE_HEAD_OK]
+_prune_dkdv = _prune_wide_heads(DKDV_WIDE_HEAD_OK)
+_prune_dkdv_ws = _prune_wide_heads(DKDV_WS_WIDE_HEAD_OK)
 
 
 _BWD_KEY = ["BLOCK_D", "CAUSAL", "PRECISION", "SEQLEN_BUCKET", "WARP_SPECIALIZE"]

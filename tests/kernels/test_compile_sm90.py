@@ -162,8 +162,7 @@ def test_attention_kernels_compile_to_wgmma_without_spills(head_dim, dtype, caus
 @pytest.mark.parametrize("config", range(len(attention.FWD_CONFIGS)))
 def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, config):
     tune = attention.FWD_CONFIGS[config]
-    if tune not in attention._prune_fwd(attention.FWD_CONFIGS, {"BLOCK_D": head_dim}):
-        pytest.skip("pruned at this head dim (it spills)")
+    kept = tune in attention._prune_fwd(attention.FWD_CONFIGS, {"BLOCK_D": head_dim})
     pointers = {**dict.fromkeys(["Q", "K", "V", "OUT"], "bf16"), "LSE": "fp32", "CU_Q": "i32", "CU_K": "i32",
                 "ORDER": "i32"}  # fmt: skip
     constexprs = dict(**tune.kwargs, BLOCK_D=head_dim, CAUSAL=True, PRECISION="tf32", SEQLEN_BUCKET=15)
@@ -173,7 +172,8 @@ def test_every_autotuned_forward_config_keeps_wgmma_without_spills(head_dim, con
         divisible=strides_and_sizes(kernel, ("head_dim",)),
     )  # fmt: skip
     assert "wgmma" in compiled.asm["ptx"]
-    assert resources(compiled)["stack"] == 0
+    # the tiles the autotuner keeps spill nothing; the one it prunes at this head dim does spill
+    assert (resources(compiled)["stack"] == 0) == kept, (_tune_key(tune), resources(compiled))
     assert compiled.metadata.shared <= 232448  # the H100's shared memory per block
 
 
