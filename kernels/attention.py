@@ -38,21 +38,22 @@ def _sample_bounds(CU, b):
 
 
 @triton.jit
-def _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+def _kv_tiles(k_src, v_src, k_start, n0, kv_h, cols, len_k, d, d_mask,
               stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """The (BLOCK_N, BLOCK_D) k and v tiles of key block n0: by TMA, or masked loads (rows past the
-    sample only when MASKED; columns past D always)."""
+    """The (BLOCK_N, BLOCK_D) k and v tiles of key block n0. ``k_src`` / ``v_src`` are k and v's
+    tensor descriptors when USE_TMA, else their base pointers, read by masked loads (rows past
+    the sample only when MASKED; columns past D always)."""
     if USE_TMA:
         row0 = (k_start + n0).to(tl.int32)
-        k = k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)])
-        v = v_desc.load([row0, (kv_h * stride_vh).to(tl.int32)])
+        k = k_src.load([row0, (kv_h * stride_kh).to(tl.int32)])
+        v = v_src.load([row0, (kv_h * stride_vh).to(tl.int32)])
     else:
         kv_mask = d_mask[None, :]
         if MASKED:
             kv_mask = (cols < len_k)[:, None] & kv_mask
-        k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
+        k = tl.load(k_src + (k_start + cols)[:, None] * stride_kt + kv_h * stride_kh + d[None, :], mask=kv_mask,
                     other=0.0)  # fmt: skip
-        v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
+        v = tl.load(v_src + (k_start + cols)[:, None] * stride_vt + kv_h * stride_vh + d[None, :], mask=kv_mask,
                     other=0.0)  # fmt: skip
     return k, v
 
@@ -122,17 +123,16 @@ def _attn_fwd_tile(
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
     if WARP_SPECIALIZE:  # empty query blocks run no key block (the caller cannot return early)
         n_end = tl.where(m_block * BLOCK_M >= len_q, 0, n_end)
+    k_src, v_src = K, V
     if USE_TMA:
         # Boxes of [BLOCK_N, BLOCK_D] from k / v seen as (total_k, Hk * D). Rows past this sample
         # are the next sample's (finite; their scores are masked to -inf below), rows past the
         # tensor and columns past the row are zero-filled; columns past D (padded head dims) are
         # the next head's, which meet zero-padded q columns and land in unstored output columns.
-        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-    if not USE_TMA:  # placeholders: _kv_tiles reads them only when USE_TMA
-        k_desc, v_desc = K, V
+        k_src = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        v_src = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
     n_full = 0  # key blocks every row of this tile sees whole: no masks, no -inf
     # The specialized kernel keeps one loop, masked throughout; so does the persistent one, whose
     # outer tile loop leaves no registers for a second copy of the body (40 B spilled at D = 64).
@@ -142,13 +142,13 @@ def _attn_fwd_tile(
             n_full = tl.minimum(n_full, tl.maximum(m_block * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
         for n0 in range(0, n_full, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+            k, v = _kv_tiles(k_src, v_src, k_start, n0, kv_h, cols, len_k, d, d_mask,
                              stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA, False)  # fmt: skip
             m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, cols, rows, len_k, offset, scale_log2,
                                                  False, CAUSAL, PRECISION)  # fmt: skip
     for n0 in tl.range(n_full, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+        k, v = _kv_tiles(k_src, v_src, k_start, n0, kv_h, cols, len_k, d, d_mask,
                          stride_kt, stride_kh, stride_vt, stride_vh, USE_TMA, True)  # fmt: skip
         m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, cols, rows, len_k, offset, scale_log2,
                                              True, CAUSAL, PRECISION)  # fmt: skip
@@ -433,6 +433,7 @@ def attn_bwd_dq_kernel(
     row_mask = rows < len_q
     d_mask = d < head_dim
     q_mask = row_mask[:, None] & d_mask[None, :]
+    k_src, v_src = K, V
     if WARP_SPECIALIZE:
         # Every tile by TMA (see the dK/dV kernel): q / dO zeroed past D (the next head's columns
         # would meet k's and v's in S and dP); k / v rows past the sample are masked probabilities.
@@ -442,10 +443,10 @@ def attn_bwd_dq_kernel(
                                             block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
         lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
         delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
-        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        k_src = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        v_src = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
         q0 = (q_start + m_block * BLOCK_M).to(tl.int32)
         q = tl.where(d_mask[None, :], q_desc.load([q0, (h * stride_qh).to(tl.int32)]), 0.0)
         do = tl.where(d_mask[None, :], do_desc.load([q0, (h * stride_doh).to(tl.int32)]), 0.0)
@@ -465,8 +466,6 @@ def attn_bwd_dq_kernel(
         n_end = tl.maximum(tl.minimum(len_k, (m_block + 1) * BLOCK_M + offset), 0)
     if WARP_SPECIALIZE:  # empty query blocks run no key block
         n_end = tl.where(m_block * BLOCK_M >= len_q, 0, n_end)
-    if not WARP_SPECIALIZE:  # placeholders: _kv_tiles reads them only by TMA
-        k_desc, v_desc = K, V
     n_full = 0  # whole key blocks every row of the tile sees: no masks (as in the forward)
     if not WARP_SPECIALIZE:
         n_full = len_k // BLOCK_N * BLOCK_N
@@ -474,13 +473,13 @@ def attn_bwd_dq_kernel(
             n_full = tl.minimum(n_full, tl.maximum(m_block * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
         for n0 in range(0, n_full, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+            k, v = _kv_tiles(k_src, v_src, k_start, n0, kv_h, cols, len_k, d, d_mask,
                              stride_kt, stride_kh, stride_vt, stride_vh, False, False)  # fmt: skip
             dq = _dq_step(q, do, k, v, lse_log2, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
                           False, CAUSAL, PRECISION)  # fmt: skip
     for n0 in tl.range(n_full, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv_tiles(K, V, k_desc, v_desc, k_start, n0, kv_h, cols, len_k, d, d_mask,
+        k, v = _kv_tiles(k_src, v_src, k_start, n0, kv_h, cols, len_k, d, d_mask,
                          stride_kt, stride_kh, stride_vt, stride_vh, WARP_SPECIALIZE, True)  # fmt: skip
         dq = _dq_step(q, do, k, v, lse_log2, delta, dq, rows, cols, row_mask, len_k, offset, scale_log2,
                       True, CAUSAL, PRECISION)  # fmt: skip
