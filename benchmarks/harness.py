@@ -128,6 +128,14 @@ class Report:
     ceilings: dict
     rows: list[dict] = field(default_factory=list)
     autosave_dir: str | None = field(default_factory=lambda: AUTOSAVE_DIR)
+    _environment: dict | None = field(default=None, init=False, repr=False)
+
+    @property
+    def env(self) -> dict:
+        """This run's :func:`environment`, queried once (it asks the device and the clock)."""
+        if self._environment is None:
+            self._environment = environment(self.device)
+        return self._environment
 
     def add(
         self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
@@ -148,9 +156,7 @@ class Report:
         return row
 
     def to_json(self, complete: bool = True) -> dict:
-        if not hasattr(self, "_environment"):  # once per report: it runs a device query
-            self._environment = environment(self.device)
-        return {"environment": self._environment, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
+        return {"environment": self.env, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
 
     def _write_json(self, out_dir: str, complete: bool) -> str:
         os.makedirs(out_dir, exist_ok=True)
@@ -193,7 +199,7 @@ class Report:
             )
         ax.set_xticks(range(len(values)), labels, fontsize=7)
         ax.set_ylabel("ms (median, lower is better)")
-        env = environment(self.device)
+        env = self.env
         ax.set_title(f"{self.name} on {env['device']} (torch {env['torch']})", fontsize=9)
         ax.margins(y=0.25)
         fig.tight_layout()
@@ -217,7 +223,7 @@ class Report:
         cells = [[str(r.get(c, "")) for c in present] for r in self.rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(present)]
         lines = [
-            f"{self.name} on {environment(self.device)['device']}: copy {self.ceilings['copy_gbps']:.0f} GB/s, "
+            f"{self.name} on {self.env['device']}: copy {self.ceilings['copy_gbps']:.0f} GB/s, "
             f"{self.ceilings['matmul_dtype']} matmul {self.ceilings['matmul_tflops']:.1f} TFLOP/s (measured now)",
             "  ".join(c.ljust(w) for c, w in zip(present, widths)),
         ]
