@@ -5,7 +5,6 @@
 // (centred) variance over the registers, block reductions through warp shuffles. shift / scale
 // (fp32) are per sample, found by binary search in cu_seqlens, or per token.
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -100,7 +99,7 @@ void launch_items(int items, const at::Tensor& x, const float* shift, const floa
   T* op = reinterpret_cast<T*>(out.data_ptr());
 #define FASTDIT_ADALN_CASE(N)                                                                                  \
   case N:                                                                                                      \
-    adaln_modulate_kernel<T, VEC, N, RMS><<<blocks, kThreads, 0, stream>>>(                                    \
+    FASTDIT_LAUNCH(blocks, kThreads, 0, stream, adaln_modulate_kernel<T, VEC, N, RMS>)(                         \
         xp, shift, scale, weight, bias, cu, op, rows, cols, num_samples, eps, x.stride(0), out.stride(0)); \
     break;
   switch (items) {
@@ -138,7 +137,7 @@ void launch_typed(const at::Tensor& x, const float* shift, const float* scale, c
 
 const float* optional_fp32(const std::optional<at::Tensor>& t, int64_t cols, const char* name) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == cols,
+  TORCH_CHECK(on_kernel_device(*t) && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == cols,
               "adaln_modulate_cuda: ", name, " must be a contiguous float32 (C,) CUDA tensor");
   return t->data_ptr<float>();
 }
@@ -146,25 +145,26 @@ const float* optional_fp32(const std::optional<at::Tensor>& t, int64_t cols, con
 at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                                const std::optional<at::Tensor>& cu_seqlens, c10::string_view norm, double eps,
                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "adaln_modulate_cuda: x must be (N, C) CUDA rows");
+  TORCH_CHECK(on_kernel_device(x) && x.dim() == 2 && x.stride(1) == 1,
+              "adaln_modulate_cuda: x must be (N, C) CUDA rows");
   TORCH_CHECK(norm == "layer" || norm == "rms", "adaln_modulate_cuda: norm must be 'layer' or 'rms'");
   const int64_t cols = x.size(1);
   for (const at::Tensor* t : {&shift, &scale}) {
-    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+    TORCH_CHECK(on_kernel_device(*t) && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
                     t->size(1) == cols,
                 "adaln_modulate_cuda: shift and scale must be contiguous float32 (B or N, C) CUDA tensors");
   }
   const int32_t* cu = nullptr;
   int64_t num_samples = shift.size(0);
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK(cu_seqlens->is_cuda() && cu_seqlens->scalar_type() == at::kInt && cu_seqlens->is_contiguous() &&
-                    cu_seqlens->numel() == shift.size(0) + 1,
+    TORCH_CHECK(on_kernel_device(*cu_seqlens) && cu_seqlens->scalar_type() == at::kInt &&
+                    cu_seqlens->is_contiguous() && cu_seqlens->numel() == shift.size(0) + 1,
                 "adaln_modulate_cuda: cu_seqlens must be a contiguous int32 (B+1,) CUDA vector");
     cu = cu_seqlens->data_ptr<int32_t>();
   } else {
     TORCH_CHECK(shift.size(0) == x.size(0), "adaln_modulate_cuda: per-token shift needs N rows");
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
   const float* w = optional_fp32(weight, cols, "weight");
@@ -191,6 +191,6 @@ at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdit, CUDA, m) { m.impl("adaln_modulate_cuda", &adaln_modulate_cuda); }
+TORCH_LIBRARY_IMPL(fastdit, FASTDIT_DISPATCH_KEY, m) { m.impl("adaln_modulate_cuda", &adaln_modulate_cuda); }
 
 }  // namespace fastdit

@@ -1,13 +1,32 @@
-// Helpers shared by fastdit's CUDA kernels: dtype conversion, 16-byte vectors, packed-batch lookup.
+// Helpers shared by fastdit's CUDA kernels: dtype conversion, 16-byte vectors, packed-batch lookup,
+// and the few runtime calls that differ in the CPU emulation build (-DFASTDIT_CUDA_EMULATION, see
+// cuda_emulation.h), where the same kernels run on CPU tensors for the tests.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#ifdef FASTDIT_CUDA_EMULATION
+#include "cuda_emulation.h"
+// The op implementations register for this dispatch key and take tensors of this device.
+#define FASTDIT_DISPATCH_KEY CPU
+// kernel<<<grid, threads, shared, stream>>>: the kernel (templated names keep their commas) comes last.
+#define FASTDIT_LAUNCH(grid, threads, shared, stream, ...) \
+  (static_cast<void>(stream), ::fastdit::emulation::launch(grid, threads, shared, __VA_ARGS__))
+#define FASTDIT_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::fastdit::emulation::dynamic_shared())
+#define FASTDIT_CHECK_ALIGNED16(p) ::fastdit::emulation::check_aligned16(p, __FILE__, __LINE__)
+#else
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <cstdint>
+#define FASTDIT_DISPATCH_KEY CUDA
+#define FASTDIT_LAUNCH(grid, threads, shared, stream, ...) __VA_ARGS__<<<grid, threads, shared, stream>>>
+#define FASTDIT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define FASTDIT_CHECK_ALIGNED16(p)
+#endif
 
 namespace fastdit {
 
@@ -44,6 +63,7 @@ struct Vec {
   T v[N];
   __device__ __forceinline__ void load(const T* __restrict__ p) {
     if constexpr (N * sizeof(T) == 16) {
+      FASTDIT_CHECK_ALIGNED16(p);
       *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
     } else {
 #pragma unroll
@@ -52,6 +72,7 @@ struct Vec {
   }
   __device__ __forceinline__ void store(T* __restrict__ p) const {
     if constexpr (N * sizeof(T) == 16) {
+      FASTDIT_CHECK_ALIGNED16(p);
       *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
     } else {
 #pragma unroll
@@ -78,7 +99,13 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // PTX because NVVM split the equivalent uint4 store of rope3d into four 4-byte stores in the
 // sm_90a build (st.global.u32 x 4 in the PTX), whatever the C++ spelling.
 __device__ __forceinline__ void store_global_v4(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#ifdef FASTDIT_CUDA_EMULATION
+  FASTDIT_CHECK_ALIGNED16(p);
+  const uint32_t words[4] = {a, b, c, d};
+  std::memcpy(p, words, sizeof(words));
+#else
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+#endif
 }
 
 // Round N floats to T and store them with one 16-byte access when N * sizeof(T) == 16.
@@ -112,6 +139,15 @@ __device__ __forceinline__ int64_t sample_of_row(const int32_t* __restrict__ cu_
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+#ifdef FASTDIT_CUDA_EMULATION
+// Two "SMs": grids stay small, so every grid-stride loop runs several rounds in the tests.
+inline int sm_count(int) { return 2; }
+inline cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
 inline int sm_count(int device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
@@ -121,5 +157,10 @@ inline int sm_count(int device) {
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }
+
+// The device the kernels run on: CUDA (CPU in the emulation build).
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 }  // namespace fastdit

@@ -4,7 +4,6 @@
 // B x C floats, negligible and L2 resident). One CTA walks rows; each thread moves 16 bytes per
 // load when C and the pointers allow it, otherwise one element at a time.
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -26,23 +25,14 @@ __global__ void gated_residual_kernel(
     const int64_t base = row * num_cols;
     const float* g = gate + gate_row * num_cols;
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < num_cols; col += blockDim.x * VEC) {
-      if constexpr (VEC == 1) {
-        out[base + col] = from_float<T>(to_float(res[base + col]) + to_float(y[base + col]) * g[col]);
-      } else {
-        // 16-byte vector loads and stores; the caller checked alignment and num_cols % VEC == 0.
-        using Vec = uint4;
-        Vec rv = *reinterpret_cast<const Vec*>(res + base + col);
-        Vec yv = *reinterpret_cast<const Vec*>(y + base + col);
-        const T* r_elems = reinterpret_cast<const T*>(&rv);
-        const T* y_elems = reinterpret_cast<const T*>(&yv);
-        Vec ov;
-        T* o_elems = reinterpret_cast<T*>(&ov);
+      // VEC > 1: 16-byte loads and stores; the caller checked alignment and num_cols % VEC == 0.
+      Vec<T, VEC> r, yv;
+      r.load(res + base + col);
+      yv.load(y + base + col);
+      float o[VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          o_elems[i] = from_float<T>(to_float(r_elems[i]) + to_float(y_elems[i]) * g[col + i]);
-        }
-        *reinterpret_cast<Vec*>(out + base + col) = ov;
-      }
+      for (int i = 0; i < VEC; ++i) o[i] = to_float(r.v[i]) + to_float(yv.v[i]) * g[col + i];
+      store_rounded<T, VEC>(out + base + col, o);
     }
   }
 }
@@ -67,18 +57,21 @@ void launch(const at::Tensor& res, const at::Tensor& y, const at::Tensor& gate, 
   T* o = reinterpret_cast<T*>(out.data_ptr());
   const float* g = gate.data_ptr<float>();
   if (aligned) {
-    gated_residual_kernel<T, kVec><<<blocks, threads, 0, stream>>>(r, yy, g, cu_seqlens, o, rows, cols, num_samples);
+    FASTDIT_LAUNCH(blocks, threads, 0, stream, gated_residual_kernel<T, kVec>)(
+        r, yy, g, cu_seqlens, o, rows, cols, num_samples);
   } else {
-    gated_residual_kernel<T, 1><<<blocks, threads, 0, stream>>>(r, yy, g, cu_seqlens, o, rows, cols, num_samples);
+    FASTDIT_LAUNCH(blocks, threads, 0, stream, gated_residual_kernel<T, 1>)(
+        r, yy, g, cu_seqlens, o, rows, cols, num_samples);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const at::Tensor& gate,
                                const std::optional<at::Tensor>& cu_seqlens) {
-  TORCH_CHECK(res.is_cuda() && y.is_cuda() && gate.is_cuda(), "gated_residual_cuda: res, y, gate must be CUDA tensors");
-  TORCH_CHECK(res.dim() == 2 && y.sizes() == res.sizes(), "gated_residual_cuda: res and y must be (N, C) of one shape, got ",
-              res.sizes(), " and ", y.sizes());
+  TORCH_CHECK(on_kernel_device(res) && on_kernel_device(y) && on_kernel_device(gate),
+              "gated_residual_cuda: res, y, gate must be CUDA tensors");
+  TORCH_CHECK(res.dim() == 2 && y.sizes() == res.sizes(),
+              "gated_residual_cuda: res and y must be (N, C) of one shape, got ", res.sizes(), " and ", y.sizes());
   TORCH_CHECK(y.scalar_type() == res.scalar_type(), "gated_residual_cuda: y dtype ", y.scalar_type(),
               " differs from res dtype ", res.scalar_type());
   TORCH_CHECK(gate.scalar_type() == at::kFloat, "gated_residual_cuda: gate must be float32, got ", gate.scalar_type());
@@ -90,7 +83,7 @@ at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const
   int64_t num_samples = gate.size(0);
   if (cu_seqlens.has_value()) {
     const auto& cu = *cu_seqlens;
-    TORCH_CHECK(cu.is_cuda() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(),
+    TORCH_CHECK(on_kernel_device(cu) && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(),
                 "gated_residual_cuda: cu_seqlens must be a contiguous int32 CUDA vector");
     TORCH_CHECK(cu.size(0) == gate.size(0) + 1, "gated_residual_cuda: cu_seqlens has ", cu.size(0),
                 " entries, expected B + 1 = ", gate.size(0) + 1);
@@ -98,7 +91,7 @@ at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const
   } else {
     TORCH_CHECK(gate.size(0) == res.size(0), "gated_residual_cuda: a per-token gate needs N rows, got ", gate.size(0));
   }
-  const c10::cuda::CUDAGuard guard(res.device());
+  const DeviceGuard guard(res.device());
   at::Tensor out = at::empty_like(res);
   switch (res.scalar_type()) {
     case at::kFloat:
@@ -118,6 +111,6 @@ at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdit, CUDA, m) { m.impl("gated_residual_cuda", &gated_residual_cuda); }
+TORCH_LIBRARY_IMPL(fastdit, FASTDIT_DISPATCH_KEY, m) { m.impl("gated_residual_cuda", &gated_residual_cuda); }
 
 }  // namespace fastdit

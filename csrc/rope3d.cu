@@ -6,7 +6,6 @@
 // with 16-byte accesses where the layout allows. Memory bound: q and k are each read and written
 // once; no [tokens, D] table exists anywhere.
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -70,7 +69,7 @@ __global__ void rope3d_kernel(
     // strides in elements
     int64_t stride_qt, int64_t stride_qh, int64_t stride_kt, int64_t stride_kh, int64_t stride_qot,
     int64_t stride_qoh, int64_t stride_kot, int64_t stride_koh) {
-  extern __shared__ double smem[];
+  FASTDIT_DYNAMIC_SHARED(double, smem);
   double* inv_freq = smem;                                     // half_d
   float* cos_s = reinterpret_cast<float*>(inv_freq + half_d);  // half_d
   float* sin_s = cos_s + half_d;                               // half_d
@@ -107,7 +106,7 @@ __global__ void rope3d_kernel(
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.dim() == 3, "rope3d_cuda: ", name, " must be a (total, H, D) CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t) && t.dim() == 3, "rope3d_cuda: ", name, " must be a (total, H, D) CUDA tensor");
   TORCH_CHECK(t.stride(-1) == 1, "rope3d_cuda: ", name, " must have a contiguous last dim");
 }
 
@@ -130,7 +129,7 @@ void launch_kernel(const RopeArgs& a, cudaStream_t stream) {
   const size_t smem = a.half_d * (sizeof(double) + 2 * sizeof(float));
   const at::Tensor& q = *a.q;
   const at::Tensor& q_out = *a.q_out;
-  rope3d_kernel<T, VEC, INTERLEAVED><<<blocks, 128, smem, stream>>>(
+  FASTDIT_LAUNCH(blocks, 128, smem, stream, rope3d_kernel<T, VEC, INTERLEAVED>)(
       reinterpret_cast<const T*>(q.data_ptr()), a.k ? reinterpret_cast<const T*>(a.k->data_ptr()) : nullptr,
       reinterpret_cast<T*>(q_out.data_ptr()), a.k_out ? reinterpret_cast<T*>(a.k_out->data_ptr()) : nullptr,
       a.cu_seqlens, a.grid_thw, a.token_offset, a.total, a.num_samples, q.size(1), a.k ? a.k->size(1) : 0, a.half_d,
@@ -165,7 +164,7 @@ void launch(const at::Tensor& q, const at::Tensor* k, at::Tensor& q_out, at::Ten
   TORCH_CHECK(head_dim % 2 == 0, "rope3d_cuda: head_dim must be even, got ", head_dim);
   TORCH_CHECK(axes_dim.size() == 3 && axes_dim[0] + axes_dim[1] + axes_dim[2] == head_dim,
               "rope3d_cuda: axes_dim must be three sizes summing to head_dim");
-  TORCH_CHECK(cu_seqlens.is_cuda() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1,
+  TORCH_CHECK(on_kernel_device(cu_seqlens) && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1,
               "rope3d_cuda: cu_seqlens must be an int32 CUDA vector");
   if (k != nullptr) {
     check_rows(*k, "k");
@@ -173,7 +172,7 @@ void launch(const at::Tensor& q, const at::Tensor* k, at::Tensor& q_out, at::Ten
                 "rope3d_cuda: k must match q in tokens, head_dim and dtype");
   }
   if (total == 0) return;
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const at::Tensor cu = cu_seqlens.contiguous();
   const at::Tensor grid = grid_thw.to(at::kLong).contiguous();
   std::optional<at::Tensor> offset;
@@ -231,7 +230,7 @@ void rope3d_qk_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& grid
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdit, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastdit, FASTDIT_DISPATCH_KEY, m) {
   m.impl("rope3d_cuda", &rope3d_cuda);
   m.impl("rope3d_qk_cuda", &rope3d_qk_cuda);
   m.impl("rope3d_inplace_cuda", &rope3d_inplace_cuda);
