@@ -3,7 +3,9 @@
 // One CTA (256 threads) per row, grid-stride. The row stays in registers (ITEMS vectors of VEC
 // elements per thread): one read of x, one write of y, statistics in fp32 with a two-pass
 // (centred) variance over the registers, block reductions through warp shuffles. shift / scale
-// (fp32) are per sample, found by binary search in cu_seqlens, or per token.
+// (fp32) are per sample, found by binary search in cu_seqlens, or per token; they (and the affine
+// weight / bias) are read with 16-byte loads in the vector path, like x: one float at a time,
+// their 32-byte thread stride made every warp load touch 8 cache lines for 128 useful bytes.
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -76,13 +78,18 @@ __global__ void __launch_bounds__(kThreads) adaln_modulate_kernel(
     for (int it = 0; it < ITEMS; ++it) {
       const int64_t col = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
       if (col >= cols) continue;
+      float s[VEC], c[VEC], w[VEC], b[VEC];
+      load_floats<VEC>(sh + col, s);
+      load_floats<VEC>(sc + col, c);
+      if (weight != nullptr) load_floats<VEC>(weight + col, w);
+      if (bias != nullptr) load_floats<VEC>(bias + col, b);
       Vec<T, VEC> o;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float n = (v[it][j] - mean) * rstd;
-        if (weight != nullptr) n *= weight[col + j];
-        if (bias != nullptr) n += bias[col + j];
-        o.v[j] = from_float<T>(n * (1.f + sc[col + j]) + sh[col + j]);
+        if (weight != nullptr) n *= w[j];
+        if (bias != nullptr) n += b[j];
+        o.v[j] = from_float<T>(n * (1.f + c[j]) + s[j]);
       }
       o.store(out + row * stride_out + col);
     }
@@ -135,11 +142,15 @@ void launch_typed(const at::Tensor& x, const float* shift, const float* scale, c
   }
 }
 
-const float* optional_fp32(const std::optional<at::Tensor>& t, int64_t cols, const char* name) {
-  if (!t.has_value()) return nullptr;
+// fp32 rows the vector path reads 16 bytes at a time: a view starting off a 16-byte boundary is
+// copied (B x C or C floats; per-token rows only when a caller passes such a view).
+at::Tensor aligned_rows(const at::Tensor& t) { return aligned16(t.data_ptr()) ? t : t.clone(); }
+
+std::optional<at::Tensor> optional_fp32(const std::optional<at::Tensor>& t, int64_t cols, const char* name) {
+  if (!t.has_value()) return std::nullopt;
   TORCH_CHECK(on_kernel_device(*t) && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == cols,
               "adaln_modulate_cuda: ", name, " must be a contiguous float32 (C,) CUDA tensor");
-  return t->data_ptr<float>();
+  return aligned_rows(*t);
 }
 
 at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
@@ -167,10 +178,13 @@ at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, con
   const DeviceGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;
-  const float* w = optional_fp32(weight, cols, "weight");
-  const float* b = optional_fp32(bias, cols, "bias");
-  const float* sh = shift.data_ptr<float>();
-  const float* sc = scale.data_ptr<float>();
+  const std::optional<at::Tensor> weight_rows = optional_fp32(weight, cols, "weight");
+  const std::optional<at::Tensor> bias_rows = optional_fp32(bias, cols, "bias");
+  const at::Tensor shift_rows = aligned_rows(shift), scale_rows = aligned_rows(scale);
+  const float* w = weight_rows ? weight_rows->data_ptr<float>() : nullptr;
+  const float* b = bias_rows ? bias_rows->data_ptr<float>() : nullptr;
+  const float* sh = shift_rows.data_ptr<float>();
+  const float* sc = scale_rows.data_ptr<float>();
   const bool rms = norm == "rms";
   const float e = static_cast<float>(eps);
   switch (x.scalar_type()) {

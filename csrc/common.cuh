@@ -81,6 +81,20 @@ struct Vec {
   }
 };
 
+// N fp32 values at p into registers: 16-byte loads when N is a multiple of 4 (the caller checked
+// the alignment), one by one otherwise.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* __restrict__ p, float (&out)[N]) {
+  constexpr int kChunk = N % 4 == 0 ? 4 : 1;
+#pragma unroll
+  for (int i = 0; i < N; i += kChunk) {
+    Vec<float, kChunk> v;
+    v.load(p + i);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) out[i + j] = v.v[j];
+  }
+}
+
 // Two floats rounded to T and packed in one 32-bit word (T is 16-bit).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

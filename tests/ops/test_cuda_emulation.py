@@ -177,6 +177,20 @@ def test_adaln_modulate_widest_rows_and_misaligned_rows():
     assert rel_err(got, adaln_modulate_reference(rows, *mods, cu, "rms", 1e-6, None, None)) < 1e-6
 
 
+def test_adaln_modulate_modulation_rows_off_16_bytes():
+    """shift / scale / weight / bias as views that start 4 bytes past a 16-byte boundary: the op
+    copies them for the kernel's 16-byte loads (the emulator reports a misaligned access otherwise)."""
+    cu = packed_cu([3, 2])
+    x = torch.randn(5, 1024).half()
+    flat = torch.randn(6 * 1024 + 1)
+    shift, scale = flat[1 : 1 + 2048].view(2, 1024), flat[1 + 2048 : 1 + 4096].view(2, 1024)
+    weight, bias = flat[1 + 4096 : 1 + 5120], flat[1 + 5120 : 1 + 6144]
+    assert shift.data_ptr() % 16 == 4
+    got = torch.ops.fastdit.adaln_modulate_cuda(x, shift, scale, cu, "layer", 1e-6, weight, bias)
+    want = adaln_modulate_reference(x, shift, scale, cu, "layer", 1e-6, weight, bias)
+    assert rel_err(got, want) < 4e-3
+
+
 def test_adaln_modulate_autograd_and_opcheck():
     """The registered backward of the cuda op (the Triton backward kernel under the interpreter,
     or the reference one) and its fake function."""
