@@ -29,9 +29,10 @@ __global__ void gated_residual_kernel(
       Vec<T, VEC> r, yv;
       r.load(res + base + col);
       yv.load(y + base + col);
-      float o[VEC];
+      float gv[VEC], o[VEC];
+      load_floats<VEC>(g + col, gv);  // the fp32 gate row by 16-byte loads too
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = to_float(r.v[i]) + to_float(yv.v[i]) * g[col + i];
+      for (int i = 0; i < VEC; ++i) o[i] = to_float(r.v[i]) + to_float(yv.v[i]) * gv[i];
       store_rounded<T, VEC>(out + base + col, o);
     }
   }
@@ -93,15 +94,17 @@ at::Tensor gated_residual_cuda(const at::Tensor& res, const at::Tensor& y, const
   }
   const DeviceGuard guard(res.device());
   at::Tensor out = at::empty_like(res);
+  // The vector path reads gate rows 16 bytes at a time: a view off a 16-byte boundary is copied.
+  const at::Tensor gate_rows = aligned16(gate.data_ptr()) ? gate : gate.clone();
   switch (res.scalar_type()) {
     case at::kFloat:
-      launch<float>(res, y, gate, cu_ptr, num_samples, out);
+      launch<float>(res, y, gate_rows, cu_ptr, num_samples, out);
       break;
     case at::kHalf:
-      launch<__half>(res, y, gate, cu_ptr, num_samples, out);
+      launch<__half>(res, y, gate_rows, cu_ptr, num_samples, out);
       break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(res, y, gate, cu_ptr, num_samples, out);
+      launch<__nv_bfloat16>(res, y, gate_rows, cu_ptr, num_samples, out);
       break;
     default:
       TORCH_CHECK(false, "gated_residual_cuda: unsupported dtype ", res.scalar_type());

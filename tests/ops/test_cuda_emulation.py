@@ -227,6 +227,16 @@ def test_gated_residual_kernel_matches_the_reference(dtype, channels):
     torch.testing.assert_close(got, gated_residual_reference(res, y, per_token, None), atol=0, rtol=0)
 
 
+def test_gated_residual_gate_rows_off_16_bytes():
+    """A gate view 4 bytes past a 16-byte boundary: copied for the kernel's 16-byte gate loads."""
+    cu = packed_cu([3, 2])
+    res, y = (torch.randn(5, 512).bfloat16() for _ in range(2))
+    gate = torch.randn(2 * 512 + 1)[1:].view(2, 512)
+    assert gate.data_ptr() % 16 == 4
+    got = torch.ops.fastdit.gated_residual_cuda(res, y, gate, cu)
+    torch.testing.assert_close(got, gated_residual_reference(res, y, gate, cu), atol=0, rtol=0)
+
+
 def test_gated_residual_autograd_opcheck_and_bad_input():
     cu = packed_cu([3, 2])
     res, y = (torch.randn(5, 16, requires_grad=True) for _ in range(2))
