@@ -2,10 +2,11 @@
 // very source of csrc/*.cu runs on a machine without a GPU (tests/ops/test_cuda_emulation.py
 // compiles it with g++ -DFASTDIT_CUDA_EMULATION and compares it with the reference ops).
 //
-// Model: a launch runs its blocks one after another; the threads of a block are real OS threads,
-// so __syncthreads is a barrier over them and __shfl_xor_sync a barrier over one warp with a
-// value exchange. Because one block runs at a time, a function-local `static` array is exactly a
-// block's __shared__ array, and dynamic shared memory is one buffer per launch.
+// Model: launches run one at a time (as on one stream), each runs its blocks one after another,
+// and the threads of a block are real OS threads, so __syncthreads is a barrier over them and
+// __shfl_xor_sync a barrier over one warp with a value exchange. Because one block runs at a
+// time, a function-local `static` array is exactly a block's __shared__ array, and dynamic
+// shared memory is one buffer per launch.
 //
 // What it checks beyond the arithmetic: every 16-byte vector access is 16-byte aligned, launch
 // configurations are valid (grid > 0, 1..1024 threads, <= 48 KiB dynamic shared memory without an
@@ -125,6 +126,9 @@ inline void run_grid(unsigned int grid, unsigned int threads, size_t dynamic_sha
               " threads per block)");
   TORCH_CHECK(dynamic_shared_bytes <= kMaxDynamicShared, "CUDA emulation: ", dynamic_shared_bytes,
               " bytes of dynamic shared memory need cudaFuncSetAttribute");
+  // One launch at a time, like one stream: the static __shared__ arrays belong to the running block.
+  static std::mutex one_launch;
+  const std::lock_guard<std::mutex> serial(one_launch);
   Launch launch(threads, dynamic_shared_bytes);
   std::vector<std::thread> workers;
   workers.reserve(threads);
