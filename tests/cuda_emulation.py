@@ -46,13 +46,24 @@ def _compile_flags() -> list[str]:
     return [*FLAGS, "-DFASTDIT_CUDA_EMULATION", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
 
 
+def _cache_dir() -> Path:
+    """$FASTDIT_EMULATION_CACHE, else ~/.cache/fastdit, else (read-only home) the temp directory."""
+    if "FASTDIT_EMULATION_CACHE" in os.environ:
+        return Path(os.environ["FASTDIT_EMULATION_CACHE"])
+    home = Path.home() / ".cache" / "fastdit"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home if os.access(home, os.W_OK) else Path(tempfile.gettempdir()) / "fastdit"
+    except OSError:
+        return Path(tempfile.gettempdir()) / "fastdit"
+
+
 def _library_path() -> Path:
     digest = hashlib.sha256(torch.__version__.encode())
     digest.update(" ".join(_compile_flags()).encode())
     for src in sorted([*_sources(), *CSRC.glob("*.h"), *CSRC.glob("*.cuh")]):
         digest.update(src.name.encode() + src.read_bytes())
-    cache = Path(os.environ.get("FASTDIT_EMULATION_CACHE", Path.home() / ".cache" / "fastdit"))
-    return cache / f"cuda_emulation_{digest.hexdigest()[:16]}.so"
+    return _cache_dir() / f"cuda_emulation_{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
