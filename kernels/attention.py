@@ -306,6 +306,25 @@ def _dkdv_step(k, v, q, do, lse, delta, dk, dv, cols, rows, col_mask, row_mask, 
 
 
 @triton.jit
+def _bwd_descriptors(Q, K, V, DO, LSE, DELTA, stride_qt, stride_kt, stride_vt, stride_dot, group,
+                     total_q, total_k, kv_width, lse_numel,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """TMA descriptors of the warp-specialized backward kernels (dK/dV and dQ): q / dO and k / v
+    as (tokens, heads x D) matrices, lse / delta as 1-D boxes of the preprocess's aligned copies."""
+    q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, kv_width * group], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+    do_desc = tl.make_tensor_descriptor(DO, shape=[total_q, kv_width * group], strides=[stride_dot, 1],
+                                        block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+    k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+    v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+    return q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc
+
+
+@triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ORDER,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
@@ -343,16 +362,10 @@ def attn_bwd_dkdv_kernel(
         # past the sample and past D (the next head's columns would meet q's in S); q / dO rows
         # and columns past the sample or D only reach masked probabilities or unstored dK / dV
         # columns; lse / delta are 1-D boxes of the preprocess's aligned, zero-padded copies.
-        k_desc = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-        v_desc = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-        q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, kv_width * group], strides=[stride_qt, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-        do_desc = tl.make_tensor_descriptor(DO, shape=[total_q, kv_width * group], strides=[stride_dot, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-        lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
-        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
+        q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc = _bwd_descriptors(
+            Q, K, V, DO, LSE, DELTA, stride_qt, stride_kt, stride_vt, stride_dot, group, total_q, total_k, kv_width,
+            lse_numel, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
         aligned = tl.load(CU_ALIGNED + b).to(tl.int64)
         row0 = (k_start + n_block * BLOCK_N).to(tl.int32)
         k = tl.where(kv_mask, k_desc.load([row0, (kv_h * stride_kh).to(tl.int32)]), 0.0)
@@ -437,16 +450,10 @@ def attn_bwd_dq_kernel(
     if WARP_SPECIALIZE:
         # Every tile by TMA (see the dK/dV kernel): q / dO zeroed past D (the next head's columns
         # would meet k's and v's in S and dP); k / v rows past the sample are masked probabilities.
-        q_desc = tl.make_tensor_descriptor(Q, shape=[total_q, kv_width * group], strides=[stride_qt, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-        do_desc = tl.make_tensor_descriptor(DO, shape=[total_q, kv_width * group], strides=[stride_dot, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-        lse_desc = tl.make_tensor_descriptor(LSE, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
-        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[lse_numel], strides=[1], block_shape=[BLOCK_M])
-        k_src = tl.make_tensor_descriptor(K, shape=[total_k, kv_width], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
-        v_src = tl.make_tensor_descriptor(V, shape=[total_k, kv_width], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+        q_desc, do_desc, k_src, v_src, lse_desc, delta_desc = _bwd_descriptors(
+            Q, K, V, DO, LSE, DELTA, stride_qt, stride_kt, stride_vt, stride_dot, group, total_q, total_k, kv_width,
+            lse_numel, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
         q0 = (q_start + m_block * BLOCK_M).to(tl.int32)
         q = tl.where(d_mask[None, :], q_desc.load([q0, (h * stride_qh).to(tl.int32)]), 0.0)
         do = tl.where(d_mask[None, :], do_desc.load([q0, (h * stride_doh).to(tl.int32)]), 0.0)

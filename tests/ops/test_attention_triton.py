@@ -185,6 +185,20 @@ def test_tma_path_matches_the_reference(monkeypatch, head_dim, causal, poison_ou
     torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
 
 
+def _assert_forward_matches_float64_reference(q, k, v, len_q, len_k, causal):
+    """Triton's output and LSE against the reference op in float64 (where its LSE is finite);
+    returns the Triton LSE and that finite mask."""
+    cq, ck = packed_cu(len_q), packed_cu(len_k)
+    out, lse = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, return_lse=True,
+                                    backend="triton")  # fmt: skip
+    want, want_lse = ops.varlen_attention(q.double(), k.double(), v.double(), cq, ck, max(len_q), max(len_k),
+                                          causal=causal, return_lse=True, backend="reference")  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
+    return lse, finite
+
+
 @pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_persistent_schedule_matches_the_reference(monkeypatch, tma, causal, poison_outputs):
@@ -193,16 +207,9 @@ def test_persistent_schedule_matches_the_reference(monkeypatch, tma, causal, poi
     monkeypatch.setenv("FASTDIT_ATTN_PERSISTENT", "1")
     monkeypatch.setenv("FASTDIT_ATTN_TMA", tma)
     len_q, len_k = [40, 1, 17, 3], [9, 33, 17, 1]
-    cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, 32)
     k, v = (torch.randn(sum(len_k), 2, 32) for _ in range(2))
-    out, lse = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, return_lse=True,
-                                    backend="triton")  # fmt: skip
-    want, want_lse = ops.varlen_attention(q.double(), k.double(), v.double(), cq, ck, max(len_q), max(len_k),
-                                          causal=causal, return_lse=True, backend="reference")  # fmt: skip
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    finite = torch.isfinite(want_lse)
-    torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
+    _assert_forward_matches_float64_reference(q, k, v, len_q, len_k, causal)
 
 
 @pytest.mark.parametrize("head_dim", [32, 72])
@@ -218,7 +225,6 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
     monkeypatch.setenv("FASTDIT_ATTN_WS", "1")
     monkeypatch.setenv("FASTDIT_ATTN_PERSISTENT", persistent)
     len_q, len_k = [5, 33, 1, 18], [19, 2, 40, 18]
-    cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, head_dim)
     k, v = (torch.randn(sum(len_k), 2, head_dim) for _ in range(2))
     assert use_warp_specialization(q, k, v)
@@ -226,13 +232,7 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
     assert not use_warp_specialization(head_major, k, v)
     odd = torch.randn(4, 3, 20, dtype=torch.float16)  # head offsets of 40 B: TMA boxes would misalign
     assert not use_warp_specialization(odd, odd, odd) and use_warp_specialization(*(odd.float(),) * 3)
-    out, lse = ops.varlen_attention(q, k, v, cq, ck, max(len_q), max(len_k), causal=causal, return_lse=True,
-                                    backend="triton")  # fmt: skip
-    want, want_lse = ops.varlen_attention(q.double(), k.double(), v.double(), cq, ck, max(len_q), max(len_k),
-                                          causal=causal, return_lse=True, backend="reference")  # fmt: skip
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    finite = torch.isfinite(want_lse)
-    torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
+    lse, finite = _assert_forward_matches_float64_reference(q, k, v, len_q, len_k, causal)
     assert torch.equal(torch.isfinite(lse), finite)
 
 
