@@ -39,3 +39,10 @@ def use_device_tma_descriptors() -> None:
     import triton
 
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def contiguous(*tensors):
+    """The tensors a launcher passes as bare pointers indexed 0, 1, 2, ... (vectors such as a norm's
+    weight, cu_seqlens, grids), each made contiguous: a strided, offset or expanded (stride-0) view
+    becomes a dense copy, a contiguous tensor passes through untouched, None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdit.kernels import interpreting, use_device_tma_descriptors
+from fastdit.kernels import contiguous, interpreting, use_device_tma_descriptors
 
 LOG2E = 1.4426950408889634
 ALIGN_ROWS = 128  # sample alignment of the warp-specialized backward's lse / delta copies
@@ -704,6 +704,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0:
         return out, lse
+    cu_seqlens_q, cu_seqlens_k = contiguous(cu_seqlens_q, cu_seqlens_k)
     ws = use_warp_specialization(q, k, v)
     block_m, block_n, block_d, opts = _tiles(head_dim, "fwd_ws" if ws else "fwd")
     order = longest_first(cu_seqlens_q, cu_seqlens_k)
@@ -743,6 +744,8 @@ def varlen_attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if total_q == 0:
         return dq, dk.zero_(), dv.zero_()
+    # lse dense: delta is allocated like it and both are read with lse's head stride
+    cu_seqlens_q, cu_seqlens_k, lse = contiguous(cu_seqlens_q, cu_seqlens_k, lse)
     ws = use_backward_warp_specialization(q, k, v)
     dout = dout.contiguous() if ws or dout.stride(-1) != 1 else dout  # TMA reads dO as (total_q, H * D)
     precision = _precision(q.dtype)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import interpreting, use_device_tma_descriptors
+from fastdit.kernels import contiguous, interpreting, use_device_tma_descriptors
 
 
 @triton.jit
@@ -209,6 +209,7 @@ def conv3d_forward(
     n_pix = batch * out_shape[2] * out_shape[3] * out_shape[4]
     if n_pix == 0:
         return out
+    (bias,) = contiguous(bias)
     args = (
         x, cache, weight, bias, residual, out,
         t_in, h_in, w_in, cin, 0 if cache is None else cache.shape[2], cout, *out_shape[2:], n_pix,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdit.kernels import contiguous
+
 
 @triton.jit
 def _sample_of(CU_SEQLENS, num_samples, row):
@@ -257,6 +259,7 @@ def modulation_forward(
     if rows == 0:
         return r, out
     mods = [m.contiguous() for m in (gate, shift, scale) if m is not None]
+    weight, bias, cu_seqlens = contiguous(weight, bias, cu_seqlens)
     dummy = x
     block_c = triton.next_power_of_2(n_cols)
     y = _rows(y) if has_residual else dummy
@@ -319,6 +322,7 @@ def modulation_backward(
     if rows == 0:
         return grads
     dummy = ref
+    weight, bias, cu_seqlens = contiguous(weight, bias, cu_seqlens)
     grad_out = _rows(grad_out) if has_mod else dummy
     grad_r = _rows(grad_r) if has_residual else dummy
     x = _rows(x) if has_mod else dummy

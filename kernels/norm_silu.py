@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import interpreting
+from fastdit.kernels import contiguous, interpreting
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def rms_norm_silu_forward(x_rows: torch.Tensor, gamma: torch.Tensor, eps: float,
     out = torch.empty_like(x_rows)
     if n_rows == 0:
         return out
+    (gamma,) = contiguous(gamma)
     block_c = triton.next_power_of_2(n_cols)
     # About 4K elements per program: whole rows in registers, several rows per program at small C.
     block_r = max(1, min(64, 4096 // block_c)) if not interpreting() else max(1, min(8, 256 // block_c))

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdit.kernels import contiguous
+
 
 @triton.jit
 def _sum_squares(X, n_heads, stride_h, HALF_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -199,8 +201,11 @@ def rope3d_launch(
     inv_freq = inv_freq_table(theta, axes_dim, q.device)
     dt, dh, _ = axes_dim
     kk, kk_out = (q, q_out) if k is None else (k, k_out)
+    cu_seqlens, grid_thw, token_offset, q_norm_weight, k_norm_weight = contiguous(
+        cu_seqlens, grid_thw, token_offset, q_norm_weight, k_norm_weight
+    )
     torch.library.wrap_triton(rope3d_kernel)[(total,)](
-        q, kk, q_out, kk_out, cu_seqlens, grid_thw.contiguous(),
+        q, kk, q_out, kk_out, cu_seqlens, grid_thw,
         cu_seqlens if token_offset is None else token_offset, inv_freq,
         q if q_norm_weight is None else q_norm_weight, kk if k_norm_weight is None else k_norm_weight,
         cu_seqlens.shape[0] - 1, q_heads, k_heads, norm_eps,

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops.causal_conv3d import causal_conv3d_triton
-from fastdit.ops.norm_silu import rms_norm_silu_reference, rms_norm_silu_triton
+from fastdit.ops.norm_silu import rms_norm_silu_reference
 from tests.conftest import CPU_BACKENDS, rel_err
 from tests.ops.test_causal_conv3d import conv_oracle
 
@@ -184,7 +183,7 @@ def test_triton_conv_opcheck(backend):
         (x.contiguous(memory_format=torch.channels_last_3d), weight, bias, None,
          cache.contiguous(memory_format=torch.channels_last_3d), [1, 1, 1], [1, 1, 1, 1], 2, 1),
     ):  # fmt: skip
-        torch.library.opcheck(causal_conv3d_triton, args, test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(torch.ops.fastdit.causal_conv3d_triton.default, args, test_utils=OPCHECK_UTILS)
 
 
 # ---- rms_norm_silu ---------------------------------------------------------------------------------
@@ -237,7 +236,7 @@ def test_rms_norm_silu_images_zero_rows_and_gradients(backend):
 def test_rms_norm_silu_triton_opcheck(backend):
     x = torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
     for args in ((x, torch.rand(8), 1e-12, True), (x.contiguous(), torch.rand(8), 1e-6, False)):
-        torch.library.opcheck(rms_norm_silu_triton, args, test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(torch.ops.fastdit.rms_norm_silu_triton.default, args, test_utils=OPCHECK_UTILS)
         torch.library.opcheck(rms_norm_silu_reference, args)
 
 
