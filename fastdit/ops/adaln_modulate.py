@@ -142,7 +142,13 @@ def _adaln_modulate_cuda(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
 
     x = last_dim_contiguous(x)
     return torch.ops.fastdit.adaln_modulate_cuda(
-        x, fp32(shift), fp32(scale), None if cu_seqlens is None else cu_seqlens.contiguous(), norm, eps, fp32(weight),
+        x,
+        fp32(shift),
+        fp32(scale),
+        None if cu_seqlens is None else cu_seqlens.contiguous(),
+        norm,
+        eps,
+        fp32(weight),
         fp32(bias),
     )
 

@@ -59,9 +59,8 @@ def _register_cuda_op() -> None:
 
 def _gated_residual_cuda(res, y, gate, cu_seqlens):
     # The kernel reads fp32 gate rows (Wan's modulation dtype) and contiguous (N, C) rows.
-    return torch.ops.fastdit.gated_residual_cuda(
-        res.contiguous(), y.contiguous(), gate.float().contiguous(), None if cu_seqlens is None else cu_seqlens.contiguous()
-    )
+    cu = None if cu_seqlens is None else cu_seqlens.contiguous()
+    return torch.ops.fastdit.gated_residual_cuda(res.contiguous(), y.contiguous(), gate.float().contiguous(), cu)
 
 
 def _cuda_check(inputs: dict) -> list[str]:
