@@ -256,7 +256,7 @@ def modulation_forward(
     rows, n_cols = x.shape
     r = torch.empty_like(x) if has_residual else None
     out = torch.empty_like(x) if has_mod else None
-    if rows == 0:
+    if rows == 0 or n_cols == 0:  # nothing to compute (and no zero-width tile to launch)
         return r, out
     mods = [m.contiguous() for m in (gate, shift, scale) if m is not None]
     weight, bias, cu_seqlens = contiguous(weight, bias, cu_seqlens)
@@ -319,7 +319,7 @@ def modulation_backward(
         grads["dweight"] = torch.zeros(n_cols, dtype=torch.float32, device=device)
     if bias is not None:
         grads["dbias"] = torch.zeros(n_cols, dtype=torch.float32, device=device)
-    if rows == 0:
+    if rows == 0 or n_cols == 0:
         return grads
     dummy = ref
     weight, bias, cu_seqlens = contiguous(weight, bias, cu_seqlens)

@@ -36,7 +36,7 @@ def rms_norm_silu_forward(x_rows: torch.Tensor, gamma: torch.Tensor, eps: float,
     """x_rows (N, C) contiguous -> (N, C) in x's dtype."""
     n_rows, n_cols = x_rows.shape
     out = torch.empty_like(x_rows)
-    if n_rows == 0:
+    if n_rows == 0 or n_cols == 0:
         return out
     (gamma,) = contiguous(gamma)
     block_c = triton.next_power_of_2(n_cols)

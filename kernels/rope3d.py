@@ -195,9 +195,9 @@ def rope3d_launch(
     (in place). Every tensor's last dim must be contiguous.
     """
     total, q_heads, head_dim = q.shape
-    if total == 0:
-        return
     k_heads = 0 if k is None else k.shape[1]
+    if total == 0 or head_dim == 0 or max(q_heads, k_heads) == 0:  # nothing to rotate
+        return
     inv_freq = inv_freq_table(theta, axes_dim, q.device)
     dt, dh, _ = axes_dim
     kk, kk_out = (q, q_out) if k is None else (k, k_out)

@@ -248,6 +248,20 @@ def _check_qkv(q, k, v, ndim):
         raise ValueError(f"k/v head count {kv_heads} must divide q's head count {heads} (GQA/MQA)")
 
 
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The sample boundaries of packed q and k, forward and backward alike: a bad cu_seqlens
+    would send the kernels outside the tensors."""
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, min_len=1)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, min_len=1)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+            "must describe the same number of samples"
+        )
+    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+
+
 def _scale(softmax_scale, head_dim):
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -289,15 +303,7 @@ def varlen_attention(
         ``out (total_q, H, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
     """
     _check_qkv(q, k, v, ndim=3)
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, min_len=1)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, min_len=1)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(
-            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
-            "must describe the same number of samples"
-        )
-    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
-    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale(softmax_scale, q.shape[-1])
     impl = select_backend(
         "varlen_attention",
@@ -375,10 +381,12 @@ def varlen_attention_backward(
     block's exact share. Shapes as in :func:`varlen_attention`; ``lse`` is ``(H, total_q)`` float32.
     """
     _check_qkv(q, k, v, ndim=3)
+    _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     for name, t in (("dout", dout), ("out", out)):
         check_tensor(name, t, ndims=(3,), device=q.device)
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_same_dtype(("q", "dout", "out"), (q, dout, out))
     check_tensor("lse", lse, ndims=(2,), dtypes=(torch.float32, torch.float64), device=q.device)
     if lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be (H, total_q) = ({q.shape[1]}, {q.shape[0]}), got {tuple(lse.shape)}")

@@ -268,10 +268,14 @@ def causal_conv3d(
     batch, cin, frames, height, width = x.shape
     if weight.shape[1] != cin:
         raise ValueError(f"weight {tuple(weight.shape)} expects Cin = {weight.shape[1]} channels, x has {cin}")
+    if min(weight.shape) < 1:
+        # torch's conv3d refuses Cout = 0 and returns a wrongly shaped result for Cin = 0
+        raise ValueError(f"weight (Cout, Cin, kt, kh, kw) must have every dim >= 1, got {tuple(weight.shape)}")
     if frames < 1:
         raise ValueError(f"x must have T >= 1 frames, got shape {tuple(x.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndims=(1,), device=x.device)
+        check_same_dtype(("x", "bias"), (x, bias))
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape (Cout,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     strides = _triple("stride", stride)

@@ -42,7 +42,7 @@ if triton_missing() is None:
     @torch.library.triton_op("fastdit::rms_norm_silu_triton", mutates_args=())
     def rms_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
         rows = _channels_last_rows(x)
-        out = rms_norm_silu_forward(rows.view(-1, x.shape[1]), weight, eps, silu)
+        out = rms_norm_silu_forward(rows.view(rows.shape[:-1].numel(), x.shape[1]), weight, eps, silu)
         return out.view(rows.shape).movedim(-1, 1)
 
     interpreter_fake(

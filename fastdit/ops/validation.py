@@ -13,6 +13,7 @@ import threading
 from contextlib import contextmanager
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _state = threading.local()
 
@@ -33,10 +34,18 @@ def values_checked():
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The largest token position (t*h*w of a grid, a token offset) the ops accept: positions are
+# int64 in every kernel, so this bound keeps offset + index and t*h*w far from overflow.
+MAX_POSITION = 2**31 - 1
 
 
-def check_values_enabled() -> bool:
+def check_values_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether to read the values of ``tensors`` back for a check: not while compiling, not
+    inside :func:`values_checked`, not with ``FASTDIT_CHECK_INPUTS=0``, and never for meta or
+    fake tensors (shape propagation), which have no values to read."""
     if torch.compiler.is_compiling() or getattr(_state, "trusted", False):
+        return False
+    if any(t.device.type == "meta" or is_fake(t) for t in tensors):
         return False
     return os.environ.get("FASTDIT_CHECK_INPUTS", "1") != "0"
 
@@ -82,7 +91,7 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device, *,
     check_tensor(name, cu, ndims=(1,), dtypes=(torch.int32,), device=device)
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have B+1 >= 2 entries, got shape {tuple(cu.shape)}")
-    if check_values_enabled():
+    if check_values_enabled(cu):
         values = cu.tolist()
         if values[0] != 0:
             raise ValueError(f"{name}[0] must be 0, got {values[0]}")
@@ -102,7 +111,7 @@ def check_max_seqlen(name: str, max_seqlen: object, cu: torch.Tensor) -> int:
         raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"{name} must be >= 0, got {max_seqlen}")
-    if check_values_enabled():
+    if check_values_enabled(cu):
         longest = int((cu[1:] - cu[:-1]).max().item())
         if max_seqlen < longest:
             raise ValueError(f"{name}={max_seqlen} is smaller than the longest sample ({longest} tokens)")
@@ -121,11 +130,17 @@ def check_grid_thw(grid_thw: object, cu: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"grid_thw must have shape (B, 3) = ({batch}, 3) to match cu_seqlens, got {tuple(grid_thw.shape)}"
         )
-    if check_values_enabled():
+    if check_values_enabled(grid_thw):
         rows = grid_thw.tolist()
         for b, row in enumerate(rows):
             if min(row) < 1:
                 raise ValueError(f"grid_thw[{b}] must be >= 1 on every axis, got {row}")
+            tokens = row[0] * row[1] * row[2]  # Python ints: exact, whatever the values
+            if tokens > MAX_POSITION:
+                raise ValueError(
+                    f"grid_thw[{b}] = {row} has t*h*w = {tokens} positions, more than {MAX_POSITION} (2^31 - 1): "
+                    "a grid that large is a corrupt grid, not a video"
+                )
     return grid_thw
 
 
@@ -135,6 +150,10 @@ def check_token_offset(token_offset: object, batch: int, device: torch.device) -
     check_tensor("token_offset", token_offset, ndims=(1,), dtypes=(torch.int32, torch.int64), device=device)
     if token_offset.shape[0] != batch:
         raise ValueError(f"token_offset must have shape (B,) = ({batch},), got {tuple(token_offset.shape)}")
-    if check_values_enabled() and batch and int(token_offset.min().item()) < 0:
-        raise ValueError(f"token_offset must be >= 0, got min {int(token_offset.min().item())}")
+    if check_values_enabled(token_offset) and batch:
+        low, high = int(token_offset.min().item()), int(token_offset.max().item())
+        if low < 0:
+            raise ValueError(f"token_offset must be >= 0, got min {low}")
+        if high > MAX_POSITION:
+            raise ValueError(f"token_offset must be <= {MAX_POSITION} (2^31 - 1), got max {high}")
     return token_offset

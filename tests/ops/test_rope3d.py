@@ -185,6 +185,10 @@ def _bad(**changes):
         (dict(token_offset=torch.tensor([0, -1], dtype=torch.int32)), ValueError, "token_offset must be >= 0"),
         (dict(token_offset=torch.tensor([0], dtype=torch.int32)), ValueError, "token_offset must have shape"),
         (dict(theta=-1.0), ValueError, "theta must be a positive"),
+        # t*h*w past int64 (it wrapped to 0: ZeroDivisionError on the reference, garbage on triton)
+        (dict(grid_thw=torch.tensor([[2**21, 2**21, 2**21], [1, 2, 2]])), ValueError, r"grid_thw\[0\] .* t\*h\*w"),
+        (dict(grid_thw=torch.tensor([[1, 2, 3], [1, 65536, 32768]])), ValueError, r"grid_thw\[1\] .* more than"),
+        (dict(token_offset=torch.tensor([0, 2**62])), ValueError, "token_offset must be <="),
         (dict(cu_seqlens=packed_cu([6, 4], device="meta")), ValueError, "cu_seqlens is on meta"),
     ],
 )
