@@ -18,7 +18,7 @@ from fastdit import ops
 from fastdit.models.config import DiTConfig, preset
 from fastdit.models.packing import PackedBatch
 from fastdit.ops.dispatch import backends_for
-from fastdit.ops.validation import values_checked
+from fastdit.ops.validation import check_tensor, values_checked
 from fastdit.reference.modulation import rms_norm_ref
 
 # The fastdit ops the DiT calls.
@@ -56,7 +56,8 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(hidden))
         self.k_norm = nn.Parameter(torch.ones(hidden))
         # Self-attention over a sequence sharded across ranks (fastdit.runtime.parallel sets it):
-        # fn(q, k, v, batch, backend) -> out, q / k / v being this rank's tokens, all heads.
+        # fn(q, k, v, batch, backend) -> out, q / k / v being this rank's tokens, all heads; None when
+        # called outside a sequence-parallel step (the model used on its own runs plain attention).
         self.sequence_parallel = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +81,10 @@ class Attention(nn.Module):
         )
         v = self._heads(self.v(x))
         cu, n = batch.cu_seqlens, batch.max_seqlen
-        if self.sequence_parallel is not None:
+        out = None
+        if self.sequence_parallel is not None:  # None outside a sequence-parallel step: plain attention
             out = self.sequence_parallel(q, k, v, batch, backends["varlen_attention"])
-        else:
+        if out is None:
             out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
@@ -208,10 +210,28 @@ class DiT(nn.Module):
         if torch.compiler.is_compiling():
             return self._forward_packed(batch, text_kv)
         batch.validate()
+        self.check_batch(batch)
         if text_kv is not None and len(text_kv) != len(self.blocks):
             raise ValueError(f"text_kv has {len(text_kv)} entries; the model has {len(self.blocks)} blocks")
         with values_checked():
             return self._forward_packed(batch, text_kv)
+
+    def check_batch(self, batch: PackedBatch) -> None:
+        """A ``ValueError`` naming the field when a (validated) batch does not fit this model."""
+        cfg = self.config
+        if tuple(batch.patch_size) != tuple(cfg.patch_size):
+            raise ValueError(f"batch.patch_size {tuple(batch.patch_size)} differs from the model's {cfg.patch_size}")
+        width = cfg.in_channels * math.prod(cfg.patch_size)
+        if batch.tokens.shape[1] != width:
+            raise ValueError(
+                f"batch.tokens must be (total, in_channels * pt * ph * pw) = (total, {width}), "
+                f"got {tuple(batch.tokens.shape)}"
+            )
+        if batch.text.shape[1] != cfg.text_dim:
+            raise ValueError(
+                f"batch.text must be (total_text, text_dim) = (total_text, {cfg.text_dim}), "
+                f"got {tuple(batch.text.shape)}"
+            )
 
     def _forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
@@ -239,8 +259,34 @@ class DiT(nn.Module):
 
         Matches diffusers' ``WanTransformer3DModel(latents, timestep, text)[0]`` for the same weights.
         """
-        batch = PackedBatch.from_dense(latents, timestep, text, self.config.patch_size)
-        out = self.forward_packed(batch)
+        return self.dense_output(self.forward_packed(self.dense_batch(latents, timestep, text)), latents)
+
+    def dense_batch(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> PackedBatch:
+        """:meth:`forward`'s arguments checked against the config (a ``ValueError`` naming the
+        argument, before any compute) and packed."""
+        cfg = self.config
+        check_tensor("latents", latents, ndims=(5,))
+        check_tensor("text", text, ndims=(3,), device=latents.device)
+        check_tensor("timestep", timestep, ndims=(1,), dtypes=None, device=latents.device)
+        batch = latents.shape[0]
+        if latents.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"latents must have in_channels = {cfg.in_channels} channels (B, C, T, H, W), "
+                f"got {tuple(latents.shape)}"
+            )
+        if text.shape[0] != batch or text.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"text must be (B, L, text_dim) = ({batch}, L, {cfg.text_dim}) for latents {tuple(latents.shape)}, "
+                f"got {tuple(text.shape)}"
+            )
+        if text.shape[1] < 1:
+            raise ValueError(f"text must have at least one token (B, L >= 1, text_dim), got {tuple(text.shape)}")
+        if timestep.shape[0] != batch:
+            raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(timestep.shape)}")
+        return PackedBatch.from_dense(latents, timestep, text, cfg.patch_size)
+
+    def dense_output(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The packed prediction of :meth:`dense_batch`'s batch as ``(B, C_out, T, H, W)``."""
         pt, ph, pw = self.config.patch_size
         _, _, frames, height, width = latents.shape
         return rearrange(

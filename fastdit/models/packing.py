@@ -1,5 +1,6 @@
 """``PackedBatch``: videos and images of different sizes and text lengths as one token sequence."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,9 @@ class PackedBatch:
         channels = latents[0].shape[0]
         grids, token_lists = [], []
         for i, latent in enumerate(latents):
+            check_tensor(f"latents[{i}]", latent, dtypes=None)
+            if latent.device != device:
+                raise ValueError(f"latents[{i}] is on {latent.device}, latents[0] on {device}: one device per batch")
             if latent.dim() != 4 or latent.shape[0] != channels:
                 raise ValueError(f"latents[{i}] must be (C={channels}, T, H, W), got {tuple(latent.shape)}")
             if any(n % p for n, p in zip(latent.shape[1:], patch_size)):
@@ -84,8 +88,15 @@ class PackedBatch:
             grids.append([n // p for n, p in zip(latent.shape[1:], patch_size)])
             token_lists.append(patchify(latent, patch_size))
         for i, text in enumerate(texts):
+            check_tensor(f"texts[{i}]", text, dtypes=None)
             if text.dim() != 2 or text.shape[0] < 1:
                 raise ValueError(f"texts[{i}] must be (L >= 1, text_dim), got {tuple(text.shape)}")
+            if text.shape[1] != texts[0].shape[-1]:
+                raise ValueError(
+                    f"texts[{i}] has text_dim {text.shape[1]}, texts[0] {texts[0].shape[-1]}: one width per batch"
+                )
+            if text.device != device:
+                raise ValueError(f"texts[{i}] is on {text.device}, the latents on {device}: one device per batch")
         lengths = [t.shape[0] for t in token_lists]
         text_lengths = [t.shape[0] for t in texts]
         timestep = torch.as_tensor(timesteps, device=device)
@@ -159,6 +170,18 @@ class PackedBatch:
         """Packed model output ``(total, pt ph pw C)`` -> per-sample ``(C, T, H, W)`` latents."""
         bounds = self.cu_seqlens.tolist()
         grids = self.grid_thw.tolist()
+        volume = math.prod(self.patch_size)
+        if out.dim() != 2 or out.shape[0] != bounds[-1] or out.shape[1] != volume * channels:
+            raise ValueError(
+                f"out must be the packed prediction (total, pt*ph*pw*C) = ({bounds[-1]}, {volume * channels}) "
+                f"for channels={channels}, got {tuple(out.shape)}"
+            )
+        for i, (grid, start, end) in enumerate(zip(grids, bounds[:-1], bounds[1:])):
+            if math.prod(grid) != end - start:
+                raise ValueError(
+                    f"grid_thw[{i}] = {grid} has {math.prod(grid)} tokens but sample {i} has {end - start}: "
+                    "unpack needs t*h*w tokens per sample"
+                )
         return [
             unpatchify(out[bounds[i] : bounds[i + 1]], grids[i], self.patch_size, channels)
             for i in range(self.batch_size)

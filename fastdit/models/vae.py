@@ -8,16 +8,15 @@ grow with the clip. Parameter names follow diffusers' ``AutoencoderKLWan`` so it
 as they are; ``encode`` returns the unnormalized latent mean and ``decode`` takes it, as there.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from fastdit import ops
+from fastdit.models.weights import WeightLoadError, read_json, read_safetensors
 from fastdit.ops.dispatch import backends_for
 
 
@@ -510,9 +509,10 @@ class CausalVAE(nn.Module):
             return model.to(next(iter(source.values())).dtype)
         else:
             path = os.fspath(source)
-            with open(os.path.join(path, "config.json")) as f:
-                cfg = json.load(f)
-            state = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+            if not os.path.isdir(path):
+                raise WeightLoadError(f"{path} is not a diffusers AutoencoderKLWan directory")
+            cfg = read_json(os.path.join(path, "config.json"))
+            state = read_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"))
         if cfg.get("is_residual") or (cfg.get("patch_size") or 1) != 1:
             raise ValueError("only the Wan 2.1 VAE (not residual, no patchify) is supported")
         config = VAEConfig(

@@ -11,13 +11,68 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fastdit.models.config import DiTConfig
 
 
 class WeightLoadError(ValueError):
-    """The checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+    """A checkpoint that cannot be read or does not fit the model: names the file and what is
+    wrong, or lists missing, unexpected and mis-shaped keys."""
+
+
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle stream
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or a :class:`WeightLoadError` that names the file
+    and what is wrong with it (missing, too short, truncated, a pickle, a corrupt header)."""
+    if not os.path.isfile(path):
+        raise WeightLoadError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_MAGICS):
+        raise WeightLoadError(
+            f"{path}: this is a pickled PyTorch checkpoint (torch.save), not safetensors; fastdit never unpickles. "
+            "Convert it once where you trust it: safetensors.torch.save_file(torch.load(f), 'model.safetensors')"
+        )
+    if size < 8:
+        raise WeightLoadError(f"{path}: {size} bytes is too short for a safetensors file (an 8-byte header length)")
+    header_len = int.from_bytes(head, "little")
+    if header_len > size - 8:
+        raise WeightLoadError(
+            f"{path}: its header claims {header_len} bytes but the file has {size}: truncated or not a safetensors file"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as err:
+        raise WeightLoadError(f"{path}: not a valid safetensors file ({err})") from err
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``, or a :class:`WeightLoadError` naming the file and the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightLoadError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(value, dict):
+        raise WeightLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def shard_path(directory: str, shard: object, index: str) -> str:
+    """A sharded index's file name, resolved inside ``directory``: an absolute path or one that
+    climbs out (``../x.safetensors``, a symlink elsewhere) is refused, never read."""
+    if not isinstance(shard, str) or not shard:
+        raise WeightLoadError(f"{index}: weight_map values must be file names, got {shard!r}")
+    root = os.path.realpath(directory)
+    resolved = os.path.realpath(os.path.join(root, shard))
+    if os.path.isabs(shard) or os.path.commonpath([root, resolved]) != root:
+        raise WeightLoadError(f"{index}: shard {shard!r} is outside the model directory {directory}")
+    return resolved
 
 
 # diffusers name -> fastdit name, tried in order (block index captured as \1).
@@ -73,19 +128,42 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
     qk_norm = cfg.get("qk_norm", "rms_norm_across_heads")
     if qk_norm != "rms_norm_across_heads":
         raise WeightLoadError(f"qk_norm={qk_norm!r} is not supported (only 'rms_norm_across_heads')")
+    ints = {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "ffn_dim": 13824,
+            "in_channels": 16, "text_dim": 4096, "freq_dim": 256}  # fmt: skip
+    values = {key: _config_value(cfg, key, default, int) for key, default in ints.items()}
+    out_channels = cfg.get("out_channels") or values["in_channels"]
+    patch_size = cfg.get("patch_size", (1, 2, 2))
+    if not isinstance(out_channels, int) or out_channels < 1:
+        raise WeightLoadError(f"config.json: out_channels must be a positive int, got {out_channels!r}")
+    if (
+        not isinstance(patch_size, (list, tuple))
+        or len(patch_size) != 3
+        or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch_size)
+    ):
+        raise WeightLoadError(f"config.json: patch_size must be three positive ints, got {patch_size!r}")
+    eps = cfg.get("eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise WeightLoadError(f"config.json: eps must be a positive number, got {eps!r}")
     return DiTConfig(
-        num_heads=cfg.get("num_attention_heads", 40),
-        head_dim=cfg.get("attention_head_dim", 128),
-        num_layers=cfg.get("num_layers", 40),
-        ffn_dim=cfg.get("ffn_dim", 13824),
-        in_channels=cfg.get("in_channels", 16),
-        out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
-        text_dim=cfg.get("text_dim", 4096),
-        freq_dim=cfg.get("freq_dim", 256),
-        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-        cross_attn_norm=cfg.get("cross_attn_norm", True),
-        eps=cfg.get("eps", 1e-6),
+        num_heads=values["num_attention_heads"],
+        head_dim=values["attention_head_dim"],
+        num_layers=values["num_layers"],
+        ffn_dim=values["ffn_dim"],
+        in_channels=values["in_channels"],
+        out_channels=out_channels,
+        text_dim=values["text_dim"],
+        freq_dim=values["freq_dim"],
+        patch_size=tuple(patch_size),
+        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        eps=float(eps),
     )
+
+
+def _config_value(cfg: dict, key: str, default, kind):
+    value = cfg.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
+        raise WeightLoadError(f"config.json: {key} must be a positive {kind.__name__}, got {value!r}")
+    return value
 
 
 def _infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
@@ -119,19 +197,19 @@ def _read_directory(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     config = None
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json(config_path)
     index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
     single = os.path.join(path, "diffusion_pytorch_model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightLoadError(f"{index}: needs a non-empty 'weight_map' object (tensor name -> shard file)")
         state_dict = {}
-        for shard in shards:
-            state_dict.update(load_file(os.path.join(path, shard)))
+        for shard in sorted({shard_path(path, name, index) for name in weight_map.values()}):
+            state_dict.update(read_safetensors(shard))
         return state_dict, config
     if os.path.exists(single):
-        return load_file(single), config
+        return read_safetensors(single), config
     raise WeightLoadError(
         f"{path} has neither diffusion_pytorch_model.safetensors nor its .index.json "
         "(only safetensors are loaded, never pickled .bin files)"
@@ -151,7 +229,7 @@ def load_diffusers_dit(cls, source, *, config: DiTConfig | None = None, backend:
         if os.path.isdir(path):
             state_dict, diffusers_config = _read_directory(path)
         elif path.endswith(".safetensors"):
-            state_dict = load_file(path)
+            state_dict = read_safetensors(path)
         else:
             raise WeightLoadError(f"{path} is neither a diffusers model directory nor a .safetensors file")
     else:

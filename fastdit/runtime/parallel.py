@@ -32,8 +32,10 @@ batch that differs across ranks raise on every rank; a dead rank surfaces as the
 error or timeout (``init_process_group(timeout=...)``), never a silent hang.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -375,16 +377,27 @@ class SequenceParallelDiT(torch.nn.Module):
         for c in range(layout.cfg):  # every rank creates every subgroup, in the same order
             for j in range(layout.ring):
                 ranks = [self.global_ranks[layout.group_rank(c, j, u)] for u in range(layout.ulysses)]
-                self._ulysses_groups[(c, j)] = dist.new_group(ranks) if layout.ulysses > 1 else None
+                self._ulysses_groups[(c, j)] = (
+                    dist.new_group(ranks, timeout=group_timeout(group)) if layout.ulysses > 1 else None
+                )
         self._step = None
         for block in model.blocks:
             block.self_attn.sequence_parallel = self._attention
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.forward_packed(batch)
+    def forward(self, latents, timestep: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``sp(batch)``: :meth:`forward_packed`; ``sp(latents, timestep, text)``: ``DiT.forward``'s
+        dense call, ``(B, C_out, T, H, W)`` on every rank."""
+        if isinstance(latents, PackedBatch):
+            if timestep is not None or text is not None:
+                raise ValueError("pass a PackedBatch alone, or dense (latents, timestep, text)")
+            return self.forward_packed(latents)
+        if timestep is None or text is None:
+            raise ValueError("the dense call needs (latents (B, C, T, H, W), timestep (B,), text (B, L, text_dim))")
+        return self.model.dense_output(self.forward_packed(self.model.dense_batch(latents, timestep, text)), latents)
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         batch.validate()
+        self.model.check_batch(batch)
         cu, cu_text = batch.cu_seqlens.tolist(), batch.cu_seqlens_text.tolist()
         self._check_same_batch(batch, cu, cu_text)
         layout = self.layout
@@ -407,6 +420,8 @@ class SequenceParallelDiT(torch.nn.Module):
 
     def _attention(self, q, k, v, local: PackedBatch, backend):
         plan = self._step
+        if plan is None:  # the wrapped model called on its own, outside forward_packed: plain attention
+            return None
         layout = self.layout
         c, j, u = layout.coords
         heads = q.shape[1]
@@ -439,19 +454,54 @@ class SequenceParallelDiT(torch.nn.Module):
 
     def _check_same_batch(self, batch: PackedBatch, cu: list[int], cu_text: list[int]) -> None:
         """Every rank must pass the same batch: compare a fingerprint, raise on every rank if not."""
-        # float64 on the batch's device: NCCL gathers CUDA tensors only
-        mine = torch.tensor(
-            [len(cu), cu[-1], sum(cu), cu_text[-1], sum(cu_text), *batch.grid_thw.sum(0).tolist(),
-             batch.tokens.shape[1]], dtype=torch.float64, device=batch.tokens.device,
-        )  # fmt: skip
+        mine = batch_fingerprint(batch, cu, cu_text)
         everyone = [torch.empty_like(mine) for _ in range(self.layout.size)]
         dist.all_gather(everyone, mine, group=self.group)
         different = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
         if different:
             raise RuntimeError(
                 f"sequence parallel: ranks {different} were given a different batch than rank 0 "
-                "(every rank must pass the same packed batch)"
+                "(every rank must pass the same packed batch: latents, timesteps, grids and text)"
             )
+
+
+FINGERPRINT_SAMPLES = 64  # values read from each of tokens and text for the cross-rank check
+
+
+def batch_fingerprint(batch: PackedBatch, cu: list[int], cu_text: list[int]) -> torch.Tensor:
+    """A cheap digest of everything that decides a rank's output: boundaries, grids, offsets,
+    timesteps, shapes, ``FINGERPRINT_SAMPLES`` values of the tokens and of the text (at the same
+    positions on every rank) and two sums of each. SHA-256 of those, as eight 32-bit words in
+    float64 (exact) on the batch's device (NCCL gathers CUDA tensors only)."""
+    digest = hashlib.sha256()
+    digest.update(repr((cu, cu_text, batch.grid_thw.tolist(), batch.patch_size, tuple(batch.tokens.shape),
+                        tuple(batch.text.shape), None if batch.token_offset is None else batch.token_offset.tolist(),
+                        str(batch.tokens.dtype), str(batch.text.dtype))).encode())  # fmt: skip
+    digest.update(batch.timestep.detach().double().cpu().numpy().tobytes())
+    for t in (batch.tokens, batch.text):
+        flat = t.detach().reshape(-1).double()
+        if flat.numel():
+            where = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
+            # two sums catch a change anywhere (a position-weighted one also a permutation); one
+            # pass over the tokens (64 values per token in Wan) and the text, no host sync but the read
+            weight = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(251).add_(1)
+            summary = torch.cat([flat[where], torch.stack([flat.sum(), (flat * weight).sum()])])
+            digest.update(summary.cpu().numpy().tobytes())
+    words = [int.from_bytes(digest.digest()[i : i + 4], "little") for i in range(0, 32, 4)]
+    return torch.tensor(words, dtype=torch.float64, device=batch.tokens.device)
+
+
+def group_timeout(group) -> timedelta | None:
+    """The timeout ``group`` (default: the world) was created with, for the subgroups fastdit
+    creates: ``dist.new_group`` without one gets torch's default (30 minutes), so a hung rank
+    would block a subgroup's collective far past ``init_process_group(timeout=...)``."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in getattr(pg, "_device_types", []):
+        try:
+            return pg._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
 
 
 def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, cfg: int = 1) -> SequenceParallelDiT:

@@ -2,6 +2,7 @@
 the single-process model (forward and gradients), and the failure modes (never a hang)."""
 
 import copy
+import dataclasses
 import os
 import socket
 import time
@@ -83,6 +84,16 @@ def _parity_worker(rank, world, port, backend="reference", configs=None):
             for (name, p), q in zip(model.named_parameters(), reference.parameters()):
                 gerr = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
                 assert gerr <= 1e-4, f"{where}: gradient of {name} error {gerr}"
+            with torch.no_grad():
+                # the wrapped model still works on its own (single process, plain attention) ...
+                alone = model.forward_packed(batch)
+                assert ((alone - expect).norm() / expect.norm()).item() <= 1e-5, f"{where}: model alone"
+                # ... and the wrapper takes DiT.forward's dense call
+                latents = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+                text, timestep = torch.randn(2, 5, 32), torch.tensor([3.0, 700.0])
+                dense, want = sp(latents, timestep, text), reference(latents, timestep, text)
+                assert dense.shape == want.shape, f"{where}: dense shape {tuple(dense.shape)}"
+                assert ((dense - want).norm() / want.norm()).item() <= 1e-5, f"{where}: dense call"
     finally:
         dist.destroy_process_group()
 
@@ -107,16 +118,36 @@ def _mismatch_worker(rank, world, port, kind, queue):
             apply_sequence_parallel(model, ulysses=2 if rank == 0 else 1, ring=1 if rank == 0 else 2)
         else:
             sp = apply_sequence_parallel(model, ulysses=2)
-            batch = make_batch(1)
-            if rank == 1:
-                batch = PackedBatch.from_samples([torch.randn(16, 1, 2, 2)], torch.tensor([1.0]),
-                                                 [torch.randn(2, 32)], (1, 2, 2))  # fmt: skip
+            batch = make_batch(1) if rank == 0 or kind != "batch" else PackedBatch.from_samples(
+                [torch.randn(16, 1, 2, 2)], torch.tensor([1.0]), [torch.randn(2, 32)], (1, 2, 2)
+            )  # fmt: skip
+            if rank == 1 and kind != "batch":
+                batch = _same_shapes_other(batch, kind)
             sp.forward_packed(batch)
         queue.put((rank, "no error"))
     except Exception as err:  # noqa: BLE001 - the test inspects what every rank raised
         queue.put((rank, f"{type(err).__name__}: {err}"))
     finally:
         dist.destroy_process_group()
+
+
+def _same_shapes_other(batch: PackedBatch, kind: str) -> PackedBatch:
+    """The batch with every shape kept and one thing changed (rank 0 keeps the original)."""
+    if kind == "latents":  # one token value
+        tokens = batch.tokens.clone()
+        tokens[5, 3] += 1.0
+        return dataclasses.replace(batch, tokens=tokens)
+    if kind == "timesteps":
+        return dataclasses.replace(batch, timestep=batch.timestep.flip(0))
+    if kind == "grids":  # the first sample's (t, h, w) = (3, 2, 3) read as (3, 3, 2): same token count
+        grid = batch.grid_thw.clone()
+        grid[0] = grid[0, [0, 2, 1]]
+        return dataclasses.replace(batch, grid_thw=grid)
+    if kind == "text":
+        text = batch.text.clone()
+        text[-1, -1] -= 1.0
+        return dataclasses.replace(batch, text=text)
+    raise ValueError(kind)
 
 
 def _dying_worker(rank, world, port, queue):
@@ -134,7 +165,35 @@ def _dying_worker(rank, world, port, queue):
         queue.put((rank, f"{type(err).__name__}: {err}"[:300], time.monotonic() - start))
 
 
-def _run_processes(target, world, *args):
+HUNG_TIMEOUT_S = 10
+
+
+def _hung_worker(rank, world, port, ulysses, ring, queue):
+    """Rank 1 stays alive but stops taking part after the batch check: its first all-to-all or
+    ring shift never starts. The others must fail within the group timeout, not torch's 30 min."""
+    from fastdit.runtime import parallel
+
+    _init(rank, world, port, timeout_s=HUNG_TIMEOUT_S)
+    sp = apply_sequence_parallel(make_model(), ulysses=ulysses, ring=ring)
+    if rank == 1:
+
+        def hang(*args, **kwargs):
+            time.sleep(600)
+
+        parallel._all_to_all_padded = parallel._shift = hang
+    start = time.monotonic()
+    try:
+        sp.forward_packed(make_batch(1))
+        message = "no error"
+    except Exception as err:  # noqa: BLE001
+        message = f"{type(err).__name__}: {err}"[:300]
+    queue.put((rank, message, time.monotonic() - start))
+    queue.close()
+    queue.join_thread()  # the message is written before the process goes
+    os._exit(0)  # a clean shutdown would wait for the hung rank
+
+
+def _run_processes(target, world, *args, expect=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -143,7 +202,7 @@ def _run_processes(target, world, *args):
         p.start()
     results = []
     try:
-        for _ in range(sum(1 for _ in procs) if target is not _dying_worker else 1):
+        for _ in range(expect or world):
             results.append(queue.get(timeout=120))
     except Exception:
         traceback.print_exc()
@@ -154,7 +213,11 @@ def _run_processes(target, world, *args):
     return sorted(results)
 
 
-@pytest.mark.parametrize("kind, match", [("config", "differs across ranks"), ("batch", "different batch")])
+@pytest.mark.parametrize(
+    "kind, match",
+    [("config", "differs across ranks"), ("batch", "different batch")]
+    + [(kind, "different batch") for kind in ("latents", "timesteps", "grids", "text")],
+)
 def test_mismatch_raises_on_every_rank(kind, match):
     results = _run_processes(_mismatch_worker, 2, kind)
     assert len(results) == 2, results
@@ -163,10 +226,19 @@ def test_mismatch_raises_on_every_rank(kind, match):
 
 
 def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang():
-    results = _run_processes(_dying_worker, 2)
+    results = _run_processes(_dying_worker, 2, expect=1)
     assert len(results) == 1, results
     rank, message, elapsed = results[0]
     assert rank == 0 and message != "no error" and elapsed < 60, results
+
+
+@pytest.mark.parametrize("world, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["ulysses", "ring", "usp"])
+def test_a_hung_rank_ends_the_others_within_the_timeout(world, ulysses, ring):
+    results = _run_processes(_hung_worker, world, ulysses, ring, expect=world - 1)
+    assert len(results) == world - 1, results
+    for rank, message, elapsed in results:
+        assert rank != 1 and message != "no error", results
+        assert elapsed < HUNG_TIMEOUT_S + 30, f"rank {rank} waited {elapsed:.0f} s: {message}"
 
 
 # ---- the plan, without processes ---------------------------------------------------------------------
