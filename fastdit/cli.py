@@ -99,16 +99,22 @@ def main(argv=None) -> int:
     if args.command == "info":
         print(info_text())
         return 0
-    if args.command == "generate":
-        from fastdit.runtime import generate
+    from fastdit.runtime.generate import UsageError
 
-        generate.run(args)
-        return 0
-    if args.command == "export":
-        from fastdit.export import cli as export_cli
+    try:
+        if args.command == "generate":
+            from fastdit.runtime import generate
 
-        export_cli.run(args)
-        return 0
+            generate.run(args)
+            return 0
+        if args.command == "export":
+            from fastdit.export import cli as export_cli
+
+            export_cli.run(args)
+            return 0
+    except UsageError as err:  # a flag that cannot work: one line, argparse's exit status
+        print(f"fastdit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return _bench(args)
 
 

@@ -138,8 +138,10 @@ def test_cli_export_onnx_tiny_and_from_diffusers_weights(tmp_path, capsys):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"latents": x.numpy(), "timestep": t.numpy(), "text": text.numpy()})
     assert rel(got, expect) <= 1e-4  # diffusers' own model, through fastdit's ONNX graph
-    with pytest.raises(SystemExit, match="no vae/ directory"):
+    assert (
         main(["export", "onnx", "--weights", str(tmp_path / "weights"), "--vae", "--out", str(tmp_path / "v.onnx")])
+        == 2
+    )
 
 
 def test_profiles_and_precisions_are_validated():
@@ -151,12 +153,12 @@ def test_profiles_and_precisions_are_validated():
         build_engine("x.onnx", "x.engine", [Profile.parse("480x832x81")], precision="int4")
 
 
-def test_cli_tensorrt_says_why_it_cannot_build(tmp_path):
-    with pytest.raises(SystemExit, match="HEIGHTxWIDTHxFRAMES"):
-        main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832"])
+def test_cli_tensorrt_says_why_it_cannot_build(tmp_path, capsys):
+    assert main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832"]) == 2
+    assert "HEIGHTxWIDTHxFRAMES" in capsys.readouterr().err
     if tensorrt_missing() is not None:
-        with pytest.raises(SystemExit, match="tensorrt cannot be imported"):
-            main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832x81"])
+        assert main(["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--profile", "480x832x81"]) == 2
+        assert "tensorrt cannot be imported" in capsys.readouterr().err
 
 
 def test_euler_cfg_step_matches_the_sampler_math():

@@ -1,7 +1,10 @@
 """``fastdit export onnx`` and ``fastdit export tensorrt``."""
 
 import argparse
+import importlib.util
 import os
+
+from fastdit.runtime.generate import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--max-batch", type=int, default=2, help="2: a CFG pair")
 
 
+def _missing_export_extra() -> list[str]:
+    return [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
 def run(args) -> str:
     if args.format == "onnx":
+        missing = _missing_export_extra()
+        if missing:
+            raise UsageError(
+                f"fastdit export onnx needs the [export] extra ({', '.join(missing)} missing): "
+                'pip install "fastdit[export]" (or pip install -e ".[export]" in a checkout)'
+            )
         from fastdit.export.onnx import to_onnx
         from fastdit.models import DiT
         from fastdit.models.vae import CausalVAE
@@ -32,7 +45,7 @@ def run(args) -> str:
         if args.weights:
             folder = os.path.join(args.weights, "vae" if args.vae else "transformer")
             if not os.path.isdir(folder):
-                raise SystemExit(f"--weights {args.weights} has no {os.path.basename(folder)}/ directory")
+                raise UsageError(f"--weights {args.weights} has no {os.path.basename(folder)}/ directory")
             model = CausalVAE.from_diffusers(folder) if args.vae else DiT.from_diffusers(folder)
         elif args.vae:
             model = CausalVAE.from_preset("wan2.1" if args.preset.startswith("wan") else "tiny")
@@ -46,10 +59,10 @@ def run(args) -> str:
     try:
         profiles = [Profile.parse(p) for p in args.profile]
     except ValueError as err:
-        raise SystemExit(f"fastdit export tensorrt: {err}") from None
+        raise UsageError(f"--profile: {err}") from None
     missing = tensorrt_missing()
     if missing:
-        raise SystemExit(f"fastdit export tensorrt: {missing} (pip install tensorrt on a machine with a GPU)")
+        raise UsageError(f"{missing} (pip install tensorrt on a machine with a GPU)")
     path = build_engine(args.onnx, args.out, profiles, precision=args.precision, latent_channels=args.channels,
                         text_dim=args.text_dim, text_len=args.text_len, max_batch=args.max_batch)  # fmt: skip
     print(f"wrote {path}: {len(profiles)} optimization profiles, {args.precision}")

@@ -9,18 +9,20 @@ Every input is validated before any model is built.
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from fastdit.models import DiT
+from fastdit.models import DiT, WeightLoadError, preset
 from fastdit.models.vae import CausalVAE, SpatialTiling
+from fastdit.models.weights import read_json, read_safetensors
 from fastdit.runtime import modes
 from fastdit.runtime.sampler import FlowMatchSampler
 
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "loop", "v2v")
 VAE_FOR_DIT = {"tiny": "tiny", "wan2.1-1.3b": "wan2.1", "wan2.1-14b": "wan2.1"}
 SPATIAL, TEMPORAL = 8, 4  # the VAE's compression
+DEFAULT_FRAMES = 9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embeds.add_argument("--prompt-embeds", default=None, help="safetensors with prompt_embeds (L, text_dim)")
     embeds.add_argument("--random-embeds", action="store_true", help="random prompt embeddings (demo, tests)")
     parser.add_argument("--size", default="64x96", help="HxW in pixels, multiples of 16")
-    parser.add_argument("--frames", type=int, default=9, help="video frames, 1 + 4k (1 = an image)")
+    parser.add_argument("--frames", type=int, default=None, help=f"video frames, 1 + 4k (default {DEFAULT_FRAMES})")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--shift", type=float, default=5.0)
@@ -45,47 +47,159 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class UsageError(ValueError):
+    """A flag that cannot work: ``fastdit`` prints it as one line and exits with status 2."""
+
+
+VIDEO_SUFFIXES, IMAGE_SUFFIXES = (".mp4",), (".png",)
+
+
 @dataclass
 class Plan:
     height: int
     width: int
     frames: int
+    device: torch.device
+    inputs: list[torch.Tensor] = field(default_factory=list)  # (3, T, H, W) in [-1, 1], read and checked
+    text: torch.Tensor | None = None  # (L, text_dim) prompt embeddings from --prompt-embeds
+    negative: torch.Tensor | None = None
 
 
 def validate(args) -> Plan:
-    """Every check that needs no model: sizes, frame counts, files, mode inputs."""
+    """Every check that needs no model: sizes, frame counts, steps, the output path, the device,
+    the input files (decoded here) and the prompt embeddings; a :class:`UsageError` naming the flag."""
     try:
         height, width = (int(v) for v in args.size.lower().split("x"))
     except ValueError as err:
-        raise SystemExit(f"--size must be HxW, got {args.size!r}") from err
+        raise UsageError(f"--size must be HxW, got {args.size!r}") from err
     factor = SPATIAL * 2  # VAE 8x and the DiT's 2x2 patches
     if height % factor or width % factor or height <= 0 or width <= 0:
-        raise SystemExit(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
-    frames = 1 if args.mode == "t2i" else args.frames
+        raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
+    if args.mode == "t2i" and args.frames not in (None, 1):
+        raise UsageError(f"--frames {args.frames} with --mode t2i: an image has one frame; drop --frames or use t2v")
+    frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if args.frames is None else args.frames)
     if frames < 1 or (frames - 1) % TEMPORAL:
-        raise SystemExit(f"--frames {frames}: must be 1 + 4k (the VAE keeps the first frame alone)")
+        raise UsageError(f"--frames {frames}: must be 1 + 4k (the VAE keeps the first frame alone)")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+    _check_out(args.out, frames)
+    device = _device(args.device)
     needed = {"i2v": 1, "extend": 1, "connect": 2, "v2v": 1}.get(args.mode, 0)
     if len(args.input) != needed:
-        raise SystemExit(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
-    for path in [*args.input, *([args.prompt_embeds] if args.prompt_embeds else [])]:
-        if not os.path.isfile(path):
-            raise SystemExit(f"file not found: {path}")
+        raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
     if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
-        raise SystemExit(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
+        raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
     if not (args.prompt_embeds or args.random_embeds):
-        raise SystemExit("pass --prompt-embeds FILE or --random-embeds (text encoding is not part of fastdit)")
-    if not 0.0 <= args.strength <= 1.0:
-        raise SystemExit(f"--strength must be in [0, 1], got {args.strength}")
-    return Plan(height, width, frames)
+        raise UsageError("pass --prompt-embeds FILE or --random-embeds (text encoding is not part of fastdit)")
+    plan = Plan(height, width, frames, device)
+    if args.prompt_embeds:
+        plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args))
+    plan.inputs = [_read_video(path, height, width) for path in args.input]
+    latent_frames = [1 + (v.shape[1] - 1) // TEMPORAL for v in plan.inputs]
+    total = 1 + (frames - 1) // TEMPORAL
+    if args.mode == "extend" and total - latent_frames[0] < 1:
+        raise UsageError(f"--frames {frames}: extending needs more frames than the input's {plan.inputs[0].shape[1]}")
+    if args.mode == "connect" and total - sum(latent_frames) < 1:
+        need = 1 + TEMPORAL * sum(latent_frames)
+        raise UsageError(f"--frames {frames}: connecting these inputs needs at least {need} frames")
+    return plan
+
+
+def _check_out(path: str, frames: int) -> None:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        raise UsageError(
+            f"--out {path}: the extension must be .mp4 (video) or .png (one frame), got {suffix or 'none'}"
+        )
+    if suffix in IMAGE_SUFFIXES and frames > 1:
+        raise UsageError(f"--out {path}: a .png holds one frame and this makes {frames}; use .mp4 or --mode t2i")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: the directory {folder} does not exist")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: fastdit generate runs on cpu or cuda")
+    return device
+
+
+def _text_dim(args) -> int:
+    """The DiT's text width, read before any model is built (its config.json with --weights)."""
+    if not args.weights:
+        return preset(args.preset).text_dim
+    path = os.path.join(args.weights, "transformer", "config.json")
+    try:
+        return int(read_json(path).get("text_dim", 4096))
+    except WeightLoadError as err:
+        raise UsageError(f"--weights: {err}") from err
+
+
+def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompt-embeds {path}: file not found")
+    try:
+        embeds = read_safetensors(path)
+    except WeightLoadError as err:
+        raise UsageError(f"--prompt-embeds {err}") from err
+    if "prompt_embeds" not in embeds:
+        raise UsageError(f"--prompt-embeds {path}: holds {sorted(embeds)} but no 'prompt_embeds' tensor (L, text_dim)")
+    out = []
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        t = embeds.get(key)
+        if t is None:
+            out.append(None)
+            continue
+        if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] != 1) or not t.is_floating_point():
+            raise UsageError(f"--prompt-embeds {path}: {key} must be float (L, text_dim) or (1, L, text_dim), "
+                             f"got {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}")  # fmt: skip
+        t = t.reshape(-1, t.shape[-1])
+        if t.shape[0] < 1:
+            raise UsageError(f"--prompt-embeds {path}: {key} has zero tokens")
+        if t.shape[-1] != text_dim:
+            raise UsageError(f"--prompt-embeds {path}: {key} is {t.shape[-1]} wide; the DiT takes {text_dim}")
+        out.append(t.float())
+    return out[0], out[1]
 
 
 def _read_video(path: str, height: int, width: int) -> torch.Tensor:
-    """(3, T, H, W) in [-1, 1], resized to H x W."""
+    """(3, T, H, W) in [-1, 1], resized to H x W; grayscale and RGBA inputs are converted to RGB."""
     import imageio.v3 as iio
+    import numpy as np
 
-    frames = iio.imread(path)
-    frames = frames[None] if frames.ndim == 3 else frames
-    video = torch.from_numpy(frames[..., :3].copy()).float().permute(3, 0, 1, 2) / 127.5 - 1.0
+    if not os.path.isfile(path):
+        raise UsageError(f"--input {path}: file not found")
+    try:
+        frames = np.asarray(iio.imread(path))
+    except Exception as err:  # noqa: BLE001 - imageio raises many kinds for files it cannot decode
+        reason = (str(err).strip().splitlines() or [""])[0][:200]  # decoders print pages of logs
+        raise UsageError(f"--input {path}: not a readable image or video ({type(err).__name__}: {reason})") from err
+    if frames.dtype != np.uint8:
+        raise UsageError(f"--input {path}: 8-bit images and videos only, got {frames.dtype} pixels")
+    if frames.ndim == 2:  # one grayscale image
+        frames = frames[None, ..., None]
+    elif frames.ndim == 3 and frames.shape[-1] in (1, 3, 4) and min(frames.shape[:2]) > 4:  # one image (H, W, C)
+        frames = frames[None]
+    elif frames.ndim == 3:  # grayscale video (T, H, W)
+        frames = frames[..., None]
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4) or min(frames.shape[:3]) < 1:
+        raise UsageError(f"--input {path}: expected an image or a video, got pixel array {frames.shape}")
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    frames = frames[..., :3]  # RGBA: the alpha channel is dropped
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(3, 0, 1, 2) / 127.5 - 1.0
     if video.shape[2:] != (height, width):
         video = torch.nn.functional.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear")
         video = video.transpose(0, 1)
@@ -97,7 +211,9 @@ def _write(path: str, video: torch.Tensor, fps: int = 16) -> None:
     import imageio.v3 as iio
 
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-    if path.lower().endswith(".png"):
+    if path.lower().endswith(IMAGE_SUFFIXES):
+        if frames.shape[0] != 1:  # validate() refuses this; never write 1 of N frames silently
+            raise UsageError(f"--out {path}: a .png holds one frame, not {frames.shape[0]}")
         iio.imwrite(path, frames[0])
     else:
         iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1)
@@ -105,7 +221,7 @@ def _write(path: str, video: torch.Tensor, fps: int = 16) -> None:
 
 def run(args) -> dict:
     plan = validate(args)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = plan.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timings = {}
     start = time.perf_counter()
@@ -119,24 +235,17 @@ def run(args) -> dict:
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
     tiling = SpatialTiling() if args.vae_tiling else None
     text_dim = dit.config.text_dim
-    if args.prompt_embeds:
-        from safetensors.torch import load_file
-
-        embeds = load_file(args.prompt_embeds)
-        text = embeds["prompt_embeds"]
-        negative = embeds.get("negative_prompt_embeds")
+    if plan.text is not None:
+        text, negative = plan.text, plan.negative
     else:
         gen = torch.Generator().manual_seed(args.seed)
         text = torch.randn(16 if args.preset == "tiny" else 512, text_dim, generator=gen)
         negative = None
-    text = text.reshape(-1, text.shape[-1])
-    if text.shape[-1] != text_dim:
-        raise SystemExit(f"prompt embeddings are {text.shape[-1]} wide; the {args.preset} DiT takes {text_dim}")
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
     latent_shape = (vae.config.z_dim, 1 + (plan.frames - 1) // TEMPORAL, plan.height // SPATIAL, plan.width // SPATIAL)
-    inputs = [_read_video(p, plan.height, plan.width).to(device) for p in args.input]
+    inputs = [v.to(device) for v in plan.inputs]
     with torch.no_grad():
         latents = [vae.normalize(vae.encode(v[None].to(dtype), tiling=tiling).float())[0].cpu() for v in inputs]
     common = dict(seed=args.seed, negative_text=negative)
@@ -149,16 +258,10 @@ def run(args) -> dict:
         request = modes.loop(text, c, t, h, w, **common)
     elif args.mode == "i2v":
         request = modes.image_to_video(latents[0][:, :1], text, frames=t, **common)
-    elif args.mode == "extend":
-        extra = t - latents[0].shape[1]  # --frames is the total length
-        if extra < 1:
-            raise SystemExit(f"--frames {plan.frames}: extending needs more frames than the input's")
-        request = modes.extend(latents[0], text, extra_frames=extra, **common)
+    elif args.mode == "extend":  # --frames is the total length (validate() checked it leaves room)
+        request = modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)
     elif args.mode == "connect":
-        gap = t - latents[0].shape[1] - latents[1].shape[1]  # --frames is the total length
-        if gap < 1:
-            need = 1 + TEMPORAL * (latents[0].shape[1] + latents[1].shape[1])
-            raise SystemExit(f"--frames {plan.frames}: connecting these inputs needs at least {need} frames")
+        gap = t - latents[0].shape[1] - latents[1].shape[1]
         request = modes.connect(latents[0], latents[1], text, gap_frames=gap, **common)
     else:  # v2v
         request = modes.sdedit(latents[0], text, args.strength, **common)

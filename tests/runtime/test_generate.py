@@ -1,6 +1,10 @@
 """`fastdit generate` end to end on the tiny preset (random weights and embeddings, CPU)."""
 
+import os
+import re
+
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,9 +13,11 @@ from fastdit.cli import main
 from fastdit.models import DiT
 from fastdit.models.vae import CausalVAE
 
+EMBEDS = ["--random-embeds"]
+
 
 def generate(tmp_path, *args):
-    return main(["generate", "--random-embeds", "--steps", "3", "--device", "cpu", *args])
+    return main(["generate", *EMBEDS, "--steps", "3", "--device", "cpu", *args])
 
 
 def test_text_to_video_writes_an_mp4(tmp_path, capsys):
@@ -59,9 +65,8 @@ def test_extend_and_connect_lengths(tmp_path):
     assert generate(tmp_path, "--mode", "connect", "--input", str(clip), str(clip), "--frames", "21", "--size",
                     "32x32", "--out", str(joined)) == 0  # fmt: skip
     assert iio.imread(joined).shape[0] == 21  # 2 + 2 latent frames of input, 2 generated between
-    with pytest.raises(SystemExit, match="needs at least 17 frames"):
-        generate(tmp_path, "--mode", "connect", "--input", str(clip), str(clip), "--frames", "13", "--size", "32x32",
-                 "--out", str(joined))  # fmt: skip
+    assert generate(tmp_path, "--mode", "connect", "--input", str(clip), str(clip), "--frames", "13", "--size",
+                    "32x32", "--out", str(joined)) == 2  # fmt: skip
 
 
 def test_prompt_embeddings_file(tmp_path):
@@ -72,25 +77,95 @@ def test_prompt_embeddings_file(tmp_path):
                  "--out", str(out)]) == 0  # fmt: skip
     wrong = tmp_path / "wrong.safetensors"
     save_file({"prompt_embeds": torch.randn(7, 40)}, str(wrong))
-    with pytest.raises(SystemExit, match="40 wide; the tiny DiT takes 32"):
-        main(["generate", "--prompt-embeds", str(wrong), "--mode", "t2i", "--size", "32x32", "--out", str(out)])
+    assert main(["generate", "--prompt-embeds", str(wrong), "--mode", "t2i", "--size", "32x32", "--out", str(out)]) == 2
+
+
+def _files(tmp_path):
+    """Inputs a user might pass: good and broken images, videos and embedding files."""
+    files = {}
+    files["gray"] = tmp_path / "gray.png"
+    iio.imwrite(files["gray"], (np.random.rand(32, 32) * 255).astype(np.uint8))
+    files["rgba"] = tmp_path / "rgba.png"
+    iio.imwrite(files["rgba"], (np.random.rand(32, 32, 4) * 255).astype(np.uint8))
+    files["corrupt"] = tmp_path / "corrupt.png"
+    files["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    files["text"] = tmp_path / "notes.mp4"
+    files["text"].write_text("not a video at all\n" * 20)
+    files["pickle"] = tmp_path / "embeds.safetensors"
+    files["pickle"].write_bytes(b"PK\x03\x04" + os.urandom(100))
+    files["no_key"] = tmp_path / "no_key.safetensors"
+    save_file({"embeds": torch.randn(3, 32)}, str(files["no_key"]))
+    files["empty"] = tmp_path / "empty.safetensors"
+    save_file({"prompt_embeds": torch.randn(0, 32)}, str(files["empty"]))
+    files["wide"] = tmp_path / "wide.safetensors"
+    save_file({"prompt_embeds": torch.randn(3, 40)}, str(files["wide"]))
+    files["json"] = tmp_path / "embeds.json"
+    files["json"].write_text("{}")
+    return files
+
+
+BAD_FLAGS = [
+    (["--size", "60x96"], "--size 60x96: height and width must be positive multiples of 16"),
+    (["--size", "big"], "--size must be HxW"),
+    (["--frames", "8"], "--frames 8: must be 1 \\+ 4k"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-3"], "--steps must be >= 1, got -3"),
+    (["--mode", "i2v"], "--mode i2v takes 1 --input"),
+    (["--mode", "t2i", "--frames", "9"], "--frames 9 with --mode t2i"),
+    (["--mode", "v2v", "--input", "missing.mp4"], "--input missing.mp4: file not found"),
+    (["--weights", "/nonexistent"], "--weights /nonexistent must hold transformer/ and vae/"),
+    (["--mode", "v2v", "--input", "{gray}", "--strength", "2"], "--strength must be in"),
+    (["--out", "{tmp}/video.avi"], "--out .*video.avi: the extension must be .mp4"),
+    (["--out", "{tmp}/video"], "--out .*video: the extension must be .mp4 .* got none"),
+    (["--out", "{tmp}/missing/dir/video.mp4"], "--out .*: the directory .* does not exist"),
+    (["--out", "{tmp}/video.png"], "--out .*video.png: a .png holds one frame and this makes 9"),
+    (["--device", "quantum"], "--device quantum: not a device name"),
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+    (["--mode", "v2v", "--input", "{corrupt}"], "--input .*corrupt.png: not a readable image or video"),
+    (["--mode", "v2v", "--input", "{text}"], "--input .*notes.mp4: not a readable image or video"),
+    (["--prompt-embeds", "{pickle}"], "--prompt-embeds .*embeds.safetensors: this is a pickled PyTorch checkpoint"),
+    (["--prompt-embeds", "{no_key}"], "--prompt-embeds .*: holds \\['embeds'\\] but no 'prompt_embeds'"),
+    (["--prompt-embeds", "{empty}"], "--prompt-embeds .*: prompt_embeds has zero tokens"),
+    (["--prompt-embeds", "{wide}"], "--prompt-embeds .*: prompt_embeds is 40 wide; the DiT takes 32"),
+    (["--prompt-embeds", "{json}"], "--prompt-embeds .*embeds.json: .*too short|not a valid safetensors"),
+]
 
 
 @pytest.mark.parametrize(
-    "args, match",
-    [
-        (["--size", "60x96"], "multiples of 16"),
-        (["--frames", "8"], "must be 1 \\+ 4k"),
-        (["--mode", "i2v"], "takes 1 --input"),
-        (["--mode", "v2v", "--input", "missing.mp4"], "file not found: missing.mp4"),
-        (["--weights", "/nonexistent"], "must hold transformer/ and vae/"),
-        (["--mode", "v2v", "--input", __file__, "--strength", "2"], "--strength must be in"),
-    ],
+    "args, match", BAD_FLAGS, ids=[" ".join(a[:2]) + f"#{i}" for i, (a, _) in enumerate(BAD_FLAGS)]
 )
-def test_bad_input_fails_before_any_model_is_built(tmp_path, args, match, monkeypatch):
+def test_bad_input_is_one_line_and_status_2_before_any_model_is_built(tmp_path, args, match, monkeypatch, capsys):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    files = _files(tmp_path)
+    args = [a.format(tmp=tmp_path, **files) for a in args]
+    if "--prompt-embeds" in args:  # not together with --random-embeds
+        monkeypatch.setattr("tests.runtime.test_generate.EMBEDS", [])
     monkeypatch.setattr(DiT, "from_preset", lambda *a, **k: pytest.fail("built a model before validating"))
-    with pytest.raises(SystemExit, match=match):
-        generate(tmp_path, *args)
+    assert generate(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastdit generate: error: "), err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba"])
+def test_grayscale_and_rgba_inputs_are_converted_to_rgb(tmp_path, kind):
+    files = _files(tmp_path)
+    out = tmp_path / "i2v.mp4"
+    assert generate(tmp_path, "--mode", "i2v", "--input", str(files[kind]), "--size", "32x32", "--frames", "5",
+                    "--out", str(out)) == 0  # fmt: skip
+    assert iio.imread(out).shape == (5, 32, 32, 3)
+
+
+def test_export_without_the_extra_names_it(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["export", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "the [export] extra (onnx missing)" in err and 'pip install "fastdit[export]"' in err, err
 
 
 def _parse(args):
