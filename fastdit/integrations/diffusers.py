@@ -30,6 +30,7 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,10 @@ class FastditWanAttnProcessor:
         # The grid was built (and checked) from the latent shape by the patched rope module: the
         # op's value checks would only add a host sync per layer.
         with values_checked():
-            if isinstance(attn.norm_q, torch.nn.RMSNorm) and isinstance(attn.norm_k, torch.nn.RMSNorm):
+            # The fused op reads the norms' weights itself; under accelerate's per-module hooks
+            # (sequential offload) those exist only inside the norm modules' own calls.
+            norms = (attn.norm_q, attn.norm_k)
+            if all(isinstance(n, torch.nn.RMSNorm) and not hasattr(n, "_hf_hook") for n in norms):
                 eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
                 query, key = ops.rope3d_qk(
                     query, key, rotary_emb.grid_thw, q_norm_weight=attn.norm_q.weight,
@@ -272,16 +276,56 @@ def _patch_blocks(model, prefix: str, backend: str | None) -> list[_Change]:
 # ---- vae -------------------------------------------------------------------------------------------
 
 
+class _SharedVAE:
+    """fastdit's CausalVAE over a diffusers ``AutoencoderKLWan``'s own parameters.
+
+    Held outside the module tree (a plain attribute, not a submodule), so the patched module's
+    ``state_dict``, ``named_parameters``, ``save_pretrained`` and ``.to`` see only diffusers'
+    tensors, once. Before each call it re-binds to the module's current parameter objects
+    (``.to()`` under ``torch.__future__``'s overwrite flag, ``load_state_dict(assign=True)`` and
+    accelerate replace them). Under accelerate's per-submodule hooks (sequential CPU offload,
+    device maps) the weights exist only inside diffusers' module calls: diffusers' own
+    ``_encode`` / ``_decode`` run then, said once in the log.
+    """
+
+    def __init__(self, vae, backend: str | None):
+        from fastdit.models.vae import CausalVAE
+
+        self.vae = vae
+        self.fast = CausalVAE.from_diffusers(vae, share_weights=True).set_backend(backend)
+        self.bound = dict(vae.named_parameters())
+
+    def current(self):
+        """The CausalVAE bound to the module's parameters now, or None where diffusers must run."""
+        if any(hasattr(m, "_hf_hook") for m in self.vae.modules() if m is not self.vae):
+            _log_once("AutoencoderKLWan has accelerate hooks on its submodules (sequential offload / device map): "
+                      "its encode / decode run diffusers' own code")  # fmt: skip
+            return None
+        params = dict(self.vae.named_parameters())
+        if params.keys() != self.bound.keys() or any(p is not self.bound[n] for n, p in params.items()):
+            self.fast.load_state_dict(self.vae.state_dict(keep_vars=True), strict=False, assign=True)
+            self.bound = params
+        if any(p.device.type == "meta" for p in params.values()):
+            return None
+        return self.fast
+
+
+@cache
+def _log_once(message: str) -> None:
+    logger.warning("fastdit.patch: %s", message)
+
+
 def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
     from diffusers.models.autoencoders.vae import DecoderOutput
 
-    from fastdit.models.vae import CausalVAE, SpatialTiling
+    from fastdit.models.vae import SpatialTiling
 
     config = dict(vae.config)
     if config.get("is_residual") or (config.get("patch_size") or 1) != 1:
         raise ValueError(f"{prefix}: only the Wan 2.1 VAE is supported (not Wan 2.2's residual / patchified one); "
                          "pass vae=False")  # fmt: skip
-    fast = CausalVAE.from_diffusers(vae, share_weights=True).set_backend(backend)
+    shared = _SharedVAE(vae, backend)
+    original_encode, original_decode = vae._encode, vae._decode
 
     def tiling():
         if not vae.use_tiling:
@@ -290,17 +334,27 @@ def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
                              vae.tile_sample_stride_width)  # fmt: skip
 
     def _encode(x):
-        return fast.encode(x, tiling=tiling(), moments=True)
+        fast = shared.current()
+        return original_encode(x) if fast is None else fast.encode(x, tiling=tiling(), moments=True)
 
     def _decode(z, return_dict=True):
+        fast = shared.current()
+        if fast is None:
+            return original_decode(z, return_dict=return_dict)
         out = fast.decode(z, tiling=tiling())
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     return [
-        _set_attr(vae, "_fastdit_vae", fast, ""),
+        _set_plain_attr(vae, "_fastdit_vae", shared),
         _set_attr(vae, "_encode", _encode, ""),
         _set_attr(vae, "_decode", _decode, f"{prefix}: encode / decode -> fastdit CausalVAE (shared weights)"),
     ]
+
+
+def _set_plain_attr(module, name: str, value) -> _Change:
+    """An instance attribute that nn.Module does not register (no submodule, no state_dict entry)."""
+    object.__setattr__(module, name, value)
+    return _Change("", lambda: object.__delattr__(module, name))
 
 
 # ---- public -----------------------------------------------------------------------------------------

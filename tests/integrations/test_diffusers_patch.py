@@ -1,5 +1,6 @@
 """fastdit.patch / unpatch on diffusers' Wan 2.1 transformer, VAE and pipeline (tiny, random weights)."""
 
+import copy
 import re
 import sys
 import warnings
@@ -144,7 +145,7 @@ def test_patched_vae_matches_shares_weights_and_tiles(op_calls):
         before = instance_state(vae)  # after diffusers' own calls, which add their cache attributes
         changes = fastdit.patch(vae)
         assert changes == ["vae: encode / decode -> fastdit CausalVAE (shared weights)"]
-        fast = vae._fastdit_vae
+        fast = vae._fastdit_vae.fast
         assert fast.decoder.conv_out.weight.data_ptr() == vae.decoder.conv_out.weight.data_ptr()
         op_calls.clear()
         latent = vae.encode(video).latent_dist
@@ -210,8 +211,8 @@ def test_patched_forward_skips_the_ops_value_checks(monkeypatch, op_calls, flags
     checked = []
     real = validation.check_values_enabled
 
-    def spy():
-        enabled = real()
+    def spy(*tensors):
+        enabled = real(*tensors)
         checked.append(enabled)
         return enabled
 
@@ -259,3 +260,121 @@ def test_patched_transformer_cuda_bf16():
         fast = wan(x, t, text).sample
         fastdit.unpatch(wan)
     assert rel_err(fast, exact) <= max(2 * rel_err(plain, exact), 1e-2)
+
+
+# ---- the host library's own behaviour on a patched module --------------------------------------------
+
+
+def _wan_case():
+    x, text = torch.randn(1, 4, 3, 6, 10), torch.randn(1, 5, 16)
+    t = torch.tensor([300.0])
+    return make_wan(), lambda m: m(x.to(m.dtype), t, text.to(m.dtype)).sample
+
+
+def _vae_case():
+    video = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+
+    def run(m):
+        latent = m.encode(video.to(m.dtype)).latent_dist.mean
+        return m.decode(latent).sample
+
+    return make_vae(), run
+
+
+@pytest.mark.parametrize("case", [_wan_case, _vae_case], ids=["transformer", "vae"])
+def test_a_patched_module_saves_loads_and_converts_as_unpatched(case, tmp_path):
+    """state_dict, named_parameters, save_pretrained / from_pretrained, load_state_dict (strict,
+    and assign=True: new parameter objects), .to(dtype) with and without torch's overwrite flag:
+    the patched module (fast path) agrees with an unpatched twin after each."""
+    module, run = case()
+    twin = copy.deepcopy(module)
+    keys, names = list(module.state_dict()), [n for n, _ in module.named_parameters()]
+    fastdit.patch(module)
+    with torch.no_grad():
+        assert list(module.state_dict()) == keys  # each tensor once, under diffusers' name
+        assert [n for n, _ in module.named_parameters()] == names
+        assert [n for n, _ in module.named_modules()] == [n for n, _ in twin.named_modules()]
+        module.save_pretrained(tmp_path / "saved")  # safetensors refuses shared tensors
+        loaded = type(module).from_pretrained(tmp_path / "saved")
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), twin.state_dict().values()))
+
+        def agree(step):
+            got, want = run(module), run(twin)
+            assert got.dtype == want.dtype and rel_err(got, want) <= 1e-5, step
+
+        agree("patched")
+        state = {k: v * 0.9 for k, v in twin.state_dict().items()}
+        for m in (module, twin):
+            m.load_state_dict(state, strict=True)
+        agree("load_state_dict(strict=True)")
+        state = {k: v * 1.1 for k, v in twin.state_dict().items()}
+        for m in (module, twin):
+            m.load_state_dict(state, strict=True, assign=True)  # the module now holds new tensors
+        agree("load_state_dict(assign=True)")
+        for m in (module, twin):
+            m.to(torch.float64)
+        agree(".to(float64)")
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            for m in (module, twin):
+                m.to(torch.float32)  # new Parameter objects
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        agree(".to(float32) with overwrite_module_params_on_conversion")
+    fastdit.unpatch(module)
+    assert list(module.state_dict()) == keys
+
+
+@pytest.mark.parametrize("case", [_wan_case, _vae_case], ids=["transformer", "vae"])
+def test_a_patched_module_runs_under_accelerate_offload_hooks(case):
+    accelerate = pytest.importorskip("accelerate", reason="accelerate's hooks need `pip install accelerate`")
+    module, run = case()
+    with torch.no_grad():
+        expect = run(module)
+        fastdit.patch(module)
+        accelerate.cpu_offload(module, execution_device=torch.device("cpu"))  # weights on meta between calls
+        assert any(p.device.type == "meta" for p in module.parameters())
+        got = run(module)
+    assert rel_err(got, expect) <= 1e-5
+    accelerate.hooks.remove_hook_from_submodules(module)
+    fastdit.unpatch(module)
+
+
+def _pipeline():
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=make_vae(), transformer=make_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+
+
+def _run_pipeline(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt_embeds=torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1)),
+                negative_prompt_embeds=torch.zeros(1, 5, 16), height=32, width=48, num_frames=5,
+                num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt").frames  # fmt: skip
+
+
+# enable_sequential_cpu_offload is covered per module above (accelerate.cpu_offload): on a CPU the
+# unpatched WanPipeline itself fails under it (accelerate 1.15 resetting the rope module's buffers).
+@pytest.mark.parametrize("offload", [None, "enable_model_cpu_offload"])
+def test_a_patched_pipeline_saves_reloads_and_offloads_as_unpatched(offload, tmp_path):
+    if offload:
+        pytest.importorskip("accelerate", reason="diffusers' offload needs `pip install accelerate`")
+    pipe, twin = _pipeline(), _pipeline()
+    twin.vae.load_state_dict(pipe.vae.state_dict())
+    twin.transformer.load_state_dict(pipe.transformer.state_dict())
+    fastdit.patch(pipe)
+    if offload is None:
+        pipe.save_pretrained(tmp_path / "pipe")
+        loaded = WanPipeline.from_pretrained(tmp_path / "pipe", tokenizer=None, text_encoder=None, transformer_2=None)
+        for name in ("vae", "transformer"):
+            a, b = getattr(loaded, name).state_dict(), getattr(twin, name).state_dict()
+            assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    else:
+        for p in (pipe, twin):
+            getattr(p, offload)(device="cpu")
+    got, want = _run_pipeline(pipe), _run_pipeline(twin)
+    assert rel_err(got, want) <= 1e-5
+    if offload:
+        pipe.remove_all_hooks()
+    fastdit.unpatch(pipe)
