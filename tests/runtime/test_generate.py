@@ -3,7 +3,6 @@
 import os
 import re
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,8 @@ from safetensors.torch import save_file
 from fastdit.cli import main
 from fastdit.models import DiT
 from fastdit.models.vae import CausalVAE
+
+iio = pytest.importorskip("imageio.v3", reason="reading and writing videos needs imageio (`pip install -e .[test]`)")
 
 EMBEDS = ["--random-embeds"]
 
