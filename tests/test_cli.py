@@ -95,6 +95,7 @@ def test_bench_cold_start_runs_in_a_fresh_process_with_empty_kernel_caches(tmp_p
     assert [env.get("FASTDIT_ATTN_AUTOTUNE") for env, _ in seen] == [os.environ.get("FASTDIT_ATTN_AUTOTUNE"), "0"]
 
 
+@pytest.mark.bad_input
 def test_bench_rejects_unknown_provider(tmp_path):
     with pytest.raises(SystemExit, match="unknown providers"):
         main(["bench", "--suite", "dit_step", "--out", str(tmp_path), "--providers", "tensorrt"])

@@ -83,6 +83,7 @@ def test_external_weights_for_big_models(tmp_path):
     assert rel(got, expect) <= 1e-4
 
 
+@pytest.mark.bad_input
 def test_check_onnx_rejects_what_tensorrt_cannot_parse(tmp_path):
     from onnx import TensorProto, helper
 

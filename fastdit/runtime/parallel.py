@@ -28,8 +28,9 @@ shard's contribution; :func:`all_reduce_gradients` sums them (== the single-proc
 
 Transport is torch.distributed only (NCCL on GPUs, gloo on CPUs). gloo's all-to-all needs equal
 chunks, so chunks are padded to the largest one. A differing configuration across ranks and a
-batch that differs across ranks raise on every rank; a dead rank surfaces as the process group's
-error or timeout (``init_process_group(timeout=...)``), never a silent hang.
+batch that differs across ranks (a fingerprint of the whole batch) raise on every rank; a dead or
+hung rank surfaces as the process group's error or timeout (``init_process_group(timeout=...)``,
+which the subgroups created here inherit), never a silent hang.
 """
 
 import hashlib
@@ -477,7 +478,7 @@ def batch_fingerprint(batch: PackedBatch, cu: list[int], cu_text: list[int]) -> 
     digest.update(repr((cu, cu_text, batch.grid_thw.tolist(), batch.patch_size, tuple(batch.tokens.shape),
                         tuple(batch.text.shape), None if batch.token_offset is None else batch.token_offset.tolist(),
                         str(batch.tokens.dtype), str(batch.text.dtype))).encode())  # fmt: skip
-    digest.update(batch.timestep.detach().double().cpu().numpy().tobytes())
+    digest.update(_bytes(batch.timestep.detach().double()))
     for t in (batch.tokens, batch.text):
         flat = t.detach().reshape(-1).double()
         if flat.numel():
@@ -486,9 +487,13 @@ def batch_fingerprint(batch: PackedBatch, cu: list[int], cu_text: list[int]) -> 
             # pass over the tokens (64 values per token in Wan) and the text, no host sync but the read
             weight = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(251).add_(1)
             summary = torch.cat([flat[where], torch.stack([flat.sum(), (flat * weight).sum()])])
-            digest.update(summary.cpu().numpy().tobytes())
+            digest.update(_bytes(summary))
     words = [int.from_bytes(digest.digest()[i : i + 4], "little") for i in range(0, 32, 4)]
     return torch.tensor(words, dtype=torch.float64, device=batch.tokens.device)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return bytes(t.cpu().contiguous().view(torch.uint8).tolist())
 
 
 def group_timeout(group) -> timedelta | None:

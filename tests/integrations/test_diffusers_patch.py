@@ -186,6 +186,7 @@ def test_patched_pipeline_is_called_unchanged():
     assert torch.equal(run(), expect)
 
 
+@pytest.mark.bad_input
 def test_patch_errors():
     wan = make_wan()
     with pytest.raises(TypeError, match="supports diffusers' WanPipeline"):
@@ -282,6 +283,7 @@ def _vae_case():
 
 
 @pytest.mark.parametrize("case", [_wan_case, _vae_case], ids=["transformer", "vae"])
+@pytest.mark.bad_input
 def test_a_patched_module_saves_loads_and_converts_as_unpatched(case, tmp_path):
     """state_dict, named_parameters, save_pretrained / from_pretrained, load_state_dict (strict,
     and assign=True: new parameter objects), .to(dtype) with and without torch's overwrite flag:
@@ -327,6 +329,7 @@ def test_a_patched_module_saves_loads_and_converts_as_unpatched(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", [_wan_case, _vae_case], ids=["transformer", "vae"])
+@pytest.mark.bad_input
 def test_a_patched_module_runs_under_accelerate_offload_hooks(case):
     accelerate = pytest.importorskip("accelerate", reason="accelerate's hooks need `pip install accelerate`")
     module, run = case()

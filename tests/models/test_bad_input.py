@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from fastdit.models import DiT, PackedBatch, WeightLoadError, preset
 from fastdit.models.vae import CausalVAE
 
+pytestmark = pytest.mark.bad_input
+
 TINY = preset("tiny")  # in_channels 16, text_dim 32, patch (1, 2, 2)
 
 

@@ -113,12 +113,14 @@ def test_missing_and_unexpected_keys_are_listed():
     assert "unexpected keys (1): ['blocks.0.attn1.add_k_proj.weight']" in message
 
 
+@pytest.mark.bad_input
 def test_shape_mismatch_is_reported():
     config = DiT.from_diffusers(make_wan()).config.replace(ffn_dim=48)
     with pytest.raises(WeightLoadError, match="shape mismatches .*ffn_in.weight"):
         DiT.from_diffusers(make_wan().state_dict(), config=config)
 
 
+@pytest.mark.bad_input
 def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(make_wan().config)))
     torch.save({}, tmp_path / "diffusion_pytorch_model.bin")
@@ -127,6 +129,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     assert os.path.exists(tmp_path / "diffusion_pytorch_model.bin")
 
 
+@pytest.mark.bad_input
 def test_i2v_configs_are_refused():
     with pytest.raises(WeightLoadError, match="image-conditioned"):
         DiT.from_diffusers(make_wan(image_dim=8, added_kv_proj_dim=24))

@@ -193,11 +193,13 @@ def _varlen(**changes):
         (dict(softmax_scale="big"), TypeError, "softmax_scale must be a float"),
     ],
 )
+@pytest.mark.bad_input
 def test_varlen_attention_bad_input(changes, error, match):
     with pytest.raises(error, match=match):
         _varlen(**changes)
 
 
+@pytest.mark.bad_input
 def test_dense_attention_bad_input():
     with pytest.raises(ValueError, match="same batch size"):
         ops.attention(torch.randn(2, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))

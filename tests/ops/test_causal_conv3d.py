@@ -153,6 +153,7 @@ def test_causal_conv3d_compiled_matches_eager():
         (dict(x=torch.randn(1, 2, 0, 4, 5)), ValueError, "T >= 1"),
     ],
 )
+@pytest.mark.bad_input
 def test_causal_conv3d_bad_input(kwargs, error, match):
     args = dict(x=torch.randn(1, 2, 3, 4, 5), weight=torch.randn(3, 2, 3, 3, 3))
     for key in ("x", "weight"):

@@ -166,6 +166,7 @@ def test_vae_conv_weights_are_stored_cin_innermost():
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
+@pytest.mark.bad_input
 def test_triton_conv_rejects_float64_with_its_reason():
     x, weight = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64), torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
     with pytest.raises(ops.BackendNotSupportedError, match="dtype float64"):
@@ -250,6 +251,7 @@ def test_rms_norm_silu_triton_opcheck(backend):
         (dict(backend="cuda"), ValueError, "does not exist for this op"),
     ],
 )
+@pytest.mark.bad_input
 def test_rms_norm_silu_bad_input(kwargs, error, match):
     x, weight = kwargs.pop("x", torch.randn(2, 4, 3)), kwargs.pop("weight", torch.randn(4))
     with pytest.raises(error, match=match):

@@ -121,6 +121,7 @@ def test_rope3d_autograd_and_opcheck():
     torch.library.opcheck(torch.ops.fastdit.rope3d_qk_cuda.default, (*pair, *op_args, False, False))
 
 
+@pytest.mark.bad_input
 def test_rope3d_kernel_rejects_bad_input():
     q, k, grid, cu = _rope_inputs(2, 2, 64, torch.float32)
     args = (grid, cu, None, 1e4)
@@ -237,6 +238,7 @@ def test_gated_residual_gate_rows_off_16_bytes():
     torch.testing.assert_close(got, gated_residual_reference(res, y, gate, cu), atol=0, rtol=0)
 
 
+@pytest.mark.bad_input
 def test_gated_residual_autograd_opcheck_and_bad_input():
     cu = packed_cu([3, 2])
     res, y = (torch.randn(5, 16, requires_grad=True) for _ in range(2))

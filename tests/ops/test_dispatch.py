@@ -116,6 +116,7 @@ def test_cuda_backend_reports_missing_extension_on_cpu():
         ops.gated_residual(res, y, gate, packed_cu([4]), backend="cuda")
 
 
+@pytest.mark.bad_input
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown backend names"):
         set_priority("rope3d", ["fastest"])

@@ -179,6 +179,7 @@ def test_modulation_ops_compiled_match_eager():
         (dict(shift=torch.randn(2, 8, dtype=torch.float64).to("meta")), ValueError, "shift is on meta"),
     ],
 )
+@pytest.mark.bad_input
 def test_adaln_modulate_bad_input(kwargs, error, match):
     args = dict(x=torch.randn(5, 8), shift=torch.randn(2, 8), scale=torch.randn(2, 8), cu_seqlens=packed_cu([2, 3]))
     for key in ("x", "shift", "scale", "cu_seqlens"):
@@ -188,6 +189,7 @@ def test_adaln_modulate_bad_input(kwargs, error, match):
         ops.adaln_modulate(args["x"], args["shift"], args["scale"], args["cu_seqlens"], **kwargs)
 
 
+@pytest.mark.bad_input
 def test_gated_residual_bad_input():
     cu = packed_cu([2, 3])
     with pytest.raises(ValueError, match="y must have the shape of res"):

@@ -192,16 +192,19 @@ def _bad(**changes):
         (dict(cu_seqlens=packed_cu([6, 4], device="meta")), ValueError, "cu_seqlens is on meta"),
     ],
 )
+@pytest.mark.bad_input
 def test_rope3d_bad_input(changes, error, match):
     with pytest.raises(error, match=match):
         _bad(**changes)
 
 
+@pytest.mark.bad_input
 def test_rope3d_dense_with_cu_seqlens_is_rejected():
     with pytest.raises(ValueError, match="cu_seqlens must be None"):
         ops.rope3d(torch.randn(2, 6, 2, 12), torch.tensor([[1, 2, 3]] * 2, dtype=torch.int32), packed_cu([6, 6]))
 
 
+@pytest.mark.bad_input
 def test_rope3d_qk_bad_k():
     grid, cu = torch.tensor([[1, 2, 3]], dtype=torch.int32), packed_cu([6])
     with pytest.raises(ValueError, match="k .* must match q"):

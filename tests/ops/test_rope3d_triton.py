@@ -178,6 +178,7 @@ def test_fused_qk_norm_backward_matches_float64():
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.bad_input
 def test_fused_qk_norm_bad_input_and_opcheck():
     from fastdit.ops.rope3d import rope3d_qk_norm_triton
 

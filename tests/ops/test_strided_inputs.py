@@ -5,17 +5,27 @@ expanded stride-0 view. The result and the gradients must equal those of the sam
 contiguous: a launcher that assumes contiguity reads the wrong elements and fails here.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 from fastdit import ops
+from fastdit.ops import dispatch
+from tests import cuda_emulation
 from tests.conftest import CPU_BACKENDS, packed_cu
+
+pytestmark = pytest.mark.bad_input
 
 needs_triton = [
     pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed"),
     pytest.mark.triton_cpu,
 ]
-MARKS = {"triton": needs_triton}
+MARKS = {
+    "triton": needs_triton,
+    "cuda": pytest.mark.skipif(cuda_emulation.unavailable() is not None, reason=str(cuda_emulation.unavailable())),
+}
+CUDA = ("cuda",)  # the csrc/ kernels, run on the CPU through tests/cuda_emulation.py
 
 
 def strided_first(t: torch.Tensor) -> torch.Tensor:
@@ -201,13 +211,13 @@ def _rms_norm_silu(a, backend):
 
 # (case id, make inputs, call, differentiable args, extra backends)
 CASES = [
-    ("rope3d", _rope_inputs, _rope3d, ("x",), ()),
-    ("rope3d_qk", lambda: _rope_qk_inputs(False), _rope3d_qk, ("q", "k"), ()),
+    ("rope3d", _rope_inputs, _rope3d, ("x",), CUDA),
+    ("rope3d_qk", lambda: _rope_qk_inputs(False), _rope3d_qk, ("q", "k"), CUDA),
     ("rope3d_qk_norm", lambda: _rope_qk_inputs(True), _rope3d_qk, ("q", "k", "q_norm_weight", "k_norm_weight"), ()),
-    ("adaln_layer", lambda: _adaln_inputs("layer"), _adaln("layer"), ("x", "shift", "scale", "weight", "bias"), ()),
-    ("adaln_rms", lambda: _adaln_inputs("rms"), _adaln("rms"), ("x", "shift", "scale", "weight"), ()),
-    ("adaln_per_token", lambda: _adaln_inputs("layer", True), _adaln("layer"), ("x", "shift", "scale", "weight"), ()),
-    ("gated_residual", _residual_inputs, _gated_residual, ("res", "y", "gate"), ()),
+    ("adaln_layer", lambda: _adaln_inputs("layer"), _adaln("layer"), ("x", "shift", "scale", "weight", "bias"), CUDA),
+    ("adaln_rms", lambda: _adaln_inputs("rms"), _adaln("rms"), ("x", "shift", "scale", "weight"), CUDA),
+    ("adaln_per_token", lambda: _adaln_inputs("layer", True), _adaln("layer"), ("x", "shift", "scale", "weight"), CUDA),
+    ("gated_residual", _residual_inputs, _gated_residual, ("res", "y", "gate"), CUDA),
     ("gated_residual_modulate", _residual_inputs, _gated_residual_modulate, ("res", "y", "gate", "shift", "scale"), ()),
     ("varlen_attention", _attention_inputs, _varlen_attention, ("q", "k", "v"), ()),
     ("varlen_attention_backward", _attention_backward_inputs, _varlen_attention_backward, (), ()),
@@ -252,16 +262,32 @@ def _params():
             yield pytest.param(make, call, grad_args, backend, id=f"{case_id}-{backend}", marks=MARKS.get(backend, ()))
 
 
+@pytest.fixture
+def emulated_cuda_on_cpu(monkeypatch):
+    """The cuda backends dispatchable on CPU tensors, running the emulated csrc/ kernels."""
+    cuda_emulation.load()
+    table = {op: dict(backends) for op, backends in dispatch._BACKENDS.items()}
+    for op, backends in table.items():
+        if "cuda" in backends:
+            fn = backends["cuda"].fn or getattr(torch.ops.fastdit, f"{op}_cuda").default  # rope: the op itself
+            backends["cuda"] = dataclasses.replace(backends["cuda"], fn=fn, devices=None, unavailable=None)
+    monkeypatch.setattr(dispatch, "_BACKENDS", table)
+
+
 @pytest.mark.parametrize("make, call, grad_args, backend", list(_params()))
-def test_every_argument_as_a_view(make, call, grad_args, backend):
+def test_every_argument_as_a_view(make, call, grad_args, backend, request):
+    if backend == "cuda":
+        request.getfixturevalue("emulated_cuda_on_cpu")
     torch.manual_seed(0)
     inputs = make()
+    contiguous = _run(call, inputs, grad_args, backend)
     checked = 0
     for name, tensor in inputs.items():
         for view_name, view in _variants(name, tensor):
             viewed = view(tensor)
+            # a view of the same values wants the contiguous result; an expanded one has new values
             baseline = dict(inputs, **{name: viewed.contiguous()})
-            want_out, want_grad = _run(call, baseline, grad_args, backend)
+            want_out, want_grad = _run(call, baseline, grad_args, backend) if view_name == "expanded" else contiguous
             got_out, got_grad = _run(call, dict(inputs, **{name: viewed}), grad_args, backend)
             for got, want in zip(got_out + got_grad, want_out + want_grad, strict=True):
                 torch.testing.assert_close(

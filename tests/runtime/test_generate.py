@@ -135,6 +135,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(
     "args, match", BAD_FLAGS, ids=[" ".join(a[:2]) + f"#{i}" for i, (a, _) in enumerate(BAD_FLAGS)]
 )
+@pytest.mark.bad_input
 def test_bad_input_is_one_line_and_status_2_before_any_model_is_built(tmp_path, args, match, monkeypatch, capsys):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
@@ -151,6 +152,7 @@ def test_bad_input_is_one_line_and_status_2_before_any_model_is_built(tmp_path, 
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgba"])
+@pytest.mark.bad_input
 def test_grayscale_and_rgba_inputs_are_converted_to_rgb(tmp_path, kind):
     files = _files(tmp_path)
     out = tmp_path / "i2v.mp4"
@@ -159,6 +161,7 @@ def test_grayscale_and_rgba_inputs_are_converted_to_rgb(tmp_path, kind):
     assert iio.imread(out).shape == (5, 32, 32, 3)
 
 
+@pytest.mark.bad_input
 def test_export_without_the_extra_names_it(monkeypatch, capsys, tmp_path):
     import importlib.util
 

@@ -133,6 +133,7 @@ def test_mixed_batch_equals_per_sample_runs_and_seeds_are_deterministic():
         (dict(shape=(16, 2, 2, 4), init=torch.zeros(16, 2, 2, 4), strength=1.5), "strength must be in"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_requests(request_kwargs, match):
     request = SampleRequest(text=torch.randn(2, 32), **request_kwargs)
     with pytest.raises(ValueError, match=match):
