@@ -8,7 +8,8 @@ also runs its opt-in variants in the same run (kernels/attention.py's FASTDIT_AT
 ``fastdit-triton+tma``, ``+persistent``, ``+ws``, ``+ws+persistent`` change the forward and are
 timed forward only; ``+bwd-ws`` (warp-specialized backward) is timed both ways. One GPU call
 A/Bs them all. A provider that cannot run here
-(missing API, unsupported shape) is skipped with its reason printed.
+(missing API) is skipped with its reason printed; every output is checked against a float32
+reference before it is timed, and a provider that raises or is wrong gets a failed row.
 
 FLOPs: forward 4 * S_q * S_k * H * D per sample (half of it when causal), backward 2.5x the
 forward (the flash-attn convention); "useful" counts only real tokens, never padding.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches, time_ms
+from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
 # The triton forward's opt-in variants (kernels/attention.py reads these at every call).
@@ -80,9 +81,11 @@ def _sdpa(backend_name):
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend_name]  # fmt: skip
 
-    def run(q, k, v):  # (B, S, H, D) -> SDPA's (B, H, S, D)
+    def run(q, k, v):  # (B, S, H, D) through SDPA's (B, H, S, D) and back
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+                1, 2
+            )
 
     return run
 
@@ -99,7 +102,9 @@ def _providers_dense(device, quick, head_dim):
             from torch.nn.attention.flex_attention import flex_attention
 
             compiled = torch.compile(flex_attention)
-            providers[name] = lambda q, k, v, f=compiled: f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            providers[name] = lambda q, k, v, f=compiled: f(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
     for backend in _fastdit_backends("attention", device, head_dim):
         providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.attention(q, k, v, backend=b)
     return providers
@@ -126,7 +131,7 @@ def _providers_packed(lengths, heads, head_dim, device):
         bounds = [(sum(lengths[:i]), n) for i, n in enumerate(lengths)]
 
         def loop(q, k, v):
-            return torch.cat([cudnn(q[None, s : s + n], k[None, s : s + n], v[None, s : s + n])[0].transpose(0, 1)
+            return torch.cat([cudnn(q[None, s : s + n], k[None, s : s + n], v[None, s : s + n])[0]
                               for s, n in bounds])  # fmt: skip
 
         providers["cudnn-per-sample-loop"] = loop
@@ -174,23 +179,49 @@ def _providers_packed(lengths, heads, head_dim, device):
     return providers
 
 
-def _measure(report, provider, shape, fn, tensors, flops, device, backward):
-    try:
-        ms = time_ms(lambda: fn(*tensors), device)
-    except Exception as err:  # noqa: BLE001 - an unsupported shape skips the provider, loudly
-        print(f"  attention: {provider} skipped at {shape}: {type(err).__name__}: {str(err)[:200]}")
+# Relative (norm) error a provider's output may have against the float32 reference: bf16 inputs
+# and output round at 2^-9 relative; P is rounded to bf16 before P.V in every flash kernel.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def attention_reference(q, k, v, lengths=None):
+    """Float32 attention of (B, S, H, D) tensors, or of packed (total, H, D) ones split into
+    ``lengths``: SDPA's memory-efficient kernel on CUDA (the math kernel would hold S x S
+    scores: 550 GB at S = 75600), the math one on CPU. Independent of every provider timed."""
+
+    def dense(q, k, v):  # (B, S, H, D)
+        if q.is_cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                out = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+        else:
+            out = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+        return out.transpose(1, 2)
+
+    with torch.no_grad():
+        if lengths is None:
+            return dense(q, k, v)
+        outs, start = [], 0
+        for n in lengths:
+            outs.append(dense(*(t[None, start : start + n] for t in (q, k, v)))[0])
+            start += n
+        return torch.cat(outs)
+
+
+def _measure(report, provider, shape, fn, tensors, flops, device, backward, reference):
+    row = report.measure(provider, f"fwd {shape}", lambda: fn(*tensors), reference=reference,
+                         tolerance=TOLERANCE[tensors[0].dtype], flops=flops)  # fmt: skip
+    if row["status"] != "ok":
         return
-    report.add(provider, f"fwd {shape}", ms, flops=flops)
-    line = f"  {provider} {shape}: fwd {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s)"
+    line = f"  {provider} {shape}: fwd {row['ms']:.3f} ms ({flops / row['ms'] / 1e9:.1f} TFLOP/s)"
     if backward:
         out = fn(*tensors)
         grad = torch.randn_like(out)
-        try:
-            bwd = time_ms(lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True), device)
-            report.add(provider, f"bwd {shape}", bwd, flops=2.5 * flops)
-            line += f", bwd {bwd:.3f} ms ({2.5 * flops / bwd / 1e9:.1f} TFLOP/s)"
-        except Exception as err:  # noqa: BLE001
-            line += f", bwd skipped: {type(err).__name__}"
+        backward_fn = lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True)  # noqa: E731
+        bwd = report.measure(provider, f"bwd {shape}", backward_fn, flops=2.5 * flops)
+        if bwd["status"] == "ok":
+            line += f", bwd {bwd['ms']:.3f} ms ({2.5 * flops / bwd['ms'] / 1e9:.1f} TFLOP/s)"
     print(line, flush=True)
 
 
@@ -219,16 +250,18 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             tensors = tuple(rand(1, seqlen, heads, head_dim) for _ in range(3))
             flops = _flops([seqlen], [seqlen], heads, head_dim)
             shape = f"dense S={seqlen} H={heads} D={head_dim}"
+            reference = attention_reference(*tensors)
             for name, (fn, env, with_backward) in providers.items():
                 with variant_environment(env):
-                    _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward)
-            del tensors
+                    _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference)
+            del tensors, reference
     lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
     head_dim = head_dims[0]
     tensors = tuple(rand(sum(lengths), heads, head_dim) for _ in range(3))
     flops = _flops(lengths, lengths, heads, head_dim)
     shape = f"packed {'+'.join(map(str, lengths))} H={heads} D={head_dim}"
+    reference = attention_reference(*tensors, lengths=lengths)
     for name, (fn, env, with_backward) in with_variants(_providers_packed(lengths, heads, head_dim, device)).items():
         with variant_environment(env):
-            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward)
+            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference)
     return report

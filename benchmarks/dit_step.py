@@ -20,6 +20,7 @@ fastdit.benchmarks.dit_step ...``).
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -97,6 +98,31 @@ def cast_like_from_pretrained(model, dtype: torch.dtype):
     return model
 
 
+# Relative (norm) error of a provider's step against the float32 reference: bf16 weights and
+# activations through every layer (measured on CPU in fp16 through the tiny preset: ~3e-3).
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+
+
+def _weights(config: DiTConfig) -> dict:
+    """fastdit-named float32 random weights: diffusers' initialisation when diffusers is there
+    (what a user's model would hold before loading), else fastdit's own."""
+    torch.manual_seed(0)
+    if _diffusers_available():
+        return DiT.from_diffusers(diffusers_model(config), config=config).float().state_dict()
+    return DiT(config).state_dict()
+
+
+def _to_diffusers(weights: dict, model) -> dict:
+    """fastdit's state dict under diffusers' names (the inverse of fastdit's weight loader)."""
+    from fastdit.models.weights import diffusers_key_to_fastdit
+
+    state = {}
+    for key, value in model.state_dict().items():
+        name = diffusers_key_to_fastdit(key)
+        state[key] = weights[name].reshape(value.shape) if name in weights else value
+    return state
+
+
 def _diffusers_available() -> bool:
     try:
         import diffusers  # noqa: F401
@@ -150,6 +176,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     latents = torch.randn(1, channels, t, h, w, generator=gen).to(device, dtype)
     timestep = torch.tensor([500.0], device=device)
     text = torch.randn(1, text_len, config.text_dim, generator=gen).to(device, dtype)
+    weights = _weights(config)  # one set of random weights for every provider, diffusers' included
+    with torch.inference_mode():  # the oracle: the same weights on the reference ops in float32
+        oracle = DiT(config, backend="reference").to(device)
+        oracle.load_state_dict(weights)
+        reference = oracle(latents.float(), timestep, text.float())
+        del oracle
+    tolerance = TOLERANCE[dtype]
 
     for family in ("fastdit", "diffusers"):
         wanted = [p for p in providers if p.startswith(family) and p not in ("fastdit-packed", "fastdit-cold-start")]
@@ -157,12 +190,16 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             continue
         reset_peak_memory(device)
         if family == "fastdit":
-            model = DiT(config).to(device, dtype).eval()
+            model = DiT(config)
+            model.load_state_dict(weights)
+            model = model.to(device, dtype).eval()
             batch = PackedBatch.from_dense(latents, timestep, text, config.patch_size)
             with torch.inference_mode():
                 text_kv = model.text_kv(batch.text)
         else:
-            model = cast_like_from_pretrained(diffusers_model(config).to(device), dtype).eval()
+            model = diffusers_model(config)
+            model.load_state_dict(_to_diffusers(weights, model))
+            model = cast_like_from_pretrained(model.to(device), dtype).eval()
         for provider in wanted:
             if provider == "fastdit-graph" and device.type != "cuda":
                 print("  fastdit-graph: skipped (CUDA graphs need a GPU)")
@@ -184,27 +221,18 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
                     return out if family == "fastdit" else out[0]
 
             reset_peak_memory(device)
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            first_call_s = time.perf_counter() - t0
-            ms = time_ms(step, device, warmup=1, min_runs=3, budget_s=2.0 if device.type == "cpu" else 5.0)
-            report.add(
-                provider,
-                shape,
-                ms,
-                flops=flops,
-                peak_gib=peak_memory_gib(device),
-                first_call_s=round(first_call_s, 2),
-            )
-            print(f"  {provider}: {ms:.3f} ms (first call {first_call_s:.1f} s)", flush=True)
+            timing = {"warmup": 1, "min_runs": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
+            row = report.measure(provider, shape, step, reference=reference, tolerance=tolerance, timing=timing,
+                                 flops=flops, first_call=True)  # fmt: skip
+            if row["status"] == "ok":
+                row["peak_gib"] = peak_memory_gib(device)
+                print(f"  {provider}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s)", flush=True)
             if provider == "diffusers-patched":
                 fastdit.unpatch(model)
         del model, fn_model
         gc.collect()
     if "fastdit-packed" in providers:
-        _mixed_batch(report, config, device, dtype, text_len, args.quick)
+        _mixed_batch(report, config, weights, device, dtype, text_len, args.quick)
     if "fastdit-cold-start" in providers:
         # with the attention autotuner (the default) and with its fixed tiles, which compile once
         for label, env in (
@@ -273,8 +301,8 @@ def cold_child(spec: dict) -> None:
     print(json.dumps(timings))
 
 
-def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype: torch.dtype, text_len: int,
-                 quick: bool = False):  # fmt: skip
+def _mixed_batch(report: Report, config: DiTConfig, weights: dict, device: torch.device, dtype: torch.dtype,
+                 text_len: int, quick: bool = False):  # fmt: skip
     """One packed forward over mixed sizes vs the same requests one by one (fastdit eager).
 
     CUDA: a 480x832 81-frame video, a 720x1280 image and a 240x416 81-frame video (``--quick``:
@@ -289,9 +317,16 @@ def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype:
     latents = [torch.randn(*latent_shape(config, *s), generator=gen).to(device, dtype) for s in sizes]
     texts = [torch.randn(text_len, config.text_dim, generator=gen).to(device, dtype) for _ in sizes]
     timestep = torch.full((len(sizes),), 500.0, device=device)
-    model = DiT(config).to(device, dtype).eval()
     packed = PackedBatch.from_samples(latents, timestep, texts, config.patch_size)
     singles = [PackedBatch.from_samples([x], timestep[:1], [t], config.patch_size) for x, t in zip(latents, texts)]
+    with torch.inference_mode():  # the oracle, sample by sample in float32 on the reference ops
+        oracle = DiT(config, backend="reference").to(device)
+        oracle.load_state_dict(weights)
+        reference = torch.cat([oracle.forward_packed(_float(b)) for b in singles])
+        del oracle
+    model = DiT(config)
+    model.load_state_dict(weights)
+    model = model.to(device, dtype).eval()
     tokens = packed.tokens.shape[0]
     flops = sum(step_flops(config, b.tokens.shape[0], text_len) for b in singles)
     label = "mixed " + " + ".join("x".join(map(str, s)) for s in sizes) + f" S={tokens}"
@@ -302,14 +337,20 @@ def _mixed_batch(report: Report, config: DiTConfig, device: torch.device, dtype:
 
     def run_singles():
         with torch.inference_mode():
-            return [model.forward_packed(b) for b in singles]
+            return torch.cat([model.forward_packed(b) for b in singles])
 
-    budget = 2.0 if device.type == "cpu" else 5.0
+    timing = {"warmup": 1, "min_runs": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
     for provider, fn in (("fastdit-packed", run_packed), ("fastdit-one-by-one", run_singles)):
         reset_peak_memory(device)
-        ms = time_ms(fn, device, warmup=1, min_runs=3, budget_s=budget)
-        report.add(provider, label, ms, flops=flops, peak_gib=peak_memory_gib(device))
-        print(f"  {label} {provider}: {ms:.3f} ms", flush=True)
+        row = report.measure(provider, label, fn, reference=reference, tolerance=TOLERANCE[dtype], timing=timing,
+                             flops=flops)  # fmt: skip
+        if row["status"] == "ok":
+            row["peak_gib"] = peak_memory_gib(device)
+            print(f"  {label} {provider}: {row['ms']:.3f} ms", flush=True)
+
+
+def _float(batch: PackedBatch) -> PackedBatch:
+    return dataclasses.replace(batch, tokens=batch.tokens.float(), text=batch.text.float())
 
 
 if __name__ == "__main__":

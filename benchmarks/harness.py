@@ -8,6 +8,7 @@ line, so a result file says where it came from. On CUDA, timing is ``triton.test
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -140,7 +141,7 @@ class Report:
     def add(
         self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
     ):
-        row = {"benchmark": self.name, "provider": provider, "shape": shape, "ms": significant(ms)}
+        row = {"benchmark": self.name, "provider": provider, "shape": shape, "status": "ok", "ms": significant(ms)}
         if flops is not None:
             tflops = flops / ms / 1e9
             row["tflops"] = significant(tflops)
@@ -154,6 +155,69 @@ class Report:
         if self.autosave_dir:
             self._write_json(self.autosave_dir, complete=False)
         return row
+
+    def measure(
+        self,
+        provider: str,
+        shape: str,
+        fn: Callable[[], object],
+        *,
+        reference: object = None,
+        tolerance: float | None = None,
+        timing: dict | None = None,
+        flops: float | None = None,
+        nbytes: float | None = None,
+        first_call: bool = False,
+        **extra,
+    ) -> dict:
+        """Check ``fn``'s output against ``reference`` (tensors), then time it.
+
+        The row records the relative error; a provider that raises, or whose error exceeds
+        ``tolerance`` (NaN included), gets a ``"failed"`` row and is not timed: a wrong kernel
+        must never appear fast. A baseline (not ``fastdit-*``) that raises a "no kernel for
+        this shape" or out-of-memory error is ``"unsupported"`` instead, a limit of that provider.
+        ``first_call=True`` also records how long the checked (first) call took, compiles included.
+        """
+        try:
+            start = time.perf_counter()
+            out = fn()
+            synchronize(self.device)
+            first_call_s = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 - the row says what went wrong
+            return self.fail(provider, shape, err)
+        if first_call:
+            extra["first_call_s"] = significant(first_call_s, 3)
+        error = None
+        if reference is not None:
+            error = output_error(out, reference)
+            del out
+            if not error <= tolerance:
+                return self.fail(provider, shape, f"error {error:.3g} > tolerance {tolerance:.3g}", error=error)
+        try:
+            ms = time_ms(fn, self.device, **(timing or {}))
+        except Exception as err:  # noqa: BLE001
+            return self.fail(provider, shape, err)
+        return self.add(provider, shape, ms, flops=flops, nbytes=nbytes, error=_error_value(error), status="ok",
+                        **extra)  # fmt: skip
+
+    def fail(self, provider: str, shape: str, reason: object, **extra) -> dict:
+        """A row for a provider that could not be measured, with why (an exception or a message)."""
+        if isinstance(reason, BaseException):
+            status = "unsupported" if _unsupported(provider, reason) else "failed"
+            reason = f"{type(reason).__name__}: {str(reason).strip().splitlines()[0][:300] if str(reason) else ''}"
+        else:
+            status = "failed"
+        row = {"benchmark": self.name, "provider": provider, "shape": shape, "status": status, "reason": reason}
+        row.update({k: _error_value(v) if k == "error" else v for k, v in extra.items() if v is not None})
+        self.rows.append(row)
+        print(f"  {provider} {shape}: {status.upper()}: {reason}", flush=True)
+        if self.autosave_dir:
+            self._write_json(self.autosave_dir, complete=False)
+        return row
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r.get("status") == "failed"]
 
     def to_json(self, complete: bool = True) -> dict:
         return {"environment": self.env, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
@@ -177,6 +241,7 @@ class Report:
         return paths
 
     def plot(self, path: str) -> str | None:
+        rows = [r for r in self.rows if "ms" in r]
         try:
             import matplotlib
 
@@ -184,11 +249,13 @@ class Report:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        labels = [f"{r['provider']}\n{r['shape']}" for r in self.rows]
-        values = [r["ms"] for r in self.rows]
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(self.rows)), 4))
+        if not rows:
+            return None
+        labels = [f"{r['provider']}\n{r['shape']}" for r in rows]
+        values = [r["ms"] for r in rows]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
         bars = ax.bar(range(len(values)), values, color="#4c72b0")
-        for bar, row in zip(bars, self.rows):
+        for bar, row in zip(bars, rows):
             note = f"{row['ms']:.3g} ms"
             if "tflops" in row:
                 note += f"\n{row['tflops']:.3g} TF/s ({row['pct_of_matmul']}%)"
@@ -211,6 +278,8 @@ class Report:
         columns = [
             "provider",
             "shape",
+            "status",
+            "error",
             "ms",
             "tflops",
             "pct_of_matmul",
@@ -229,6 +298,41 @@ class Report:
         ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
         return "\n".join(lines)
+
+
+def output_error(got: object, want: object) -> float:
+    """The largest relative (Frobenius-norm) error of ``got`` against ``want``, tensor by tensor
+    (tuples / lists compared element-wise), in float64; inf for a shape or arity mismatch."""
+    gots = list(got) if isinstance(got, (tuple, list)) else [got]
+    wants = list(want) if isinstance(want, (tuple, list)) else [want]
+    if len(gots) != len(wants):
+        return math.inf
+    worst = 0.0
+    for g, w in zip(gots, wants):
+        if not isinstance(g, torch.Tensor) or g.shape != w.shape:
+            return math.inf
+        g, w = g.detach().to(w.device, torch.float64), w.detach().double()
+        err = ((g - w).norm() / w.norm().clamp_min(1e-30)).item()
+        if math.isnan(err):
+            return math.nan
+        worst = max(worst, err)
+    return worst
+
+
+def _error_value(error: float | None) -> float | str | None:
+    """Errors as JSON can hold them: NaN and inf as strings."""
+    if error is None or math.isfinite(error):
+        return None if error is None else significant(error, 3)
+    return str(error)
+
+
+_UNSUPPORTED = ("no available kernel", "not supported", "out of memory", "unsupported")
+
+
+def _unsupported(provider: str, err: BaseException) -> bool:
+    """A baseline's own limit (no kernel for this shape, out of memory); never for fastdit."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return not provider.startswith("fastdit") and any(m in text for m in _UNSUPPORTED)
 
 
 def runnable_backends(op: str, inputs: dict, *, reference: bool = False) -> list[str]:

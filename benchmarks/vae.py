@@ -3,18 +3,19 @@
 Providers: fastdit's CausalVAE eager on the dispatcher's backends (``fastdit-eager``), with every
 conv on the Triton implicit GEMM (``fastdit-triton``), with its encoder / decoder under
 torch.compile, and diffusers' AutoencoderKLWan (eager and compiled) where diffusers is
-installed; random weights, the same config for all. fastdit runs channels-last-3d.
+installed; the same random weights for all, every output checked against the float32
+reference VAE before it is timed. fastdit runs channels-last-3d.
 Defaults: CUDA bf16 at Wan 2.1 size, decode of a 21x60x104 latent
 (-> 81 frames of 480x832) and encode of that video; CPU: the tiny preset at 9 frames of 64x96.
 """
 
 import argparse
+import copy
 import gc
-import time
 
 import torch
 
-from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory, time_ms
+from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory
 from fastdit.models.vae import VAE_PRESETS, CausalVAE
 
 PROVIDERS = ("fastdit-eager", "fastdit-triton", "fastdit-compile", "diffusers-eager", "diffusers-compile")
@@ -35,6 +36,10 @@ def _diffusers_vae(config):
         num_res_blocks=config.num_res_blocks,
         temperal_downsample=list(config.temporal_downsample),
     )
+
+
+# Relative (norm) error against the float32 reference: bf16 activations through ~30 convs.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Report:
@@ -58,11 +63,22 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     latent = torch.randn(1, config.z_dim, 1 + (frames - 1) // 4, height // 8, width // 8, generator=gen)
     latent = latent.to(device, dtype)
     shape = f"{name} {frames}x{height}x{width} {str(dtype).replace('torch.', '')}"
+    torch.manual_seed(0)
+    weights = CausalVAE(config).eval()  # every provider runs these weights (diffusers' copy included)
+    with torch.inference_mode():  # the oracle: the reference ops in float32 (== diffusers to ~1e-7)
+        oracle = copy.deepcopy(weights).to(device).set_backend("reference")
+        references = {"decode": oracle.decode(latent.float()), "encode": oracle.encode(video.float())}
+        del oracle
     for family in ("fastdit", "diffusers"):
         wanted = [p for p in providers if p.startswith(family)]
         if not wanted:
             continue
-        model = (CausalVAE(config) if family == "fastdit" else _diffusers_vae(config)).to(device, dtype).eval()
+        if family == "fastdit":
+            model = copy.deepcopy(weights)
+        else:
+            model = _diffusers_vae(config)
+            model.load_state_dict(weights.state_dict())
+        model = model.to(device, dtype).eval()
         for provider in wanted:
             if family == "fastdit":
                 if provider == "fastdit-triton" and not cuda:
@@ -81,16 +97,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             for op, fn in (("decode", decode), ("encode", encode)):
                 with torch.inference_mode():
                     reset_peak_memory(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    first = time.perf_counter() - t0
-                    ms = time_ms(fn, device, warmup=0, min_runs=3, budget_s=1.0 if args.quick else 3.0)
-                report.add(
-                    provider, f"{op} {shape}", ms, peak_gib=peak_memory_gib(device), first_call_s=round(first, 2)
-                )
-                print(f"  vae {provider} {op}: {ms:.1f} ms", flush=True)
+                    row = report.measure(
+                        provider, f"{op} {shape}", fn, reference=references[op], tolerance=TOLERANCE[dtype],
+                        timing={"warmup": 0, "min_runs": 3, "budget_s": 1.0 if args.quick else 3.0}, first_call=True,
+                    )  # fmt: skip
+                if row["status"] == "ok":
+                    row["peak_gib"] = peak_memory_gib(device)
+                    print(f"  vae {provider} {op}: {row['ms']:.1f} ms", flush=True)
         del model
         gc.collect()
     return report

@@ -61,12 +61,17 @@ def _bench(args) -> int:
     harness.AUTOSAVE_DIR = args.out  # each row reaches the JSON as it is measured
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     names = list(SUITE) if args.suite == "all" else [args.suite]
+    failed = []
     for name in names:
         print(f"== {name} on {device}{' (quick)' if args.quick else ''}", flush=True)
         report = SUITE[name].run(args, device)
         paths = report.write(args.out)
         print(report.table())
         print("wrote " + ", ".join(paths))
+        failed += [f"{name}: {r['provider']} {r['shape']}: {r['reason']}" for r in report.failed]
+    if failed:  # a provider that raised or computed a wrong result: the run is not a measurement
+        print(f"FAILED rows ({len(failed)}):\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

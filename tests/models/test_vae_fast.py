@@ -94,10 +94,11 @@ def test_decode_writes_one_preallocated_video():
 
 # ---- spatial tiling: equal to diffusers' tiled encode / decode ------------------------------------
 
-diffusers = pytest.importorskip("diffusers", reason="the tiling oracle needs `pip install -e .[diffusers]`")
-
 
 def make_wan():
+    """diffusers' VAE, the tiling oracle: only these tests skip without diffusers (the GPU
+    machine has none), not the module's GPU tests below."""
+    diffusers = pytest.importorskip("diffusers", reason="the tiling oracle needs `pip install -e .[diffusers]`")
     torch.manual_seed(0)
     config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
     model = diffusers.AutoencoderKLWan(**config).eval()

@@ -122,7 +122,9 @@ def check_cuda_bf16_error_budget(lengths, head_dim, causal, backend=None, compil
     if compile_too:
         compiled = torch.compile(lambda a, b, c: ops.varlen_attention(a, b, c, cu, cu, longest, longest, causal=causal,
                                                                       backend=backend), fullgraph=True)  # fmt: skip
-        torch.testing.assert_close(compiled(*bf), out, atol=0, rtol=0)
+        # Inductor autotunes on its own and may pick another tile (another summation order):
+        # the compiled op is held to the same error budget, not to eager's bits.
+        assert (compiled(*bf).double() - ref).abs().max() <= 2 * (sdpa.double() - ref).abs().max()
 
 
 @pytest.mark.gpu

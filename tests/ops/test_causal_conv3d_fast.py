@@ -298,8 +298,11 @@ def test_fast_ops_compile_fullgraph_cuda():
         return y, cache
 
     compiled = torch.compile(block, fullgraph=True)
-    for got, want in zip(compiled(x), block(x)):
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    (got_y, got_cache), (want_y, want_cache) = compiled(x), block(x)
+    # The conv is autotuned again under compile and may sum in another tile order: a few bf16
+    # roundings of the fp32 accumulator apart, not bitwise. The cache is a copy of the input.
+    assert rel_err(got_y, want_y) <= 2**-8, rel_err(got_y, want_y)
+    assert torch.equal(got_cache, want_cache)
 
 
 # ---- the measured per-shape policy --------------------------------------------------------------------
