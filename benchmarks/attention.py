@@ -209,9 +209,9 @@ def attention_reference(q, k, v, lengths=None):
         return torch.cat(outs)
 
 
-def _measure(report, provider, shape, fn, tensors, flops, device, backward, reference):
+def _measure(report, provider, shape, fn, tensors, flops, device, backward, reference, timing=None):
     row = report.measure(provider, f"fwd {shape}", lambda: fn(*tensors), reference=reference,
-                         tolerance=TOLERANCE[tensors[0].dtype], flops=flops)  # fmt: skip
+                         tolerance=TOLERANCE[tensors[0].dtype], flops=flops, timing=timing)  # fmt: skip
     if row["status"] != "ok":
         return
     line = f"  {provider} {shape}: fwd {row['ms']:.3f} ms ({flops / row['ms'] / 1e9:.1f} TFLOP/s)"
@@ -219,7 +219,7 @@ def _measure(report, provider, shape, fn, tensors, flops, device, backward, refe
         out = fn(*tensors)
         grad = torch.randn_like(out)
         backward_fn = lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True)  # noqa: E731
-        bwd = report.measure(provider, f"bwd {shape}", backward_fn, flops=2.5 * flops)
+        bwd = report.measure(provider, f"bwd {shape}", backward_fn, flops=2.5 * flops, timing=timing)
         if bwd["status"] == "ok":
             line += f", bwd {bwd['ms']:.3f} ms ({2.5 * flops / bwd['ms'] / 1e9:.1f} TFLOP/s)"
     print(line, flush=True)
@@ -238,6 +238,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     else:
         seqlens = [64, 256]
     backward = not args.attn_no_backward
+    timing = {"budget_s": 0.2} if args.quick and not cuda else None  # CPU smoke runs: a few calls each
     report = Report("attention", device, measure_ceilings(device, quick=args.quick))
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -253,7 +254,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             reference = attention_reference(*tensors)
             for name, (fn, env, with_backward) in providers.items():
                 with variant_environment(env):
-                    _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference)
+                    _measure(
+                        report, name, shape, fn, tensors, flops, device, backward and with_backward, reference, timing
+                    )
             del tensors, reference
     lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
     head_dim = head_dims[0]
@@ -263,5 +266,5 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     reference = attention_reference(*tensors, lengths=lengths)
     for name, (fn, env, with_backward) in with_variants(_providers_packed(lengths, heads, head_dim, device)).items():
         with variant_environment(env):
-            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference)
+            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference, timing)
     return report

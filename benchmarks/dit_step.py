@@ -209,11 +209,15 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
                 fn_model = torch.compile(model, fullgraph=family == "fastdit")
             elif provider == "diffusers-patched":
                 fastdit.patch(model)
-            elif provider == "fastdit-text-cached":
-                fn_model = lambda *_, m=model, b=batch, kv=text_kv: m.forward_packed(b, text_kv=kv)  # noqa: E731
+            elif provider == "fastdit-text-cached":  # packed in and out; dense_output is a view
+                fn_model = lambda *_, m=model, b=batch, kv=text_kv: m.dense_output(  # noqa: E731
+                    m.forward_packed(b, text_kv=kv), latents
+                )
             elif provider == "fastdit-graph":
                 graphed = GraphedDiT(model)
-                fn_model = lambda *_, g=graphed, b=batch, kv=text_kv: g(b, text_kv=kv)  # noqa: E731
+                fn_model = lambda *_, g=graphed, m=model, b=batch, kv=text_kv: m.dense_output(  # noqa: E731
+                    g(b, text_kv=kv), latents
+                )
 
             def step(fn_model=fn_model, family=family):
                 with torch.inference_mode():
