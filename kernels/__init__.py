@@ -46,3 +46,14 @@ def contiguous(*tensors):
     weight, cu_seqlens, grids), each made contiguous: a strided, offset or expanded (stride-0) view
     becomes a dense copy, a contiguous tensor passes through untouched, None stays None."""
     return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def launcher(kernel):
+    """``kernel`` ready to launch as ``launcher(kernel)[grid](...)``: through
+    ``torch.library.wrap_triton`` (visible to torch.compile and export), except under the
+    interpreter, whose kernels nothing traces and which torch 2.11's ``wrap_triton`` refuses."""
+    if interpreting():
+        return kernel
+    import torch
+
+    return torch.library.wrap_triton(kernel)

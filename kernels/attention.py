@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, interpreting, use_device_tma_descriptors
+from fastdit.kernels import contiguous, interpreting, launcher, use_device_tma_descriptors
 
 LOG2E = 1.4426950408889634
 ALIGN_ROWS = 128  # sample alignment of the warp-specialized backward's lse / delta copies
@@ -722,15 +722,15 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         tiles = triton.cdiv(max_seqlen_q, block_m) * heads * batch
         grid = (max(1, min(tiles, _persistent_programs(q.device, ws))),)
         flags.pop("SEQLEN_BUCKET")
-        torch.library.wrap_triton(attn_fwd_persistent_kernel)[grid](
+        launcher(attn_fwd_persistent_kernel)[grid](
             *args, batch, heads, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts
         )
     elif _autotune():
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-        torch.library.wrap_triton(attn_fwd_ws_autotuned if ws else attn_fwd_autotuned)[grid](*args, **flags)
+        launcher(attn_fwd_ws_autotuned if ws else attn_fwd_autotuned)[grid](*args, **flags)
     else:
         grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
-        torch.library.wrap_triton(attn_fwd_kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts)
+        launcher(attn_fwd_kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts)
     return out, lse
 
 
@@ -765,7 +765,7 @@ def varlen_attention_backward(
         extra = dict(LSE=lse, LSE_ALIGNED=lse_aligned, CU_ALIGNED=cu_aligned, stride_lh=lse.stride(0))
     else:
         delta = torch.empty_like(lse)
-    torch.library.wrap_triton(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), heads, batch)](
+    launcher(attn_bwd_preprocess_kernel)[(triton.cdiv(max_seqlen_q, pre_m), heads, batch)](
         out, dout, delta, cu_seqlens_q, order,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         head_dim, BLOCK_M=pre_m, BLOCK_D=block_d, **extra,
@@ -792,17 +792,17 @@ def varlen_attention_backward(
     if _autotune():
         dkdv_kernel = attn_bwd_dkdv_ws_autotuned if ws else attn_bwd_dkdv_autotuned
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
-        torch.library.wrap_triton(dkdv_kernel)[grid](*dkdv_args, **flags)
+        launcher(dkdv_kernel)[grid](*dkdv_args, **flags)
         dq_kernel = attn_bwd_dq_ws_autotuned if ws else attn_bwd_dq_autotuned
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-        torch.library.wrap_triton(dq_kernel)[grid](*dq_args, **flags)
+        launcher(dq_kernel)[grid](*dq_args, **flags)
     else:
         block_m, block_n, _, opts = _tiles(head_dim, "dkdv_ws" if ws else "dkdv")
         grid = (triton.cdiv(max_seqlen_k, block_n), kv_heads, batch)
-        torch.library.wrap_triton(attn_bwd_dkdv_kernel)[grid](*dkdv_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        launcher(attn_bwd_dkdv_kernel)[grid](*dkdv_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                                                               **opts)  # fmt: skip
         block_m, block_n, _, opts = _tiles(head_dim, "dq_ws" if ws else "dq")
         grid = (triton.cdiv(max_seqlen_q, block_m), heads, batch)
-        torch.library.wrap_triton(attn_bwd_dq_kernel)[grid](*dq_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        launcher(attn_bwd_dq_kernel)[grid](*dq_args, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                                                             **opts)  # fmt: skip
     return dq, dk, dv

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, interpreting, use_device_tma_descriptors
+from fastdit.kernels import contiguous, interpreting, launcher, use_device_tma_descriptors
 
 
 @triton.jit
@@ -223,9 +223,9 @@ def conv3d_forward(
     )  # fmt: skip
     if _autotune():
         grid = lambda meta: (triton.cdiv(n_pix, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-        torch.library.wrap_triton(conv3d_fwd_autotuned)[grid](*args, **flags)
+        launcher(conv3d_fwd_autotuned)[grid](*args, **flags)
     else:
         tiles = _tiles(cin, cout)
         grid = (triton.cdiv(n_pix, tiles["BLOCK_M"]), triton.cdiv(cout, tiles["BLOCK_N"]))
-        torch.library.wrap_triton(conv3d_fwd_kernel)[grid](*args, **flags, **tiles)
+        launcher(conv3d_fwd_kernel)[grid](*args, **flags, **tiles)
     return out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous
+from fastdit.kernels import contiguous, launcher
 
 
 @triton.jit
@@ -263,7 +263,7 @@ def modulation_forward(
     dummy = x
     block_c = triton.next_power_of_2(n_cols)
     y = _rows(y) if has_residual else dummy
-    torch.library.wrap_triton(modulation_fwd_kernel)[(rows,)](
+    launcher(modulation_fwd_kernel)[(rows,)](
         x, y, mods[0] if has_residual else dummy, r if has_residual else dummy,
         mods[-2] if has_mod else dummy, mods[-1] if has_mod else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
@@ -331,7 +331,7 @@ def modulation_backward(
     rows_per_program = triton.cdiv(rows, programs)
     block_c = triton.next_power_of_2(n_cols)
     dx, dy = grads.get("dx", dummy), grads.get("dy", dummy)
-    torch.library.wrap_triton(modulation_bwd_kernel)[(triton.cdiv(rows, rows_per_program),)](
+    launcher(modulation_bwd_kernel)[(triton.cdiv(rows, rows_per_program),)](
         grad_out, grad_r, x, y,
         gate.contiguous() if has_residual else dummy, scale.contiguous() if has_mod else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,

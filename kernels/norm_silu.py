@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, interpreting
+from fastdit.kernels import contiguous, interpreting, launcher
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def rms_norm_silu_forward(x_rows: torch.Tensor, gamma: torch.Tensor, eps: float,
     # About 4K elements per program: whole rows in registers, several rows per program at small C.
     block_r = max(1, min(64, 4096 // block_c)) if not interpreting() else max(1, min(8, 256 // block_c))
     grid = (triton.cdiv(n_rows, block_r),)
-    torch.library.wrap_triton(rms_norm_silu_kernel)[grid](
+    launcher(rms_norm_silu_kernel)[grid](
         x_rows, gamma, out, n_rows, n_cols, eps, float(n_cols) ** 0.5,
         BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, num_warps=4 if block_c * block_r <= 4096 else 8,
     )  # fmt: skip

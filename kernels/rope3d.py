@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous
+from fastdit.kernels import contiguous, launcher
 
 
 @triton.jit
@@ -204,7 +204,7 @@ def rope3d_launch(
     cu_seqlens, grid_thw, token_offset, q_norm_weight, k_norm_weight = contiguous(
         cu_seqlens, grid_thw, token_offset, q_norm_weight, k_norm_weight
     )
-    torch.library.wrap_triton(rope3d_kernel)[(total,)](
+    launcher(rope3d_kernel)[(total,)](
         q, kk, q_out, kk_out, cu_seqlens, grid_thw,
         cu_seqlens if token_offset is None else token_offset, inv_freq,
         q if q_norm_weight is None else q_norm_weight, kk if k_norm_weight is None else k_norm_weight,
