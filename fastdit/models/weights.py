@@ -32,8 +32,11 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise WeightLoadError(f"{path}: no such file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_MAGICS):
+        start = f.read(9)
+    head = start[:8]
+    # The JSON header opens at byte 8; the first 8 bytes are its length, whose low byte may well
+    # be 0x80 (a pickle's first byte), so only a file without that "{" is taken for a pickle.
+    if start[8:9] != b"{" and head.startswith(_PICKLE_MAGICS):
         raise WeightLoadError(
             f"{path}: this is a pickled PyTorch checkpoint (torch.save), not safetensors; fastdit never unpickles. "
             "Convert it once where you trust it: safetensors.torch.save_file(torch.load(f), 'model.safetensors')"

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from fastdit.models import DiT, PackedBatch, WeightLoadError, preset
 from fastdit.models.vae import CausalVAE
+from fastdit.models.weights import read_safetensors
 
 pytestmark = pytest.mark.bad_input
 
@@ -122,6 +123,18 @@ def test_corrupt_weight_files_name_the_file(tmp_path, make, match):
     single.write_bytes(make(tmp_path))
     with pytest.raises(WeightLoadError, match="single.safetensors"):
         DiT.from_diffusers(str(single))
+
+
+def test_valid_files_whose_header_length_starts_like_a_pickle_load(tmp_path):
+    """A header of 0x?80 bytes makes a safetensors file begin with 0x80, a pickle's first byte."""
+    starts = []
+    for n in range(60, 90):
+        path = tmp_path / f"{n}.safetensors"
+        save_file({"x" * n: torch.full((2,), float(n))}, str(path))
+        if path.read_bytes()[:1] == b"\x80":
+            starts.append(n)
+            assert torch.equal(read_safetensors(str(path))["x" * n], torch.full((2,), float(n)))
+    assert starts  # the case really occurred
 
 
 @pytest.mark.parametrize(
