@@ -197,8 +197,7 @@ class Report:
             ms = time_ms(fn, self.device, **(timing or {}))
         except Exception as err:  # noqa: BLE001
             return self.fail(provider, shape, err)
-        return self.add(provider, shape, ms, flops=flops, nbytes=nbytes, error=_error_value(error), status="ok",
-                        **extra)  # fmt: skip
+        return self.add(provider, shape, ms, flops=flops, nbytes=nbytes, error=_error_value(error), **extra)
 
     def fail(self, provider: str, shape: str, reason: object, **extra) -> dict:
         """A row for a provider that could not be measured, with why (an exception or a message)."""
