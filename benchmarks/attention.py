@@ -4,7 +4,7 @@ serving, forward and backward, in (useful) TFLOP/s and % of the bf16 matmul rate
 Providers: SDPA with each backend forced (flash, cuDNN, efficient), FlexAttention (compiled; a
 document mask for the packed batch), torch's varlen_attn, a Python loop of per-sample cuDNN
 calls, padded + boolean mask (efficient kernel), and fastdit's backends. fastdit's triton backend
-also runs its opt-in variants in the same run (kernels/attention.py's FASTDIT_ATTN_* switches):
+also runs its opt-in variants in the same run (the ``attn_*`` settings, FASTDIT_ATTN_* in the environment):
 ``fastdit-triton+tma``, ``+persistent``, ``+ws``, ``+ws+persistent`` change the forward and are
 timed forward only; ``+bwd-ws`` (warp-specialized backward) is timed both ways. One GPU call
 A/Bs them all. A provider that cannot run here
@@ -26,26 +26,27 @@ from fastdit import ops
 from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
-# The triton forward's opt-in variants (kernels/attention.py reads these at every call).
+# The triton backend's opt-in variants: fastdit.settings fields, which the dispatcher passes to
+# kernels/attention.py's launchers.
 TRITON_VARIANTS = {
-    "tma": {"FASTDIT_ATTN_TMA": "1"},
-    "persistent": {"FASTDIT_ATTN_PERSISTENT": "1"},
-    "ws": {"FASTDIT_ATTN_WS": "1"},
-    "ws+persistent": {"FASTDIT_ATTN_WS": "1", "FASTDIT_ATTN_PERSISTENT": "1"},
-    "bwd-ws": {"FASTDIT_ATTN_BWD_WS": "1"},
+    "tma": {"attn_tma": True},
+    "persistent": {"attn_persistent": True},
+    "ws": {"attn_ws": True},
+    "ws+persistent": {"attn_ws": True, "attn_persistent": True},
+    "bwd-ws": {"attn_bwd_ws": True},
 }
 BACKWARD_VARIANTS = {"bwd-ws"}  # the variants that change the backward: timed forward and backward
 VARIANT_KEYS = sorted({key for env in TRITON_VARIANTS.values() for key in env})
 
 
 def variant_environment(values: dict):
-    """Run with exactly ``values`` among the FASTDIT_ATTN_* variant switches; restore them after."""
+    """Run with exactly ``values`` among the attention variant settings; restore them after."""
     return switches(values, VARIANT_KEYS)
 
 
 def with_variants(providers: dict) -> dict:
     """name -> (fn, environment, backward): every provider as given (with the variant switches
-    cleared, so a stray FASTDIT_ATTN_* cannot relabel the baseline) plus, after fastdit-triton,
+    cleared, so a stray attn_* setting cannot relabel the baseline) plus, after fastdit-triton,
     its forward variants."""
     out = {}
     for name, fn in providers.items():

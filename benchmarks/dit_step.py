@@ -32,6 +32,7 @@ import time
 import torch
 
 import fastdit
+from fastdit import settings
 from fastdit.benchmarks.harness import (
     Report,
     measure_ceilings,
@@ -256,7 +257,9 @@ def cold_first_step(name: str, size: tuple[int, int, int], text_len: int, dtype:
                     device: torch.device, extra_env: dict | None = None) -> dict:  # fmt: skip
     """Run :func:`cold_child` in a fresh interpreter with empty Triton / inductor cache dirs."""
     with tempfile.TemporaryDirectory(prefix="fastdit-cold-") as cache:
-        env = {**os.environ, **(extra_env or {}), "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+        # the child reads its settings from the environment once: pass this process's overrides on
+        env = {**os.environ, **settings.as_environ(), **(extra_env or {}),
+               "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
                "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}  # fmt: skip
         spec = dict(preset=name, size=list(size), text_len=text_len, dtype=str(dtype).removeprefix("torch."),
                     device=str(device))  # fmt: skip

@@ -5,7 +5,6 @@ line, so a result file says where it came from. On CUDA, timing is ``triton.test
 (median, after warm-up); on CPU a median of ``time.perf_counter`` runs.
 """
 
-import contextlib
 import datetime
 import json
 import math
@@ -19,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from fastdit import settings
 
 
 def environment(device: torch.device) -> dict:
@@ -41,7 +42,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTDIT_")},
+        "switches": settings.as_environ(),
     }
 
 
@@ -102,22 +103,11 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
 AUTOSAVE_DIR: str | None = None
 
 
-@contextlib.contextmanager
 def switches(values: dict, keys: Sequence[str]):
-    """Run with exactly ``values`` set among the environment switches ``keys`` (the others
-    unset, so a stray one cannot relabel a baseline); restore all of them after."""
-    saved = {key: os.environ.get(key) for key in keys}
-    for key in keys:
-        os.environ.pop(key, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """Run with exactly ``values`` among the settings ``keys`` (fastdit.settings field names; the
+    others at their defaults, so a stray override cannot relabel a baseline); restored after."""
+    reset = {key: getattr(settings.DEFAULTS, key) for key in keys}
+    return settings.override(**{**reset, **values})
 
 
 @dataclass

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         with torch.inference_mode():
             reference = _conv_reference(x, weight)
             for provider, fn in runs.items():
-                with switches({"FASTDIT_CONV_TMA": "1"} if provider.endswith("+wtma") else {}, ["FASTDIT_CONV_TMA"]):
+                with switches({"conv_tma": True} if provider.endswith("+wtma") else {}, ["conv_tma"]):
                     row = report.measure(provider, shape, fn, reference=reference, tolerance=TOLERANCE[dtype],
                                          timing={"budget_s": budget_s}, flops=flops)  # fmt: skip
                 if row["status"] != "ok":

@@ -1,13 +1,14 @@
 """fastdit: fast kernels and runtime for video diffusion transformers.
 
-Layers, bottom up: ``fastdit.kernels`` (Triton), ``fastdit._C`` (CUDA, optional),
-``fastdit.ops`` (public ops and backend dispatch), ``fastdit.reference`` (the parity oracle),
-``fastdit.models`` (DiT), ``fastdit.benchmarks``.
+Layers, bottom up: ``fastdit.settings`` (the FASTDIT_* switches, read once),
+``fastdit.kernels`` (Triton), ``fastdit._C`` (CUDA, optional), ``fastdit.ops`` (public ops and
+backend dispatch), ``fastdit.reference`` (the parity oracle), ``fastdit.models`` (DiT, VAE),
+``fastdit.benchmarks``. docs/design.md describes them.
 """
 
 __version__ = "0.1.0"
 
-from fastdit import ops  # noqa: E402  (registers the fastdit:: custom ops)
+from fastdit import ops, settings  # noqa: E402  (ops registers the fastdit:: custom ops)
 
 
 def patch(target, attention=True, rope=True, adaln=True, vae=True, backend=None) -> list[str]:
@@ -25,4 +26,4 @@ def unpatch(target) -> None:
     _unpatch(target)
 
 
-__all__ = ["__version__", "ops", "patch", "unpatch"]
+__all__ = ["__version__", "ops", "patch", "settings", "unpatch"]

@@ -1,13 +1,13 @@
 """``fastdit`` command line: ``info``, ``generate``, ``bench`` and ``export``."""
 
 import argparse
-import os
 import platform
 import sys
 
 import torch
 
 import fastdit
+from fastdit import settings
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
 from fastdit.ops import dispatch
@@ -37,8 +37,10 @@ def info_text() -> str:
         lines.append("device: cpu (no CUDA device)")
     cuda_reason = cuda_extension_missing()
     lines.append("fastdit._C: loaded" if cuda_reason is None else f"fastdit._C: unavailable ({cuda_reason})")
-    switches = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("FASTDIT_"))
+    switches = sorted(f"{k}={v}" for k, v in settings.as_environ().items())
     lines.append(f"switches: {' '.join(switches)}" if switches else "switches: none set (defaults)")
+    for op, source in sorted(dispatch.shape_policies().items()):
+        lines.append(f"shape policy: {op} ({source})")
     lines.append("")
     lines.append("op                       backend    status")
     for op in dispatch.ops():
@@ -49,6 +51,10 @@ def info_text() -> str:
             if missing is None:
                 devices = "any device" if backend.devices is None else "/".join(backend.devices)
                 status = f"available ({devices}; {_dtype_names(backend.dtypes)})"
+                variant = backend.variant_args()
+                if variant:
+                    status += " variant " + ",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                                                     for k, v in variant.items())  # fmt: skip
             else:
                 status = f"unavailable: {missing}"
             lines.append(f"{op:<24} {name:<10} {status}")

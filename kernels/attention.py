@@ -9,16 +9,16 @@ Backward: a preprocess kernel (delta = rowsum(dO * O)), a dK/dV kernel (one prog
 block and KV head, looping over the query heads of its GQA group and the query blocks that see
 it) and a dQ kernel (one program per query block and head). No atomics: deterministic.
 
-Opt-in forward variants, off until an H100 run shows they pay: K / V by TMA (FASTDIT_ATTN_TMA=1),
-a persistent longest-first schedule (FASTDIT_ATTN_PERSISTENT=1) and Triton's Hopper warp
-specialization of the key loop (FASTDIT_ATTN_WS=1: a TMA producer warpgroup and two consumer
-warpgroups); they compose. FASTDIT_ATTN_BWD_WS=1 specializes the backward kernels the same way.
+Opt-in forward variants, off until an H100 run shows they pay, chosen by the caller's arguments
+(fastdit's settings ``attn_tma``, ``attn_persistent``, ``attn_ws``, ``attn_bwd_ws``): K / V by TMA
+(``tma``), a persistent longest-first schedule (``persistent``) and Triton's Hopper warp
+specialization of the key loop (``warp_specialize``: a TMA producer warpgroup and two consumer
+warpgroups); they compose. The backward's ``warp_specialize`` specializes its kernels the same way.
+``autotune=False`` keeps the fixed tiles of ``_tiles``.
 
 Head dims are padded to a power of two >= 16 with masks (72, 96 run natively on padded tiles).
 Offsets are int64. fp32 inputs use IEEE fp32 dots (tests), fp16/bf16 the tensor cores.
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -528,7 +528,7 @@ _prune_fwd = _prune_wide_heads(FWD_WIDE_HEAD_OK)
 attn_fwd_autotuned = triton.autotune(
     configs=FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(attn_fwd_kernel)
-# Warp-specialized forward (FASTDIT_ATTN_WS=1): Triton specializes only at num_warps = 4 (at 8 the
+# Warp-specialized forward (warp_specialize=True): Triton specializes only at num_warps = 4 (at 8 the
 # loop compiles unspecialized). These spill nothing at D = 64 and 128 and fit shared memory;
 # 256-row tiles spill (40-1008 B) and 128 x 128 x 3 stages needs 262 KB at D = 128.
 WS_FWD_CONFIGS = [
@@ -568,7 +568,7 @@ DQ_CONFIGS = [
 ]
 
 
-# Warp-specialized backward (FASTDIT_ATTN_BWD_WS=1): 4 warps, which the Hopper pass turns into 12.
+# Warp-specialized backward (warp_specialize=True): 4 warps, which the Hopper pass turns into 12.
 # From the sm_90 compile: at D = 128 only these dK/dV tiles keep the stack within 8 B (64-query
 # steps spill 192-320 B); every dQ tile below is spill-free at D = 64 and 128.
 DKDV_WS_CONFIGS = [
@@ -597,16 +597,6 @@ attn_bwd_dkdv_ws_autotuned = triton.autotune(
 attn_bwd_dq_ws_autotuned = triton.autotune(configs=DQ_WS_CONFIGS, key=_BWD_KEY)(attn_bwd_dq_kernel)
 
 
-def _autotune() -> bool:
-    """Autotune forward and backward tiles on GPUs; FASTDIT_ATTN_AUTOTUNE=0 keeps the fixed tiles of _tiles."""
-    return not interpreting() and os.environ.get("FASTDIT_ATTN_AUTOTUNE", "1") != "0"
-
-
-def _persistent() -> bool:
-    """FASTDIT_ATTN_PERSISTENT=1: the persistent forward schedule (fixed tiles; off until measured)."""
-    return os.environ.get("FASTDIT_ATTN_PERSISTENT", "0") == "1"
-
-
 def _persistent_programs(device: torch.device, warp_specialized: bool = False) -> int:
     """Programs of the persistent grid: two per SM on a GPU (one resident per SM at these tiles,
     the second hides the tail), one when warp-specialized (12 warps x 168 registers fill an SM's
@@ -621,24 +611,23 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether TMA can read these (tokens, heads, D) tensors as 2-D (tokens, heads * D) boxes:
     each token's heads adjacent (strides (any, D, 1): contiguous tensors and views of a fused
     qkv projection alike), and the base, the token stride and every head's column offset
-    (h * D elements) 16-byte aligned. Installs the descriptors' allocator."""
+    (h * D elements) 16-byte aligned. A pure check: the launcher installs the allocator."""
     for t in tensors:
         size = t.element_size()
         heads_adjacent = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
         if not heads_adjacent or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.shape[2] * size) % 16:
             return False
-    use_device_tma_descriptors()
     return True
 
 
-def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """K / V by TMA when asked (FASTDIT_ATTN_TMA=1) and the layout allows it (_tma_ready).
-    Off by default until an H100 run shows it pays."""
-    return os.environ.get("FASTDIT_ATTN_TMA", "0") == "1" and _tma_ready(k, v)
+def use_tma(k: torch.Tensor, v: torch.Tensor, requested: bool = True) -> bool:
+    """K / V by TMA when asked (``requested``: the ``attn_tma`` setting, off by default until an
+    H100 run shows it pays) and the layout allows it (_tma_ready)."""
+    return requested and _tma_ready(k, v)
 
 
-def use_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """FASTDIT_ATTN_WS=1: Triton's Hopper warp specialization of the forward's key loop.
+def use_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: bool = True) -> bool:
+    """Triton's Hopper warp specialization of the forward's key loop, when asked (``attn_ws``).
 
     Its producer partition issues only TMA copies (a masked load there does not compile), so
     q, k and v all go by TMA and must all be _tma_ready; otherwise the plain kernel runs. With
@@ -646,13 +635,13 @@ def use_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     setmaxnreg) feeding two consumer warpgroups (232) that each take 64 rows of the query tile.
     Off by default until an H100 run shows it pays.
     """
-    return os.environ.get("FASTDIT_ATTN_WS", "0") == "1" and _tma_ready(q, k, v)
+    return requested and _tma_ready(q, k, v)
 
 
-def use_backward_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """FASTDIT_ATTN_BWD_WS=1: the same for the dK/dV and dQ kernels (their q, dO, k, v tiles and
+def use_backward_warp_specialization(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: bool = True) -> bool:
+    """The same for the dK/dV and dQ kernels (``attn_bwd_ws``; their q, dO, k, v tiles and
     lse / delta vectors all by TMA; dO and lse are made contiguous). Off until measured."""
-    return os.environ.get("FASTDIT_ATTN_BWD_WS", "0") == "1" and _tma_ready(q, k, v)
+    return requested and _tma_ready(q, k, v)
 
 
 def _tiles(head_dim: int, kernel: str) -> tuple[int, int, int, dict]:
@@ -696,8 +685,12 @@ def longest_first(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tor
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
 
 
-def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal):
-    """q (total_q, H, D), k/v (total_k, Hk, D) -> out (total_q, H, D), lse (H, total_q) fp32."""
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal, *,
+                             autotune=True, persistent=False, tma=False, warp_specialize=False):  # fmt: skip
+    """q (total_q, H, D), k/v (total_k, Hk, D) -> out (total_q, H, D), lse (H, total_q) fp32.
+
+    ``autotune``: autotuned tiles (GPUs only; the interpreter always runs the fixed ones);
+    ``persistent``, ``tma``, ``warp_specialize``: the opt-in variants of the module docstring."""
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -705,7 +698,10 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if total_q == 0:
         return out, lse
     cu_seqlens_q, cu_seqlens_k = contiguous(cu_seqlens_q, cu_seqlens_k)
-    ws = use_warp_specialization(q, k, v)
+    ws = use_warp_specialization(q, k, v, warp_specialize)
+    kv_tma = ws or use_tma(k, v, tma)
+    if kv_tma:
+        use_device_tma_descriptors()
     block_m, block_n, block_d, opts = _tiles(head_dim, "fwd_ws" if ws else "fwd")
     order = longest_first(cu_seqlens_q, cu_seqlens_k)
     args = (
@@ -715,9 +711,9 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         heads // k.shape[1], head_dim, softmax_scale * LOG2E, k.shape[0], k.shape[1] * head_dim,
     )  # fmt: skip
     flags = dict(BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
-                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=ws or use_tma(k, v),
+                 SEQLEN_BUCKET=max(0, max_seqlen_q - 1).bit_length(), USE_TMA=kv_tma,
                  WARP_SPECIALIZE=ws, total_q=total_q)  # fmt: skip
-    if _persistent():
+    if persistent:
         # an upper bound of the tile count, known without reading cu_seqlens back
         tiles = triton.cdiv(max_seqlen_q, block_m) * heads * batch
         grid = (max(1, min(tiles, _persistent_programs(q.device, ws))),)
@@ -725,7 +721,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         launcher(attn_fwd_persistent_kernel)[grid](
             *args, batch, heads, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **opts
         )
-    elif _autotune():
+    elif autotune and not interpreting():
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
         launcher(attn_fwd_ws_autotuned if ws else attn_fwd_autotuned)[grid](*args, **flags)
     else:
@@ -735,9 +731,10 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 
 def varlen_attention_backward(
-    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
-):
-    """(dq, dk, dv) in the dtypes of q, k, v."""
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, *,
+    autotune=True, warp_specialize=False,
+):  # fmt: skip
+    """(dq, dk, dv) in the dtypes of q, k, v; ``autotune`` and ``warp_specialize`` as the forward's."""
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -746,7 +743,9 @@ def varlen_attention_backward(
         return dq, dk.zero_(), dv.zero_()
     # lse dense: delta is allocated like it and both are read with lse's head stride
     cu_seqlens_q, cu_seqlens_k, lse = contiguous(cu_seqlens_q, cu_seqlens_k, lse)
-    ws = use_backward_warp_specialization(q, k, v)
+    ws = use_backward_warp_specialization(q, k, v, warp_specialize)
+    if ws:
+        use_device_tma_descriptors()
     dout = dout.contiguous() if ws or dout.stride(-1) != 1 else dout  # TMA reads dO as (total_q, H * D)
     precision = _precision(q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -789,7 +788,7 @@ def varlen_attention_backward(
                  SEQLEN_BUCKET=max(0, max(max_seqlen_q, max_seqlen_k) - 1).bit_length(), WARP_SPECIALIZE=ws,
                  total_q=total_q, total_k=k.shape[0], kv_width=kv_heads * head_dim, lse_numel=lse.numel(),
                  CU_ALIGNED=extra.get("CU_ALIGNED"))  # fmt: skip
-    if _autotune():
+    if autotune and not interpreting():
         dkdv_kernel = attn_bwd_dkdv_ws_autotuned if ws else attn_bwd_dkdv_autotuned
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
         launcher(dkdv_kernel)[grid](*dkdv_args, **flags)

@@ -19,8 +19,6 @@ coalesced stores; any other layout runs, through its strides, slower. Offsets ar
 fp32 runs IEEE fp32 dots (tests), fp16 / bf16 the tensor cores (wgmma on sm_90).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +44,7 @@ def conv3d_fwd_kernel(
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, UP: tl.constexpr,
     HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    W_TMA: tl.constexpr = False,  # weight tiles by TMA (FASTDIT_CONV_TMA=1; see use_weight_tma)
+    W_TMA: tl.constexpr = False,  # weight tiles by TMA (weight_tma=True; see use_weight_tma)
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -123,7 +121,7 @@ def _prune(configs, named_args, **kwargs):
 # Implicit-GEMM tiles for sm_90 (wgmma wants BLOCK_M >= 64 per warpgroup). Each one compiles to
 # wgmma with no spills (tests/kernels/test_compile_sm90.py); 256-row tiles and 128 x 64 on four
 # warps spilled 144-584 bytes and were dropped. Autotuned per (Cin, Cout, kernel, stride,
-# upsample) on GPUs; FASTDIT_CONV_AUTOTUNE=0 keeps _tiles.
+# upsample) on GPUs; autotune=False (the conv_autotune setting) keeps _tiles.
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for m, n, k, w, s in (
@@ -145,26 +143,20 @@ conv3d_fwd_autotuned = triton.autotune(
 )(conv3d_fwd_kernel)
 
 
-def _autotune() -> bool:
-    return not interpreting() and os.environ.get("FASTDIT_CONV_AUTOTUNE", "1") != "0"
-
-
-def use_weight_tma(weight: torch.Tensor) -> bool:
-    """FASTDIT_CONV_TMA=1: weight tiles by TMA instead of cp.async gathers (in the sm_90 compile
+def use_weight_tma(weight: torch.Tensor, requested: bool = True) -> bool:
+    """Weight tiles by TMA instead of cp.async gathers when asked (``requested``: the conv_tma
+    setting) and the layout allows it (in the sm_90 compile
     registers drop from 240-250 to 176-200 per thread at the wide tiles). Needs the weight
     channels-last and dense ((Cout, kt, kh, kw, Cin) in memory, as CausalVAE stores it) with a
     16-byte aligned base, row and tap offsets (Cin * element size a multiple of 16). Off until an
     H100 run shows it pays."""
-    if os.environ.get("FASTDIT_CONV_TMA", "0") != "1":
+    if not requested:
         return False
     cout, cin, kt, kh, kw = weight.shape
     size = weight.element_size()
     want = (kt * kh * kw * cin, 1, kh * kw * cin, kw * cin, cin)
     dense_channels_last = all(n == 1 or got == w for n, got, w in zip(weight.shape, weight.stride(), want))
-    if not dense_channels_last or weight.data_ptr() % 16 or (cin * size) % 16:
-        return False
-    use_device_tma_descriptors()
-    return True
+    return dense_channels_last and weight.data_ptr() % 16 == 0 and (cin * size) % 16 == 0
 
 
 def _tiles(cin: int, cout: int) -> dict:
@@ -197,11 +189,15 @@ def conv3d_forward(
     time_padding: int,
     upsample: int,
     out_shape: tuple[int, int, int, int, int],
+    *,
+    autotune: bool = True,
+    weight_tma: bool = False,
 ) -> torch.Tensor:
     """y ``out_shape`` (B, Cout, T', H', W'), channels-last-3d, in x's dtype.
 
     ``padding`` is (top, bottom, left, right); bottom / right only set the output size the
-    caller computed. ``cache`` holds the last <= ``time_padding`` frames before x.
+    caller computed. ``cache`` holds the last <= ``time_padding`` frames before x. ``autotune``:
+    autotuned tiles (GPUs only); ``weight_tma``: weight tiles by TMA where use_weight_tma allows.
     """
     batch, cin, t_in, h_in, w_in = x.shape
     cout, _, kt, kh, kw = weight.shape
@@ -210,6 +206,9 @@ def conv3d_forward(
     if n_pix == 0:
         return out
     (bias,) = contiguous(bias)
+    w_tma = use_weight_tma(weight, weight_tma)
+    if w_tma:
+        use_device_tma_descriptors()
     args = (
         x, cache, weight, bias, residual, out,
         t_in, h_in, w_in, cin, 0 if cache is None else cache.shape[2], cout, *out_shape[2:], n_pix,
@@ -219,9 +218,9 @@ def conv3d_forward(
     flags = dict(
         KT=kt, KH=kh, KW=kw, ST=stride[0], SH=stride[1], SW=stride[2], UP=upsample,
         HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", W_TMA=use_weight_tma(weight),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", W_TMA=w_tma,
     )  # fmt: skip
-    if _autotune():
+    if autotune and not interpreting():
         grid = lambda meta: (triton.cdiv(n_pix, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
         launcher(conv3d_fwd_autotuned)[grid](*args, **flags)
     else:

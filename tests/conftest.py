@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-# Errors on bad input must not depend on the environment the tests run in.
-os.environ.pop("FASTDIT_BACKEND", None)
-os.environ.pop("FASTDIT_CHECK_INPUTS", None)
+# Errors on bad input must not depend on the environment the tests run in (fastdit reads its
+# settings from the environment once, at import: clear them before that).
+for _name in [k for k in os.environ if k.startswith("FASTDIT_") and k != "FASTDIT_EMULATION_CACHE"]:
+    os.environ.pop(_name)
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter (set before any kernel
 # module is imported: Triton decides at decoration time).
 if not torch.cuda.is_available():
@@ -66,3 +67,33 @@ def poison_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def set_setting():
+    """Change fastdit.settings for one test, restored after it: ``set_setting(attn_ws=True)``
+    (what ``FASTDIT_ATTN_WS=1`` does for a process); later calls in the same test stack."""
+    import contextlib
+
+    from fastdit import settings
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(settings.override(**changes))
+
+
+@pytest.fixture
+def emulated_cuda_on_cpu(monkeypatch):
+    """The cuda backends dispatchable on CPU tensors, running the emulated csrc/ kernels
+    (tests/cuda_emulation.py; the caller skips where it is unavailable)."""
+    import dataclasses
+
+    from fastdit.ops import dispatch
+    from tests import cuda_emulation
+
+    cuda_emulation.load()
+    table = {op: dict(backends) for op, backends in dispatch._BACKENDS.items()}
+    for op, backends in table.items():
+        if "cuda" in backends:
+            fn = backends["cuda"].fn or getattr(torch.ops.fastdit, f"{op}_cuda").default  # rope: the op itself
+            backends["cuda"] = dataclasses.replace(backends["cuda"], fn=fn, devices=None, unavailable=None)
+    monkeypatch.setattr(dispatch, "_BACKENDS", table)

@@ -4,15 +4,14 @@ import os
 import pytest
 import torch
 
+from fastdit import settings
 from fastdit.cli import info_text, main
 from tests.conftest import TRITON_ON_CPU
 
 
-def test_info_lists_the_fastdit_switches_in_effect(monkeypatch):
-    monkeypatch.setenv("FASTDIT_ATTN_WS", "1")
-    assert "switches: " in info_text() and "FASTDIT_ATTN_WS=1" in info_text()
-    for key in [k for k in os.environ if k.startswith("FASTDIT_")]:
-        monkeypatch.delenv(key)
+def test_info_lists_the_fastdit_switches_in_effect():
+    with settings.override(attn_ws=True):
+        assert "switches: " in info_text() and "FASTDIT_ATTN_WS=1" in info_text()
     assert "switches: none set (defaults)" in info_text()
 
 
@@ -141,20 +140,17 @@ def test_bench_attention_rows(tmp_path):
     assert all(r["tflops"] > 0 for r in rows)
 
 
-def test_attention_variant_environment_is_exact_and_restored(monkeypatch):
-    import os
-
+def test_attention_variant_environment_is_exact_and_restored(set_setting):
     from fastdit.benchmarks.attention import variant_environment, with_variants
 
-    monkeypatch.setenv("FASTDIT_ATTN_TMA", "1")  # a stray switch must not leak into other variants
-    monkeypatch.delenv("FASTDIT_ATTN_WS", raising=False)
-    with variant_environment({"FASTDIT_ATTN_WS": "1"}):
-        assert os.environ.get("FASTDIT_ATTN_WS") == "1" and "FASTDIT_ATTN_TMA" not in os.environ
-    assert os.environ["FASTDIT_ATTN_TMA"] == "1" and "FASTDIT_ATTN_WS" not in os.environ
+    set_setting(attn_tma=True)  # a stray switch must not leak into other variants
+    with variant_environment({"attn_ws": True}):
+        assert settings.get().attn_ws and not settings.get().attn_tma
+    assert settings.get().attn_tma and not settings.get().attn_ws
     providers = with_variants({"sdpa-cudnn": len, "fastdit-triton": abs})
     assert list(providers)[:2] == ["sdpa-cudnn", "fastdit-triton"]
     assert providers["fastdit-triton"] == (abs, {}, True)
-    assert providers["fastdit-triton+ws"] == (abs, {"FASTDIT_ATTN_WS": "1"}, False)
+    assert providers["fastdit-triton+ws"] == (abs, {"attn_ws": True}, False)
 
 
 def test_bench_vae_rows(tmp_path):

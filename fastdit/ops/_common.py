@@ -1,4 +1,7 @@
-"""Shapes shared by the public ops: the packed-or-dense convention and per-sample/per-token modulation."""
+"""Shapes shared by the public ops (the packed-or-dense convention, per-sample / per-token
+modulation) and the registration helpers their backends share."""
+
+import inspect
 
 import torch
 
@@ -96,3 +99,24 @@ def register_triton_backend(op: str, fn, **kwargs) -> None:
             **kwargs,
         )
     )
+
+
+def signature(params, returns) -> inspect.Signature:
+    """A custom op's Python signature from ``[(name, annotation), ...]``: written once per op and
+    shared by every backend's registration (torch infers the schema from it)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [inspect.Parameter(name, kind, annotation=annotation) for name, annotation in params],
+        return_annotation=returns,
+    )
+
+
+def typed(impl, sig: inspect.Signature):
+    """``impl(*args)`` as a function with signature ``sig`` (what torch.library reads)."""
+
+    def op(*args, **kwargs):
+        return impl(*sig.bind(*args, **kwargs).args)
+
+    op.__signature__ = sig
+    op.__name__ = op.__qualname__ = getattr(impl, "__name__", "op")
+    return op

@@ -11,7 +11,7 @@ from fastdit.ops._common import (
     modulation_rows,
     register_triton_backend,
 )
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
 
@@ -117,7 +117,9 @@ if triton_missing() is None:
         ),
     )
     adaln_modulate_triton.register_autograd(_triton_backward, setup_context=_setup)
-    register_triton_backend("adaln_modulate", adaln_modulate_triton)
+    # The backward form: (grad, x, scale, cu_seqlens, norm, eps, weight, bias) -> fp32 gradients;
+    # the fused q/k RMSNorm's backward runs it through the dispatcher's table (dispatch.form).
+    register_triton_backend("adaln_modulate", adaln_modulate_triton, backward=adaln_modulate_backward_triton)
 else:
     register_triton_backend("adaln_modulate", None)
 
@@ -224,10 +226,10 @@ def adaln_modulate(
                 raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(t.shape)}")
     if norm == "rms" and bias is not None:
         raise ValueError("bias is not defined for norm='rms' (RMSNorm has a weight only)")
-    impl = select_backend(
+    impl = choose(
         "adaln_modulate",
         {"device": x.device, "dtype": x.dtype, "channels": channels, "norm": norm, "per_token": shift_per_token},
         backend,
     )
-    out = impl.fn(packed, shift_rows, scale_rows, None if shift_per_token else cu, norm, float(eps), weight, bias)
+    out = impl.forward(packed, shift_rows, scale_rows, None if shift_per_token else cu, norm, float(eps), weight, bias)
     return out.view(x.shape)

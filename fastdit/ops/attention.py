@@ -6,7 +6,7 @@ import torch
 
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, last_dim_contiguous, register_triton_backend
-from fastdit.ops.dispatch import Backend, BackendNotSupportedError, register_backend, select_backend
+from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
 from fastdit.reference.common import dense_cu_seqlens
@@ -36,10 +36,25 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, _, _, ctx.scale, ctx.causal = inputs
+    """Both backends' forward inputs: q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, then the
+    triton op's variant flags (autotune, persistent, tma, ws, bwd_ws)."""
+    q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = inputs[:9]
+    ctx.variant = tuple(inputs[9:])
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+
+
+def _backward_varlen_with(backward_op):
+    """The autograd backward of a varlen forward op, running ``backward_op`` of the same backend."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
+                                 ctx.causal, *ctx.variant)  # fmt: skip
+        return dq, dk, dv, *([None] * (6 + len(ctx.variant)))
+
+    return backward
 
 
 # The backward is an op of its own (as flash-attn's): its per-sample loop reads lengths on the
@@ -67,13 +82,14 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward_varlen(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_backward_reference(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None, None, None, None, None
+def _varlen_backward_reference_form(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal):
+    """The reference backend's backward form, in the public backward's argument order."""
+    return varlen_attention_backward_reference(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
 
 
-varlen_attention_reference.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+varlen_attention_reference.register_autograd(
+    _backward_varlen_with(_varlen_backward_reference_form), setup_context=_setup_varlen
+)
 
 
 @torch.library.custom_op("fastdit::attention_reference", mutates_args=())
@@ -125,7 +141,14 @@ def _backward_dense(ctx, grad_out, grad_lse):
 attention_reference.register_autograd(_backward_dense, setup_context=_setup_dense)
 
 register_backend(
-    Backend("varlen_attention", "reference", varlen_attention_reference, devices=None, dtypes=FLOAT_DTYPES)
+    Backend(
+        "varlen_attention",
+        "reference",
+        varlen_attention_reference,
+        devices=None,
+        dtypes=FLOAT_DTYPES,
+        backward=_varlen_backward_reference_form,
+    )
 )
 register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
 
@@ -140,6 +163,18 @@ def _triton_check(inputs: dict) -> list[str]:
     if head_dim > ATTENTION_TRITON_MAX_HEAD_DIM:
         return [f"head_dim {head_dim} > {ATTENTION_TRITON_MAX_HEAD_DIM}"]
     return []
+
+
+def _triton_variant(values) -> dict:
+    """The triton kernels' variants (kernels/attention.py), from the settings: forward and
+    backward take the same five flags, so autograd's backward runs the forward's choice."""
+    return {
+        "autotune": values.attn_autotune,
+        "persistent": values.attn_persistent,
+        "tma": values.attn_tma,
+        "ws": values.attn_ws,
+        "bwd_ws": values.attn_bwd_ws,
+    }
 
 
 if triton_missing() is None:
@@ -157,9 +192,16 @@ if triton_missing() is None:
         max_seqlen_k: int,
         softmax_scale: float,
         causal: bool,
+        autotune: bool = True,
+        persistent: bool = False,
+        tma: bool = False,
+        ws: bool = False,
+        bwd_ws: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-        return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal)
+        variant = dict(autotune=autotune, persistent=persistent, tma=tma, warp_specialize=ws)
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+        return varlen_attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, softmax_scale, causal, **variant)
 
     @torch.library.triton_op("fastdit::varlen_attention_backward_triton", mutates_args=())
     def varlen_attention_backward_triton(
@@ -175,24 +217,23 @@ if triton_missing() is None:
         max_seqlen_k: int,
         softmax_scale: float,
         causal: bool,
+        autotune: bool = True,
+        ws: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, out, lse = (last_dim_contiguous(t) for t in (q, k, v, out, lse))
         return varlen_backward_kernel(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
-        )
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+            autotune=autotune, warp_specialize=ws,
+        )  # fmt: skip
 
-    def _setup_varlen_triton(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    def _varlen_backward_triton_form(*args, autotune=True, persistent=False, tma=False, ws=False, bwd_ws=False):
+        """The triton backend's backward form: the public backward's arguments, then the variant
+        (only autotune and bwd_ws concern the backward kernels)."""
+        return varlen_attention_backward_triton(*args, autotune, bwd_ws)
 
-    def _backward_varlen_triton(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward_triton(
-            grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal
-        )
-        return dq, dk, dv, None, None, None, None, None, None
+    def _varlen_backward_triton_positional(*args):
+        *head, autotune, persistent, tma, ws, bwd_ws = args
+        return varlen_attention_backward_triton(*head, autotune, bwd_ws)
 
     def _fake_forward(q, k, v, *args):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -202,9 +243,11 @@ if triton_missing() is None:
         varlen_attention_backward_triton,
         lambda dout, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
     )
-    varlen_attention_triton.register_autograd(_backward_varlen_triton, setup_context=_setup_varlen_triton)
+    varlen_attention_triton.register_autograd(
+        _backward_varlen_with(_varlen_backward_triton_positional), setup_context=_setup_varlen
+    )
 
-    def _dense_attention_triton(q, k, v, softmax_scale, causal):
+    def _dense_attention_triton(q, k, v, softmax_scale, causal, **variant):
         """Dense (B, S, H, D) attention as the varlen kernel on B equal-length samples."""
         batch, len_q, heads, _ = q.shape
         len_k = k.shape[1]
@@ -218,11 +261,18 @@ if triton_missing() is None:
             len_k,
             softmax_scale,
             causal,
+            **variant,
         )
         return out.view(q.shape), lse.view(heads, batch, len_q).transpose(0, 1)
 
-    register_triton_backend("varlen_attention", varlen_attention_triton, check=_triton_check)
-    register_triton_backend("attention", _dense_attention_triton, check=_triton_check)
+    register_triton_backend(
+        "varlen_attention",
+        varlen_attention_triton,
+        check=_triton_check,
+        backward=_varlen_backward_triton_form,
+        variant=_triton_variant,
+    )
+    register_triton_backend("attention", _dense_attention_triton, check=_triton_check, variant=_triton_variant)
 else:
     register_triton_backend("varlen_attention", None)
     register_triton_backend("attention", None)
@@ -260,6 +310,11 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
         )
     check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+
+
+def _inputs(q: torch.Tensor, causal: bool) -> dict:
+    """What the dispatcher sees of an attention call (forward and backward alike)."""
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)}
 
 
 def _scale(softmax_scale, head_dim):
@@ -305,12 +360,8 @@ def varlen_attention(
     _check_qkv(q, k, v, ndim=3)
     _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale(softmax_scale, q.shape[-1])
-    impl = select_backend(
-        "varlen_attention",
-        {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)},
-        backend,
-    )
-    out, lse = impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
+    impl = choose("varlen_attention", _inputs(q, causal), backend)
+    out, lse = impl.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return (out, lse) if return_lse else out
 
 
@@ -341,20 +392,8 @@ def attention(
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     scale = _scale(softmax_scale, q.shape[-1])
-    impl = select_backend(
-        "attention", {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)}, backend
-    )
-    out, _ = impl.fn(q, k, v, scale, bool(causal))
+    out, _ = choose("attention", _inputs(q, causal), backend).forward(q, k, v, scale, bool(causal))
     return out
-
-
-_VARLEN_BACKWARD = {
-    "reference": lambda dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal: (
-        varlen_attention_backward_reference(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
-    ),
-}
-if triton_missing() is None:
-    _VARLEN_BACKWARD["triton"] = varlen_attention_backward_triton
 
 
 def varlen_attention_backward(
@@ -390,14 +429,8 @@ def varlen_attention_backward(
     check_tensor("lse", lse, ndims=(2,), dtypes=(torch.float32, torch.float64), device=q.device)
     if lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be (H, total_q) = ({q.shape[1]}, {q.shape[0]}), got {tuple(lse.shape)}")
-    impl = select_backend(
-        "varlen_attention",
-        {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)},
-        backend,
-    )
-    if impl.name not in _VARLEN_BACKWARD:
-        raise BackendNotSupportedError(f"varlen_attention_backward has no {impl.name!r} implementation")
+    impl = choose("varlen_attention", _inputs(q, causal), backend)
     scale = _scale(softmax_scale, q.shape[-1])
-    return _VARLEN_BACKWARD[impl.name](
+    return impl.backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal)
     )

@@ -11,8 +11,9 @@ Backends:
 On GPUs the dispatcher tries cuDNN first: it is the measured baseline (../shared/anchors.md),
 while the Triton kernel's speed is unmeasured until an H100 run fills in docs/performance.md.
 A per-shape policy overrides that order where a benchmark measured the winner:
-``fastdit bench --suite vae_ops --conv-policy-out FILE`` writes one, ``FASTDIT_CONV_POLICY=FILE``
-or ``fastdit/ops/policies/causal_conv3d.json`` (none is committed yet) installs it.
+``fastdit bench --suite vae_ops --conv-policy-out FILE`` writes one; the ``conv_policy`` setting
+(``FASTDIT_CONV_POLICY=FILE``) or ``fastdit/ops/policies/causal_conv3d.json`` (none is committed
+yet) names it.
 """
 
 import json
@@ -20,9 +21,10 @@ import os
 
 import torch
 
+from fastdit import settings
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, register_triton_backend
-from fastdit.ops.dispatch import Backend, register_backend, select_backend, set_priority, set_shape_policy
+from fastdit.ops.dispatch import Backend, choose, register_backend, set_priority, set_shape_policy
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.causal_conv3d import (
     _padded_input,
@@ -58,7 +60,9 @@ def _fake(x, weight, bias, residual, cache, stride, padding, time_padding, upsam
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, residual, cache, ctx.stride, ctx.padding, ctx.time_padding, ctx.upsample = inputs
+    # the triton op's inputs end with its two variant flags, which carry no gradient
+    x, weight, bias, residual, cache, ctx.stride, ctx.padding, ctx.time_padding, ctx.upsample = inputs[:9]
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, bias, residual, cache)
 
@@ -69,7 +73,7 @@ def _backward(ctx, grad_y, grad_cache):
         grad_y, x, weight, bias, stride=ctx.stride, padding=ctx.padding, time_padding=ctx.time_padding,
         upsample=ctx.upsample, residual=residual, cache=cache,
     )  # fmt: skip
-    return dx, dw, db, dres, dcache, None, None, None, None
+    return dx, dw, db, dres, dcache, *([None] * (ctx.num_inputs - 5))
 
 
 # ---- reference backend ---------------------------------------------------------------------------
@@ -145,6 +149,8 @@ if triton_missing() is None:
         padding: list[int],
         time_padding: int,
         upsample: int,
+        autotune: bool = True,
+        weight_tma: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
         if weight.stride(1) != 1:
@@ -152,16 +158,21 @@ if triton_missing() is None:
             # (a default-layout (Cout, Cin, kt, kh, kw) weight would be gathered 27 elements apart).
             # A copy per call (<= 8 MB at the VAE's shapes); CausalVAE stores its weights this way.
             weight = weight.contiguous(memory_format=torch.channels_last_3d)
-        y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape)
+        y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape,
+                           autotune=autotune, weight_tma=weight_tma)  # fmt: skip
         # Both outputs channels-last-3d always: the next chunk's kernel reads the cache in rows.
         return y, new_cache_ref(x, cache, time_padding, memory_format=torch.channels_last_3d)
 
     def _fake_triton(*args):
-        return _fake(*args, layout=torch.channels_last_3d)
+        return _fake(*args[:9], layout=torch.channels_last_3d)
 
     interpreter_fake(causal_conv3d_triton, _fake_triton)
     causal_conv3d_triton.register_autograd(_backward, setup_context=_setup)
-    register_triton_backend("causal_conv3d", causal_conv3d_triton)
+    register_triton_backend(
+        "causal_conv3d",
+        causal_conv3d_triton,
+        variant=lambda s: {"autotune": s.conv_autotune, "weight_tma": s.conv_tma},
+    )
 else:
     register_triton_backend("causal_conv3d", None)
 
@@ -180,9 +191,10 @@ def policy_key(cin: int, cout: int, kernel, stride, upsample: int, dtype: torch.
 
 
 def load_policy(path: str | None = None) -> dict | None:
-    """The policy JSON (``FASTDIT_CONV_POLICY`` or the packaged file): ``{"device_type": "cuda",
-    "choices": {policy_key: backend}, ...}``; None when there is none."""
-    path = path or os.environ.get("FASTDIT_CONV_POLICY") or POLICY_FILE
+    """The policy JSON at ``path``, else the ``conv_policy`` setting (``FASTDIT_CONV_POLICY``), else
+    the packaged file: ``{"device_type": "cuda", "choices": {policy_key: backend}, ...}``; None
+    when there is none."""
+    path = path or settings.get().conv_policy or POLICY_FILE
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -192,11 +204,7 @@ def load_policy(path: str | None = None) -> dict | None:
     return policy
 
 
-def use_policy(policy: dict | None) -> None:
-    """Install (or with None remove) a measured per-shape conv policy in the dispatcher."""
-    if policy is None:
-        set_shape_policy("causal_conv3d", None)
-        return
+def _chooser(policy: dict):
     device_type, choices = policy["device_type"], policy["choices"]
 
     def choose(inputs: dict) -> str | None:
@@ -205,10 +213,39 @@ def use_policy(policy: dict | None) -> None:
         return choices.get(policy_key(inputs["cin"], inputs["cout"], inputs["kernel"], inputs["stride"],
                                       inputs["upsample"], inputs["dtype"]))  # fmt: skip
 
-    set_shape_policy("causal_conv3d", choose)
+    return choose
 
 
-use_policy(load_policy())
+# path -> its chooser (None: no file there); filled in eager mode, since torch.compile cannot
+# trace file reads. The settings' policy at import is loaded then.
+_LOADED: dict = {}
+
+
+def _policy_at(path: str):
+    if path not in _LOADED and not torch.compiler.is_compiling():
+        policy = load_policy(path)
+        _LOADED[path] = None if policy is None else _chooser(policy)
+    return _LOADED.get(path)
+
+
+def _settings_policy(inputs: dict) -> str | None:
+    """The policy the settings name (or the packaged one). A path first named by an override
+    is read at its first eager conv; a graph compiled before that uses the priority list."""
+    choose = _policy_at(settings.get().conv_policy or POLICY_FILE)
+    return None if choose is None else choose(inputs)
+
+
+def use_policy(policy: dict | None) -> None:
+    """Install a measured per-shape conv policy in the dispatcher; None goes back to the one the
+    settings name (``conv_policy``, else the packaged file)."""
+    if policy is None:
+        set_shape_policy("causal_conv3d", _settings_policy, source="conv_policy setting or packaged file")
+    else:
+        set_shape_policy("causal_conv3d", _chooser(policy), source=f"{len(policy['choices'])} measured shapes")
+
+
+use_policy(None)
+_policy_at(settings.get().conv_policy or POLICY_FILE)
 
 
 # ---- public op ----------------------------------------------------------------------------------
@@ -311,5 +348,5 @@ def causal_conv3d(
             raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
     inputs = {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": strides, "cin": cin,
               "cout": weight.shape[0], "upsample": upsample}  # fmt: skip
-    impl = select_backend("causal_conv3d", inputs, backend)
-    return impl.fn(x, weight, bias, residual, cache, strides, pads, front, upsample)
+    impl = choose("causal_conv3d", inputs, backend)
+    return impl.forward(x, weight, bias, residual, cache, strides, pads, front, upsample)

@@ -6,19 +6,29 @@ further constraint as ``check(inputs) -> reasons``, and why it is unavailable if
 first backend with no reasons. ``backend=`` or ``FASTDIT_BACKEND`` force one; a forced backend
 that does not fit raises :class:`BackendNotSupportedError` with its reasons.
 
-``FASTDIT_BACKEND`` is either one name (``reference``), forced on every op that has such a
-backend, or per op (``rope3d=triton,varlen_attention=reference``), which raises for an op that
-lacks the named backend.
+``FASTDIT_BACKEND`` (the ``backend`` setting, :mod:`fastdit.settings`) is either one name
+(``reference``), forced on every op that has such a backend, or per op
+(``rope3d=triton,varlen_attention=reference``), which raises for an op that lacks the named backend.
+
+A backend declares every form of its op together: the forward ``fn``, the explicit ``backward``
+of ops whose backward is public (attention's, for ring attention) and the ``inplace`` forward
+where one exists. Its kernel variants (tiles autotuned or fixed, TMA, warp specialization) come
+from the settings through its ``variant`` function and reach the kernels as arguments: the
+:class:`Choice` that :func:`choose` returns holds the backend and its variant, and every form is
+called through it. Per-shape policies (a benchmark's measured winners) take part in the same
+choice. The rules are in docs/design.md, "Dispatch".
 """
 
 import logging
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import torch
+
+from fastdit import settings
 
 logger = logging.getLogger("fastdit")
 
@@ -53,8 +63,17 @@ class Backend:
     # Devices on which the dispatcher may pick this backend by itself (None: all of ``devices``).
     # Triton under TRITON_INTERPRET=1 runs on CPU when forced, but is never chosen there.
     auto_devices: tuple[str, ...] | None = None
-    # Optional in-place entry point (same arguments as ``fn``, writes into its first inputs).
-    inplace_fn: Callable[..., Any] | None = None
+    # The in-place forward (same arguments as ``fn``, writes into its first inputs), or None.
+    inplace: Callable[..., Any] | None = None
+    # The op's explicit backward form (for ops that expose one, like varlen_attention_backward),
+    # or None. Autograd of ``fn`` is registered with ``fn`` and uses the same backend.
+    backward: Callable[..., Any] | None = None
+    # settings -> the kernel-variant keyword arguments every form of this backend takes.
+    variant: Callable[[settings.Settings], dict] | None = None
+
+    def variant_args(self, values: settings.Settings | None = None) -> dict:
+        """The variant arguments the current (or given) settings select for this backend."""
+        return {} if self.variant is None else self.variant(settings.get() if values is None else values)
 
     def auto_selectable(self, device: torch.device) -> bool:
         return self.auto_devices is None or device.type in self.auto_devices
@@ -78,6 +97,7 @@ _BACKENDS: dict[str, dict[str, Backend]] = {}
 _PRIORITY: dict[str, list[str]] = {}
 # Per-shape choices measured by a benchmark: op -> fn(inputs) -> backend name or None.
 _SHAPE_POLICY: dict[str, Callable[[dict], str | None]] = {}
+_POLICY_SOURCE: dict[str, str] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -96,14 +116,21 @@ def set_priority(op: str, names: Sequence[str]) -> None:
     _PRIORITY[op] = list(names)
 
 
-def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None) -> None:
+def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None, source: str = "set_shape_policy") -> None:
     """Let ``policy(inputs)`` name the backend for particular shapes of ``op`` (a benchmark's
     per-shape winners); None from it, or a backend that cannot run the inputs, falls back to the
     priority list. ``policy=None`` removes it. A forced backend still wins over the policy."""
     if policy is None:
         _SHAPE_POLICY.pop(op, None)
+        _POLICY_SOURCE.pop(op, None)
     else:
         _SHAPE_POLICY[op] = policy
+        _POLICY_SOURCE[op] = source
+
+
+def shape_policies() -> dict[str, str]:
+    """op -> where its per-shape policy comes from (for ``fastdit info``)."""
+    return dict(_POLICY_SOURCE)
 
 
 def backends(op: str) -> dict[str, Backend]:
@@ -138,12 +165,13 @@ def _parse_env(value: str) -> tuple[str | None, dict[str, str]]:
 
 
 def forced_backend(op: str, backend: str | None) -> tuple[str | None, str]:
-    """The backend forced for ``op`` (argument first, then FASTDIT_BACKEND) and where it came from."""
+    """The backend forced for ``op`` (argument first, then the ``backend`` setting) and where it came from."""
     if backend is not None:
         return backend, "backend= argument"
-    global_name, per_op = _parse_env(os.environ.get("FASTDIT_BACKEND", ""))
+    value = settings.get().backend
+    global_name, per_op = _parse_env(value)
     if op in per_op:
-        return per_op[op], f"FASTDIT_BACKEND={os.environ['FASTDIT_BACKEND']}"
+        return per_op[op], f"FASTDIT_BACKEND={value}"
     if global_name is not None and global_name in _BACKENDS.get(op, {}):
         return global_name, f"FASTDIT_BACKEND={global_name}"
     return None, ""
@@ -160,6 +188,13 @@ def _log_fallback_once(op: str, chosen: str, device: str, message: str) -> None:
 
 def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend:
     """Pick the backend that runs ``op`` on ``inputs`` (see the module docstring)."""
+    chosen = _select(op, inputs, backend)
+    for log in _TRACES:
+        log.append((op, chosen.name))
+    return chosen
+
+
+def _select(op: str, inputs: dict, backend: str | None) -> Backend:
     table = _BACKENDS.get(op)
     if not table:
         raise KeyError(f"no backend registered for op {op!r}")
@@ -203,3 +238,64 @@ def backends_for(name: str | None, op_names) -> dict[str, str | None]:
     if name is not None and name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
     return {op: name if name in _BACKENDS.get(op, {}) else None for op in op_names}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A backend chosen for one call, with the kernel variant the settings select: call every
+    form of the op through it, so forward, backward and in-place run the same implementation."""
+
+    backend: Backend
+    variant: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def forward(self, *args):
+        return self.backend.fn(*args, **self.variant)
+
+    def has_inplace(self) -> bool:
+        return self.backend.inplace is not None
+
+    def inplace(self, *args):
+        return self.backend.inplace(*args, **self.variant)
+
+    def backward(self, *args):
+        if self.backend.backward is None:
+            raise BackendNotSupportedError(f"fastdit.{self.backend.op}: the {self.name!r} backend has no backward form")
+        return self.backend.backward(*args, **self.variant)
+
+
+def choose(op: str, inputs: dict, backend: str | None = None) -> Choice:
+    """:func:`select_backend` and the variant the current settings select for it."""
+    chosen = select_backend(op, inputs, backend)
+    return Choice(chosen, chosen.variant_args())
+
+
+def form(op: str, name: str, which: str = "fn") -> Callable[..., Any]:
+    """One declared form (``fn``, ``backward``, ``inplace``) of ``op``'s backend ``name``, with
+    the current variant bound: how one op's implementation uses another's (the fused q/k norm's
+    backward runs rms_norm's) without importing it."""
+    impl = backends(op)[name]
+    fn = getattr(impl, which)
+    if fn is None:
+        raise BackendNotSupportedError(f"fastdit.{op}: the {name!r} backend has no {which} form")
+    variant = impl.variant_args()
+    return (lambda *args: fn(*args, **variant)) if variant else fn
+
+
+# The open trace() logs; a plain list, so torch.compile traces the (usually empty) loop over it.
+_TRACES: list[list[tuple[str, str]]] = []
+
+
+@contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Record the ``(op, backend)`` of every dispatch made inside the block (eager calls; a
+    compiled graph dispatches once, while it is traced)."""
+    log: list[tuple[str, str]] = []
+    _TRACES.append(log)
+    try:
+        yield log
+    finally:
+        _TRACES[:] = [other for other in _TRACES if other is not log]

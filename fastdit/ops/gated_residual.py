@@ -6,7 +6,7 @@ from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
 from fastdit.ops.adaln_modulate import check_norm_args
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.common import upcast
 from fastdit.reference.modulation import (
@@ -243,12 +243,12 @@ def gated_residual(
         Tensor of ``res``'s shape and dtype.
     """
     packed, y_packed, cu, gate_rows, per_token = _prepare(res, y, gate, cu_seqlens)
-    impl = select_backend(
+    impl = choose(
         "gated_residual",
         {"device": res.device, "dtype": res.dtype, "y_dtype": y.dtype, "per_token": per_token},
         backend,
     )
-    return impl.fn(packed, y_packed, gate_rows, None if per_token else cu).view(res.shape)
+    return impl.forward(packed, y_packed, gate_rows, None if per_token else cu).view(res.shape)
 
 
 def gated_residual_modulate(
@@ -283,10 +283,12 @@ def gated_residual_modulate(
     if not per_token == shift_per_token == scale_per_token:
         raise ValueError("gate, shift and scale must all be per sample (B, C) or all per token")
     check_same_dtype(("shift", "scale"), (shift, scale))
-    impl = select_backend(
+    impl = choose(
         "gated_residual_modulate",
         {"device": res.device, "dtype": res.dtype, "y_dtype": y.dtype, "norm": norm, "per_token": per_token},
         backend,
     )
-    r, mod = impl.fn(packed, y_packed, gate_rows, shift_rows, scale_rows, None if per_token else cu, norm, float(eps))
+    r, mod = impl.forward(
+        packed, y_packed, gate_rows, shift_rows, scale_rows, None if per_token else cu, norm, float(eps)
+    )
     return r.view(res.shape), mod.view(res.shape)

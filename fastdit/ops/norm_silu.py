@@ -4,7 +4,7 @@ import torch
 
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, register_triton_backend
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
 
@@ -80,5 +80,5 @@ def rms_norm_silu(
         raise ValueError(f"weight must have C = {x.shape[1]} elements, got shape {tuple(weight.shape)}")
     if not isinstance(eps, float | int) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    impl = select_backend("rms_norm_silu", {"device": x.device, "dtype": x.dtype}, backend)
-    return impl.fn(x, weight.reshape(-1), float(eps), bool(silu))
+    impl = choose("rms_norm_silu", {"device": x.device, "dtype": x.dtype}, backend)
+    return impl.forward(x, weight.reshape(-1), float(eps), bool(silu))

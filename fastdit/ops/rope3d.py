@@ -8,203 +8,133 @@ import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import as_packed, interpreter_fake, last_dim_contiguous, register_triton_backend
-from fastdit.ops.dispatch import Backend, register_backend, select_backend
+from fastdit.ops import dispatch
+from fastdit.ops._common import (
+    as_packed,
+    interpreter_fake,
+    last_dim_contiguous,
+    register_triton_backend,
+    signature,
+    typed,
+)
+from fastdit.ops.dispatch import Backend, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.common import dense_cu_seqlens
 from fastdit.reference.modulation import rms_norm_ref
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
 
-# ---- reference backend: torch.library custom ops over fastdit.reference -------------------------
+# ---- the custom ops' signatures, written once -------------------------------------------------
+# Every backend registers the same four ops from these signatures (fastdit::rope3d_<backend>, rope3d_qk_<backend>, and
+# on the fast backends their in-place forms); csrc/fastdit_ops.cpp declares the cuda ones alike.
+
+_ROPE_ARGS = [
+    ("grid_thw", torch.Tensor), ("cu_seqlens", torch.Tensor), ("token_offset", torch.Tensor | None),
+    ("theta", float), ("axes_dim", list[int]), ("interleaved", bool), ("conjugate", bool),
+]  # fmt: skip
+_PAIR = tuple[torch.Tensor, torch.Tensor]
+SIGNATURES = {
+    "rope3d": signature([("x", torch.Tensor), *_ROPE_ARGS], torch.Tensor),
+    "rope3d_qk": signature([("q", torch.Tensor), ("k", torch.Tensor), *_ROPE_ARGS], _PAIR),
+    "rope3d_inplace": signature([("x", torch.Tensor), *_ROPE_ARGS], None),
+    "rope3d_qk_inplace": signature([("q", torch.Tensor), ("k", torch.Tensor), *_ROPE_ARGS], None),
+}
+_ROTATED = {"rope3d": 1, "rope3d_qk": 2}  # leading tensors each op rotates
 
 
-@torch.library.custom_op("fastdit::rope3d_reference", mutates_args=())
-def rope3d_reference(
-    x: torch.Tensor,
-    grid_thw: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    token_offset: torch.Tensor | None,
-    theta: float,
-    axes_dim: list[int],
-    interleaved: bool,
-    conjugate: bool,
-) -> torch.Tensor:
-    return rope3d_ref(
-        x,
-        grid_thw,
-        cu_seqlens,
-        theta=theta,
-        axes_dim=axes_dim,
-        interleaved=interleaved,
-        token_offset=token_offset,
-        conjugate=conjugate,
-    )
+def _rotation_autograd(op, rotated: int):
+    """(backward, setup_context) of a rotation op: the gradient is the same op at the conjugate
+    angle, so every backend's backward is its own forward with ``conjugate`` flipped."""
+
+    def setup(ctx, inputs, output):
+        ctx.args = inputs[rotated:]
+
+    def backward(ctx, *grads):
+        *args, conjugate = ctx.args
+        dx = op(*grads, *args, not conjugate)
+        return *(dx if isinstance(dx, tuple) else (dx,)), *([None] * len(ctx.args))
+
+    return backward, setup
 
 
-@rope3d_reference.register_fake
-def _(x, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
-    return torch.empty_like(x)
+def _fake(op: str):
+    if op.endswith("inplace"):
+        return lambda *args: None
+    if _ROTATED[op] == 1:
+        return lambda x, *args: torch.empty_like(x)
+    return lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k))
 
 
-def _rope_setup(ctx, inputs, output):
-    _, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, ctx.conj = inputs
+def _define(backend: str, impls: dict, *, triton: bool = False) -> dict:
+    """Register ``fastdit::<op>_<backend>`` for each ``op -> impl`` with the shared schema, its
+    fake and (out of place) the conjugate-rotation autograd; returns op -> the custom op."""
+    make = torch.library.triton_op if triton else torch.library.custom_op
+    defined = {}
+    for op, impl in impls.items():
+        mutates = () if not op.endswith("inplace") else ("x",) if op == "rope3d_inplace" else ("q", "k")
+        custom = make(f"fastdit::{op}_{backend}", typed(impl, SIGNATURES[op]), mutates_args=mutates)
+        if triton:
+            interpreter_fake(custom, _fake(op))
+        else:
+            custom.register_fake(_fake(op))
+        if op in _ROTATED:
+            backward, setup = _rotation_autograd(custom, _ROTATED[op])
+            custom.register_autograd(backward, setup_context=setup)
+        defined[op] = custom
+    return defined
 
 
-def _rope_backward(ctx, grad):
-    dx = rope3d_reference(
-        grad, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj
-    )
-    return dx, None, None, None, None, None, None, None
+# ---- reference backend: fastdit.reference --------------------------------------------------------
 
 
-rope3d_reference.register_autograd(_rope_backward, setup_context=_rope_setup)
+def _rope_ref(x, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
+    return rope3d_ref(x, grid_thw, cu_seqlens, theta=theta, axes_dim=axes_dim, interleaved=interleaved,
+                      token_offset=token_offset, conjugate=conjugate)  # fmt: skip
 
 
-@torch.library.custom_op("fastdit::rope3d_qk_reference", mutates_args=())
-def rope3d_qk_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    grid_thw: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    token_offset: torch.Tensor | None,
-    theta: float,
-    axes_dim: list[int],
-    interleaved: bool,
-    conjugate: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kwargs = dict(theta=theta, axes_dim=axes_dim, interleaved=interleaved, token_offset=token_offset)
-    return (
-        rope3d_ref(q, grid_thw, cu_seqlens, conjugate=conjugate, **kwargs),
-        rope3d_ref(k, grid_thw, cu_seqlens, conjugate=conjugate, **kwargs),
-    )
+def _rope_qk_ref(q, k, *args):
+    return _rope_ref(q, *args), _rope_ref(k, *args)
 
 
-@rope3d_qk_reference.register_fake
-def _(q, k, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-def _rope_qk_setup(ctx, inputs, output):
-    _, _, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, ctx.conj = inputs
-
-
-def _rope_qk_backward(ctx, grad_q, grad_k):
-    dq, dk = rope3d_qk_reference(
-        grad_q,
-        grad_k,
-        ctx.grid_thw,
-        ctx.cu_seqlens,
-        ctx.token_offset,
-        ctx.theta,
-        ctx.axes_dim,
-        ctx.interleaved,
-        not ctx.conj,
-    )
-    return dq, dk, None, None, None, None, None, None, None
-
-
-rope3d_qk_reference.register_autograd(_rope_qk_backward, setup_context=_rope_qk_setup)
-
-register_backend(Backend("rope3d", "reference", rope3d_reference, devices=None, dtypes=FLOAT_DTYPES))
-register_backend(Backend("rope3d_qk", "reference", rope3d_qk_reference, devices=None, dtypes=FLOAT_DTYPES))
+_reference = _define("reference", {"rope3d": _rope_ref, "rope3d_qk": _rope_qk_ref})
+rope3d_reference, rope3d_qk_reference = _reference["rope3d"], _reference["rope3d_qk"]
+for _op, _fn in _reference.items():
+    register_backend(Backend(_op, "reference", _fn, devices=None, dtypes=FLOAT_DTYPES))
 
 
 # ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
 
-
 if triton_missing() is None:
     from fastdit.kernels.rope3d import rope3d_launch
 
-    @torch.library.triton_op("fastdit::rope3d_triton", mutates_args=())
-    def rope3d_triton(
-        x: torch.Tensor,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        token_offset: torch.Tensor | None,
-        theta: float,
-        axes_dim: list[int],
-        interleaved: bool,
-        conjugate: bool,
-    ) -> torch.Tensor:
+    def _rope_triton(x, *args):
         x = last_dim_contiguous(x)
         out = torch.empty_like(x)
-        rope3d_launch(x, None, out, None, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+        rope3d_launch(x, None, out, None, *args)
         return out
 
-    @torch.library.triton_op("fastdit::rope3d_qk_triton", mutates_args=())
-    def rope3d_qk_triton(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        token_offset: torch.Tensor | None,
-        theta: float,
-        axes_dim: list[int],
-        interleaved: bool,
-        conjugate: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_qk_triton(q, k, *args):
         q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        rope3d_launch(q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+        rope3d_launch(q, k, q_out, k_out, *args)
         return q_out, k_out
 
     # In place: for inference (a mutating op carries no autograd; the public functions use the
     # out-of-place op when gradients are needed).
-    @torch.library.triton_op("fastdit::rope3d_inplace_triton", mutates_args={"x"})
-    def rope3d_inplace_triton(
-        x: torch.Tensor,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        token_offset: torch.Tensor | None,
-        theta: float,
-        axes_dim: list[int],
-        interleaved: bool,
-        conjugate: bool,
-    ) -> None:
-        rope3d_launch(x, None, x, None, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+    def _rope_inplace_triton(x, *args):
+        rope3d_launch(x, None, x, None, *args)
 
-    @torch.library.triton_op("fastdit::rope3d_qk_inplace_triton", mutates_args={"q", "k"})
-    def rope3d_qk_inplace_triton(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        token_offset: torch.Tensor | None,
-        theta: float,
-        axes_dim: list[int],
-        interleaved: bool,
-        conjugate: bool,
-    ) -> None:
-        rope3d_launch(q, k, q, k, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate)
+    def _rope_qk_inplace_triton(q, k, *args):
+        rope3d_launch(q, k, q, k, *args)
 
-    def _rope_triton_backward(ctx, grad):
-        dx = rope3d_triton(
-            grad, ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj
-        )
-        return dx, None, None, None, None, None, None, None
-
-    def _rope_qk_triton_backward(ctx, grad_q, grad_k):
-        dq, dk = rope3d_qk_triton(
-            grad_q,
-            grad_k,
-            ctx.grid_thw,
-            ctx.cu_seqlens,
-            ctx.token_offset,
-            ctx.theta,
-            ctx.axes_dim,
-            ctx.interleaved,
-            not ctx.conj,
-        )
-        return dq, dk, None, None, None, None, None, None, None
-
-    interpreter_fake(rope3d_triton, lambda x, *args: torch.empty_like(x))
-    interpreter_fake(rope3d_qk_triton, lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k)))
-    interpreter_fake(rope3d_inplace_triton, lambda x, *args: None)
-    interpreter_fake(rope3d_qk_inplace_triton, lambda q, k, *args: None)
-    rope3d_triton.register_autograd(_rope_triton_backward, setup_context=_rope_setup)
-    rope3d_qk_triton.register_autograd(_rope_qk_triton_backward, setup_context=_rope_qk_setup)
-    register_triton_backend("rope3d", rope3d_triton, inplace_fn=rope3d_inplace_triton)
-    register_triton_backend("rope3d_qk", rope3d_qk_triton, inplace_fn=rope3d_qk_inplace_triton)
+    _triton = _define(
+        "triton",
+        {"rope3d": _rope_triton, "rope3d_qk": _rope_qk_triton, "rope3d_inplace": _rope_inplace_triton,
+         "rope3d_qk_inplace": _rope_qk_inplace_triton},
+        triton=True,
+    )  # fmt: skip
+    rope3d_triton, rope3d_qk_triton = _triton["rope3d"], _triton["rope3d_qk"]
+    register_triton_backend("rope3d", rope3d_triton, inplace=_triton["rope3d_inplace"])
+    register_triton_backend("rope3d_qk", rope3d_qk_triton, inplace=_triton["rope3d_qk_inplace"])
 else:
     register_triton_backend("rope3d", None)
     register_triton_backend("rope3d_qk", None)
@@ -227,21 +157,11 @@ def rope3d_qk_norm_reference(q, k, q_weight, k_weight, eps, grid_thw, cu_seqlens
 register_backend(Backend("rope3d_qk_norm", "reference", rope3d_qk_norm_reference, devices=None, dtypes=FLOAT_DTYPES))
 
 if triton_missing() is None:
+    _NORM_ARGS = [("q", torch.Tensor), ("k", torch.Tensor), ("q_weight", torch.Tensor), ("k_weight", torch.Tensor),
+                  ("eps", float), *_ROPE_ARGS[:-1]]  # fmt: skip
 
-    @torch.library.triton_op("fastdit::rope3d_qk_norm_triton", mutates_args=())
-    def rope3d_qk_norm_triton(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        q_weight: torch.Tensor,
-        k_weight: torch.Tensor,
-        eps: float,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        token_offset: torch.Tensor | None,
-        theta: float,
-        axes_dim: list[int],
-        interleaved: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_qk_norm_triton(q, k, q_weight, k_weight, eps, grid_thw, cu_seqlens, token_offset, theta, axes_dim,
+                             interleaved):  # fmt: skip
         q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         rope3d_launch(
@@ -250,19 +170,23 @@ if triton_missing() is None:
         )  # fmt: skip
         return q_out, k_out
 
+    rope3d_qk_norm_triton = torch.library.triton_op(
+        "fastdit::rope3d_qk_norm_triton", typed(_rope_qk_norm_triton, signature(_NORM_ARGS, _PAIR)), mutates_args=()
+    )
+
     def _qk_norm_setup(ctx, inputs, output):
         q, k, q_weight, k_weight, ctx.eps, grid, cu, offset, ctx.theta, ctx.axes_dim, ctx.interleaved = inputs
         ctx.save_for_backward(q, k, q_weight, k_weight, grid, cu, offset)
 
     def _rms_norm_backward(grad, x, weight, eps):
-        """RMSNorm-across-heads backward in one Triton pass: the RMS backward of adaLN modulation's
-        kernel (norm="rms", affine weight, scale 0 and one sample): dx and the fp32 dweight reduction."""
+        """RMSNorm-across-heads backward in one Triton pass: the declared backward form of
+        adaln_modulate's triton backend (norm="rms", affine weight, scale 0 and one sample),
+        taken from the dispatcher's table: dx and the fp32 dweight reduction."""
         rows = x.reshape(x.shape[0], -1)
         zeros = rows.new_zeros((1, rows.shape[1]), dtype=torch.float32)
         cu = dense_cu_seqlens(1, rows.shape[0], x.device)
-        dx, _, _, dweight, _ = torch.ops.fastdit.adaln_modulate_backward_triton(
-            grad.reshape(rows.shape), rows, zeros, cu, "rms", eps, weight, None
-        )
+        backward = dispatch.form("adaln_modulate", "triton", "backward")
+        dx, _, _, dweight, _ = backward(grad.reshape(rows.shape), rows, zeros, cu, "rms", eps, weight, None)
         return dx.view(x.shape), dweight.to(weight.dtype)
 
     def _qk_norm_backward(ctx, grad_q, grad_k):
@@ -281,28 +205,17 @@ else:
     register_triton_backend("rope3d_qk_norm", None)
 
 
-# ---- cuda backend: csrc/rope3d.cu (same arguments as the reference ops) -------------------------
+# ---- cuda backend: csrc/rope3d.cu (the same signatures, declared in csrc/fastdit_ops.cpp) ------------------
 
 
 def _register_cuda_ops() -> None:
-    torch.library.register_fake("fastdit::rope3d_cuda", lambda x, *args: torch.empty_like(x))
-    torch.library.register_fake(
-        "fastdit::rope3d_qk_cuda", lambda q, k, *args: (torch.empty_like(q), torch.empty_like(k))
-    )
-    torch.library.register_fake("fastdit::rope3d_inplace_cuda", lambda x, *args: None)
-    torch.library.register_fake("fastdit::rope3d_qk_inplace_cuda", lambda q, k, *args: None)
-
-    def backward(ctx, grad):
-        args = (ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj)
-        return torch.ops.fastdit.rope3d_cuda(grad, *args), None, None, None, None, None, None, None
-
-    def backward_qk(ctx, grad_q, grad_k):
-        args = (ctx.grid_thw, ctx.cu_seqlens, ctx.token_offset, ctx.theta, ctx.axes_dim, ctx.interleaved, not ctx.conj)
-        dq, dk = torch.ops.fastdit.rope3d_qk_cuda(grad_q, grad_k, *args)
-        return dq, dk, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("fastdit::rope3d_cuda", backward, setup_context=_rope_setup)
-    torch.library.register_autograd("fastdit::rope3d_qk_cuda", backward_qk, setup_context=_rope_qk_setup)
+    """Fakes and autograd of the ``fastdit::rope3d*_cuda`` ops that fastdit._C defines."""
+    for op in SIGNATURES:
+        name = f"fastdit::{op}_cuda"
+        torch.library.register_fake(name, _fake(op))
+        if op in _ROTATED:
+            backward, setup = _rotation_autograd(getattr(torch.ops.fastdit, f"{op}_cuda").default, _ROTATED[op])
+            torch.library.register_autograd(name, backward, setup_context=setup)
 
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -323,7 +236,7 @@ for _op, (_fn, _inplace) in _cuda_fns.items():
             devices=("cuda",),
             dtypes=_CUDA_DTYPES,
             unavailable=cuda_extension_missing(),
-            inplace_fn=_inplace,
+            inplace=_inplace,
         )
     )
 
@@ -342,10 +255,10 @@ def _check_axes(head_dim: int, axes_dim) -> list[int]:
     return axes
 
 
-def _can_write_in_place(impl: Backend, x: torch.Tensor) -> bool:
+def _can_write_in_place(impl: dispatch.Choice, x: torch.Tensor) -> bool:
     """A true in-place kernel needs a contiguous x (so the packed view aliases it) and no autograd."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return impl.inplace_fn is not None and x.is_contiguous() and not needs_grad
+    return impl.has_inplace() and x.is_contiguous() and not needs_grad
 
 
 def _prepare(name, x, grid_thw, cu_seqlens, theta, axes_dim, token_offset):
@@ -392,16 +305,16 @@ def rope3d(
         (see :mod:`fastdit.reference.rope3d`).
     """
     packed, cu, axes = _prepare("x", x, grid_thw, cu_seqlens, theta, axes_dim, token_offset)
-    impl = select_backend(
+    impl = dispatch.choose(
         "rope3d",
         {"device": x.device, "dtype": x.dtype, "head_dim": packed.shape[-1], "interleaved": interleaved},
         backend,
     )
     args = (grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
     if inplace and _can_write_in_place(impl, x):
-        impl.inplace_fn(packed, *args)
+        impl.inplace(packed, *args)
         return x
-    out = impl.fn(packed, *args).view(x.shape)
+    out = impl.forward(packed, *args).view(x.shape)
     return x.copy_(out) if inplace else out
 
 
@@ -446,16 +359,16 @@ def rope3d_qk(
             q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta, axes, interleaved, inplace,
             q_norm_weight, k_norm_weight, norm_eps, backend,
         )  # fmt: skip
-    impl = select_backend(
+    impl = dispatch.choose(
         "rope3d_qk",
         {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
         backend,
     )
     args = (grid_thw, cu, token_offset, float(theta), axes, interleaved, False)
     if inplace and _can_write_in_place(impl, q) and _can_write_in_place(impl, k):
-        impl.inplace_fn(packed_q, packed_k, *args)
+        impl.inplace(packed_q, packed_k, *args)
         return q, k
-    out_q, out_k = impl.fn(packed_q, packed_k, *args)
+    out_q, out_k = impl.forward(packed_q, packed_k, *args)
     out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
     if inplace:
         return q.copy_(out_q), k.copy_(out_k)
@@ -475,12 +388,12 @@ def _rope3d_qk_norm(q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta,
             )
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise ValueError(f"norm_eps must be a positive number, got {eps!r}")
-    impl = select_backend(
+    impl = dispatch.choose(
         "rope3d_qk_norm",
         {"device": q.device, "dtype": q.dtype, "head_dim": packed_q.shape[-1], "interleaved": interleaved},
         backend,
     )
-    out_q, out_k = impl.fn(
+    out_q, out_k = impl.forward(
         packed_q, packed_k, q_weight, k_weight, float(eps), grid_thw, cu, token_offset, float(theta), axes, interleaved
     )
     out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)

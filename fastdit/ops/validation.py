@@ -4,16 +4,17 @@ Every failure is an exception naming the argument and the bad value: ``TypeError
 dtype or type, ``ValueError`` for a wrong shape, device or content. Checks on tensor *values*
 (cu_seqlens monotone, grid_thw against lengths) read a few integers back to the host; they run in
 eager mode only, never while torch.compile traces (no host sync in a compiled graph), and
-``FASTDIT_CHECK_INPUTS=0`` turns them off in eager mode too, and so does :func:`values_checked`
-for a caller (the DiT) that has validated a whole batch once.
+``FASTDIT_CHECK_INPUTS=0`` (the ``check_inputs`` setting) turns them off in eager mode too, and
+so does :func:`values_checked` for a caller (the DiT) that has validated a whole batch once.
 """
 
-import os
 import threading
 from contextlib import contextmanager
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from fastdit import settings
 
 _state = threading.local()
 
@@ -47,7 +48,7 @@ def check_values_enabled(*tensors: torch.Tensor) -> bool:
         return False
     if any(t.device.type == "meta" or is_fake(t) for t in tensors):
         return False
-    return os.environ.get("FASTDIT_CHECK_INPUTS", "1") != "0"
+    return settings.get().check_inputs
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdit import ops
+from fastdit import ops, settings
 from fastdit.benchmarks.attention import TRITON_VARIANTS  # the opt-in paths the benchmark A/Bs
 from tests.conftest import CPU_BACKENDS, packed_cu, rel_err
 from tests.ops.test_attention import attention_oracle
@@ -137,12 +137,11 @@ def test_cuda_bf16_error_budget_and_compile(head_dim, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
 @pytest.mark.parametrize("head_dim, causal", [(128, False), (64, True), (72, False)])
-def test_cuda_opt_in_variants_keep_the_error_budget(monkeypatch, variant, head_dim, causal, poison_outputs):
+def test_cuda_opt_in_variants_keep_the_error_budget(set_setting, variant, head_dim, causal, poison_outputs):
     """Each opt-in path on the H100 (TMA, persistent, Hopper warp specialization, forward and
     backward) keeps the default path's error budget, with NaN-poisoned outputs (an unwritten tile
     fails) and, at D = 128, under torch.compile (Triton's TMA scratch allocator)."""
-    for key, value in TRITON_VARIANTS[variant].items():
-        monkeypatch.setenv(key, value)
+    set_setting(**TRITON_VARIANTS[variant])
     check_cuda_bf16_error_budget([3000, 77, 1, 1100], head_dim, causal, backend="triton", compile_too=head_dim == 128)
 
 
@@ -169,12 +168,12 @@ def test_longest_first_schedule_order():
 
 @pytest.mark.parametrize("head_dim", [64, 72])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tma_path_matches_the_reference(monkeypatch, head_dim, causal, poison_outputs):
+def test_tma_path_matches_the_reference(set_setting, head_dim, causal, poison_outputs):
     """FASTDIT_ATTN_TMA=1: K / V through tensor descriptors (interpreted here), across sample
     boundaries, past the tensor's end and with padded head dims (72 -> 128)."""
     from fastdit.kernels.attention import use_tma
 
-    monkeypatch.setenv("FASTDIT_ATTN_TMA", "1")
+    set_setting(attn_tma=True)
     len_q, len_k = [5, 33, 1], [19, 2, 40]
     cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, head_dim)
@@ -203,11 +202,11 @@ def _assert_forward_matches_float64_reference(q, k, v, len_q, len_k, causal):
 
 @pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_persistent_schedule_matches_the_reference(monkeypatch, tma, causal, poison_outputs):
+def test_persistent_schedule_matches_the_reference(set_setting, tma, causal, poison_outputs):
     """FASTDIT_ATTN_PERSISTENT=1: a fixed grid (3 programs here) walks every tile of a mixed
     batch, longest sample first; a tile it skipped would stay NaN."""
-    monkeypatch.setenv("FASTDIT_ATTN_PERSISTENT", "1")
-    monkeypatch.setenv("FASTDIT_ATTN_TMA", tma)
+    set_setting(attn_persistent=True)
+    set_setting(attn_tma=tma == "1")
     len_q, len_k = [40, 1, 17, 3], [9, 33, 17, 1]
     q = torch.randn(sum(len_q), 4, 32)
     k, v = (torch.randn(sum(len_k), 2, 32) for _ in range(2))
@@ -217,15 +216,15 @@ def test_persistent_schedule_matches_the_reference(monkeypatch, tma, causal, poi
 @pytest.mark.parametrize("head_dim", [32, 72])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("persistent", ["0", "1"])
-def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, causal, persistent, poison_outputs):
+def test_warp_specialized_forward_matches_the_reference(set_setting, head_dim, causal, persistent, poison_outputs):
     """FASTDIT_ATTN_WS=1: q, k and v by TMA and no early return for empty query blocks
     (interpreted here; the specialization itself is checked in the sm_90 compile). Mixed
     self / cross lengths over GQA, a padded head dim (72 -> 128: q's columns past D belong to the
     next head and must be zeroed), a causal block with no visible key, alone and persistent."""
     from fastdit.kernels.attention import use_warp_specialization
 
-    monkeypatch.setenv("FASTDIT_ATTN_WS", "1")
-    monkeypatch.setenv("FASTDIT_ATTN_PERSISTENT", persistent)
+    set_setting(attn_ws=True)
+    set_setting(attn_persistent=persistent == "1")
     len_q, len_k = [5, 33, 1, 18], [19, 2, 40, 18]
     q = torch.randn(sum(len_q), 4, head_dim)
     k, v = (torch.randn(sum(len_k), 2, head_dim) for _ in range(2))
@@ -239,12 +238,12 @@ def test_warp_specialized_forward_matches_the_reference(monkeypatch, head_dim, c
 
 
 @pytest.mark.parametrize("switch", ["FASTDIT_ATTN_TMA", "FASTDIT_ATTN_WS", "FASTDIT_ATTN_BWD_WS"])
-def test_tma_paths_read_views_of_a_fused_qkv_projection(monkeypatch, switch, poison_outputs):
+def test_tma_paths_read_views_of_a_fused_qkv_projection(set_setting, switch, poison_outputs):
     """q, k, v as views of one (tokens, 3, H, D) projection (token stride 3 H D, heads adjacent)
     qualify for TMA and give the reference's outputs and gradients."""
     from fastdit.kernels.attention import _tma_ready
 
-    monkeypatch.setenv(switch, "1")
+    set_setting(**settings.from_switches({switch: "1"}))
     lengths = [17, 3, 30]
     cu = packed_cu(lengths)
     qkv = torch.randn(sum(lengths), 3, 4, 32, dtype=torch.float64)
@@ -261,9 +260,9 @@ def test_tma_paths_read_views_of_a_fused_qkv_projection(monkeypatch, switch, poi
     torch.testing.assert_close(grad.double(), want_grad, atol=1e-4, rtol=1e-4)
 
 
-def test_warp_specialized_forward_feeds_the_backward(monkeypatch):
+def test_warp_specialized_forward_feeds_the_backward(set_setting):
     """The backward reads the specialized forward's out and LSE: gradients against float64."""
-    monkeypatch.setenv("FASTDIT_ATTN_WS", "1")
+    set_setting(attn_ws=True)
     lengths = [17, 3]
     cu = packed_cu(lengths)
     q, k, v = (torch.randn(sum(lengths), 2, 32, dtype=torch.float64) for _ in range(3))
@@ -279,13 +278,13 @@ def test_warp_specialized_forward_feeds_the_backward(monkeypatch):
 
 @pytest.mark.parametrize("head_dim", [32, 72])
 @pytest.mark.parametrize("causal", [False, True])
-def test_warp_specialized_backward_matches_float64(monkeypatch, head_dim, causal):
+def test_warp_specialized_backward_matches_float64(set_setting, head_dim, causal):
     """FASTDIT_ATTN_BWD_WS=1: dK/dV over one flat (GQA head, query block) loop and dQ, every
     tile by TMA (interpreted here). Mixed self / cross lengths (key blocks with no query, a query
     row with no visible key when causal), GQA 4 -> 2, a padded head dim, strided dO and lse."""
     from fastdit.kernels.attention import use_backward_warp_specialization
 
-    monkeypatch.setenv("FASTDIT_ATTN_BWD_WS", "1")
+    set_setting(attn_bwd_ws=True)
     len_q, len_k = [5, 33, 1, 18], [19, 2, 40, 18]
     cq, ck = packed_cu(len_q), packed_cu(len_k)
     q = torch.randn(sum(len_q), 4, head_dim, dtype=torch.float64)
@@ -311,7 +310,7 @@ def test_warp_specialized_backward_matches_float64(monkeypatch, head_dim, causal
     want = ops.varlen_attention_backward(dout, q, k, v, o64, lse64, cq, ck, max(len_q), max(len_k), causal=causal,
                                          backend="reference")  # fmt: skip
     for flag in ("1", "0"):
-        monkeypatch.setenv("FASTDIT_ATTN_BWD_WS", flag)
+        set_setting(attn_bwd_ws=flag == "1")
         got = ops.varlen_attention_backward(dout.float(), *[t.float() for t in (q, k, v)], o32, lse_view, cq, ck,
                                             max(len_q), max(len_k), causal=causal, backend="triton")  # fmt: skip
         for g, r in zip(got, want):

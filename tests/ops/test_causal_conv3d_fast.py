@@ -114,9 +114,9 @@ def test_triton_conv_always_reads_cin_innermost_weights(backend, monkeypatch):
     seen = []
     real = conv_module.conv3d_forward
 
-    def spy(x, weight, *args):
+    def spy(x, weight, *args, **variant):
         seen.append((weight.stride(1), weight.data_ptr()))
-        return real(x, weight, *args)
+        return real(x, weight, *args, **variant)
 
     monkeypatch.setattr(conv_module, "conv3d_forward", spy)
     x = torch.randn(1, 6, 3, 5, 4).to(memory_format=torch.channels_last_3d)
@@ -133,13 +133,13 @@ def test_triton_conv_always_reads_cin_innermost_weights(backend, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cin", [24, 40])
 @pytest.mark.parametrize("case", CASES[:8], ids=lambda c: f"k{c[0]}s{c[1]}p{c[2]}tp{c[3]}u{c[4]}c{c[5]}")
-def test_weight_tma_path_matches_oracle(monkeypatch, backend, dtype, cin, case, poison_outputs):
+def test_weight_tma_path_matches_oracle(set_setting, backend, dtype, cin, case, poison_outputs):
     """FASTDIT_CONV_TMA=1: weight tiles as boxes of the (Cout, taps * Cin) matrix (interpreted
     here). Cin = 24 leaves 8 columns of each 32-wide box in the next tap, which must meet zeros;
     Cin = 40 takes two channel blocks per tap; Cout = 11 leaves rows past the tensor."""
     from fastdit.kernels.conv3d import use_weight_tma
 
-    monkeypatch.setenv("FASTDIT_CONV_TMA", "1")
+    set_setting(conv_tma=True)
     kernel, stride, padding, time_padding, up, cached = case
     x = torch.randn(1, cin, 3, 5, 6).to(dtype).to(memory_format=torch.channels_last_3d)
     weight = (torch.randn(11, cin, *kernel) / cin).to(dtype).contiguous(memory_format=torch.channels_last_3d)
@@ -268,9 +268,9 @@ def test_rms_norm_silu_bad_input(kwargs, error, match):
     [(384, 384, 2, (30, 52), (3, 3, 3), 1), (16, 384, 2, (30, 52), (3, 3, 3), 1), (96, 96, 2, (120, 208), (3, 3, 3), 1),
      (192, 96, 2, (60, 104), (1, 3, 3), 2), (3, 96, 1, (60, 104), (3, 3, 3), 1)],
 )  # fmt: skip
-def test_fast_conv_cuda_bf16(monkeypatch, backend, cin, cout, frames, hw, kernel, up):
+def test_fast_conv_cuda_bf16(set_setting, backend, cin, cout, frames, hw, kernel, up):
     backend, _, variant = backend.partition("+")
-    monkeypatch.setenv("FASTDIT_CONV_TMA", "1" if variant == "wtma" else "0")
+    set_setting(conv_tma=variant == "wtma")
     x = torch.randn(1, cin, frames, *hw, device="cuda").bfloat16().to(memory_format=torch.channels_last_3d)
     weight = (torch.randn(cout, cin, *kernel, device="cuda") / (cin * 3) ** 0.5).bfloat16()
     weight = weight.contiguous(memory_format=torch.channels_last_3d)  # as CausalVAE stores it

@@ -89,17 +89,17 @@ def test_forced_backend_that_does_not_fit_raises_with_reasons(toy_op):
         select_backend(toy_op, inputs, backend="cuda")
 
 
-def test_env_forces_backend(toy_op, monkeypatch):
+def test_env_forces_backend(toy_op, set_setting):
     inputs = {"device": torch.device("cuda"), "dtype": torch.float16, "head_dim": 64}
-    monkeypatch.setenv("FASTDIT_BACKEND", "reference")
+    set_setting(backend="reference")
     assert select_backend(toy_op, inputs).name == "reference"
-    monkeypatch.setenv("FASTDIT_BACKEND", "toy=reference,rope3d=reference")
+    set_setting(backend="toy=reference,rope3d=reference")
     assert select_backend(toy_op, inputs).name == "reference"
     # A global name applies only to ops that have that backend ...
-    monkeypatch.setenv("FASTDIT_BACKEND", "cuda")
+    set_setting(backend="cuda")
     assert select_backend(toy_op, inputs).name == "triton"
     # ... a per-op name must exist.
-    monkeypatch.setenv("FASTDIT_BACKEND", "toy=cuda")
+    set_setting(backend="toy=cuda")
     with pytest.raises(BackendNotSupportedError, match="FASTDIT_BACKEND=toy=cuda"):
         select_backend(toy_op, inputs)
 

@@ -5,13 +5,10 @@ expanded stride-0 view. The result and the gradients must equal those of the sam
 contiguous: a launcher that assumes contiguity reads the wrong elements and fails here.
 """
 
-import dataclasses
-
 import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops import dispatch
 from tests import cuda_emulation
 from tests.conftest import CPU_BACKENDS, packed_cu
 
@@ -260,18 +257,6 @@ def _params():
     for case_id, make, call, grad_args, extra in CASES:
         for backend in ("reference", "triton", *extra):
             yield pytest.param(make, call, grad_args, backend, id=f"{case_id}-{backend}", marks=MARKS.get(backend, ()))
-
-
-@pytest.fixture
-def emulated_cuda_on_cpu(monkeypatch):
-    """The cuda backends dispatchable on CPU tensors, running the emulated csrc/ kernels."""
-    cuda_emulation.load()
-    table = {op: dict(backends) for op, backends in dispatch._BACKENDS.items()}
-    for op, backends in table.items():
-        if "cuda" in backends:
-            fn = backends["cuda"].fn or getattr(torch.ops.fastdit, f"{op}_cuda").default  # rope: the op itself
-            backends["cuda"] = dataclasses.replace(backends["cuda"], fn=fn, devices=None, unavailable=None)
-    monkeypatch.setattr(dispatch, "_BACKENDS", table)
 
 
 @pytest.mark.parametrize("make, call, grad_args, backend", list(_params()))
