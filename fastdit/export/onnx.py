@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdit.models.dit import DiT, timestep_features
+from fastdit.models.dit import DiT
 from fastdit.models.vae import CausalVAE
+from fastdit.models.wan_block import block_modulation, head_modulation, wan_block
 from fastdit.reference.rope3d import wan_axes_dim
 
 DEFAULT_OPSET = 18
@@ -80,6 +81,49 @@ def _attention(q, k, v, scale):
     return torch.matmul(weights, v).transpose(1, 2)
 
 
+class _OnnxLayers:
+    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) in standard
+    ONNX operators on dense ``(B, S, C)`` tensors, over the block's own parameters."""
+
+    def __init__(self, block, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        self.block, self.cfg, self.context, self.cos, self.sin = block, block.config, context, cos, sin
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.cfg.num_heads, self.cfg.head_dim))
+
+    def _attend(self, attn, q, k, v):
+        return attn.o(_attention(q, k, v, self.cfg.head_dim**-0.5).flatten(2))
+
+    def modulate(self, x, shift, scale):
+        return F.layer_norm(x, (x.shape[-1],), eps=self.cfg.eps) * (1 + scale[:, None]) + shift[:, None]
+
+    def self_attention(self, h):
+        attn, eps, interleaved = self.block.self_attn, self.cfg.eps, self.cfg.rope_interleaved
+        q = _rotate(self._heads(_rms(attn.q(h), attn.q_norm, eps)), self.cos, self.sin, interleaved)
+        k = _rotate(self._heads(_rms(attn.k(h), attn.k_norm, eps)), self.cos, self.sin, interleaved)
+        return self._attend(attn, q, k, self._heads(attn.v(h)))
+
+    def gated_residual(self, x, y, gate):
+        return x + y * gate[:, None]
+
+    def cross_norm(self, x):
+        norm = self.block.cross_norm
+        return x if norm is None else F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+    def cross_attention(self, h):
+        cross, eps = self.block.cross_attn, self.cfg.eps
+        q = self._heads(_rms(cross.q(h), cross.q_norm, eps))
+        k = self._heads(_rms(cross.k(self.context), cross.k_norm, eps))
+        return self._attend(cross, q, k, self._heads(cross.v(self.context)))
+
+    def residual_modulate(self, x, y, shift, scale):
+        x = x + y
+        return x, self.modulate(x, shift, scale)
+
+    def ffn(self, h):
+        return self.block.ffn_out(F.gelu(self.block.ffn_in(h), approximate="tanh"))
+
+
 class ExportDiT(nn.Module):
     """``DiT.forward`` with standard ops only, sharing ``dit``'s parameters (float32 graph)."""
 
@@ -92,37 +136,16 @@ class ExportDiT(nn.Module):
         batch, channels, frames, height, width = latents.shape
         pt, ph, pw = cfg.patch_size
         t, h, w = frames // pt, height // ph, width // pw
-        heads, head_dim = cfg.num_heads, cfg.head_dim
-        scale = head_dim**-0.5
         # patchify: features (c, pt, ph, pw), tokens (t, h, w) row-major
         x = latents.reshape(batch, channels, t, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         x = dit.patch_embed(x.reshape(batch, t * h * w, channels * pt * ph * pw))
-        temb = dit.time_out(F.silu(dit.time_in(timestep_features(timestep, cfg.freq_dim))))
-        mod = dit.time_proj(F.silu(temb)).unflatten(1, (6, -1))
-        context = dit.text_out(F.gelu(dit.text_in(text), approximate="tanh"))
-        cos, sin = _rope_cos_sin(t, h, w, head_dim, cfg.rope_theta, cfg.rope_axes_dim, latents.device)
-        hidden = cfg.hidden
+        temb, mod = dit.embed_conditions(timestep)
+        context = dit.text_context(text)
+        cos, sin = _rope_cos_sin(t, h, w, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, latents.device)
         for block in dit.blocks:
-            shift, sc, gate, f_shift, f_scale, f_gate = (block.modulation + mod).unbind(1)
-            y = F.layer_norm(x, (hidden,), eps=cfg.eps) * (1 + sc[:, None]) + shift[:, None]
-            attn = block.self_attn
-            q = _rms(attn.q(y), attn.q_norm, cfg.eps).unflatten(-1, (heads, head_dim))
-            k = _rms(attn.k(y), attn.k_norm, cfg.eps).unflatten(-1, (heads, head_dim))
-            v = attn.v(y).unflatten(-1, (heads, head_dim))
-            q, k = _rotate(q, cos, sin, cfg.rope_interleaved), _rotate(k, cos, sin, cfg.rope_interleaved)
-            x = x + attn.o(_attention(q, k, v, scale).flatten(2)) * gate[:, None]
-            y = x
-            if block.cross_norm is not None:
-                y = F.layer_norm(x, (hidden,), block.cross_norm.weight, block.cross_norm.bias, cfg.eps)
-            cross = block.cross_attn
-            q = _rms(cross.q(y), cross.q_norm, cfg.eps).unflatten(-1, (heads, head_dim))
-            k = _rms(cross.k(context), cross.k_norm, cfg.eps).unflatten(-1, (heads, head_dim))
-            v = cross.v(context).unflatten(-1, (heads, head_dim))
-            x = x + cross.o(_attention(q, k, v, scale).flatten(2))
-            y = F.layer_norm(x, (hidden,), eps=cfg.eps) * (1 + f_scale[:, None]) + f_shift[:, None]
-            x = x + block.ffn_out(F.gelu(block.ffn_in(y), approximate="tanh")) * f_gate[:, None]
-        shift, sc = (dit.head_modulation + temb[:, None]).unbind(1)
-        x = F.layer_norm(x, (hidden,), eps=cfg.eps) * (1 + sc[:, None]) + shift[:, None]
+            x = wan_block(_OnnxLayers(block, context, cos, sin), x, block_modulation(block.modulation, mod))
+        shift, sc = head_modulation(dit.head_modulation, temb)
+        x = F.layer_norm(x, (cfg.hidden,), eps=cfg.eps) * (1 + sc[:, None]) + shift[:, None]
         out = dit.head_proj(x)  # features (pt, ph, pw, c)
         out = out.reshape(batch, t, h, w, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(batch, cfg.out_channels, frames, height, width)

@@ -1,8 +1,8 @@
 """The DiT of Wan 2.1 (Sora-style: a transformer over spacetime patches) on fastdit.ops.
 
-Semantics are design.md's reference: per block, adaLN-modulated self-attention with q/k RMSNorm
-across heads and 3D RoPE, cross-attention to the text (affine LayerNorm, no modulation), and an
-adaLN-modulated GELU(tanh) FFN, each with a gated residual; a modulated head. Every sample of a
+Semantics are docs/design.md's reference: the block of :mod:`fastdit.models.wan_block`
+(adaLN-modulated self-attention with q/k RMSNorm across heads and 3D RoPE, cross-attention to the
+text, an adaLN-modulated GELU(tanh) FFN, gated residuals) on fastdit's ops; a modulated head. Every sample of a
 packed batch keeps its own size, timestep and text. ``DiT(config, backend="reference")`` runs
 every op on the plain-PyTorch reference and is the parity oracle for the fast backends.
 """
@@ -17,12 +17,12 @@ from torch import nn
 from fastdit import ops
 from fastdit.models.config import DiTConfig, preset
 from fastdit.models.packing import PackedBatch
+from fastdit.models.wan_block import block_modulation, head_modulation, wan_block
 from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import check_tensor, values_checked
-from fastdit.reference.modulation import rms_norm_ref
 
 # The fastdit ops the DiT calls.
-MODEL_OPS = ("rope3d_qk_norm", "varlen_attention", "adaln_modulate", "gated_residual")
+MODEL_OPS = ("rope3d_qk_norm", "varlen_attention", "adaln_modulate", "gated_residual", "rms_norm")
 
 
 def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -35,11 +35,6 @@ def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 1000
     angle = timestep.float()[:, None] * torch.exp(exponent)[None, :]
     features = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
     return F.pad(features, (0, 1)) if dim % 2 else features
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim (all heads at once), statistics in float32."""
-    return rms_norm_ref(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
 
 class Attention(nn.Module):
@@ -88,17 +83,14 @@ class Attention(nn.Module):
             out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
-    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_kv(self, context: torch.Tensor, backends: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys (RMS-normed) and values of the text tokens: (total_text, H, D) each."""
-        return self._heads(_rms_norm(self.k(context), self.k_norm, self.eps)), self._heads(self.v(context))
+        k = ops.rms_norm(self.k(context), self.k_norm, eps=self.eps, backend=backends["rms_norm"])
+        return self._heads(k), self._heads(self.v(context))
 
     def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch, backends: dict):
-        # q's RMSNorm (across heads, with its weight) in one pass: adaln_modulate's RMS path with
-        # a zero modulation, instead of the reference's fp32 chain (~7 passes over S x C).
-        zero = torch.zeros((batch.batch_size, x.shape[-1]), dtype=torch.float32, device=x.device)
-        q = ops.adaln_modulate(self.q(x), zero, zero, batch.cu_seqlens, norm="rms", eps=self.eps, weight=self.q_norm,
-                               backend=backends["adaln_modulate"])  # fmt: skip
-        q = self._heads(q)
+        # q's RMSNorm across heads, with its weight, in one pass (one kernel on the Triton backend)
+        q = self._heads(ops.rms_norm(self.q(x), self.q_norm, eps=self.eps, backend=backends["rms_norm"]))
         k, v = kv
         out = ops.varlen_attention(
             q,
@@ -127,24 +119,41 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, hidden) / hidden**0.5)
 
     def forward(self, x, text_kv, mod, batch: PackedBatch, backends: dict):
-        cfg, cu = self.config, batch.cu_seqlens
-        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + mod).unbind(1)
+        return wan_block(_PackedLayers(self, text_kv, batch, backends), x, block_modulation(self.modulation, mod))
 
-        modulate, residual = backends["adaln_modulate"], backends["gated_residual"]
-        h = ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=cfg.eps, backend=modulate)
-        x = ops.gated_residual(x, self.self_attn.forward_self(h, batch, cfg, backends), gate, cu, backend=residual)
 
-        h = x
-        if self.cross_norm is not None:
-            h = F.layer_norm(
-                x.float(), (x.shape[-1],), self.cross_norm.weight.float(), self.cross_norm.bias.float(), cfg.eps
-            )
-            h = h.to(x.dtype)
-        x = x + self.cross_attn.forward_cross(h, text_kv, batch, backends)
+class _PackedLayers:
+    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) on fastdit's
+    ops over a packed batch, each op on the backend the model chose for it."""
 
-        h = ops.adaln_modulate(x, ffn_shift, ffn_scale, cu, norm="layer", eps=cfg.eps, backend=modulate)
-        ffn = self.ffn_out(F.gelu(self.ffn_in(h), approximate="tanh"))
-        return ops.gated_residual(x, ffn, ffn_gate, cu, backend=residual)
+    def __init__(self, block: DiTBlock, text_kv, batch: PackedBatch, backends: dict):
+        self.block, self.text_kv, self.batch, self.backends = block, text_kv, batch, backends
+
+    def modulate(self, x, shift, scale):
+        eps, cu = self.block.config.eps, self.batch.cu_seqlens
+        return ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=eps, backend=self.backends["adaln_modulate"])
+
+    def self_attention(self, h):
+        return self.block.self_attn.forward_self(h, self.batch, self.block.config, self.backends)
+
+    def gated_residual(self, x, y, gate):
+        return ops.gated_residual(x, y, gate, self.batch.cu_seqlens, backend=self.backends["gated_residual"])
+
+    def cross_norm(self, x):
+        norm = self.block.cross_norm
+        if norm is None:
+            return x
+        return F.layer_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+
+    def cross_attention(self, h):
+        return self.block.cross_attn.forward_cross(h, self.text_kv, self.batch, self.backends)
+
+    def residual_modulate(self, x, y, shift, scale):
+        x = x + y
+        return x, self.modulate(x, shift, scale)
+
+    def ffn(self, h):
+        return self.block.ffn_out(F.gelu(self.block.ffn_in(h), approximate="tanh"))
 
 
 class DiT(nn.Module):
@@ -197,8 +206,12 @@ class DiT(nn.Module):
         passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and two
         ``L x C x C`` projections per block per step.
         """
-        context = self.text_out(F.gelu(self.text_in(text.to(self.text_in.weight.dtype)), approximate="tanh"))
-        return [block.cross_attn.text_kv(context) for block in self.blocks]
+        context = self.text_context(text)
+        return [block.cross_attn.text_kv(context, self.op_backends) for block in self.blocks]
+
+    def text_context(self, text: torch.Tensor) -> torch.Tensor:
+        """The text MLP: ``(..., text_dim)`` encoder states -> ``(..., hidden)`` cross-attention context."""
+        return self.text_out(F.gelu(self.text_in(text.to(self.text_in.weight.dtype)), approximate="tanh"))
 
     def forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         """Packed batch -> packed prediction ``(total, pt ph pw C_out)``; ``batch.unpack`` splits it.
@@ -240,7 +253,7 @@ class DiT(nn.Module):
             text_kv = self.text_kv(batch.text)
         for block, kv in zip(self.blocks, text_kv):
             x = block(x, kv, mod, batch, self.op_backends)
-        shift, scale = (self.head_modulation.float() + temb.float()[:, None]).unbind(1)
+        shift, scale = head_modulation(self.head_modulation, temb)
         x = ops.adaln_modulate(
             x,
             shift,

@@ -12,10 +12,8 @@ from fastdit.ops._common import (
     register_triton_backend,
 )
 from fastdit.ops.dispatch import Backend, choose, register_backend
-from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
+from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
-
-NORMS = ("layer", "rms")
 
 
 @torch.library.custom_op("fastdit::adaln_modulate_reference", mutates_args=())
@@ -175,13 +173,6 @@ register_backend(
         unavailable=cuda_extension_missing(),
     )
 )
-
-
-def check_norm_args(norm: str, eps: float) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
 def adaln_modulate(

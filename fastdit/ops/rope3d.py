@@ -19,7 +19,6 @@ from fastdit.ops._common import (
 )
 from fastdit.ops.dispatch import Backend, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
-from fastdit.reference.common import dense_cu_seqlens
 from fastdit.reference.modulation import rms_norm_ref
 from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
 
@@ -179,15 +178,11 @@ if triton_missing() is None:
         ctx.save_for_backward(q, k, q_weight, k_weight, grid, cu, offset)
 
     def _rms_norm_backward(grad, x, weight, eps):
-        """RMSNorm-across-heads backward in one Triton pass: the declared backward form of
-        adaln_modulate's triton backend (norm="rms", affine weight, scale 0 and one sample),
-        taken from the dispatcher's table: dx and the fp32 dweight reduction."""
+        """RMSNorm-across-heads backward in one Triton pass: the declared backward form of the
+        rms_norm op's triton backend, taken from the dispatcher's table (dx, dweight)."""
         rows = x.reshape(x.shape[0], -1)
-        zeros = rows.new_zeros((1, rows.shape[1]), dtype=torch.float32)
-        cu = dense_cu_seqlens(1, rows.shape[0], x.device)
-        backward = dispatch.form("adaln_modulate", "triton", "backward")
-        dx, _, _, dweight, _ = backward(grad.reshape(rows.shape), rows, zeros, cu, "rms", eps, weight, None)
-        return dx.view(x.shape), dweight.to(weight.dtype)
+        dx, dweight = dispatch.form("rms_norm", "triton", "backward")(grad.reshape(rows.shape), rows, weight, eps)
+        return dx.view(x.shape), dweight
 
     def _qk_norm_backward(ctx, grad_q, grad_k):
         # Two Triton passes: undo the rotation (conjugate angles), then RMSNorm's backward.

@@ -158,3 +158,14 @@ def check_token_offset(token_offset: object, batch: int, device: torch.device) -
         if high > MAX_POSITION:
             raise ValueError(f"token_offset must be <= {MAX_POSITION} (2^31 - 1), got max {high}")
     return token_offset
+
+
+NORMS = ("layer", "rms")
+
+
+def check_norm_args(norm: str, eps: float) -> None:
+    """A modulation's ``norm`` (``layer`` or ``rms``) and positive ``eps``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")

@@ -131,8 +131,23 @@ def gated_residual_modulate_ref(
     return r, adaln_modulate_ref(r, shift, scale, cu_seqlens, norm=norm, eps=eps)
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of each row of ``x (rows, C)`` with weight ``(C,)``; fp32 math, result in x.dtype."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of ``x (rows, C)`` with weight ``(C,)`` or None; fp32 math, result in x.dtype."""
     xf = upcast(x)
     rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-    return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+    normed = xf * rstd
+    return (normed if weight is None else normed * weight.to(xf.dtype)).to(x.dtype)
+
+
+def rms_norm_bwd_ref(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight) of :func:`rms_norm_ref`, fp32 math; dweight in weight's dtype (None without)."""
+    xf = upcast(x)
+    g = grad.to(xf.dtype)
+    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    x_hat = xf * rstd
+    d_weight = None if weight is None else (g * x_hat).sum(0).to(weight.dtype)
+    d_xhat = g if weight is None else g * weight.to(xf.dtype)
+    dx = rstd * (d_xhat - x_hat * (d_xhat * x_hat).mean(dim=-1, keepdim=True))
+    return dx.to(x.dtype), d_weight
