@@ -36,12 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
+from fastdit.models.wan_block import block_modulation, wan_block
+from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import values_checked
 
 logger = logging.getLogger("fastdit")
 
 BACKEND_NAME = "fastdit"
 _PATCHES_ATTR = "_fastdit_patches"
+# The fastdit ops a patched transformer and VAE call (patch(backend=...) is applied to each).
+PATCH_OPS = ("attention", "rope3d_qk", "rope3d_qk_norm", "adaln_modulate", "gated_residual", "gated_residual_modulate")
 # diffusers (major, minor) releases patch() is tested with: [first, past the last)
 SUPPORTED_DIFFUSERS = ((0, 36), (0, 43))
 
@@ -88,8 +92,10 @@ def _set_attr(obj, name: str, value, description: str) -> _Change:
 _fallback_logged = False
 
 
-def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """diffusers' backend contract: q (B, S, H, D), k / v (B, S_kv, H_kv, D) -> (B, S, H, D)."""
+def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                      backend: str | None = None):  # fmt: skip
+    """diffusers' backend contract: q (B, S, H, D), k / v (B, S_kv, H_kv, D) -> (B, S, H, D);
+    ``backend``: the fastdit backend :func:`patch` chose for ``ops.attention`` (None: the dispatcher)."""
     global _fallback_logged
     if attn_mask is not None or dropout_p:
         # fastdit's kernel has no arbitrary mask or dropout (Wan uses neither); say so once.
@@ -101,23 +107,35 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
         return out.transpose(1, 2)
-    return ops.attention(query, key, value, softmax_scale=scale, causal=is_causal)
+    return ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, backend=backend)
 
 
-def register_attention_backend():
-    """Add ``"fastdit"`` to diffusers' attention backends (idempotent); returns the enum member."""
+def attention_backend_name(backend: str | None = None) -> str:
+    """The diffusers attention backend that runs ``ops.attention`` on fastdit ``backend``:
+    ``"fastdit"`` (the dispatcher's choice) or ``"fastdit_<backend>"``."""
+    return BACKEND_NAME if backend is None else f"{BACKEND_NAME}_{backend}"
+
+
+def register_attention_backend(backend: str | None = None):
+    """Add ``"fastdit"`` (or, for a forced fastdit ``backend``, ``"fastdit_<backend>"``) to
+    diffusers' attention backends (idempotent); returns the enum member."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    member = AttentionBackendName._value2member_map_.get(BACKEND_NAME)
+    name = attention_backend_name(backend)
+    member = AttentionBackendName._value2member_map_.get(name)
     if member is None:
         # AttentionBackendName is a closed str Enum: add one member the way Enum builds its own.
-        member = str.__new__(AttentionBackendName, BACKEND_NAME)
-        member._name_, member._value_ = BACKEND_NAME.upper(), BACKEND_NAME
+        member = str.__new__(AttentionBackendName, name)
+        member._name_, member._value_ = name.upper(), name
         AttentionBackendName._member_map_[member._name_] = member
-        AttentionBackendName._value2member_map_[BACKEND_NAME] = member
+        AttentionBackendName._value2member_map_[name] = member
         AttentionBackendName._member_names_.append(member._name_)
     if member not in _AttentionBackendRegistry._backends:
-        _AttentionBackendRegistry.register(member)(fastdit_attention)
+
+        def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            return fastdit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+
+        _AttentionBackendRegistry.register(member)(run)
     return member
 
 
@@ -127,15 +145,15 @@ def _attention_modules(model):
     return [m for m in model.modules() if isinstance(m, AttentionModuleMixin)]
 
 
-def _patch_attention(model, prefix: str) -> list[_Change]:
-    member = register_attention_backend()
+def _patch_attention(model, prefix: str, backends: dict) -> list[_Change]:
+    member = register_attention_backend(backends["attention"])
     changes = []
     for module in _attention_modules(model):
         processor = getattr(module, "processor", None)
         if processor is not None and hasattr(processor, "_attention_backend"):
             changes.append(_set_attr(processor, "_attention_backend", member, ""))
     if changes:
-        changes[0].description = f"{prefix}: {len(changes)} attention processors -> diffusers backend 'fastdit'"
+        changes[0].description = f"{prefix}: {len(changes)} attention processors -> diffusers backend '{member.value}'"
     return changes
 
 
@@ -174,10 +192,10 @@ class FastditWanAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, original, backend: str | None):
+    def __init__(self, original, backends: dict):
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
-        self.backend = backend
+        self.backends = backends
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -189,7 +207,7 @@ class FastditWanAttnProcessor:
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        rope = dict(theta=rotary_emb.theta, axes_dim=rotary_emb.axes_dim, backend=self.backend)
+        rope = dict(theta=rotary_emb.theta, axes_dim=rotary_emb.axes_dim)
         # The grid was built (and checked) from the latent shape by the patched rope module: the
         # op's value checks would only add a host sync per layer.
         with values_checked():
@@ -200,12 +218,12 @@ class FastditWanAttnProcessor:
                 eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
                 query, key = ops.rope3d_qk(
                     query, key, rotary_emb.grid_thw, q_norm_weight=attn.norm_q.weight,
-                    k_norm_weight=attn.norm_k.weight, norm_eps=eps, **rope,
+                    k_norm_weight=attn.norm_k.weight, norm_eps=eps, backend=self.backends["rope3d_qk_norm"], **rope,
                 )  # fmt: skip
             else:
                 query = attn.norm_q(query.flatten(2)).unflatten(2, (attn.heads, -1))
                 key = attn.norm_k(key.flatten(2)).unflatten(2, (attn.heads, -1))
-                query, key = ops.rope3d_qk(query, key, rotary_emb.grid_thw, **rope)
+                query, key = ops.rope3d_qk(query, key, rotary_emb.grid_thw, backend=self.backends["rope3d_qk"], **rope)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,
@@ -214,7 +232,7 @@ class FastditWanAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _patch_rope(model, prefix: str, backend: str | None) -> list[_Change]:
+def _patch_rope(model, prefix: str, backends: dict) -> list[_Change]:
     rope_module = getattr(model, "rope", None)
     if rope_module is None or not all(hasattr(rope_module, a) for a in ("t_dim", "h_dim", "w_dim", "patch_size")):
         raise ValueError(f"{prefix}: no Wan rotary embedding module (.rope) to patch; pass rope=False")
@@ -225,7 +243,7 @@ def _patch_rope(model, prefix: str, backend: str | None) -> list[_Change]:
         attn = getattr(block, "attn1", None)
         if attn is None:
             continue
-        changes.append(_set_attr(attn, "processor", FastditWanAttnProcessor(attn.processor, backend), ""))
+        changes.append(_set_attr(attn, "processor", FastditWanAttnProcessor(attn.processor, backends), ""))
         count += 1
     changes[-1].description = f"{prefix}: {count} self-attention processors -> fused q/k RMSNorm + 3D RoPE"
     return changes
@@ -234,40 +252,56 @@ def _patch_rope(model, prefix: str, backend: str | None) -> list[_Change]:
 # ---- adaln: the block's modulation and residuals ---------------------------------------------------
 
 
-def _block_forward(backend: str | None):
+class _DiffusersLayers:
+    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) over a
+    diffusers ``WanTransformerBlock``: its own attention modules, norms and FFN, fastdit's
+    modulation and residual ops on dense ``(B, S, C)`` tensors."""
+
+    def __init__(self, block, encoder_hidden_states, rotary_emb, backends: dict):
+        self.block, self.text, self.rotary_emb, self.backends = block, encoder_hidden_states, rotary_emb, backends
+
+    def modulate(self, x, shift, scale):
+        eps = self.block.norm1.eps
+        return ops.adaln_modulate(x, shift, scale, norm="layer", eps=eps, backend=self.backends["adaln_modulate"])
+
+    def self_attention(self, h):
+        return self.block.attn1(h, None, None, self.rotary_emb)
+
+    def gated_residual(self, x, y, gate):
+        return ops.gated_residual(x, y, gate, backend=self.backends["gated_residual"])
+
+    def cross_norm(self, x):
+        return self.block.norm2(x.float()).type_as(x)
+
+    def cross_attention(self, h):
+        return self.block.attn2(h, self.text, None, None)
+
+    def residual_modulate(self, x, y, shift, scale):
+        # x + attn2 (a gate of ones) and the FFN's modulation of the sum, in one pass.
+        return ops.gated_residual_modulate(x, y, torch.ones_like(shift), shift, scale, norm="layer",
+                                           eps=self.block.norm3.eps,
+                                           backend=self.backends["gated_residual_modulate"])  # fmt: skip
+
+    def ffn(self, h):
+        return self.block.ffn(h)
+
+
+def _block_forward(backends: dict):
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         # Dense inputs whose sample boundaries the ops derive themselves: their value checks (a
         # host sync each, five per block) have nothing to find.
         with values_checked():
-            return _block_body(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
-
-    def _block_body(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        if temb.ndim == 4:  # per-token modulation (Wan 2.2 TI2V): (B, S, 6, C)
-            mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
-        else:  # (B, 6, C)
-            mods = (self.scale_shift_table + temb.float()).unbind(1)
-        shift, scale, gate, c_shift, c_scale, c_gate = mods
-        eps = self.norm1.eps
-        h = ops.adaln_modulate(hidden_states, shift, scale, norm="layer", eps=eps, backend=backend)
-        attn_output = self.attn1(h, None, None, rotary_emb)
-        x = ops.gated_residual(hidden_states, attn_output, gate, backend=backend)
-        h = self.norm2(x.float()).type_as(x)
-        attn_output = self.attn2(h, encoder_hidden_states, None, None)
-        # x + attn2 (a gate of ones) and the FFN's modulation of the sum, in one pass.
-        ones = torch.ones_like(c_gate)
-        x, h = ops.gated_residual_modulate(x, attn_output, ones, c_shift, c_scale, norm="layer",
-                                           eps=self.norm3.eps, backend=backend)  # fmt: skip
-        ff_output = self.ffn(h)
-        return ops.gated_residual(x, ff_output, c_gate, backend=backend)
+            layers = _DiffusersLayers(self, encoder_hidden_states, rotary_emb, backends)
+            return wan_block(layers, hidden_states, block_modulation(self.scale_shift_table, temb))
 
     return forward
 
 
-def _patch_blocks(model, prefix: str, backend: str | None) -> list[_Change]:
+def _patch_blocks(model, prefix: str, backends: dict) -> list[_Change]:
     blocks = [b for b in getattr(model, "blocks", []) if hasattr(b, "scale_shift_table") and hasattr(b, "norm3")]
     if not blocks:
         raise ValueError(f"{prefix}: no Wan transformer blocks to patch; pass adaln=False")
-    forward = _block_forward(backend)
+    forward = _block_forward(backends)
     changes = [_set_attr(b, "forward", types.MethodType(forward, b), "") for b in blocks]
     changes[-1].description = f"{prefix}: {len(blocks)} blocks -> fused adaLN modulation and gated residuals"
     return changes
@@ -389,8 +423,9 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
             ``WanTransformer3DModel`` or ``AutoencoderKLWan``.
         attention, rope, adaln, vae: which parts to replace (see the module docstring); parts the
             target does not have are skipped.
-        backend: force one fastdit backend on every op (``"triton"``, ``"reference"``, ...);
-            default: fastdit's dispatcher picks per op.
+        backend: run every op that has this fastdit backend (``"triton"``, ``"cuda"``,
+            ``"reference"``, ...) on it, attention included, and the others on the dispatcher's
+            choice (as ``DiT(backend=...)`` does); default: the dispatcher picks per op.
 
     Returns:
         One line per change made. :func:`unpatch` restores the original exactly.
@@ -398,16 +433,17 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
     if getattr(target, _PATCHES_ATTR, None):
         raise RuntimeError("this object is already patched by fastdit; call fastdit.unpatch(...) first")
     _warn_if_untested_diffusers()
+    backends = backends_for(backend, PATCH_OPS)
     transformers, vaes = _components(target)
     changes: list[_Change] = []
     try:
         for name, model in transformers:
             if rope:
-                changes += _patch_rope(model, name, backend)
+                changes += _patch_rope(model, name, backends)
             if attention:
-                changes += _patch_attention(model, name)
+                changes += _patch_attention(model, name, backends)
             if adaln:
-                changes += _patch_blocks(model, name, backend)
+                changes += _patch_blocks(model, name, backends)
         if vae:
             for name, module in vaes:
                 changes += _patch_vae(module, name, backend)
@@ -435,4 +471,12 @@ def is_patched(target) -> bool:
     return bool(getattr(target, _PATCHES_ATTR, None))
 
 
-__all__ = ["BACKEND_NAME", "fastdit_attention", "is_patched", "patch", "register_attention_backend", "unpatch"]
+__all__ = [
+    "BACKEND_NAME",
+    "attention_backend_name",
+    "fastdit_attention",
+    "is_patched",
+    "patch",
+    "register_attention_backend",
+    "unpatch",
+]

@@ -2,7 +2,6 @@
 
 import copy
 import re
-import sys
 import warnings
 
 import pytest
@@ -33,19 +32,39 @@ def make_vae(**overrides):
 
 
 @pytest.fixture
-def op_calls(monkeypatch):
-    """Names of the fastdit ops dispatched during the test."""
-    seen = []
-    real = dispatch.select_backend
+def op_calls():
+    """Names of the fastdit ops dispatched during the test (dispatch.trace)."""
+    seen = OpNames()
+    with dispatch.trace() as log:
+        seen.log = log
+        yield seen
 
-    def spy(op, inputs, backend=None):
-        seen.append(op)
-        return real(op, inputs, backend)
 
-    for module in ("fastdit.ops.attention", "fastdit.ops.rope3d", "fastdit.ops.adaln_modulate",
-                   "fastdit.ops.gated_residual", "fastdit.ops.causal_conv3d", "fastdit.ops.norm_silu"):  # fmt: skip
-        monkeypatch.setattr(sys.modules[module], "select_backend", spy)
-    return seen
+class OpNames:
+    """The op names of a dispatch trace, as a list the tests can clear and count."""
+
+    log: list
+
+    def __contains__(self, name):
+        return name in self._names()
+
+    def _names(self):
+        return [op for op, _ in self.log]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self.log)
+
+    def __bool__(self):
+        return bool(self.log)
+
+    def count(self, name):
+        return self._names().count(name)
+
+    def clear(self):
+        self.log.clear()
 
 
 def instance_state(model):
