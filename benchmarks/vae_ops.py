@@ -1,4 +1,4 @@
-"""The VAE's kernels, provider by provider: causal conv3d at the shapes of ../shared/anchors.md
+"""The VAE's kernels, provider by provider: causal conv3d at the anchor shapes of docs/performance.md
 and the fused RMS norm + SiLU.
 
 conv3d providers: cuDNN through torch the way diffusers runs it (zero frames concatenated in

@@ -172,7 +172,7 @@ def inv_freq_table(theta: float, axes_dim, device) -> torch.Tensor:
     return torch.cat([theta ** -(torch.arange(0, d, 2, dtype=torch.float64, device=device) / d) for d in axes_dim])
 
 
-def rope3d_launch(
+def rope3d_forward(
     q: torch.Tensor,
     k: torch.Tensor | None,
     q_out: torch.Tensor,

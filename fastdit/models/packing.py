@@ -31,7 +31,7 @@ def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[i
 
 @dataclass
 class PackedBatch:
-    """A DiT batch in the packed ("varlen") layout of design.md.
+    """A DiT batch in the packed ("varlen") layout of docs/design.md, "The packed batch".
 
     Attributes:
         tokens: ``(total, C_in * pt * ph * pw)`` patchified latents of all samples, concatenated.

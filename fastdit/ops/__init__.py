@@ -10,8 +10,8 @@ from fastdit.ops.attention import attention, varlen_attention, varlen_attention_
 from fastdit.ops.causal_conv3d import causal_conv3d
 from fastdit.ops.dispatch import BackendNotSupportedError, backends, priority, select_backend, set_priority
 from fastdit.ops.gated_residual import gated_residual, gated_residual_modulate
-from fastdit.ops.norm_silu import rms_norm_silu
 from fastdit.ops.rms_norm import rms_norm
+from fastdit.ops.rms_norm_silu import rms_norm_silu
 from fastdit.ops.rope3d import rope3d, rope3d_qk
 
 __all__ = [

@@ -4,11 +4,11 @@ Backends:
 - ``reference``: fastdit.reference (fp32 math, pads and concatenates in memory).
 - ``cudnn``: torch's conv3d in x's dtype and memory format (cuDNN on GPUs, oneDNN on CPUs),
   after concatenating the cache / zero frames and nearest-upsampling in memory like diffusers.
-- ``triton``: kernels/conv3d.py, an implicit GEMM that reads the causal padding, the cache and
+- ``triton``: kernels/causal_conv3d.py, an implicit GEMM that reads the causal padding, the cache and
   the upsampling in place, with bias and residual fused; output channels-last-3d. Its backward
   is the reference backward (torch convolution gradients): the VAE runs inference.
 
-On GPUs the dispatcher tries cuDNN first: it is the measured baseline (../shared/anchors.md),
+On GPUs the dispatcher tries cuDNN first: it is the measured baseline (docs/performance.md),
 while the Triton kernel's speed is unmeasured until an H100 run fills in docs/performance.md.
 A per-shape policy overrides that order where a benchmark measured the winner:
 ``fastdit bench --suite vae_ops --conv-policy-out FILE`` writes one; the ``conv_policy`` setting
@@ -27,9 +27,9 @@ from fastdit.ops._common import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend, set_priority, set_shape_policy
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.causal_conv3d import (
-    _padded_input,
     causal_conv3d_bwd_ref,
     causal_conv3d_ref,
+    causal_padded_input,
     new_cache_ref,
 )
 
@@ -108,7 +108,7 @@ register_backend(Backend("causal_conv3d", "reference", causal_conv3d_reference, 
 
 def causal_conv3d_cudnn(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
     """torch.nn.functional.conv3d in x's dtype; autograd is torch's own."""
-    xp = _padded_input(x, cache, time_padding)
+    xp = causal_padded_input(x, cache, time_padding)
     if upsample > 1:
         xp = torch.nn.functional.interpolate(xp, scale_factor=(1, upsample, upsample), mode="nearest")
     top, bottom, left, right = padding
@@ -133,10 +133,10 @@ register_backend(
 )
 
 
-# ---- triton backend: kernels/conv3d.py ----------------------------------------------------------
+# ---- triton backend: kernels/causal_conv3d.py ----------------------------------------------------------
 
 if triton_missing() is None:
-    from fastdit.kernels.conv3d import conv3d_forward
+    from fastdit.kernels.causal_conv3d import causal_conv3d_forward
 
     @torch.library.triton_op("fastdit::causal_conv3d_triton", mutates_args=())
     def causal_conv3d_triton(
@@ -153,13 +153,8 @@ if triton_missing() is None:
         weight_tma: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = output_shape(x.shape, weight.shape, stride, padding, time_padding, upsample)
-        if weight.stride(1) != 1:
-            # Cin innermost, so each (Cin block, Cout block) weight tile loads as contiguous rows
-            # (a default-layout (Cout, Cin, kt, kh, kw) weight would be gathered 27 elements apart).
-            # A copy per call (<= 8 MB at the VAE's shapes); CausalVAE stores its weights this way.
-            weight = weight.contiguous(memory_format=torch.channels_last_3d)
-        y = conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape,
-                           autotune=autotune, weight_tma=weight_tma)  # fmt: skip
+        y = causal_conv3d_forward(x, weight, bias, residual, cache, stride, padding, time_padding, upsample, shape,
+                                  autotune=autotune, weight_tma=weight_tma)  # fmt: skip
         # Both outputs channels-last-3d always: the next chunk's kernel reads the cache in rows.
         return y, new_cache_ref(x, cache, time_padding, memory_format=torch.channels_last_3d)
 

@@ -103,27 +103,27 @@ for _op, _fn in _reference.items():
 # ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
 
 if triton_missing() is None:
-    from fastdit.kernels.rope3d import rope3d_launch
+    from fastdit.kernels.rope3d import rope3d_forward
 
     def _rope_triton(x, *args):
         x = last_dim_contiguous(x)
         out = torch.empty_like(x)
-        rope3d_launch(x, None, out, None, *args)
+        rope3d_forward(x, None, out, None, *args)
         return out
 
     def _rope_qk_triton(q, k, *args):
         q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        rope3d_launch(q, k, q_out, k_out, *args)
+        rope3d_forward(q, k, q_out, k_out, *args)
         return q_out, k_out
 
     # In place: for inference (a mutating op carries no autograd; the public functions use the
     # out-of-place op when gradients are needed).
     def _rope_inplace_triton(x, *args):
-        rope3d_launch(x, None, x, None, *args)
+        rope3d_forward(x, None, x, None, *args)
 
     def _rope_qk_inplace_triton(q, k, *args):
-        rope3d_launch(q, k, q, k, *args)
+        rope3d_forward(q, k, q, k, *args)
 
     _triton = _define(
         "triton",
@@ -163,7 +163,7 @@ if triton_missing() is None:
                              interleaved):  # fmt: skip
         q, k = last_dim_contiguous(q), last_dim_contiguous(k)
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        rope3d_launch(
+        rope3d_forward(
             q, k, q_out, k_out, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, False,
             q_norm_weight=q_weight.contiguous(), k_norm_weight=k_weight.contiguous(), norm_eps=eps,
         )  # fmt: skip

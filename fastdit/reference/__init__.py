@@ -16,7 +16,7 @@ from fastdit.reference.modulation import (
     gated_residual_modulate_ref,
     gated_residual_ref,
 )
-from fastdit.reference.norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
+from fastdit.reference.rms_norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
 from fastdit.reference.rope3d import rope3d_angles, rope3d_ref, wan_axes_dim
 
 __all__ = [

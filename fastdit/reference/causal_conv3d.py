@@ -24,7 +24,7 @@ def _four(padding) -> tuple[int, int, int, int]:
     return (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else tuple(padding)
 
 
-def _padded_input(x: torch.Tensor, cache: torch.Tensor | None, front: int) -> torch.Tensor:
+def causal_padded_input(x: torch.Tensor, cache: torch.Tensor | None, front: int) -> torch.Tensor:
     """cat(zeros, cache, x) along time with ``front`` frames in front of x."""
     parts = [] if cache is None else [cache]
     zeros = max(0, front - (0 if cache is None else cache.shape[2]))
@@ -50,7 +50,7 @@ def new_cache_ref(
 
 def _conv(x, weight, bias, residual, cache, stride, padding, front, upsample):
     """The causal conv in the dtype of its inputs (the callers upcast)."""
-    xp = _padded_input(x, cache, front)
+    xp = causal_padded_input(x, cache, front)
     if upsample > 1:
         xp = xp.repeat_interleave(upsample, dim=3).repeat_interleave(upsample, dim=4)
     top, bottom, left, right = _four(padding)

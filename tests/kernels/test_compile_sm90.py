@@ -22,7 +22,9 @@ compiles = pytest.mark.skipif(interpreting(), reason="run by test_compile_in_sub
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastdit.kernels import attention, conv3d, modulation, norm_silu, rope3d  # noqa: E402
+from fastdit.kernels import attention, modulation, rope3d  # noqa: E402
+from fastdit.kernels import causal_conv3d as conv3d  # noqa: E402
+from fastdit.kernels import rms_norm_silu as norm_silu  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -1,12 +1,11 @@
-"""The fast backends of causal_conv3d (triton: implicit GEMM; cudnn: torch's conv3d) and of
-rms_norm_silu, against float64 oracles built without any conv kernel (CPU: Triton under
-TRITON_INTERPRET=1; GPU: -m gpu in bf16 at VAE shapes)."""
+"""The fast backends of causal_conv3d (triton: implicit GEMM; cudnn: torch's conv3d) against
+float64 oracles built without any conv kernel (CPU: Triton under TRITON_INTERPRET=1; GPU:
+-m gpu in bf16 at VAE shapes). rms_norm_silu's own tests are in test_rms_norm_silu.py."""
 
 import pytest
 import torch
 
 from fastdit import ops
-from fastdit.ops.norm_silu import rms_norm_silu_reference
 from tests.conftest import CPU_BACKENDS, rel_err
 from tests.ops.test_causal_conv3d import conv_oracle
 
@@ -110,15 +109,24 @@ def test_triton_conv_always_reads_cin_innermost_weights(backend, monkeypatch):
     equal, as the kernel's arithmetic does not depend on the layout."""
     import importlib
 
-    conv_module = importlib.import_module("fastdit.ops.causal_conv3d")  # the module, not the op it exports
+    kernel_module = importlib.import_module("fastdit.kernels.causal_conv3d")  # the launcher's module
     seen = []
-    real = conv_module.conv3d_forward
+    real = kernel_module.launcher
 
-    def spy(x, weight, *args, **variant):
-        seen.append((weight.stride(1), weight.data_ptr()))
-        return real(x, weight, *args, **variant)
+    def spy(kernel):
+        launch = real(kernel)
 
-    monkeypatch.setattr(conv_module, "conv3d_forward", spy)
+        class Grid:
+            def __getitem__(self, grid):
+                def run(x, cache, weight, *args, **kwargs):  # the kernel's arguments: x, cache, weight, ...
+                    seen.append((weight.stride(1), weight.data_ptr()))
+                    return launch[grid](x, cache, weight, *args, **kwargs)
+
+                return run
+
+        return Grid()
+
+    monkeypatch.setattr(kernel_module, "launcher", spy)
     x = torch.randn(1, 6, 3, 5, 4).to(memory_format=torch.channels_last_3d)
     weight = torch.randn(7, 6, 3, 3, 3)
     channels_last = weight.contiguous(memory_format=torch.channels_last_3d)
@@ -137,7 +145,7 @@ def test_weight_tma_path_matches_oracle(set_setting, backend, dtype, cin, case, 
     """FASTDIT_CONV_TMA=1: weight tiles as boxes of the (Cout, taps * Cin) matrix (interpreted
     here). Cin = 24 leaves 8 columns of each 32-wide box in the next tap, which must meet zeros;
     Cin = 40 takes two channel blocks per tap; Cout = 11 leaves rows past the tensor."""
-    from fastdit.kernels.conv3d import use_weight_tma
+    from fastdit.kernels.causal_conv3d import use_weight_tma
 
     set_setting(conv_tma=True)
     kernel, stride, padding, time_padding, up, cached = case
@@ -185,77 +193,6 @@ def test_triton_conv_opcheck(backend):
          cache.contiguous(memory_format=torch.channels_last_3d), [1, 1, 1], [1, 1, 1, 1], 2, 1),
     ):  # fmt: skip
         torch.library.opcheck(torch.ops.fastdit.causal_conv3d_triton.default, args, test_utils=OPCHECK_UTILS)
-
-
-# ---- rms_norm_silu ---------------------------------------------------------------------------------
-
-
-def norm_silu_oracle(x, gamma, silu=True, eps=1e-12):
-    x = x.double()
-    norm = x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(eps)
-    y = x / norm * x.shape[1] ** 0.5 * gamma.double().reshape(1, -1, *([1] * (x.dim() - 2)))
-    return y * torch.sigmoid(y) if silu else y
-
-
-NORM_BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
-
-
-@pytest.mark.parametrize("backend", NORM_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("channels", [3, 24, 96, 100])
-@pytest.mark.parametrize("silu", [True, False])
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_rms_norm_silu_matches_oracle(backend, dtype, channels, silu, channels_last, poison_outputs):
-    x = (torch.randn(2, channels, 3, 5, 4) * 3).to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last_3d)
-    gamma = (torch.rand(channels) + 0.5).to(dtype)
-    out = ops.rms_norm_silu(x, gamma, silu=silu, backend=backend)
-    assert out.shape == x.shape and out.dtype == dtype
-    torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, silu), atol=TOL[dtype] * 10, rtol=TOL[dtype])
-
-
-@pytest.mark.parametrize("backend", NORM_BACKENDS)
-def test_rms_norm_silu_images_zero_rows_and_gradients(backend):
-    x = torch.randn(3, 16, 5, 7)  # 4D: the VAE attention's per-frame norm
-    x[1, :, 2, 3] = 0.0  # a zero pixel: the eps clamp keeps it finite
-    gamma = torch.rand(16) + 0.5
-    out = ops.rms_norm_silu(x, gamma.reshape(16, 1, 1), silu=False, backend=backend)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, False), atol=1e-5, rtol=1e-5)
-    x = torch.randn(3, 16, 5, 7)  # gradients away from the norm's kink at zero
-    xs, gs = x.double().requires_grad_(), gamma.double().requires_grad_()
-    xs32, gs32 = x.clone().requires_grad_(), gamma.clone().requires_grad_()
-    grad = torch.randn_like(x)
-    got = torch.autograd.grad(ops.rms_norm_silu(xs32, gs32, backend=backend), (xs32, gs32), grad)
-    want = torch.autograd.grad(norm_silu_oracle(xs, gs), (xs, gs), grad.double())
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)])
-def test_rms_norm_silu_triton_opcheck(backend):
-    x = torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d)
-    for args in ((x, torch.rand(8), 1e-12, True), (x.contiguous(), torch.rand(8), 1e-6, False)):
-        torch.library.opcheck(torch.ops.fastdit.rms_norm_silu_triton.default, args, test_utils=OPCHECK_UTILS)
-        torch.library.opcheck(rms_norm_silu_reference, args)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(x=torch.randn(4)), ValueError, "at least 2 dims"),
-        (dict(weight=torch.randn(5)), ValueError, "weight must have C = 4"),
-        (dict(weight=torch.randn(4).double()), TypeError, "x and weight must share one dtype"),
-        (dict(eps=0.0), ValueError, "eps must be a positive number"),
-        (dict(backend="cuda"), ValueError, "does not exist for this op"),
-    ],
-)
-@pytest.mark.bad_input
-def test_rms_norm_silu_bad_input(kwargs, error, match):
-    x, weight = kwargs.pop("x", torch.randn(2, 4, 3)), kwargs.pop("weight", torch.randn(4))
-    with pytest.raises(error, match=match):
-        ops.rms_norm_silu(x, weight, **kwargs)
 
 
 # ---- GPU: bf16 at VAE shapes, compiled --------------------------------------------------------------

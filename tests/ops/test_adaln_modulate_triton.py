@@ -6,7 +6,7 @@ import torch
 
 from fastdit import ops
 from tests.conftest import CPU_BACKENDS, packed_cu, rel_err
-from tests.ops.test_modulation import modulate_oracle, residual_oracle
+from tests.ops.test_adaln_modulate import modulate_oracle
 from tests.ops.tolerances import gated_residual_tolerance
 
 # CPU tests run the kernels under TRITON_INTERPRET=1; -m gpu tests run them on CUDA.
@@ -49,25 +49,6 @@ def test_adaln_modulate_triton_affine_per_token_dense(norm, poison_outputs):
         bias=bias, per_token=True,
     )  # fmt: skip
     torch.testing.assert_close(out.reshape(12, 40).double(), expect, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("channels", CHANNELS)
-@pytest.mark.parametrize("lengths", LENGTHS)
-def test_gated_residual_triton_forward(dtype, channels, lengths, poison_outputs):
-    total, batch = sum(lengths), len(lengths)
-    res, y = torch.randn(total, channels).to(dtype), torch.randn(total, channels).to(dtype)
-    gate = torch.randn(batch, channels)
-    cu = packed_cu(lengths)
-    out = ops.gated_residual(res, y, gate, cu, backend="triton")
-    expect = residual_oracle(res, y, gate, lengths)
-    torch.testing.assert_close(out.double(), expect, atol=TOL[dtype] * 10, rtol=TOL[dtype])
-    shift, scale = torch.randn(batch, channels), torch.randn(batch, channels)
-    r, mod = ops.gated_residual_modulate(res, y, gate, shift, scale, cu, backend="triton")
-    torch.testing.assert_close(r, out, atol=0, rtol=0)
-    torch.testing.assert_close(
-        mod.double(), modulate_oracle(r, shift, scale, lengths), atol=TOL[dtype] * 10, rtol=TOL[dtype]
-    )
 
 
 def _check_grads(fn, inputs, weights):

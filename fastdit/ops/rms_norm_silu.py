@@ -6,7 +6,7 @@ from fastdit.kernels import triton_missing
 from fastdit.ops._common import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
-from fastdit.reference.norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
+from fastdit.reference.rms_norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
 
 
 def _setup(ctx, inputs, output):
@@ -30,23 +30,19 @@ rms_norm_silu_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("rms_norm_silu", "reference", rms_norm_silu_reference, devices=None, dtypes=FLOAT_DTYPES))
 
 
-def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (B, C, ...) with channels moved last: a view when x is channels-last, else a copy."""
-    rows = x.movedim(1, -1)
-    return rows if rows.is_contiguous() else rows.contiguous()
-
-
 if triton_missing() is None:
-    from fastdit.kernels.norm_silu import rms_norm_silu_forward
+    from fastdit.kernels.rms_norm_silu import rms_norm_silu_forward
 
     @torch.library.triton_op("fastdit::rms_norm_silu_triton", mutates_args=())
     def rms_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
-        rows = _channels_last_rows(x)
-        out = rms_norm_silu_forward(rows.view(rows.shape[:-1].numel(), x.shape[1]), weight, eps, silu)
-        return out.view(rows.shape).movedim(-1, 1)
+        return rms_norm_silu_forward(x, weight, eps, silu)
 
     interpreter_fake(
-        rms_norm_silu_triton, lambda x, weight, eps, silu: torch.empty_like(_channels_last_rows(x)).movedim(-1, 1)
+        rms_norm_silu_triton,
+        # the launcher's layout: channels last (x's own layout when it already is)
+        lambda x, weight, eps, silu: torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(
+            -1, 1
+        ),
     )
     rms_norm_silu_triton.register_autograd(_backward, setup_context=_setup)
     register_triton_backend("rms_norm_silu", rms_norm_silu_triton)

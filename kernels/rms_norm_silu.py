@@ -32,7 +32,19 @@ def rms_norm_silu_kernel(
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
-def rms_norm_silu_forward(x_rows: torch.Tensor, gamma: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
+def rms_norm_silu_forward(x: torch.Tensor, gamma: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
+    """x (B, C, ...) any memory format -> the same shape in x's dtype, channels-last in memory.
+
+    The kernel normalises rows of C contiguous channels: x with channels moved last is a view
+    when x is channels-last, else a copy."""
+    rows = x.movedim(1, -1)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = _forward_rows(rows.view(rows.shape[:-1].numel(), x.shape[1]), gamma, eps, silu)
+    return out.view(rows.shape).movedim(-1, 1)
+
+
+def _forward_rows(x_rows: torch.Tensor, gamma: torch.Tensor, eps: float, silu: bool) -> torch.Tensor:
     """x_rows (N, C) contiguous -> (N, C) in x's dtype."""
     n_rows, n_cols = x_rows.shape
     out = torch.empty_like(x_rows)

@@ -178,7 +178,7 @@ def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0, 0)
 
 
-def conv3d_forward(
+def causal_conv3d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -201,6 +201,11 @@ def conv3d_forward(
     """
     batch, cin, t_in, h_in, w_in = x.shape
     cout, _, kt, kh, kw = weight.shape
+    if weight.stride(1) != 1:
+        # Cin innermost, so each (Cin block, Cout block) weight tile loads as contiguous rows
+        # (a default-layout (Cout, Cin, kt, kh, kw) weight would be gathered 27 elements apart).
+        # A copy per call (<= 8 MB at the VAE's shapes); CausalVAE stores its weights this way.
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     n_pix = batch * out_shape[2] * out_shape[3] * out_shape[4]
     if n_pix == 0:
