@@ -4,13 +4,8 @@ import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import (
-    as_packed,
-    interpreter_fake,
-    last_dim_contiguous,
-    modulation_rows,
-    register_triton_backend,
-)
+from fastdit.ops._common import as_packed, last_dim_contiguous, modulation_rows
+from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref

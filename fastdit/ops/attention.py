@@ -5,7 +5,8 @@ import math
 import torch
 
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import interpreter_fake, last_dim_contiguous, register_triton_backend
+from fastdit.ops._common import last_dim_contiguous
+from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref

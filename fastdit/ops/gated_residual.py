@@ -4,7 +4,8 @@ import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import as_packed, interpreter_fake, modulation_rows, register_triton_backend
+from fastdit.ops._common import as_packed, modulation_rows
+from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_same_dtype, check_tensor
 from fastdit.reference.common import upcast

@@ -8,7 +8,7 @@ kernel (kernels/modulation.py) with a zero modulation: one pass over the rows, f
 import torch
 
 from fastdit.kernels import triton_missing
-from fastdit.ops._common import interpreter_fake, register_triton_backend
+from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
 from fastdit.reference.common import dense_cu_seqlens

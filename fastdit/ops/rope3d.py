@@ -9,14 +9,8 @@ import torch
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels import triton_missing
 from fastdit.ops import dispatch
-from fastdit.ops._common import (
-    as_packed,
-    interpreter_fake,
-    last_dim_contiguous,
-    register_triton_backend,
-    signature,
-    typed,
-)
+from fastdit.ops._common import as_packed, last_dim_contiguous
+from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed
 from fastdit.ops.dispatch import Backend, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.modulation import rms_norm_ref

@@ -1,0 +1,63 @@
+"""Registration helpers the ops' backends share: the triton backend entry, explicit fakes under
+the interpreter, and custom-op signatures written once (docs/design.md, "Dispatch")."""
+
+import inspect
+
+import torch
+
+from fastdit.kernels import interpreting, triton_devices, triton_missing
+from fastdit.ops.dispatch import Backend, register_backend
+
+
+def interpreter_fake(op, fake_fn) -> None:
+    """Give a triton_op an explicit fake implementation when kernels run under TRITON_INTERPRET=1.
+
+    On GPUs torch derives a triton_op's fake from its body (the kernel launch is skipped under
+    fake tensors); the interpreter's launcher is not recognised there and would run on meta
+    tensors, so CPU tests register the obvious fake instead.
+    """
+    if interpreting():
+        op.register_fake(fake_fn)
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def register_triton_backend(op: str, fn, **kwargs) -> None:
+    """The ``triton`` backend of ``op``: CUDA (and CPU under the interpreter, when forced).
+
+    ``fn`` is None where Triton is missing; the backend then reports why it is unavailable.
+    """
+    kwargs.setdefault("dtypes", TRITON_DTYPES)
+    register_backend(
+        Backend(
+            op,
+            "triton",
+            fn,
+            devices=triton_devices(),
+            unavailable=triton_missing(),
+            auto_devices=("cuda",),
+            **kwargs,
+        )
+    )
+
+
+def signature(params, returns) -> inspect.Signature:
+    """A custom op's Python signature from ``[(name, annotation), ...]``: written once per op and
+    shared by every backend's registration (torch infers the schema from it)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [inspect.Parameter(name, kind, annotation=annotation) for name, annotation in params],
+        return_annotation=returns,
+    )
+
+
+def typed(impl, sig: inspect.Signature):
+    """``impl(*args)`` as a function with signature ``sig`` (what torch.library reads)."""
+
+    def op(*args, **kwargs):
+        return impl(*sig.bind(*args, **kwargs).args)
+
+    op.__signature__ = sig
+    op.__name__ = op.__qualname__ = getattr(impl, "__name__", "op")
+    return op
