@@ -43,11 +43,12 @@ def register_triton_backend(op: str, fn, **kwargs) -> None:
 
 
 def signature(params, returns) -> inspect.Signature:
-    """A custom op's Python signature from ``[(name, annotation), ...]``: written once per op and
-    shared by every backend's registration (torch infers the schema from it)."""
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    """A custom op's Python signature from ``[(name, annotation), ...]`` (a third element: the
+    default): written once per op and shared by every backend's registration (torch infers the
+    schema from it)."""
+    kind, empty = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty
     return inspect.Signature(
-        [inspect.Parameter(name, kind, annotation=annotation) for name, annotation in params],
+        [inspect.Parameter(p[0], kind, annotation=p[1], default=p[2] if len(p) > 2 else empty) for p in params],
         return_annotation=returns,
     )
 
@@ -56,7 +57,9 @@ def typed(impl, sig: inspect.Signature):
     """``impl(*args)`` as a function with signature ``sig`` (what torch.library reads)."""
 
     def op(*args, **kwargs):
-        return impl(*sig.bind(*args, **kwargs).args)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return impl(*bound.args)
 
     op.__signature__ = sig
     op.__name__ = op.__qualname__ = getattr(impl, "__name__", "op")

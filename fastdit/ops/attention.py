@@ -6,90 +6,92 @@ import torch
 
 from fastdit.kernels import triton_missing
 from fastdit.ops._common import last_dim_contiguous
-from fastdit.ops._registry import interpreter_fake, register_triton_backend
+from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
 from fastdit.reference.common import dense_cu_seqlens
 
-# ---- reference backend -----------------------------------------------------------------------------
+# ---- the custom ops' signatures, written once -------------------------------------------------
+
+_T = torch.Tensor
+_VARLEN = [("q", _T), ("k", _T), ("v", _T), ("cu_seqlens_q", _T), ("cu_seqlens_k", _T), ("max_seqlen_q", int),
+           ("max_seqlen_k", int), ("softmax_scale", float), ("causal", bool)]  # fmt: skip
+# The backward takes the forward's output and LSE, in the public varlen_attention_backward's order.
+_VARLEN_BACKWARD = [("dout", _T), ("q", _T), ("k", _T), ("v", _T), ("out", _T), ("lse", _T), *_VARLEN[3:]]
+# The triton kernels' variant flags (kernels/attention.py), each with its default; the forward op
+# takes all five, so its autograd backward runs the forward's choice.
+_TRITON_VARIANT = [("autotune", bool, True), ("persistent", bool, False), ("tma", bool, False), ("ws", bool, False),
+                   ("bwd_ws", bool, False)]  # fmt: skip
+_PAIR, _TRIPLE = tuple[_T, _T], tuple[_T, _T, _T]
 
 
-@torch.library.custom_op("fastdit::varlen_attention_reference", mutates_args=())
-def varlen_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)
+def _triton_variant(values) -> dict:
+    """The triton backend's variant from the settings (the names of _TRITON_VARIANT)."""
+    return {
+        "autotune": values.attn_autotune,
+        "persistent": values.attn_persistent,
+        "tma": values.attn_tma,
+        "ws": values.attn_ws,
+        "bwd_ws": values.attn_bwd_ws,
+    }
 
 
-@varlen_attention_reference.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _fake_varlen(q, k, v, *args):
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     return q.new_empty((*q.shape[:2], v.shape[-1])), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
+def _fake_backward(dout, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _setup_varlen(ctx, inputs, output):
-    """Both backends' forward inputs: q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, then the
-    triton op's variant flags (autotune, persistent, tma, ws, bwd_ws)."""
-    q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = inputs[:9]
-    ctx.variant = tuple(inputs[9:])
+    """Every backend's forward inputs (_VARLEN, then the triton op's variant flags)."""
+    q, k, v, cu_q, cu_k, *ctx.args = inputs[:9]
+    ctx.variant = dict(zip((name for name, *_ in _TRITON_VARIANT), inputs[9:]))
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
 
 
-def _backward_varlen_with(backward_op):
-    """The autograd backward of a varlen forward op, running ``backward_op`` of the same backend."""
+def _backward_varlen_with(backward_form):
+    """The autograd backward of a varlen forward op: ``backward_form`` of the same backend, with
+    the forward's variant."""
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
-                                 ctx.causal, *ctx.variant)  # fmt: skip
+        dq, dk, dv = backward_form(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, **ctx.variant)
         return dq, dk, dv, *([None] * (6 + len(ctx.variant)))
 
     return backward
 
 
+# ---- reference backend -----------------------------------------------------------------------------
+
+
+def _varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    return varlen_attention_ref(q, k, v, cu_q, cu_k, softmax_scale=softmax_scale, causal=causal)
+
+
+def _varlen_bwd_ref(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    return varlen_attention_bwd_ref(dout, q, k, v, out, lse, cu_q, cu_k, softmax_scale=softmax_scale, causal=causal)
+
+
+varlen_attention_reference = torch.library.custom_op(
+    "fastdit::varlen_attention_reference", typed(_varlen_ref, signature(_VARLEN, _PAIR)), mutates_args=()
+)
 # The backward is an op of its own (as flash-attn's): its per-sample loop reads lengths on the
 # host, so AOTAutograd must see it as one opaque node rather than trace into it.
-@torch.library.custom_op("fastdit::varlen_attention_backward_reference", mutates_args=())
-def varlen_attention_backward_reference(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return varlen_attention_bwd_ref(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal
-    )
-
-
-@varlen_attention_backward_reference.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _varlen_backward_reference_form(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal):
-    """The reference backend's backward form, in the public backward's argument order."""
-    return varlen_attention_backward_reference(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
-
-
+varlen_attention_backward_reference = torch.library.custom_op(
+    "fastdit::varlen_attention_backward_reference",
+    typed(_varlen_bwd_ref, signature(_VARLEN_BACKWARD, _TRIPLE)),
+    mutates_args=(),
+)
+varlen_attention_reference.register_fake(_fake_varlen)
+varlen_attention_backward_reference.register_fake(_fake_backward)
 varlen_attention_reference.register_autograd(
-    _backward_varlen_with(_varlen_backward_reference_form), setup_context=_setup_varlen
+    _backward_varlen_with(varlen_attention_backward_reference), setup_context=_setup_varlen
 )
 
 
@@ -128,9 +130,7 @@ def attention_backward_reference(
     return attention_bwd_ref(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
 
 
-@attention_backward_reference.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+attention_backward_reference.register_fake(_fake_backward)
 
 
 def _backward_dense(ctx, grad_out, grad_lse):
@@ -148,7 +148,7 @@ register_backend(
         varlen_attention_reference,
         devices=None,
         dtypes=FLOAT_DTYPES,
-        backward=_varlen_backward_reference_form,
+        backward=varlen_attention_backward_reference,
     )
 )
 register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
@@ -166,86 +166,38 @@ def _triton_check(inputs: dict) -> list[str]:
     return []
 
 
-def _triton_variant(values) -> dict:
-    """The triton kernels' variants (kernels/attention.py), from the settings: forward and
-    backward take the same five flags, so autograd's backward runs the forward's choice."""
-    return {
-        "autotune": values.attn_autotune,
-        "persistent": values.attn_persistent,
-        "tma": values.attn_tma,
-        "ws": values.attn_ws,
-        "bwd_ws": values.attn_bwd_ws,
-    }
-
-
 if triton_missing() is None:
     from fastdit.kernels.attention import varlen_attention_backward as varlen_backward_kernel
     from fastdit.kernels.attention import varlen_attention_forward
 
-    @torch.library.triton_op("fastdit::varlen_attention_triton", mutates_args=())
-    def varlen_attention_triton(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        softmax_scale: float,
-        causal: bool,
-        autotune: bool = True,
-        persistent: bool = False,
-        tma: bool = False,
-        ws: bool = False,
-        bwd_ws: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _varlen_triton(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, autotune, persistent, tma, ws,
+                       bwd_ws):  # fmt: skip
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         variant = dict(autotune=autotune, persistent=persistent, tma=tma, warp_specialize=ws)
-        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
-        return varlen_attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, softmax_scale, causal, **variant)
+        return varlen_attention_forward(q, k, v, cu_q, cu_k, max_q, softmax_scale, causal, **variant)
 
-    @torch.library.triton_op("fastdit::varlen_attention_backward_triton", mutates_args=())
-    def varlen_attention_backward_triton(
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        softmax_scale: float,
-        causal: bool,
-        autotune: bool = True,
-        ws: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _varlen_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal, autotune,
+                           persistent, tma, ws, bwd_ws):  # fmt: skip
+        """Only autotune and bwd_ws concern the backward kernels."""
         q, k, v, out, lse = (last_dim_contiguous(t) for t in (q, k, v, out, lse))
-        return varlen_backward_kernel(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-            autotune=autotune, warp_specialize=ws,
-        )  # fmt: skip
+        return varlen_backward_kernel(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal,
+                                      autotune=autotune, warp_specialize=bwd_ws)  # fmt: skip
 
-    def _varlen_backward_triton_form(*args, autotune=True, persistent=False, tma=False, ws=False, bwd_ws=False):
-        """The triton backend's backward form: the public backward's arguments, then the variant
-        (only autotune and bwd_ws concern the backward kernels)."""
-        return varlen_attention_backward_triton(*args, autotune, bwd_ws)
-
-    def _varlen_backward_triton_positional(*args):
-        *head, autotune, persistent, tma, ws, bwd_ws = args
-        return varlen_attention_backward_triton(*head, autotune, bwd_ws)
-
-    def _fake_forward(q, k, v, *args):
-        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-    interpreter_fake(varlen_attention_triton, _fake_forward)
-    interpreter_fake(
-        varlen_attention_backward_triton,
-        lambda dout, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+    varlen_attention_triton = torch.library.triton_op(
+        "fastdit::varlen_attention_triton",
+        typed(_varlen_triton, signature([*_VARLEN, *_TRITON_VARIANT], _PAIR)),
+        mutates_args=(),
     )
+    varlen_attention_backward_triton = torch.library.triton_op(
+        "fastdit::varlen_attention_backward_triton",
+        typed(_varlen_bwd_triton, signature([*_VARLEN_BACKWARD, *_TRITON_VARIANT], _TRIPLE)),
+        mutates_args=(),
+    )
+    interpreter_fake(varlen_attention_triton, lambda q, k, v, *args: (
+        torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)))  # fmt: skip
+    interpreter_fake(varlen_attention_backward_triton, _fake_backward)
     varlen_attention_triton.register_autograd(
-        _backward_varlen_with(_varlen_backward_triton_positional), setup_context=_setup_varlen
+        _backward_varlen_with(varlen_attention_backward_triton), setup_context=_setup_varlen
     )
 
     def _dense_attention_triton(q, k, v, softmax_scale, causal, **variant):
@@ -270,7 +222,7 @@ if triton_missing() is None:
         "varlen_attention",
         varlen_attention_triton,
         check=_triton_check,
-        backward=_varlen_backward_triton_form,
+        backward=varlen_attention_backward_triton,
         variant=_triton_variant,
     )
     register_triton_backend("attention", _dense_attention_triton, check=_triton_check, variant=_triton_variant)
