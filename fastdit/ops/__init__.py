@@ -5,6 +5,7 @@ implementation and registered autograd; the functions here validate inputs, pick
 (:mod:`fastdit.ops.dispatch`) and call it.
 """
 
+from fastdit import _extension  # noqa: F401, I001  (loads fastdit._C once, before any backend registers)
 from fastdit.ops.adaln_modulate import adaln_modulate
 from fastdit.ops.attention import attention, varlen_attention, varlen_attention_backward
 from fastdit.ops.causal_conv3d import causal_conv3d

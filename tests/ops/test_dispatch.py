@@ -17,6 +17,8 @@ PUBLIC_OPS = [
     "varlen_attention",
     "attention",
     "causal_conv3d",
+    "rms_norm_silu",
+    "rms_norm",
 ]
 
 

@@ -206,6 +206,14 @@ def _rms_norm_silu(a, backend):
     return (ops.rms_norm_silu(a["x"], a["weight"], backend=backend),)
 
 
+def _rms_norm_inputs():
+    return {"x": torch.randn(6, 16), "weight": torch.randn(16)}
+
+
+def _rms_norm(a, backend):
+    return (ops.rms_norm(a["x"], a["weight"], backend=backend),)
+
+
 # (case id, make inputs, call, differentiable args, extra backends)
 CASES = [
     ("rope3d", _rope_inputs, _rope3d, ("x",), CUDA),
@@ -221,6 +229,7 @@ CASES = [
     ("attention", _dense_attention_inputs, _attention, ("q", "k", "v"), ()),
     ("causal_conv3d", _conv_inputs, _causal_conv3d, ("x", "weight", "bias", "residual"), ("cudnn",)),
     ("rms_norm_silu", _norm_silu_inputs, _rms_norm_silu, ("x", "weight"), ()),
+    ("rms_norm", _rms_norm_inputs, _rms_norm, ("x", "weight"), ()),
 ]
 
 # Arguments whose rows must differ for the input to be legal (no expanded form): boundaries and grids.
