@@ -1,7 +1,8 @@
 """fastdit's benchmarks, installed as ``fastdit.benchmarks``; ``fastdit bench`` runs the suite.
 
 Each benchmark module has ``add_arguments(parser)`` and ``run(args, device) -> Report``; results
-are written as JSON rows (and a PNG) under ``benchmarks/results/`` by default.
+are written as JSON rows (and a PNG) under ``--out`` (default ``~/.cache/fastdit/bench``, see
+``harness.default_out_dir``).
 """
 
 from fastdit.benchmarks import attention, dit_step, memory_ops, vae, vae_ops

@@ -15,7 +15,7 @@ understate what a new deployment pays. Its row also gives the child's model buil
 process time (imports included); ``fastdit-cold-start-fixed-tiles`` is the same with the
 attention autotuner off (``FASTDIT_ATTN_AUTOTUNE=0``).
 
-Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 81x480x832`` (or ``python -m
+Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 480x832x81`` (or ``python -m
 fastdit.benchmarks.dit_step ...``).
 """
 
@@ -43,6 +43,7 @@ from fastdit.benchmarks.harness import (
 )
 from fastdit.models import DiT, DiTConfig, PackedBatch, preset
 from fastdit.runtime import GraphedDiT
+from fastdit.sizes import parse_size
 
 PROVIDERS = (
     "fastdit-eager",
@@ -134,7 +135,7 @@ def _diffusers_available() -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="DiT preset (default: wan2.1-1.3b on CUDA, tiny on CPU)")
-    parser.add_argument("--size", default=None, help="FRAMESxHEIGHTxWIDTH in pixels (default 81x480x832 on CUDA)")
+    parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES in pixels (default 480x832x81 on CUDA)")
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 512 on CUDA, 16 on CPU)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
@@ -144,7 +145,8 @@ def _defaults(args, device: torch.device):
     cuda = device.type == "cuda"
     name = args.preset or ("wan2.1-1.3b" if cuda else "tiny")
     if args.size:
-        size = tuple(int(v) for v in args.size.lower().split("x"))
+        height, width, frames = parse_size(args.size, frames="required")
+        size = (frames, height, width)
     elif cuda:
         size = (21, 240, 416) if args.quick else (81, 480, 832)
     else:

@@ -138,7 +138,7 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("suite_dir")
     parser.add_argument("out_json")
     parser.add_argument("--steps", default=None, help="the step table gpu_check.sh writes")

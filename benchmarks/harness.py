@@ -6,6 +6,7 @@ line, so a result file says where it came from. On CUDA, timing is ``triton.test
 """
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -101,6 +102,20 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
 # half way (a hung kernel, a machine's time limit) still leaves the rows it measured on disk,
 # marked "complete": false. None: only the final write.
 AUTOSAVE_DIR: str | None = None
+
+
+def default_out_dir() -> str:
+    """Where ``fastdit bench`` writes without ``--out``: the user's cache (``$XDG_CACHE_HOME`` or
+    ``~/.cache``)/fastdit/bench, never inside a checkout, where it would overwrite committed results."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastdit", "bench")
+
+
+def matplotlib_missing() -> str | None:
+    """Why no PNG is drawn (None when matplotlib is installed)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return 'no PNG plots: matplotlib is not installed (pip install "fastdit[bench]")'
+    return None
 
 
 def switches(values: dict, keys: Sequence[str]):
@@ -242,7 +257,7 @@ class Report:
             return None
         labels = [f"{r['provider']}\n{r['shape']}" for r in rows]
         values = [r["ms"] for r in rows]
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+        fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows) + 3), 5.5))
         bars = ax.bar(range(len(values)), values, color="#4c72b0")
         for bar, row in zip(bars, rows):
             note = f"{row['ms']:.3g} ms"
@@ -251,12 +266,12 @@ class Report:
             if "gbps" in row:
                 note += f"\n{row['gbps']:.4g} GB/s ({row['pct_of_copy']}%)"
             ax.annotate(
-                note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+                note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
             )
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
         ax.set_ylabel("ms (median, lower is better)")
         env = self.env
-        ax.set_title(f"{self.name} on {env['device']} (torch {env['torch']})", fontsize=9)
+        ax.set_title(f"{self.name} on {env['device']} (torch {env['torch']})", fontsize=11)
         ax.margins(y=0.25)
         fig.tight_layout()
         fig.savefig(path, dpi=110)

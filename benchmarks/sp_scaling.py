@@ -1,6 +1,6 @@
 """Sequence-parallel scaling of one DiT step: degree N against one device, under torchrun.
 
-    torchrun --nproc-per-node 8 -m fastdit.benchmarks.sp_scaling --preset wan2.1-1.3b --size 81x480x832 \\
+    torchrun --nproc-per-node 8 -m fastdit.benchmarks.sp_scaling --preset wan2.1-1.3b --size 480x832x81 \\
         --ulysses 4 --ring 2
 
 Every rank builds the same random-weight DiT and the same batch (one 480p video by default, or
@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from fastdit.benchmarks.dit_step import latent_shape
-from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, time_ms
+from fastdit.benchmarks.harness import Report, default_out_dir, measure_ceilings, peak_memory_gib, time_ms
 from fastdit.models import DiT, PackedBatch, preset
 from fastdit.runtime.parallel import apply_sequence_parallel
+from fastdit.sizes import parse_size
 
 
 def comm_bytes_per_rank(tokens: int, hidden: int, layers: int, ulysses: int, ring: int, itemsize: int) -> dict:
@@ -36,15 +37,15 @@ def comm_bytes_per_rank(tokens: int, hidden: int, layers: int, ulysses: int, rin
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", default=None)
-    parser.add_argument("--size", default=None, help="FRAMESxHEIGHTxWIDTH (default 81x480x832 on CUDA)")
+    parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES in pixels (default 480x832x81 on CUDA)")
     parser.add_argument("--text-len", type=int, default=None)
     parser.add_argument("--ulysses", type=int, default=None, help="default: the world size")
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--cfg", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=default_out_dir(), help="directory for the JSON results")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -55,8 +56,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     ulysses = args.ulysses or world // (args.ring * args.cfg)
     name = args.preset or ("wan2.1-1.3b" if cuda else "tiny")
-    frames, height, width = (
-        tuple(int(v) for v in args.size.split("x")) if args.size else ((81, 480, 832) if cuda else (9, 64, 96))
+    height, width, frames = (
+        parse_size(args.size, frames="required") if args.size else ((480, 832, 81) if cuda else (64, 96, 9))
     )
     text_len = args.text_len or (512 if cuda else 16)
     dtype = torch.bfloat16 if cuda else torch.float32

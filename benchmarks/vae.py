@@ -17,12 +17,13 @@ import torch
 
 from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory
 from fastdit.models.vae import VAE_PRESETS, CausalVAE
+from fastdit.sizes import parse_size
 
 PROVIDERS = ("fastdit-eager", "fastdit-triton", "fastdit-compile", "diffusers-eager", "diffusers-compile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae-size", default=None, help="vae: FRAMESxHEIGHTxWIDTH of the video (default 81x480x832)")
+    parser.add_argument("--vae-size", default=None, help="vae: HEIGHTxWIDTHxFRAMES of the video (default 480x832x81)")
     parser.add_argument("--vae-providers", default=",".join(PROVIDERS), help=f"vae: comma list of {PROVIDERS}")
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     config = VAE_PRESETS[name]
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.vae_size:
-        frames, height, width = (int(v) for v in args.vae_size.lower().split("x"))
+        height, width, frames = parse_size(args.vae_size, frames="required")
     else:
         frames, height, width = ((21 if args.quick else 81), 480, 832) if cuda else (9, 64, 96)
     providers = [p.strip() for p in args.vae_providers.split(",") if p.strip()]

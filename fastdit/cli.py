@@ -65,6 +65,9 @@ def _bench(args) -> int:
     from fastdit.benchmarks import SUITE, harness
 
     harness.AUTOSAVE_DIR = args.out  # each row reaches the JSON as it is measured
+    no_plots = harness.matplotlib_missing()
+    if no_plots:
+        print(f"note: {no_plots}; writing JSON only", file=sys.stderr)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     names = list(SUITE) if args.suite == "all" else [args.suite]
     failed = []
@@ -81,10 +84,20 @@ def _bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """No flag is taken for an abbreviation of another (``--prompt`` is not ``--prompt-embeds``),
+    and every flag's help shows its default; sub-commands are made with the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastdit.benchmarks import SUITE
 
-    parser = argparse.ArgumentParser(prog="fastdit", description=__doc__)
+    parser = _Parser(prog="fastdit", description="fastdit: fast kernels and runtime for video diffusion transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and each op's backends with the reason when unavailable")
     from fastdit.runtime import generate
@@ -98,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
     bench.add_argument("--suite", default="all", choices=["all", *SUITE])
     bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
-    bench.add_argument("--out", default="benchmarks/results", help="directory for the JSON and PNG results")
+    from fastdit.benchmarks.harness import default_out_dir
+
+    bench.add_argument("--out", default=default_out_dir(), help="directory for the JSON and PNG results")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     for module in SUITE.values():
         module.add_arguments(bench)

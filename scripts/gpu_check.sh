@@ -119,14 +119,14 @@ BENCH=($PY -m fastdit bench "${DEVICE[@]}" --out "$SUITES")
 if [ $DRY -eq 1 ]; then  # the CPU's small shapes: the same suites and arguments, in seconds
   ATTN=(--attn-seqlens 40 --attn-head-dims 16 --attn-heads 1)
   MEM=(--mem-grid 2,2,4)
-  STEP=(--preset tiny --size 9x64x64 --text-len 16)
-  VAE=(--vae-size 9x64x96)
+  STEP=(--preset tiny --size 64x64x9 --text-len 16)
+  VAE=(--vae-size 64x96x9)
   QUICK=(--quick)
 else
   ATTN=(--attn-seqlens 16384,32760 --attn-head-dims 128)
   MEM=()
-  STEP=(--preset wan2.1-1.3b --size 81x480x832 --text-len 512)
-  VAE=(--vae-size 81x480x832)
+  STEP=(--preset wan2.1-1.3b --size 480x832x81 --text-len 512)
+  VAE=(--vae-size 480x832x81)
   QUICK=()
 fi
 step attention 110 "${BENCH[@]}" --suite attention "${QUICK[@]}" "${ATTN[@]}"

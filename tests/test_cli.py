@@ -155,7 +155,7 @@ def test_attention_variant_environment_is_exact_and_restored(set_setting):
 
 def test_bench_vae_rows(tmp_path):
     args = ["bench", "--suite", "vae", "--device", "cpu", "--quick", "--out", str(tmp_path)]
-    assert main(args + ["--vae-size", "5x32x32", "--vae-providers", "fastdit-eager,diffusers-eager"]) == 0
+    assert main(args + ["--vae-size", "32x32x5", "--vae-providers", "fastdit-eager,diffusers-eager"]) == 0
     rows = json.loads((tmp_path / "vae_cpu.json").read_text())["rows"]
     assert {(r["provider"], r["shape"].split()[0]) for r in rows} >= {
         ("fastdit-eager", "decode"),

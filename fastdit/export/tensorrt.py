@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdit.sizes import parse_size
+
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
@@ -38,9 +40,9 @@ class Profile:
     @classmethod
     def parse(cls, text: str) -> "Profile":
         try:
-            height, width, frames = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"profile must be HEIGHTxWIDTHxFRAMES like 480x832x81, got {text!r}") from None
+            height, width, frames = parse_size(text, frames="required")
+        except ValueError as err:
+            raise ValueError(f"profile {err}") from None
         if height % 16 or width % 16 or height < 16 or width < 16:
             raise ValueError(f"profile {text}: height and width must be positive multiples of 16")
         if frames < 1 or (frames - 1) % VAE_TEMPORAL:

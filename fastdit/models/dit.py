@@ -193,6 +193,37 @@ class DiT(nn.Module):
 
         return load_diffusers_dit(cls, source, config=config, backend=backend)
 
+    def load_lora(self, source, scale: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA into the weights (no step-time cost); returns its name for :meth:`unload_lora`.
+
+        ``source``: a ``.safetensors`` path or a state dict, in diffusers / PEFT keys or any layout
+        diffusers' Wan LoRA loader converts (original Wan ``diffusion_model.*.lora_down / lora_up /
+        alpha``); see :mod:`fastdit.models.lora`. ``scale`` multiplies the update (diffusers'
+        ``set_adapters(weights=...)``). Several LoRAs add up. A ``WeightLoadError`` names the keys
+        that fit no module of this model, before any weight changes.
+        """
+        if not hasattr(self, "_lora_stack"):
+            from fastdit.models.lora import LoraStack
+
+            self._lora_stack = LoraStack()
+        return self._lora_stack.load(self, source, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all, ``name=None``): its weights are rewritten without it, and once
+        none is left every weight is bitwise what it was before the first :meth:`load_lora`."""
+        stack = getattr(self, "_lora_stack", None)
+        if stack is None:
+            if name is not None:
+                raise KeyError(f"no LoRA named {name!r} is loaded; loaded: []")
+            return
+        stack.unload(self, name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The fused LoRAs: name -> scale, in load order."""
+        stack = getattr(self, "_lora_stack", None)
+        return {} if stack is None else {name: scale for name, (scale, _) in stack.adapters.items()}
+
     def embed_conditions(self, timestep: torch.Tensor):
         """(temb (B, C), block modulation (B, 6, C) float32): once per step, shared by every block."""
         dtype = self.time_in.weight.dtype

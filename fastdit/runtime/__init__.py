@@ -11,7 +11,7 @@ from fastdit.runtime.modes import (
     text_to_video,
 )
 from fastdit.runtime.parallel import SequenceParallelDiT, all_reduce_gradients, apply_sequence_parallel
-from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, flow_shift_sigmas
+from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, explicit_sigmas, flow_shift_sigmas
 
 __all__ = [
     "FlowMatchSampler",
@@ -21,6 +21,7 @@ __all__ = [
     "all_reduce_gradients",
     "apply_sequence_parallel",
     "connect",
+    "explicit_sigmas",
     "extend",
     "flow_shift_sigmas",
     "image_to_video",

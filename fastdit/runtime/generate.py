@@ -1,9 +1,11 @@
-"""``fastdit generate``: prompt embeddings -> packed flow-matching sampling -> causal VAE -> MP4 / PNG.
+"""``fastdit generate``: prompt -> UMT5 -> packed flow-matching sampling -> causal VAE -> MP4 / PNG.
 
-Text encoding is out of scope: embeddings come from a safetensors file with ``prompt_embeds``
-``(L, text_dim)`` (and optionally ``negative_prompt_embeds``), e.g. saved from diffusers'
-``WanPipeline.encode_prompt`` output, or are random (``--random-embeds``) for the tiny preset.
-Every input is validated before any model is built.
+The text comes from ``--prompt`` (encoded by the checkpoint's own UMT5 as diffusers'
+``WanPipeline.encode_prompt`` does, or by a tiny random UMT5 for the tiny preset), from a
+safetensors file with ``prompt_embeds`` ``(L, text_dim)`` (and optionally
+``negative_prompt_embeds``), or is random (``--random-embeds``). ``--lora`` fuses LoRAs into the
+DiT; ``--sigmas`` and ``--guidance 1`` give step-distilled sampling. Every input is validated
+before any model is built.
 """
 
 import argparse
@@ -14,10 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdit.models import DiT, WeightLoadError, preset
+from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
 from fastdit.models.weights import read_json, read_safetensors
 from fastdit.runtime import modes
-from fastdit.runtime.sampler import FlowMatchSampler
+from fastdit.runtime.sampler import FlowMatchSampler, explicit_sigmas
+from fastdit.sizes import SIZE_SYNTAX, parse_size
 
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "loop", "v2v")
 VAE_FOR_DIT = {"tiny": "tiny", "wan2.1-1.3b": "wan2.1", "wan2.1-14b": "wan2.1"}
@@ -26,22 +30,55 @@ DEFAULT_FRAMES = 9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=sorted(VAE_FOR_DIT))
-    parser.add_argument("--weights", default=None, help="diffusers-format Wan 2.1 directory (transformer/, vae/)")
-    embeds = parser.add_mutually_exclusive_group()
-    embeds.add_argument("--prompt-embeds", default=None, help="safetensors with prompt_embeds (L, text_dim)")
-    embeds.add_argument("--random-embeds", action="store_true", help="random prompt embeddings (demo, tests)")
-    parser.add_argument("--size", default="64x96", help="HxW in pixels, multiples of 16")
-    parser.add_argument("--frames", type=int, default=None, help=f"video frames, 1 + 4k (default {DEFAULT_FRAMES})")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--shift", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", default="t2v", choices=MODES)
-    parser.add_argument("--input", nargs="*", default=[], help="image / video files for i2v, extend, connect, v2v")
+    parser.add_argument("--preset", default="tiny", choices=sorted(VAE_FOR_DIT),
+                        help="model shapes with random weights when --weights is not given")  # fmt: skip
+    parser.add_argument("--weights", default=None, metavar="DIR",
+                        help="diffusers-format Wan 2.1 directory (transformer/, vae/; text_encoder/ and "
+                        "tokenizer/ for --prompt)")  # fmt: skip
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument(
+        "--prompt",
+        default=None,
+        help="text prompt, encoded by the checkpoint's UMT5 (a tiny random one for --preset tiny)",
+    )
+    text.add_argument(
+        "--prompt-embeds",
+        default=None,
+        metavar="FILE",
+        help="safetensors with prompt_embeds (L, text_dim) and optionally negative_prompt_embeds",
+    )
+    text.add_argument("--random-embeds", action="store_true", help="random prompt embeddings (demo, tests)")
+    parser.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what to steer away from with --guidance > 1 (with --prompt; empty when not given)",
+    )
+    parser.add_argument("--size", default="64x96", help=f"{SIZE_SYNTAX}; height and width multiples of 16")
+    parser.add_argument(
+        "--frames", type=int, default=None, help=f"video frames, 1 + 4k (None: those of --size, else {DEFAULT_FRAMES})"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="sampling steps (ignored with --sigmas)")
+    parser.add_argument("--sigmas", default=None, metavar="S0,S1,...",
+                        help="explicit noise levels from 1 down, comma list, taken as is (no --shift); "
+                        "a final 0 is added when missing")  # fmt: skip
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance scale; 1 runs no unconditional pass (distilled models)",
+    )
+    parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the schedule (Wan: 3 at 480p)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise (and the tiny preset's weights)")
+    parser.add_argument("--mode", default="t2v", choices=MODES, help="what to generate from what")
+    parser.add_argument(
+        "--input", nargs="*", default=[], metavar="FILE", help="image / video files for i2v, extend, connect (two), v2v"
+    )
     parser.add_argument("--strength", type=float, default=0.7, help="v2v: noise level the input is taken to")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="LoRA safetensors fused into the DiT (diffusers / PEFT or original Wan keys); "
+                        "repeatable, SCALE defaults to 1")  # fmt: skip
     parser.add_argument("--out", default="fastdit_out.mp4", help=".mp4 for video, .png for one frame")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
         "--vae-tiling", action="store_true", help="encode / decode in overlapping 256-pixel tiles (less VAE memory)"
     )
@@ -63,25 +100,58 @@ class Plan:
     inputs: list[torch.Tensor] = field(default_factory=list)  # (3, T, H, W) in [-1, 1], read and checked
     text: torch.Tensor | None = None  # (L, text_dim) prompt embeddings from --prompt-embeds
     negative: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None  # --sigmas, checked
+    loras: list[tuple[str, float]] = field(default_factory=list)  # --lora FILE[:SCALE], the files exist
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (the last colon, when what follows is a number)."""
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not os.path.isfile(path):
+        raise UsageError(f"--lora {value}: file not found: {path}")
+    if not path.endswith(".safetensors"):
+        raise UsageError(f"--lora {value}: LoRAs are read from .safetensors files only (never pickles)")
+    if scale != scale or abs(scale) == float("inf"):
+        raise UsageError(f"--lora {value}: the scale must be a finite number")
+    return path, scale
 
 
 def validate(args) -> Plan:
     """Every check that needs no model: sizes, frame counts, steps, the output path, the device,
     the input files (decoded here) and the prompt embeddings; a :class:`UsageError` naming the flag."""
     try:
-        height, width = (int(v) for v in args.size.lower().split("x"))
+        height, width, size_frames = parse_size(args.size)
     except ValueError as err:
-        raise UsageError(f"--size must be HxW, got {args.size!r}") from err
+        raise UsageError(f"--{err}") from err
+    if size_frames is not None and args.frames not in (None, size_frames):
+        raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
     factor = SPATIAL * 2  # VAE 8x and the DiT's 2x2 patches
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
     if args.mode == "t2i" and args.frames not in (None, 1):
         raise UsageError(f"--frames {args.frames} with --mode t2i: an image has one frame; drop --frames or use t2v")
-    frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if args.frames is None else args.frames)
+    frames = args.frames if args.frames is not None else size_frames
+    if args.mode == "t2i" and frames not in (None, 1):
+        raise UsageError(f"--size {args.size} with --mode t2i: an image has one frame; use HEIGHTxWIDTH")
+    frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if frames is None else frames)
     if frames < 1 or (frames - 1) % TEMPORAL:
         raise UsageError(f"--frames {frames}: must be 1 + 4k (the VAE keeps the first frame alone)")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    sigmas = None
+    if args.sigmas is not None:
+        try:
+            sigmas = explicit_sigmas([float(v) for v in args.sigmas.split(",")])
+        except ValueError as err:
+            raise UsageError(f"--sigmas {args.sigmas}: {err}") from err
+    if args.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     if not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
     _check_out(args.out, frames)
@@ -91,9 +161,19 @@ def validate(args) -> Plan:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
     if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
         raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
-    if not (args.prompt_embeds or args.random_embeds):
-        raise UsageError("pass --prompt-embeds FILE or --random-embeds (text encoding is not part of fastdit)")
-    plan = Plan(height, width, frames, device)
+    if args.prompt is None and not (args.prompt_embeds or args.random_embeds):
+        raise UsageError("pass --prompt TEXT, --prompt-embeds FILE or --random-embeds")
+    if args.negative_prompt is not None and args.prompt is None:
+        raise UsageError("--negative-prompt goes with --prompt (with --prompt-embeds, save negative_prompt_embeds)")
+    if args.prompt is not None:
+        missing = transformers_missing()
+        if missing:
+            raise UsageError(f"--prompt: {missing}")
+        if args.weights and not all(
+            os.path.isdir(os.path.join(args.weights, d)) for d in ("text_encoder", "tokenizer")
+        ):
+            raise UsageError(f"--prompt with --weights {args.weights}: it must hold text_encoder/ and tokenizer/")
+    plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora])
     if args.prompt_embeds:
         plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args))
     plan.inputs = [_read_video(path, height, width) for path in args.input]
@@ -207,6 +287,28 @@ def _read_video(path: str, height: int, width: int) -> torch.Tensor:
     return video[:, :keep]
 
 
+def encode_prompts(args, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prompt (512, text_dim), negative or None)`` with the checkpoint's UMT5 (the tiny preset's
+    random one without ``--weights``), as ``WanPipeline.encode_prompt``; the negative prompt
+    (empty when not given, as diffusers) is encoded only when guidance needs it. The encoder is
+    dropped (its GPU memory returned) before this returns."""
+    if args.weights:
+        encoder = PromptEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
+    else:
+        encoder = PromptEncoder.tiny(preset(args.preset).text_dim, seed=args.seed).to(device, dtype)
+    prompts = [args.prompt]
+    if args.guidance != 1.0:
+        prompts.append(args.negative_prompt or "")
+    embeds = encoder.encode(prompts).float().cpu()
+    width = _text_dim(args)
+    del encoder
+    if embeds.shape[-1] != width:
+        raise UsageError(f"--prompt: the text encoder makes {embeds.shape[-1]}-wide states; the DiT takes {width}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return embeds[0], (embeds[1] if len(prompts) > 1 else None)
+
+
 def _write(path: str, video: torch.Tensor, fps: int = 16) -> None:
     import imageio.v3 as iio
 
@@ -224,6 +326,10 @@ def run(args) -> dict:
     device = plan.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timings = {}
+    if args.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
+        start = time.perf_counter()
+        plan.text, plan.negative = encode_prompts(args, device, dtype)
+        timings["encode_prompt"] = time.perf_counter() - start
     start = time.perf_counter()
     if args.weights:
         dit = DiT.from_diffusers(os.path.join(args.weights, "transformer"))
@@ -233,6 +339,11 @@ def run(args) -> dict:
         dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
     # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
+    for path, scale in plan.loras:
+        try:
+            dit.load_lora(path, scale=scale, name=os.path.basename(path) + f"#{len(dit.loras)}")
+        except WeightLoadError as err:
+            raise UsageError(f"--lora {path}: {err}") from err
     tiling = SpatialTiling() if args.vae_tiling else None
     text_dim = dit.config.text_dim
     if plan.text is not None:
@@ -268,7 +379,8 @@ def run(args) -> dict:
     timings["encode_inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    sampler = FlowMatchSampler(dit, num_steps=args.steps, shift=args.shift, guidance=args.guidance, progress=True)
+    sampler = FlowMatchSampler(dit, num_steps=args.steps, shift=args.shift, guidance=args.guidance, progress=True,
+                               sigmas=plan.sigmas)  # fmt: skip
     (latent,) = sampler([request])
     timings["sample"] = time.perf_counter() - start
 

@@ -33,6 +33,20 @@ def flow_shift_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
+def explicit_sigmas(values: Sequence[float]) -> torch.Tensor:
+    """``(len + 1,)`` float64 noise levels from an explicit list, e.g. a step-distilled model's
+    ``[1.0, 0.9375, 0.8333, 0.625]``: taken as is (no shift), strictly decreasing in ``(0, 1]``,
+    with the final 0 appended when the list does not end at 0."""
+    sigmas = [float(v) for v in values]
+    if sigmas and sigmas[-1] == 0.0:
+        sigmas = sigmas[:-1]
+    if not sigmas:
+        raise ValueError("sigmas must hold at least one noise level above 0")
+    if not all(0.0 < s <= 1.0 for s in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas must decrease strictly within (0, 1] (then an optional 0), got {list(values)}")
+    return torch.tensor(sigmas + [0.0], dtype=torch.float64)
+
+
 @dataclass
 class SampleRequest:
     """One sample to generate.
@@ -86,7 +100,9 @@ class FlowMatchSampler:
         model: a :class:`fastdit.models.DiT` (anything with ``forward_packed`` and ``config``).
         num_steps: Euler steps from sigma = 1 to 0.
         shift: timestep shift (Wan uses 5 at 720p, 3 at 480p).
-        guidance: classifier-free guidance scale; 1 disables the unconditional pass.
+        guidance: classifier-free guidance scale; 1 runs no unconditional pass at all (what
+            CFG-distilled models and LoRAs sample with).
+        sigmas: an explicit schedule (:func:`explicit_sigmas`) instead of ``num_steps`` / ``shift``.
         progress: show a tqdm progress bar (if tqdm is installed).
         cache_text: compute the text's cross-attention keys and values once per run (per set of
             active requests) instead of once per step, when the model offers ``text_kv``.
@@ -95,9 +111,10 @@ class FlowMatchSampler:
     """
 
     def __init__(self, model, num_steps: int = 30, shift: float = 5.0, guidance: float = 5.0, progress: bool = False,
-                 cache_text: bool = True, cuda_graphs: bool = False):  # fmt: skip
+                 cache_text: bool = True, cuda_graphs: bool = False,
+                 sigmas: Sequence[float] | None = None):  # fmt: skip
         self.model = model
-        self.sigmas = flow_shift_sigmas(num_steps, shift)
+        self.sigmas = flow_shift_sigmas(num_steps, shift) if sigmas is None else explicit_sigmas(sigmas)
         self.guidance = float(guidance)
         self.progress = progress
         self.cache_text = cache_text and hasattr(model, "text_kv")

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from fastdit.cli import main
 from fastdit.models import DiT
 from fastdit.models.vae import CausalVAE
+from tests.conftest import rel_err
 
 iio = pytest.importorskip("imageio.v3", reason="reading and writing videos needs imageio (`pip install -e .[test]`)")
 
@@ -107,7 +108,17 @@ def _files(tmp_path):
 
 BAD_FLAGS = [
     (["--size", "60x96"], "--size 60x96: height and width must be positive multiples of 16"),
-    (["--size", "big"], "--size must be HxW"),
+    (["--size", "big"], "--size must be HEIGHTxWIDTH or HEIGHTxWIDTHxFRAMES"),
+    (["--size", "32x32x8"], "--frames 8: must be 1 \\+ 4k"),
+    (["--size", "32x32x9", "--frames", "5"], "--size 32x32x9 says 9 frames and --frames 5: give one"),
+    (["--mode", "t2i", "--size", "32x32x9"], "--size 32x32x9 with --mode t2i: an image has one frame"),
+    (["--sigmas", "1,0.5,0.7"], "--sigmas 1,0.5,0.7: sigmas must decrease strictly"),
+    (["--sigmas", "1,half"], "--sigmas 1,half: could not convert"),
+    (["--guidance", "-1"], "--guidance must be >= 0"),
+    (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors:0.5: file not found: missing.safetensors"),
+    (["--lora", "{json}"], "--lora .*embeds.json: LoRAs are read from .safetensors files only"),
+    (["--lora", "{wide}:inf"], "--lora .*: the scale must be a finite number"),
+    (["--negative-prompt", "blurry"], "--negative-prompt goes with --prompt"),
     (["--frames", "8"], "--frames 8: must be 1 \\+ 4k"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--steps", "-3"], "--steps must be >= 1, got -3"),
@@ -176,3 +187,96 @@ def _parse(args):
     from fastdit.cli import build_parser
 
     return build_parser().parse_args(["generate", "--random-embeds", "--steps", "3", "--device", "cpu", *args])
+
+
+transformers = pytest.importorskip("transformers", reason="--prompt needs `pip install -e .[text]`")
+
+
+def test_prompt_on_the_tiny_preset_is_not_taken_for_prompt_embeds(tmp_path):
+    out = tmp_path / "fox.png"
+    base = ["generate", "--mode", "t2i", "--size", "32x32", "--steps", "2", "--device", "cpu"]
+    assert main([*base, "--prompt", "a red fox", "--negative-prompt", "blurry", "--out", str(out)]) == 0
+    assert iio.imread(out).shape == (32, 32, 3)
+    with pytest.raises(SystemExit) as exit_info:  # no flag is an abbreviation of another
+        main([*base, "--prompt-emb", "x.safetensors", "--out", str(out)])
+    assert exit_info.value.code == 2
+
+
+def test_prompts_are_encoded_once_and_guidance_one_encodes_no_negative(monkeypatch):
+    from fastdit.models.text_encoder import PromptEncoder
+    from fastdit.runtime import generate as gen
+
+    calls = []
+    real = PromptEncoder.encode
+    monkeypatch.setattr(PromptEncoder, "encode", lambda self, p: calls.append(list(p)) or real(self, p))
+    cpu = torch.device("cpu")
+    text, negative = gen.encode_prompts(_parse_prompt(["--prompt", "a fox", "--guidance", "1"]), cpu, torch.float32)
+    assert calls == [["a fox"]] and negative is None and text.shape == (512, 32)
+    calls.clear()
+    text, negative = gen.encode_prompts(_parse_prompt(["--prompt", "a fox"]), cpu, torch.float32)
+    assert calls == [["a fox", ""]] and negative.shape == (512, 32)  # diffusers' default negative: ""
+
+
+def test_weights_directory_with_its_text_encoder(tmp_path):
+    pytest.importorskip("diffusers", reason="writing a diffusers checkpoint needs `pip install -e .[diffusers]`")
+    from fastdit.models.text_encoder import PromptEncoder
+    from tests.integrations.test_diffusers_patch import make_vae
+    from tests.models.test_dit_diffusers_parity import make_wan
+
+    weights = tmp_path / "weights"
+    make_wan().save_pretrained(weights / "transformer", safe_serialization=True)
+    make_vae().save_pretrained(weights / "vae", safe_serialization=True)
+    encoder = PromptEncoder.tiny(16)
+    encoder.tokenizer.save_pretrained(weights / "tokenizer")
+    encoder.text_encoder.save_pretrained(weights / "text_encoder")
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--weights", str(weights), "--prompt", "a fox", "--size", "32x48x5", "--steps", "2",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert iio.imread(out).shape == (5, 32, 48, 3)
+    (weights / "tokenizer" / "tokenizer.json").unlink()
+    for name in os.listdir(weights / "tokenizer"):
+        os.remove(weights / "tokenizer" / name)
+    os.rmdir(weights / "tokenizer")
+    assert main(args) == 2  # validated: no tokenizer/ folder
+
+
+def test_lora_flag_fuses_the_adapter_and_a_zero_scale_changes_nothing(tmp_path):
+    hidden = preset_hidden = 48  # the tiny preset: 2 heads of 24
+    assert preset_hidden == DiT.from_preset("tiny").config.hidden
+    lora = tmp_path / "style.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    state = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, hidden, generator=gen),
+             "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(hidden, 4, generator=gen),
+             "transformer.blocks.1.ffn.net.2.lora_A.weight": torch.randn(4, 96, generator=gen),
+             "transformer.blocks.1.ffn.net.2.lora_B.weight": torch.randn(hidden, 4, generator=gen)}  # fmt: skip
+    save_file(state, str(lora))
+    from fastdit.runtime import generate as gen_module
+
+    def latent(*extra):
+        return gen_module.run(_parse(["--mode", "t2i", "--size", "32x32", "--out", str(tmp_path / "x.png"), *extra]))[
+            "latent"
+        ]
+
+    plain = latent()
+    assert torch.equal(latent("--lora", f"{lora}:0"), plain)
+    assert rel_err(latent("--lora", str(lora)), plain) > 1e-3
+    assert rel_err(latent("--lora", f"{lora}:0.5", "--lora", f"{lora}:0.5"), latent("--lora", str(lora))) < 1e-5
+
+
+def test_few_step_sampling_flags(tmp_path):
+    from fastdit.runtime import generate as gen_module
+
+    out = str(tmp_path / "x.png")
+    four = gen_module.run(_parse(["--mode", "t2i", "--size", "32x32", "--out", out, "--guidance", "1", "--steps", "4",
+                                  "--shift", "5"]))["latent"]  # fmt: skip
+    shifted = [5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    listed = gen_module.run(_parse(["--mode", "t2i", "--size", "32x32", "--out", out, "--guidance", "1", "--sigmas",
+                                    ",".join(f"{s!r}" for s in shifted)]))["latent"]  # fmt: skip
+    assert torch.equal(four, listed)
+
+
+def _parse_prompt(args):
+    from fastdit.cli import build_parser
+
+    return build_parser().parse_args(["generate", "--steps", "3", "--device", "cpu", *args])

@@ -7,6 +7,7 @@ from fastdit.runtime import (
     FlowMatchSampler,
     SampleRequest,
     connect,
+    explicit_sigmas,
     extend,
     flow_shift_sigmas,
     image_to_video,
@@ -55,6 +56,31 @@ def test_euler_lands_on_the_target_with_the_exact_velocity(steps, shift, guidanc
         torch.testing.assert_close(x, torch.full_like(x, 0.5), atol=1e-5, rtol=0)
     # one packed forward per step, conditional + unconditional together when guided
     assert model.calls == [2 * (2 if guidance != 1.0 else 1)] * steps
+
+
+class RecordSigmas(ExactVelocity):
+    def forward_packed(self, batch):
+        self.calls.append((batch.batch_size, round(float(batch.timestep[0]), 3)))
+        return (batch.tokens - self.target) / (batch.timestep[0] / 1000.0)
+
+
+def test_explicit_sigmas_run_as_given_and_guidance_one_has_no_unconditional_pass():
+    model = RecordSigmas(target=-0.25)
+    request = SampleRequest((4, 2, 2, 2), torch.randn(3, 32), negative_text=torch.randn(3, 32))
+    (x,) = FlowMatchSampler(model, sigmas=[1.0, 0.9375, 0.8333, 0.625], guidance=1.0)([request])
+    torch.testing.assert_close(x, torch.full_like(x, -0.25), atol=1e-5, rtol=0)
+    assert model.calls == [(1, 1000.0), (1, 937.5), (1, 833.3), (1, 625.0)]  # batch 1: no negative pass
+    torch.testing.assert_close(explicit_sigmas([0.5, 0.2, 0.0]), torch.tensor([0.5, 0.2, 0.0], dtype=torch.float64))
+    # lightx2v's 4-step list [1000, 750, 500, 250] with shift 5 is exactly --steps 4 --shift 5
+    lightx2v = [5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(flow_shift_sigmas(4, 5.0), explicit_sigmas(lightx2v))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("sigmas", [[], [0.0], [1.5, 0.5], [0.5, 0.5], [0.2, 0.6], [1.0, -0.1], [float("nan")]])
+def test_bad_sigma_lists(sigmas):
+    with pytest.raises(ValueError, match="sigmas"):
+        explicit_sigmas(sigmas)
 
 
 def tiny():
