@@ -137,7 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="DiT preset (default: wan2.1-1.3b on CUDA, tiny on CPU)")
     parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES in pixels (default 480x832x81 on CUDA)")
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 512 on CUDA, 16 on CPU)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="dit_step: weights and activations (default bfloat16 on CUDA, float32 on CPU)",
+    )
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
 
 
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     channels, t, h, w = latent_shape(config, frames, height, width)
     tokens = (t // config.patch_size[0]) * (h // config.patch_size[1]) * (w // config.patch_size[2])
     flops = step_flops(config, tokens, text_len)
-    shape = f"{name} {frames}x{height}x{width} S={tokens} L={text_len} {str(dtype).replace('torch.', '')}"
+    shape = f"{name} {height}x{width}x{frames} S={tokens} L={text_len} {str(dtype).replace('torch.', '')}"
     report = Report("dit_step", device, measure_ceilings(device, quick=args.quick))
 
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     texts = [torch.randn(text_len, config.text_dim, generator=gen).to(device, dtype) for _ in range(args.cfg)]
     batch = PackedBatch.from_samples(latents, torch.full((args.cfg,), 500.0, device=device), texts, config.patch_size)
     tokens = batch.tokens.shape[0]
-    label = f"{name} {frames}x{height}x{width} S={tokens} cfg={args.cfg}"
+    label = f"{name} {height}x{width}x{frames} S={tokens} cfg={args.cfg}"
     report = Report("sp_scaling", device, measure_ceilings(device, quick=True)) if rank == 0 else None
 
     baseline_ms = None

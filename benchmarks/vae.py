@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     video = (torch.rand(1, 3, frames, height, width, generator=gen) * 2 - 1).to(device, dtype)
     latent = torch.randn(1, config.z_dim, 1 + (frames - 1) // 4, height // 8, width // 8, generator=gen)
     latent = latent.to(device, dtype)
-    shape = f"{name} {frames}x{height}x{width} {str(dtype).replace('torch.', '')}"
+    shape = f"{name} {height}x{width}x{frames} {str(dtype).replace('torch.', '')}"
     torch.manual_seed(0)
     weights = CausalVAE(config).eval()  # every provider runs these weights (diffusers' copy included)
     with torch.inference_mode():  # the oracle: the reference ops in float32 (== diffusers to ~1e-7)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cli.add_arguments(sub.add_parser("export", help="export ONNX graphs and TensorRT engines"))
     bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
-    bench.add_argument("--suite", default="all", choices=["all", *SUITE])
+    bench.add_argument("--suite", default="all", choices=["all", *SUITE], help="which benchmark to run")
     bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
     from fastdit.benchmarks.harness import default_out_dir
 

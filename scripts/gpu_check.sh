@@ -23,7 +23,7 @@
 #   tests_cuda   the csrc/ kernels against the reference, once fastdit._C is built
 #   memory_ops   RoPE / adaLN / gated residual at 32760 tokens x 3072: triton vs cuda per op
 #   vae_ops      the five VAE conv shapes: the conv policy (written to OUT_DIR/causal_conv3d.json)
-#   dit_step     Wan 2.1 1.3B at 81x480x832 against diffusers eager (when its wheel travels)
+#   dit_step     Wan 2.1 1.3B at 480x832x81 against diffusers eager (when its wheel travels)
 #   vae          the decode of a 21x60x104 latent (480p, 81 frames)
 # Autotuning stays bounded by the compile-checked configs (6 attention tiles per kernel, 9 conv
 # tiles); torch.compile providers and the cold start (minutes of compiles) are left to a later call.

@@ -32,7 +32,7 @@ def test_bench_tiny_writes_json_rows(tmp_path, capsys):
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
     (row,) = data["rows"]
     assert row["provider"] == "fastdit-eager" and row["ms"] > 0 and row["tflops"] > 0
-    assert "tiny 9x64x64 S=48 L=16" in row["shape"]
+    assert "tiny 64x64x9 S=48 L=16" in row["shape"]
     out = capsys.readouterr().out
     assert "fastdit-eager" in out and "pct_of_matmul" in out
 
@@ -162,3 +162,48 @@ def test_bench_vae_rows(tmp_path):
         ("fastdit-eager", "encode"),
     }
     assert all(r["ms"] > 0 for r in rows)
+
+
+def _flags(parser):
+    """(parser, action) for every option of every (sub)command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _flags(sub)
+        elif action.option_strings and action.dest != "help":
+            yield parser, action
+
+
+def test_every_flag_has_help_with_its_default_and_no_markup():
+    from fastdit.cli import build_parser
+
+    parser = build_parser()
+    flags = list(_flags(parser))
+    assert len(flags) > 40
+    for sub, action in flags:
+        where = f"{sub.prog} {action.option_strings[0]}"
+        assert action.help and action.help.strip(), f"{where} has no help text"
+        assert "``" not in action.help and ":class:" not in action.help, f"{where}: reStructuredText in its help"
+        assert not sub.allow_abbrev, f"{sub.prog} accepts abbreviated flags"
+    text = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "(default: 64x96)" in text and "(default: 5.0)" in text and "--prompt PROMPT" in text
+    assert "``" not in parser.format_help()
+
+
+def test_bench_writes_outside_the_checkout_by_default_and_names_a_missing_matplotlib(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from fastdit.benchmarks import harness
+    from fastdit.cli import build_parser
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert build_parser().parse_args(["bench"]).out == str(tmp_path / "cache" / "fastdit" / "bench")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    args = ["bench", "--suite", "dit_step", "--device", "cpu", "--providers", "fastdit-eager"]
+    assert main(args) == 0
+    assert "no PNG plots: matplotlib is not installed" in capsys.readouterr().err
+    assert (tmp_path / "cache" / "fastdit" / "bench" / "dit_step_cpu.json").exists()
+    assert harness.matplotlib_missing() is not None

@@ -13,15 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("--preset", default="tiny", help="tiny | wan2.1-1.3b | wan2.1-14b (random weights)")
     onnx.add_argument("--weights", default=None, help="diffusers Wan 2.1 directory (transformer/, vae/)")
     onnx.add_argument("--vae", action="store_true", help="export the VAE decoder instead of the DiT")
-    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     onnx.add_argument("--out", required=True, help="the .onnx file")
     trt = sub.add_parser("tensorrt", help="build a TensorRT engine from a DiT ONNX graph (needs tensorrt + a GPU)")
-    trt.add_argument("--onnx", required=True)
+    trt.add_argument("--onnx", required=True, help="the DiT .onnx graph from fastdit export onnx")
     trt.add_argument("--out", required=True, help="the .engine file")
-    trt.add_argument("--profile", action="append", required=True, help="HEIGHTxWIDTHxFRAMES, one per size bucket")
-    trt.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16", "fp8"])
-    trt.add_argument("--text-len", type=int, default=512)
-    trt.add_argument("--text-dim", type=int, default=4096)
+    trt.add_argument(
+        "--profile",
+        action="append",
+        required=True,
+        help="a size bucket, HEIGHTxWIDTHxFRAMES in pixels (e.g. 480x832x81); repeat for more",
+    )
+    trt.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16", "fp8"], help="engine precision")
+    trt.add_argument("--text-len", type=int, default=512, help="text tokens per sample")
+    trt.add_argument("--text-dim", type=int, default=4096, help="text encoder width (UMT5-XXL: 4096)")
     trt.add_argument("--channels", type=int, default=16, help="latent channels")
     trt.add_argument("--max-batch", type=int, default=2, help="2: a CFG pair")
 
