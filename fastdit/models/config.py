@@ -25,11 +25,29 @@ class DiTConfig:
     rope_theta: float = 10000.0
     rope_axes_dim: tuple[int, int, int] | None = None
     rope_interleaved: bool = True
+    # Wan 2.1 image-to-video: the CLIP image states' width, and the cross-attention's added key /
+    # value projections' input width (the image embedder's output, = hidden); None for T2V.
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError("image_dim and added_kv_proj_dim go together (Wan 2.1 I2V sets both)")
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.hidden:
+            raise ValueError(
+                f"added_kv_proj_dim must equal the hidden size {self.hidden} (the image embedder's output), "
+                f"got {self.added_kv_proj_dim}"
+            )
 
     @property
     def hidden(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Wan 2.1 I2V: CLIP image states enter the cross-attention (``forward(..., image_embeds=)``)."""
+        return self.image_dim is not None
 
     @property
     def patch_volume(self) -> int:

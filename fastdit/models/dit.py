@@ -37,10 +37,34 @@ def timestep_features(timestep: torch.Tensor, dim: int, max_period: float = 1000
     return F.pad(features, (0, 1)) if dim % 2 else features
 
 
-class Attention(nn.Module):
-    """Multi-head attention with q/k RMSNorm across heads; self (with 3D RoPE) or cross."""
+class ImageEmbedding(nn.Module):
+    """Wan 2.1 I2V's projection of the CLIP image states into the DiT's width:
+    ``LayerNorm -> Linear -> GELU -> Linear -> LayerNorm``, both norms affine in float32 (eps 1e-5),
+    diffusers' ``WanImageEmbedding`` without the FLF2V position embedding."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, image_dim: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim)
+        self.ff_in = nn.Linear(image_dim, image_dim)
+        self.ff_out = nn.Linear(image_dim, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+
+    @staticmethod
+    def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(
+            x.dtype
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self._norm(self.norm1, image.to(self.ff_in.weight.dtype))
+        return self._norm(self.norm2, self.ff_out(F.gelu(self.ff_in(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm across heads; self (with 3D RoPE) or cross (with the
+    I2V model's added image keys / values when ``image``)."""
+
+    def __init__(self, config: DiTConfig, image: bool = False):
         super().__init__()
         hidden = config.hidden
         self.num_heads, self.head_dim, self.eps = config.num_heads, config.head_dim, config.eps
@@ -50,6 +74,10 @@ class Attention(nn.Module):
         self.o = nn.Linear(hidden, hidden)
         self.q_norm = nn.Parameter(torch.ones(hidden))
         self.k_norm = nn.Parameter(torch.ones(hidden))
+        if image:
+            self.add_k = nn.Linear(config.added_kv_proj_dim, hidden)
+            self.add_v = nn.Linear(config.added_kv_proj_dim, hidden)
+            self.add_k_norm = nn.Parameter(torch.ones(hidden))
         # Self-attention over a sequence sharded across ranks (fastdit.runtime.parallel sets it):
         # fn(q, k, v, batch, backend) -> out, q / k / v being this rank's tokens, all heads; None when
         # called outside a sequence-parallel step (the model used on its own runs plain attention).
@@ -83,25 +111,26 @@ class Attention(nn.Module):
             out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
         return self.o(out.flatten(1))
 
-    def text_kv(self, context: torch.Tensor, backends: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys (RMS-normed) and values of the text tokens: (total_text, H, D) each."""
+    def text_kv(self, context: torch.Tensor, backends: dict, image_context: torch.Tensor | None = None) -> tuple:
+        """Cross-attention keys (RMS-normed) and values of the text tokens, (total_text, H, D) each;
+        then, for the I2V model, those of the image tokens (its added projections and norm)."""
         k = ops.rms_norm(self.k(context), self.k_norm, eps=self.eps, backend=backends["rms_norm"])
-        return self._heads(k), self._heads(self.v(context))
+        kv = (self._heads(k), self._heads(self.v(context)))
+        if image_context is None:
+            return kv
+        k_img = ops.rms_norm(self.add_k(image_context), self.add_k_norm, eps=self.eps, backend=backends["rms_norm"])
+        return kv + (self._heads(k_img), self._heads(self.add_v(image_context)))
 
-    def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch, backends: dict):
+    def forward_cross(self, x: torch.Tensor, kv: tuple, batch: PackedBatch, backends: dict):
         # q's RMSNorm across heads, with its weight, in one pass (one kernel on the Triton backend)
         q = self._heads(ops.rms_norm(self.q(x), self.q_norm, eps=self.eps, backend=backends["rms_norm"]))
-        k, v = kv
-        out = ops.varlen_attention(
-            q,
-            k,
-            v,
-            batch.cu_seqlens,
-            batch.cu_seqlens_text,
-            batch.max_seqlen,
-            batch.max_seqlen_text,
-            backend=backends["varlen_attention"],
-        )
+        cu, n = batch.cu_seqlens, batch.max_seqlen
+        attn = backends["varlen_attention"]
+        out = ops.varlen_attention(q, kv[0], kv[1], cu, batch.cu_seqlens_text, n, batch.max_seqlen_text, backend=attn)
+        if len(kv) == 4:  # I2V: attention to the image tokens, added (diffusers: text + image, then to_out)
+            image = ops.varlen_attention(q, kv[2], kv[3], cu, batch.cu_seqlens_image, n, batch.max_seqlen_image,
+                                         backend=attn)  # fmt: skip
+            out = out + image
         return self.o(out.flatten(1))
 
 
@@ -111,7 +140,7 @@ class DiTBlock(nn.Module):
         hidden = config.hidden
         self.config = config
         self.self_attn = Attention(config)
-        self.cross_attn = Attention(config)
+        self.cross_attn = Attention(config, image=config.image_conditioned)
         self.cross_norm = nn.LayerNorm(hidden, eps=config.eps) if config.cross_attn_norm else None
         self.ffn_in = nn.Linear(hidden, config.ffn_dim)
         self.ffn_out = nn.Linear(config.ffn_dim, hidden)
@@ -177,6 +206,7 @@ class DiT(nn.Module):
         self.time_proj = nn.Linear(hidden, 6 * hidden)
         self.text_in = nn.Linear(config.text_dim, hidden)
         self.text_out = nn.Linear(hidden, hidden)
+        self.image_embed = ImageEmbedding(config.image_dim, hidden) if config.image_conditioned else None
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head_modulation = nn.Parameter(torch.randn(1, 2, hidden) / hidden**0.5)
         self.head_proj = nn.Linear(hidden, config.out_channels * config.patch_volume)
@@ -230,15 +260,18 @@ class DiT(nn.Module):
         temb = self.time_out(F.silu(self.time_in(timestep_features(timestep, self.config.freq_dim).to(dtype))))
         return temb, self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
 
-    def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every block's cross-attention (keys, values) for packed text ``(total_text, text_dim)``.
+    def text_kv(self, text: torch.Tensor, image: torch.Tensor | None = None) -> list[tuple]:
+        """Every block's cross-attention (keys, values) for packed text ``(total_text, text_dim)``,
+        and for the I2V model's packed image states ``image (total_image, image_dim)`` also the
+        image (keys, values): ``(k, v)`` or ``(k, v, k_image, v_image)`` per block.
 
-        They depend on the text only, not on the step: a sampler computes them once per run and
-        passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and two
-        ``L x C x C`` projections per block per step.
+        They depend on the text (and image) only, not on the step: a sampler computes them once per
+        run and passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and
+        two ``L x C x C`` projections per block per step.
         """
         context = self.text_context(text)
-        return [block.cross_attn.text_kv(context, self.op_backends) for block in self.blocks]
+        image_context = None if image is None else self.image_embed(image)
+        return [block.cross_attn.text_kv(context, self.op_backends, image_context) for block in self.blocks]
 
     def text_context(self, text: torch.Tensor) -> torch.Tensor:
         """The text MLP: ``(..., text_dim)`` encoder states -> ``(..., hidden)`` cross-attention context."""
@@ -276,12 +309,21 @@ class DiT(nn.Module):
                 f"batch.text must be (total_text, text_dim) = (total_text, {cfg.text_dim}), "
                 f"got {tuple(batch.text.shape)}"
             )
+        if cfg.image_conditioned and batch.image is None:
+            raise ValueError("this is an image-to-video DiT (image_dim set): pass image_embeds / the batch's image")
+        if not cfg.image_conditioned and batch.image is not None:
+            raise ValueError("batch.image was given, but this DiT has no image conditioning (image_dim is None)")
+        if batch.image is not None and batch.image.shape[1] != cfg.image_dim:
+            raise ValueError(
+                f"batch.image must be (total_image, image_dim) = (total_image, {cfg.image_dim}), "
+                f"got {tuple(batch.image.shape)}"
+            )
 
     def _forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
         temb, mod = self.embed_conditions(batch.timestep)
         if text_kv is None:
-            text_kv = self.text_kv(batch.text)
+            text_kv = self.text_kv(batch.text, batch.image)
         for block, kv in zip(self.blocks, text_kv):
             x = block(x, kv, mod, batch, self.op_backends)
         shift, scale = head_modulation(self.head_modulation, temb)
@@ -296,16 +338,22 @@ class DiT(nn.Module):
         )
         return self.head_proj(x)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                image_embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Dense batch -> ``(B, C_out, T, H, W)``.
 
-        Args: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``.
+        Args: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``;
+        ``image_embeds (B, L_image, image_dim)`` for the I2V model: the CLIP image encoder's
+        penultimate hidden states, diffusers' ``encoder_hidden_states_image``.
 
-        Matches diffusers' ``WanTransformer3DModel(latents, timestep, text)[0]`` for the same weights.
+        Matches diffusers' ``WanTransformer3DModel(latents, timestep, text,
+        encoder_hidden_states_image=image_embeds)[0]`` for the same weights.
         """
-        return self.dense_output(self.forward_packed(self.dense_batch(latents, timestep, text)), latents)
+        batch = self.dense_batch(latents, timestep, text, image_embeds)
+        return self.dense_output(self.forward_packed(batch), latents)
 
-    def dense_batch(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> PackedBatch:
+    def dense_batch(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                    image_embeds: torch.Tensor | None = None) -> PackedBatch:  # fmt: skip
         """:meth:`forward`'s arguments checked against the config (a ``ValueError`` naming the
         argument, before any compute) and packed."""
         cfg = self.config
@@ -327,7 +375,18 @@ class DiT(nn.Module):
             raise ValueError(f"text must have at least one token (B, L >= 1, text_dim), got {tuple(text.shape)}")
         if timestep.shape[0] != batch:
             raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(timestep.shape)}")
-        return PackedBatch.from_dense(latents, timestep, text, cfg.patch_size)
+        if image_embeds is not None or cfg.image_conditioned:
+            if not cfg.image_conditioned:
+                raise ValueError("image_embeds given, but this DiT has no image conditioning (image_dim is None)")
+            if image_embeds is None:
+                raise ValueError(f"this image-to-video DiT needs image_embeds (B, L_image, {cfg.image_dim})")
+            check_tensor("image_embeds", image_embeds, ndims=(3,), device=latents.device)
+            if image_embeds.shape[0] != batch or image_embeds.shape[2] != cfg.image_dim or image_embeds.shape[1] < 1:
+                raise ValueError(
+                    f"image_embeds must be (B, L_image >= 1, image_dim) = ({batch}, L_image, {cfg.image_dim}), "
+                    f"got {tuple(image_embeds.shape)}"
+                )
+        return PackedBatch.from_dense(latents, timestep, text, cfg.patch_size, image=image_embeds)
 
     def dense_output(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The packed prediction of :meth:`dense_batch`'s batch as ``(B, C_out, T, H, W)``."""

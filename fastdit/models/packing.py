@@ -42,6 +42,8 @@ class PackedBatch:
         cu_seqlens_text: ``(B+1,)`` int32 text boundaries; ``max_seqlen_text`` the longest.
         patch_size: (pt, ph, pw) the tokens were cut with.
         token_offset: optional ``(B,)`` int32 global index of each sample's first token (shards).
+        image: optional ``(total_image, image_dim)`` image-encoder states of all samples (Wan 2.1
+            I2V's CLIP tokens), with ``cu_seqlens_image`` ``(B+1,)`` and ``max_seqlen_image``.
     """
 
     tokens: torch.Tensor
@@ -54,6 +56,9 @@ class PackedBatch:
     max_seqlen_text: int
     patch_size: tuple[int, int, int]
     token_offset: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    cu_seqlens_image: torch.Tensor | None = None
+    max_seqlen_image: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -66,8 +71,10 @@ class PackedBatch:
         timesteps: torch.Tensor | Sequence[float],
         texts: Sequence[torch.Tensor],
         patch_size: Sequence[int] = (1, 2, 2),
+        images: Sequence[torch.Tensor] | None = None,
     ) -> "PackedBatch":
-        """Pack per-sample ``latents[i]: (C, T_i, H_i, W_i)`` and ``texts[i]: (L_i, text_dim)``.
+        """Pack per-sample ``latents[i]: (C, T_i, H_i, W_i)`` and ``texts[i]: (L_i, text_dim)``
+        (and, for an I2V model, ``images[i]: (L_image_i, image_dim)``, one per sample).
 
         An image is a latent with ``T = 1``. Each T, H, W must be divisible by the patch size.
         """
@@ -97,6 +104,18 @@ class PackedBatch:
                 )
             if text.device != device:
                 raise ValueError(f"texts[{i}] is on {text.device}, the latents on {device}: one device per batch")
+        image_fields = {}
+        if images is not None:
+            if len(images) != len(latents):
+                raise ValueError(f"need one image per latent, got {len(images)} for {len(latents)}")
+            for i, image in enumerate(images):
+                check_tensor(f"images[{i}]", image, ndims=(2,), dtypes=None, device=device)
+                if image.shape[0] < 1 or image.shape[1] != images[0].shape[1]:
+                    raise ValueError(f"images[{i}] must be (L >= 1, image_dim = {images[0].shape[1]}), "
+                                     f"got {tuple(image.shape)}")  # fmt: skip
+            image_lengths = [m.shape[0] for m in images]
+            image_fields = dict(image=torch.cat(list(images)), cu_seqlens_image=cu_seqlens_of(image_lengths, device),
+                                max_seqlen_image=max(image_lengths))  # fmt: skip
         lengths = [t.shape[0] for t in token_lists]
         text_lengths = [t.shape[0] for t in texts]
         timestep = torch.as_tensor(timesteps, device=device)
@@ -112,13 +131,20 @@ class PackedBatch:
             cu_seqlens_text=cu_seqlens_of(text_lengths, device),
             max_seqlen_text=max(text_lengths),
             patch_size=patch_size,
+            **image_fields,
         )
 
     @classmethod
     def from_dense(
-        cls, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, patch_size: Sequence[int] = (1, 2, 2)
+        cls,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        patch_size: Sequence[int] = (1, 2, 2),
+        image: torch.Tensor | None = None,
     ) -> "PackedBatch":
-        """Pack a same-size batch ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``.
+        """Pack a same-size batch ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``
+        and, for an I2V model, ``image (B, L_image, image_dim)``.
 
         Needs no host sync, so a compiled ``DiT.forward`` traces it into its graph.
         """
@@ -131,6 +157,12 @@ class PackedBatch:
         device = latents.device
         tokens = rearrange(latents, "b c (t pt) (h ph) (w pw) -> (b t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         text_len = text.shape[1]
+        image_fields = {}
+        if image is not None:
+            n = image.shape[1]
+            cu_image = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device=device)
+            image_fields = dict(image=image.reshape(batch * n, image.shape[-1]), cu_seqlens_image=cu_image,
+                                max_seqlen_image=n)  # fmt: skip
         return cls(
             tokens=tokens,
             cu_seqlens=torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device),
@@ -141,6 +173,7 @@ class PackedBatch:
             cu_seqlens_text=torch.arange(0, (batch + 1) * text_len, text_len, dtype=torch.int32, device=device),
             max_seqlen_text=text_len,
             patch_size=tuple(patch_size),
+            **image_fields,
         )
 
     def validate(self) -> "PackedBatch":
@@ -161,6 +194,16 @@ class PackedBatch:
         check_max_seqlen("max_seqlen_text", self.max_seqlen_text, self.cu_seqlens_text)
         check_grid_thw(self.grid_thw, self.cu_seqlens)
         check_token_offset(self.token_offset, batch, device)
+        if (self.image is None) != (self.cu_seqlens_image is None):
+            raise ValueError("image and cu_seqlens_image go together")
+        if self.image is not None:
+            check_tensor("image", self.image, ndims=(2,), device=device)
+            check_cu_seqlens("cu_seqlens_image", self.cu_seqlens_image, self.image.shape[0], device, min_len=1)
+            if self.cu_seqlens_image.shape[0] != batch + 1:
+                raise ValueError(
+                    f"cu_seqlens_image describes {self.cu_seqlens_image.shape[0] - 1} samples, tokens {batch}"
+                )
+            check_max_seqlen("max_seqlen_image", self.max_seqlen_image, self.cu_seqlens_image)
         check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
         if self.timestep.shape[0] != batch:
             raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(self.timestep.shape)}")

@@ -1,4 +1,5 @@
-"""Loading diffusers-format Wan 2.1 transformer weights into :class:`fastdit.models.DiT`.
+"""Loading diffusers-format Wan 2.1 transformer weights (T2V, and I2V with its image embedder and
+added key / value projections) into :class:`fastdit.models.DiT`.
 
 Sources: a ``WanTransformer3DModel`` (or any module with ``.config`` and ``.state_dict()``), a
 state dict, a ``.safetensors`` file, or a diffusers model directory (``config.json`` plus
@@ -85,6 +86,9 @@ _RENAMES = [
     (r"^condition_embedder\.time_proj\.", "time_proj."),
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_in."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_out."),
+    (r"^condition_embedder\.image_embedder\.norm(1|2)\.", r"image_embed.norm\1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "image_embed.ff_in."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "image_embed.ff_out."),
     (r"^patch_embedding\.", "patch_embed."),
     (r"^proj_out\.", "head_proj."),
     (r"^scale_shift_table$", "head_modulation"),
@@ -94,6 +98,8 @@ _RENAMES = [
     (r"^blocks\.(\d+)\.attn2\.to_(q|k|v)\.", r"blocks.\1.cross_attn.\2."),
     (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
     (r"^blocks\.(\d+)\.attn2\.norm_(q|k)\.weight$", r"blocks.\1.cross_attn.\2_norm"),
+    (r"^blocks\.(\d+)\.attn2\.add_(k|v)_proj\.", r"blocks.\1.cross_attn.add_\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.weight$", r"blocks.\1.cross_attn.add_k_norm"),
     (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.cross_norm."),
     (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn_in."),
     (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn_out."),
@@ -125,9 +131,17 @@ def convert_diffusers_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[d
 
 def config_from_diffusers(cfg: dict) -> DiTConfig:
     """DiTConfig from a diffusers ``WanTransformer3DModel`` config; rejects what fastdit does not run."""
-    unsupported = {k: cfg.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len") if cfg.get(k)}
-    if unsupported:
-        raise WeightLoadError(f"image-conditioned (I2V) Wan transformers are not supported yet: {unsupported}")
+    if cfg.get("pos_embed_seq_len"):
+        raise WeightLoadError(
+            f"pos_embed_seq_len={cfg['pos_embed_seq_len']}: the first-last-frame (FLF2V) image embedding is not "
+            "supported (Wan 2.1 I2V 480P / 720P are)"
+        )
+    image_dim, added_kv = cfg.get("image_dim"), cfg.get("added_kv_proj_dim")
+    for key, value in (("image_dim", image_dim), ("added_kv_proj_dim", added_kv)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise WeightLoadError(f"config.json: {key} must be a positive int or null, got {value!r}")
+    if (image_dim is None) != (added_kv is None):
+        raise WeightLoadError(f"config.json: image_dim ({image_dim}) and added_kv_proj_dim ({added_kv}) go together")
     qk_norm = cfg.get("qk_norm", "rms_norm_across_heads")
     if qk_norm != "rms_norm_across_heads":
         raise WeightLoadError(f"qk_norm={qk_norm!r} is not supported (only 'rms_norm_across_heads')")
@@ -147,19 +161,24 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
     eps = cfg.get("eps", 1e-6)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise WeightLoadError(f"config.json: eps must be a positive number, got {eps!r}")
-    return DiTConfig(
-        num_heads=values["num_attention_heads"],
-        head_dim=values["attention_head_dim"],
-        num_layers=values["num_layers"],
-        ffn_dim=values["ffn_dim"],
-        in_channels=values["in_channels"],
-        out_channels=out_channels,
-        text_dim=values["text_dim"],
-        freq_dim=values["freq_dim"],
-        patch_size=tuple(patch_size),
-        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
-        eps=float(eps),
-    )
+    try:
+        return DiTConfig(
+            num_heads=values["num_attention_heads"],
+            head_dim=values["attention_head_dim"],
+            num_layers=values["num_layers"],
+            ffn_dim=values["ffn_dim"],
+            in_channels=values["in_channels"],
+            out_channels=out_channels,
+            text_dim=values["text_dim"],
+            freq_dim=values["freq_dim"],
+            patch_size=tuple(patch_size),
+            cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+            eps=float(eps),
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv,
+        )
+    except ValueError as err:
+        raise WeightLoadError(f"config.json: {err}") from err
 
 
 def _config_value(cfg: dict, key: str, default, kind):
@@ -182,6 +201,7 @@ def _infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
     if hidden % 128:
         raise WeightLoadError(f"hidden size {hidden} is not a multiple of 128; pass config= with the head count")
     volume = patch_size[0] * patch_size[1] * patch_size[2]
+    image = state_dict.get("condition_embedder.image_embedder.norm1.weight")
     return DiTConfig(
         num_heads=hidden // 128,
         head_dim=128,
@@ -193,6 +213,8 @@ def _infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
         freq_dim=state_dict["condition_embedder.time_embedder.linear_1.weight"].shape[1],
         patch_size=patch_size,
         cross_attn_norm="blocks.0.norm2.weight" in state_dict,
+        image_dim=image.shape[0] if image is not None else None,
+        added_kv_proj_dim=hidden if image is not None else None,
     )
 
 

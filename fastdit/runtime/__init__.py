@@ -9,6 +9,7 @@ from fastdit.runtime.modes import (
     sdedit,
     text_to_image,
     text_to_video,
+    wan_image_to_video,
 )
 from fastdit.runtime.parallel import SequenceParallelDiT, all_reduce_gradients, apply_sequence_parallel
 from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, explicit_sigmas, flow_shift_sigmas
@@ -29,4 +30,5 @@ __all__ = [
     "sdedit",
     "text_to_image",
     "text_to_video",
+    "wan_image_to_video",
 ]

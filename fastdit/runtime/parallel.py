@@ -399,6 +399,8 @@ class SequenceParallelDiT(torch.nn.Module):
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         batch.validate()
         self.model.check_batch(batch)
+        if batch.image is not None:
+            raise NotImplementedError("sequence parallelism does not shard Wan 2.1 I2V image states yet")
         cu, cu_text = batch.cu_seqlens.tolist(), batch.cu_seqlens_text.tolist()
         self._check_same_batch(batch, cu, cu_text)
         layout = self.layout

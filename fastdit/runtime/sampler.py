@@ -61,6 +61,10 @@ class SampleRequest:
         tie_last_to_first: seamless loop: the last latent frame is set to the first after every step.
         init: ``(C, T, H, W)`` SDEdit input, noised to ``strength`` then denoised (None: start from noise).
         strength: SDEdit noise level in [0, 1]; 0 returns ``init`` unchanged.
+        condition: ``(C_cond, T, H, W)`` channels appended to the latent at every model call, the
+            model's own conditioning (Wan 2.1 I2V: a first-frame mask and the image's latent).
+        image: ``(L_image, image_dim)`` image-encoder states for an I2V model's cross-attention
+            (the unconditional pass keeps them, as diffusers does).
     """
 
     shape: tuple[int, int, int, int]
@@ -72,6 +76,8 @@ class SampleRequest:
     tie_last_to_first: bool = False
     init: torch.Tensor | None = None
     strength: float = 1.0
+    condition: torch.Tensor | None = None
+    image: torch.Tensor | None = None
 
     def validate(self, index: int) -> None:
         shape = tuple(self.shape)
@@ -91,6 +97,15 @@ class SampleRequest:
             raise ValueError(f"requests[{index}].strength must be in [0, 1], got {self.strength}")
         if self.init is None and self.strength != 1.0:
             raise ValueError(f"requests[{index}]: strength < 1 needs an init latent (SDEdit)")
+        if self.condition is not None and (self.condition.dim() != 4 or tuple(self.condition.shape[1:]) != shape[1:]):
+            raise ValueError(
+                f"requests[{index}].condition must be (C_cond, T, H, W) with (T, H, W) = {shape[1:]}, "
+                f"got {tuple(self.condition.shape)}"
+            )
+        if self.image is not None and (self.image.dim() != 2 or self.image.shape[0] < 1):
+            raise ValueError(
+                f"requests[{index}].image must be (L_image >= 1, image_dim), got {tuple(self.image.shape)}"
+            )
 
 
 class FlowMatchSampler:
@@ -172,15 +187,20 @@ class FlowMatchSampler:
         texts = [r.text for r in requests]
         if cfg:
             texts += [torch.zeros_like(r.text) if r.negative_text is None else r.negative_text for r in requests]
-        inputs = list(latents) * (2 if cfg else 1)
+        inputs = [x if r.condition is None else torch.cat([x, r.condition.to(x.device, x.dtype)])
+                  for x, r in zip(latents, requests)] * (2 if cfg else 1)  # fmt: skip
+        images = None
+        if any(r.image is not None for r in requests):
+            if not all(r.image is not None for r in requests):
+                raise ValueError("an image-conditioned batch needs an image for every request")
+            images = [r.image.to(device, dtype) for r in requests] * (2 if cfg else 1)
         timestep = torch.full((len(inputs),), sigma * 1000.0, device=device)
-        batch = PackedBatch.from_samples(
-            [x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts], self.model.config.patch_size
-        )
+        batch = PackedBatch.from_samples([x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts],
+                                         self.model.config.patch_size, images=images)  # fmt: skip
         kv = None
         if self.cache_text:
             if key not in text_kv:
-                text_kv[key] = self.model.text_kv(batch.text)
+                text_kv[key] = self.model.text_kv(batch.text, batch.image)
             kv = text_kv[key]
         pred = self.forward(batch) if kv is None else self.forward(batch, text_kv=kv)
         out = batch.unpack(pred.float(), self.model.config.out_channels)

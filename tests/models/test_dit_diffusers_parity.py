@@ -129,10 +129,88 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     assert os.path.exists(tmp_path / "diffusion_pytorch_model.bin")
 
 
+I2V = dict(in_channels=12, image_dim=8, added_kv_proj_dim=24)  # noise 4 + mask 4 + image latent 4
+
+
+@pytest.mark.parametrize("shape, image_len", [((2, 12, 3, 4, 6), 5), ((1, 12, 1, 6, 4), 1)])
+def test_i2v_forward_matches_diffusers(shape, image_len, tmp_path):
+    wan = make_wan(**I2V)
+    dit = DiT.from_diffusers(wan).eval()
+    assert dit.config.image_dim == 8 and dit.config.in_channels == 12
+    x, t = torch.randn(shape), torch.rand(shape[0]) * 1000
+    text = torch.randn(shape[0], 512, 16)  # diffusers' I2V attention takes the last 512 context tokens as text
+    image = torch.randn(shape[0], image_len, 8)
+    with torch.no_grad():
+        expect = wan(x, t, text, encoder_hidden_states_image=image)[0]
+        assert rel_err(dit(x, t, text, image_embeds=image), expect) <= 1e-5
+        wan.save_pretrained(tmp_path / "i2v", safe_serialization=True)
+        assert rel_err(DiT.from_diffusers(tmp_path / "i2v")(x, t, text, image), expect) <= 1e-5
+        from_state_dict = DiT.from_diffusers(wan.state_dict(), config=dit.config)
+        assert rel_err(from_state_dict(x, t, text, image), expect) <= 1e-5
+
+
+def test_i2v_packed_batch_of_different_sizes_and_image_lengths():
+    wan = make_wan(**I2V)
+    dit = DiT.from_diffusers(wan).eval()
+    from fastdit.models import PackedBatch
+
+    shapes, lengths = [(12, 2, 4, 6), (12, 1, 6, 4)], [3, 7]
+    latents = [torch.randn(s) for s in shapes]
+    texts = [torch.randn(512, 16) for _ in shapes]
+    images = [torch.randn(n, 8) for n in lengths]
+    t = torch.tensor([300.0, 900.0])
+    batch = PackedBatch.from_samples(latents, t, texts, images=images)
+    with torch.no_grad():
+        outs = batch.unpack(dit.forward_packed(batch), 4)
+        for i in range(2):
+            expect = wan(latents[i][None], t[i : i + 1], texts[i][None], encoder_hidden_states_image=images[i][None])
+            assert rel_err(outs[i], expect[0][0]) <= 1e-5
+
+
+def test_i2v_gradients_reach_the_image_layers():
+    wan = make_wan(**I2V)
+    dit = DiT.from_diffusers(wan)
+    x, t, text, image = (
+        torch.randn(1, 12, 2, 4, 4),
+        torch.tensor([400.0]),
+        torch.randn(1, 512, 16),
+        torch.randn(1, 4, 8),
+    )
+    wan(x, t, text, encoder_hidden_states_image=image)[0].square().mean().backward()
+    dit(x, t, text, image).square().mean().backward()
+    wan_params, dit_params = dict(wan.named_parameters()), dict(dit.named_parameters())
+    pairs = {
+        "condition_embedder.image_embedder.ff.net.0.proj.weight": "image_embed.ff_in.weight",
+        "condition_embedder.image_embedder.norm2.bias": "image_embed.norm2.bias",
+        "blocks.1.attn2.add_k_proj.weight": "blocks.1.cross_attn.add_k.weight",
+        "blocks.0.attn2.norm_added_k.weight": "blocks.0.cross_attn.add_k_norm",
+    }
+    for theirs, ours in pairs.items():
+        assert rel_err(dit_params[ours].grad, wan_params[theirs].grad) <= 1e-4, ours
+
+
 @pytest.mark.bad_input
-def test_i2v_configs_are_refused():
-    with pytest.raises(WeightLoadError, match="image-conditioned"):
-        DiT.from_diffusers(make_wan(image_dim=8, added_kv_proj_dim=24))
+def test_i2v_inputs_and_configs_are_checked():
+    dit = DiT.from_diffusers(make_wan(**I2V)).eval()
+    x, t, text = torch.randn(1, 12, 1, 4, 4), torch.tensor([1.0]), torch.randn(1, 512, 16)
+    with pytest.raises(ValueError, match="needs image_embeds"):
+        dit(x, t, text)
+    with pytest.raises(ValueError, match="image_embeds must be"):
+        dit(x, t, text, torch.randn(1, 3, 9))
+    with pytest.raises(ValueError, match="image_embeds must be"):
+        dit(x, t, text, torch.randn(2, 3, 8))
+    t2v = DiT.from_diffusers(make_wan()).eval()
+    with pytest.raises(ValueError, match="no image conditioning"):
+        t2v(torch.randn(1, 4, 1, 4, 4), t, text, torch.randn(1, 3, 8))
+    with pytest.raises(WeightLoadError, match="FLF2V"):
+        DiT.from_diffusers(make_wan(**I2V, pos_embed_seq_len=10))
+    config = dict(make_wan(**I2V).config)
+    with pytest.raises(WeightLoadError, match="go together"):
+        from fastdit.models.weights import config_from_diffusers
+
+        config_from_diffusers({**config, "added_kv_proj_dim": None})
+    with pytest.raises(WeightLoadError, match="added_kv_proj_dim must equal the hidden size"):
+        config_from_diffusers({**config, "added_kv_proj_dim": 16})
 
 
 def test_gradients_match_diffusers():
@@ -155,3 +233,27 @@ def test_gradients_match_diffusers():
         assert rel_err(dit_params[ours].grad, wan_params[theirs].grad) <= 1e-4, ours
     patch_grad = wan_params["patch_embedding.weight"].grad.flatten(1)
     assert rel_err(dit_params["patch_embed.weight"].grad, patch_grad) <= 1e-4
+
+
+def test_i2v_sampling_is_diffusers_transformer_in_an_euler_cfg_loop():
+    from fastdit.runtime import FlowMatchSampler, flow_shift_sigmas, wan_image_to_video
+
+    wan = make_wan(**I2V)
+    dit = DiT.from_diffusers(wan).eval()
+    gen = torch.Generator().manual_seed(0)
+    image_latent = torch.randn(4, 3, 4, 6, generator=gen)
+    image, text, negative = torch.randn(5, 8, generator=gen), torch.randn(512, 16), torch.randn(512, 16)
+    request = wan_image_to_video(image_latent, image, text, channels=4, negative_text=negative, seed=7)
+    (got,) = FlowMatchSampler(dit, num_steps=3, shift=3.0, guidance=4.0)([request])
+    mask = torch.zeros(4, 3, 4, 6)
+    mask[:, 0] = 1
+    condition = torch.cat([mask, image_latent])[None]
+    x = torch.randn((1, 4, 3, 4, 6), generator=torch.Generator().manual_seed(7))
+    sigmas = flow_shift_sigmas(3, 3.0)
+    with torch.no_grad():
+        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            inp, t = torch.cat([x, condition], dim=1), torch.tensor([sigma * 1000.0])
+            cond = wan(inp, t, text[None], encoder_hidden_states_image=image[None])[0]
+            uncond = wan(inp, t, negative[None], encoder_hidden_states_image=image[None])[0]
+            x = x + (sigma_next - sigma) * (uncond + 4.0 * (cond - uncond))
+    assert rel_err(got, x[0]) <= 1e-5
