@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdit.models import DiT, WeightLoadError, preset
+from fastdit.models.image_encoder import ImageEncoder
 from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
 from fastdit.models.weights import read_json, read_safetensors
@@ -161,6 +162,13 @@ def validate(args) -> Plan:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
     if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
         raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
+    i2v_model = _image_conditioned(args)
+    if i2v_model and args.mode != "i2v":
+        raise UsageError(f"--weights {args.weights} is an image-to-video checkpoint: use --mode i2v with --input IMAGE")
+    if i2v_model and not all(
+        os.path.isdir(os.path.join(args.weights, d)) for d in ("image_encoder", "image_processor")
+    ):
+        raise UsageError(f"--weights {args.weights}: an I2V checkpoint needs image_encoder/ and image_processor/")
     if args.prompt is None and not (args.prompt_embeds or args.random_embeds):
         raise UsageError("pass --prompt TEXT, --prompt-embeds FILE or --random-embeds")
     if args.negative_prompt is not None and args.prompt is None:
@@ -216,6 +224,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _image_conditioned(args) -> bool:
+    """Whether ``--weights`` holds a Wan 2.1 I2V transformer (``image_dim`` in its config.json)."""
+    if not args.weights:
+        return False
+    try:
+        return read_json(os.path.join(args.weights, "transformer", "config.json")).get("image_dim") is not None
+    except WeightLoadError as err:
+        raise UsageError(f"--weights: {err}") from err
+
+
 def _text_dim(args) -> int:
     """The DiT's text width, read before any model is built (its config.json with --weights)."""
     if not args.weights:
@@ -256,6 +274,17 @@ def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor |
 
 def _read_video(path: str, height: int, width: int) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1], resized to H x W; grayscale and RGBA inputs are converted to RGB."""
+    frames = _read_frames(path)
+    video = torch.from_numpy(frames).float().permute(3, 0, 1, 2) / 127.5 - 1.0
+    if video.shape[2:] != (height, width):
+        video = torch.nn.functional.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear")
+        video = video.transpose(0, 1)
+    keep = 1 + (video.shape[1] - 1) // TEMPORAL * TEMPORAL  # the VAE needs 1 + 4k frames
+    return video[:, :keep]
+
+
+def _read_frames(path: str):
+    """The file's frames as a ``(T, H, W, 3)`` uint8 array (grayscale and RGBA converted to RGB)."""
     import imageio.v3 as iio
     import numpy as np
 
@@ -278,13 +307,7 @@ def _read_video(path: str, height: int, width: int) -> torch.Tensor:
         raise UsageError(f"--input {path}: expected an image or a video, got pixel array {frames.shape}")
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
-    frames = frames[..., :3]  # RGBA: the alpha channel is dropped
-    video = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(3, 0, 1, 2) / 127.5 - 1.0
-    if video.shape[2:] != (height, width):
-        video = torch.nn.functional.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear")
-        video = video.transpose(0, 1)
-    keep = 1 + (video.shape[1] - 1) // TEMPORAL * TEMPORAL  # the VAE needs 1 + 4k frames
-    return video[:, :keep]
+    return np.ascontiguousarray(frames[..., :3])  # RGBA: the alpha channel is dropped
 
 
 def encode_prompts(args, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -330,6 +353,15 @@ def run(args) -> dict:
         start = time.perf_counter()
         plan.text, plan.negative = encode_prompts(args, device, dtype)
         timings["encode_prompt"] = time.perf_counter() - start
+    image_embeds = None
+    if _image_conditioned(args):  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
+        start = time.perf_counter()
+        encoder = ImageEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
+        image_embeds = encoder.encode(_read_frames(args.input[0])[0]).float().cpu()[0]
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        timings["encode_image"] = time.perf_counter() - start
     start = time.perf_counter()
     if args.weights:
         dit = DiT.from_diffusers(os.path.join(args.weights, "transformer"))
@@ -367,7 +399,14 @@ def run(args) -> dict:
         request = modes.text_to_image(text, c, h, w, **common)
     elif args.mode == "loop":
         request = modes.loop(text, c, t, h, w, **common)
-    elif args.mode == "i2v":
+    elif args.mode == "i2v" and image_embeds is not None:  # the I2V model's own conditioning, as diffusers
+        first = inputs[0][:, :1]
+        video = torch.cat([first, torch.zeros_like(first).expand(-1, plan.frames - 1, -1, -1)], dim=1)
+        with torch.no_grad():
+            image_latent = vae.normalize(vae.encode(video[None].to(dtype), tiling=tiling).float())[0].cpu()
+        request = modes.wan_image_to_video(image_latent, image_embeds, text, channels=dit.config.out_channels,
+                                           **common)  # fmt: skip
+    elif args.mode == "i2v":  # a T2V model: the image is the known first latent frame
         request = modes.image_to_video(latents[0][:, :1], text, frames=t, **common)
     elif args.mode == "extend":  # --frames is the total length (validate() checked it leaves room)
         request = modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)

@@ -400,3 +400,36 @@ def test_a_patched_pipeline_saves_reloads_and_offloads_as_unpatched(offload, tmp
     if offload:
         pipe.remove_all_hooks()
     fastdit.unpatch(pipe)
+
+
+def test_patched_image_to_video_pipeline_equals_unpatched():
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from tests.models.test_dit_diffusers_parity import I2V
+    from tests.models.test_image_encoder import tiny_clip
+
+    processor, clip = tiny_clip()
+    # the mask (4) and image latent (z_dim 4) beside the 4-channel noise
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=clip, image_processor=processor,
+                                   vae=make_vae(), transformer=make_wan(**I2V),
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 512, 16, generator=gen), torch.randn(1, 512, 16, generator=gen)
+    picture = Image.fromarray((torch.rand(32, 48, 3, generator=gen) * 255).to(torch.uint8).numpy())
+
+    def run():
+        return pipe(image=picture, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                    height=32, width=48, num_frames=5, num_inference_steps=2, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").frames  # fmt: skip
+
+    expect = run()
+    fastdit.patch(pipe)
+    try:
+        got = run()
+    finally:
+        fastdit.unpatch(pipe)
+    assert got.shape == expect.shape == (1, 5, 3, 32, 48)
+    assert rel_err(got, expect) <= 1e-5
+    assert torch.equal(run(), expect)

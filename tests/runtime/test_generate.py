@@ -217,18 +217,48 @@ def test_prompts_are_encoded_once_and_guidance_one_encodes_no_negative(monkeypat
     assert calls == [["a fox", ""]] and negative.shape == (512, 32)  # diffusers' default negative: ""
 
 
-def test_weights_directory_with_its_text_encoder(tmp_path):
+def tiny_checkpoint(weights, i2v: bool = False):
+    """A diffusers-format Wan directory of tiny random parts (transformer, vae, text encoder,
+    tokenizer; for I2V the CLIP image encoder and processor too)."""
     pytest.importorskip("diffusers", reason="writing a diffusers checkpoint needs `pip install -e .[diffusers]`")
     from fastdit.models.text_encoder import PromptEncoder
     from tests.integrations.test_diffusers_patch import make_vae
-    from tests.models.test_dit_diffusers_parity import make_wan
+    from tests.models.test_dit_diffusers_parity import I2V, make_wan
+    from tests.models.test_image_encoder import tiny_clip
 
-    weights = tmp_path / "weights"
-    make_wan().save_pretrained(weights / "transformer", safe_serialization=True)
+    make_wan(**(I2V if i2v else {})).save_pretrained(weights / "transformer", safe_serialization=True)
     make_vae().save_pretrained(weights / "vae", safe_serialization=True)
     encoder = PromptEncoder.tiny(16)
     encoder.tokenizer.save_pretrained(weights / "tokenizer")
     encoder.text_encoder.save_pretrained(weights / "text_encoder")
+    if i2v:
+        processor, clip = tiny_clip()
+        processor.save_pretrained(weights / "image_processor")
+        clip.save_pretrained(weights / "image_encoder")
+    return weights
+
+
+def test_image_to_video_checkpoint_uses_its_own_conditioning(tmp_path, monkeypatch):
+    from fastdit.runtime import modes
+
+    weights = tiny_checkpoint(tmp_path / "i2v", i2v=True)
+    image = tmp_path / "in.png"
+    iio.imwrite(image, (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8))
+    built = []
+    real = modes.wan_image_to_video
+    monkeypatch.setattr(modes, "wan_image_to_video", lambda *a, **k: built.append(a) or real(*a, **k))
+    out = tmp_path / "i2v.mp4"
+    args = ["generate", "--weights", str(weights), "--mode", "i2v", "--input", str(image), "--prompt", "a fox",
+            "--size", "32x48x5", "--steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert iio.imread(out).shape == (5, 32, 48, 3)
+    (image_latent, image_embeds, _text) = built[0]
+    assert image_latent.shape == (4, 2, 4, 6) and image_embeds.shape == (5, 8)  # 4 VAE channels; 5 CLIP tokens
+    assert main([*args[:4], "t2v", *args[7:]]) == 2  # an I2V checkpoint takes --mode i2v only
+
+
+def test_weights_directory_with_its_text_encoder(tmp_path):
+    weights = tiny_checkpoint(tmp_path / "weights")
     out = tmp_path / "out.mp4"
     args = ["generate", "--weights", str(weights), "--prompt", "a fox", "--size", "32x48x5", "--steps", "2",
             "--device", "cpu", "--out", str(out)]  # fmt: skip

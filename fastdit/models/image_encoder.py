@@ -1,0 +1,43 @@
+"""The CLIP image encoder of Wan 2.1 image-to-video checkpoints, through transformers.
+
+:class:`ImageEncoder` computes what diffusers' ``WanImageToVideoPipeline.encode_image`` does: the
+checkpoint's ``image_processor/`` (CLIP's resize, crop and normalization) and ``image_encoder/``
+(a ``CLIPVisionModel``), keeping the penultimate layer's hidden states ``(B, L_image,
+image_dim)``, which the I2V DiT's cross-attention reads (``DiT.forward(..., image_embeds=)``).
+"""
+
+import os
+
+import torch
+
+from fastdit.models.text_encoder import transformers_missing
+
+
+class ImageEncoder:
+    """A CLIP vision model and its image processor; ``encode(images) -> (B, L_image, image_dim)``."""
+
+    def __init__(self, processor, encoder):
+        self.processor, self.encoder = processor, encoder.eval()
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, dtype: torch.dtype | None = None, device=None) -> "ImageEncoder":
+        """The ``image_encoder/`` and ``image_processor/`` folders of a diffusers Wan I2V checkpoint."""
+        reason = transformers_missing()
+        if reason:
+            raise ImportError(reason)
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        for folder in ("image_encoder", "image_processor"):
+            if not os.path.isdir(os.path.join(directory, folder)):
+                raise FileNotFoundError(f"{directory} has no {folder}/ folder (a Wan I2V checkpoint has one)")
+        processor = CLIPImageProcessor.from_pretrained(os.path.join(directory, "image_processor"))
+        encoder = CLIPVisionModel.from_pretrained(os.path.join(directory, "image_encoder"), dtype=dtype)
+        return cls(processor, encoder.to(device) if device is not None else encoder)
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """``images``: a PIL image, an ``(H, W, 3)`` uint8 array, or a list of them."""
+        param = next(self.encoder.parameters())
+        inputs = self.processor(images=images, return_tensors="pt").to(param.device)
+        pixels = inputs["pixel_values"].to(param.dtype)
+        return self.encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
