@@ -78,6 +78,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="LoRA safetensors fused into the DiT (diffusers / PEFT or original Wan keys); "
                         "repeatable, SCALE defaults to 1")  # fmt: skip
+    parser.add_argument("--lora-2", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="Wan 2.2 A14B: LoRA for the low-noise expert (transformer_2); --lora goes to the "
+                        "high-noise one")  # fmt: skip
+    parser.add_argument(
+        "--guidance-2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the low-noise expert's guidance scale (None: --guidance)",
+    )
+    parser.add_argument(
+        "--offload-experts",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="Wan 2.2 A14B: keep only the active expert on the GPU (auto: when both do not fit)",
+    )
     parser.add_argument("--out", default="fastdit_out.mp4", help=".mp4 for video, .png for one frame")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
@@ -103,6 +118,8 @@ class Plan:
     negative: torch.Tensor | None = None
     sigmas: torch.Tensor | None = None  # --sigmas, checked
     loras: list[tuple[str, float]] = field(default_factory=list)  # --lora FILE[:SCALE], the files exist
+    loras_2: list[tuple[str, float]] = field(default_factory=list)  # --lora-2, for transformer_2
+    boundary_ratio: float | None = None  # Wan 2.2 A14B: model_index.json's, with transformer_2/
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -162,13 +179,14 @@ def validate(args) -> Plan:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
     if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
         raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
-    i2v_model = _image_conditioned(args)
-    if i2v_model and args.mode != "i2v":
+    conditioned, clip = _i2v_kind(args)
+    if conditioned and args.mode != "i2v":
         raise UsageError(f"--weights {args.weights} is an image-to-video checkpoint: use --mode i2v with --input IMAGE")
-    if i2v_model and not all(
-        os.path.isdir(os.path.join(args.weights, d)) for d in ("image_encoder", "image_processor")
-    ):
-        raise UsageError(f"--weights {args.weights}: an I2V checkpoint needs image_encoder/ and image_processor/")
+    clip_folders = ("image_encoder", "image_processor")
+    if clip and not all(os.path.isdir(os.path.join(args.weights, d)) for d in clip_folders):
+        raise UsageError(
+            f"--weights {args.weights}: a Wan 2.1 I2V checkpoint needs image_encoder/ and image_processor/"
+        )
     if args.prompt is None and not (args.prompt_embeds or args.random_embeds):
         raise UsageError("pass --prompt TEXT, --prompt-embeds FILE or --random-embeds")
     if args.negative_prompt is not None and args.prompt is None:
@@ -181,7 +199,23 @@ def validate(args) -> Plan:
             os.path.isdir(os.path.join(args.weights, d)) for d in ("text_encoder", "tokenizer")
         ):
             raise UsageError(f"--prompt with --weights {args.weights}: it must hold text_encoder/ and tokenizer/")
-    plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora])
+    two_experts = bool(args.weights) and os.path.isdir(os.path.join(args.weights, "transformer_2"))
+    if (args.lora_2 or args.guidance_2 is not None) and not two_experts:
+        raise UsageError("--lora-2 / --guidance-2 are for two-expert checkpoints (Wan 2.2 A14B: transformer_2/)")
+    if args.guidance_2 is not None and args.guidance_2 < 0:
+        raise UsageError(f"--guidance-2 must be >= 0, got {args.guidance_2}")
+    boundary = None
+    if two_experts:
+        index = os.path.join(args.weights, "model_index.json")
+        try:
+            boundary = read_json(index).get("boundary_ratio") if os.path.exists(index) else None
+        except WeightLoadError as err:
+            raise UsageError(f"--weights: {err}") from err
+        if not isinstance(boundary, (int, float)) or isinstance(boundary, bool) or not 0 < boundary <= 1:
+            raise UsageError(f"--weights {args.weights}: transformer_2/ needs a boundary_ratio in (0, 1] in "
+                             f"model_index.json, got {boundary!r}")  # fmt: skip
+    plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora],
+                loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary)  # fmt: skip
     if args.prompt_embeds:
         plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args))
     plan.inputs = [_read_video(path, height, width) for path in args.input]
@@ -224,14 +258,30 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _image_conditioned(args) -> bool:
-    """Whether ``--weights`` holds a Wan 2.1 I2V transformer (``image_dim`` in its config.json)."""
-    if not args.weights:
+def _offload_experts(choice: str, device: torch.device, dit, dit_2, dtype: torch.dtype) -> bool:
+    """``--offload-experts``: on / off, or auto: on a GPU whose free memory cannot hold both experts
+    with a quarter of it left for activations."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type != "cuda":
         return False
+    size = torch.finfo(dtype).bits // 8
+    weights = sum(p.numel() for m in (dit, dit_2) for p in m.parameters()) * size
+    free, _ = torch.cuda.mem_get_info(device)
+    return weights > 0.75 * free
+
+
+def _i2v_kind(args) -> tuple[bool, bool]:
+    """(the transformer takes its own image conditioning: more input than output channels, the mask
+    and image latent of Wan 2.1 / 2.2 I2V; it also reads CLIP image states: ``image_dim``, Wan 2.1)."""
+    if not args.weights:
+        return False, False
     try:
-        return read_json(os.path.join(args.weights, "transformer", "config.json")).get("image_dim") is not None
+        config = read_json(os.path.join(args.weights, "transformer", "config.json"))
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
+    in_channels = config.get("in_channels", 16)
+    return in_channels != (config.get("out_channels") or in_channels), config.get("image_dim") is not None
 
 
 def _text_dim(args) -> int:
@@ -354,7 +404,8 @@ def run(args) -> dict:
         plan.text, plan.negative = encode_prompts(args, device, dtype)
         timings["encode_prompt"] = time.perf_counter() - start
     image_embeds = None
-    if _image_conditioned(args):  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
+    conditioned, clip = _i2v_kind(args)
+    if clip:  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
         start = time.perf_counter()
         encoder = ImageEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
         image_embeds = encoder.encode(_read_frames(args.input[0])[0]).float().cpu()[0]
@@ -370,12 +421,19 @@ def run(args) -> dict:
         torch.manual_seed(args.seed)
         dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
     # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
+    dit_2 = None
+    if plan.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert
+        dit_2 = DiT.from_diffusers(os.path.join(args.weights, "transformer_2")).to(dtype).eval()
+    offload = dit_2 is not None and _offload_experts(args.offload_experts, device, dit, dit_2, dtype)
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
-    for path, scale in plan.loras:
-        try:
-            dit.load_lora(path, scale=scale, name=os.path.basename(path) + f"#{len(dit.loras)}")
-        except WeightLoadError as err:
-            raise UsageError(f"--lora {path}: {err}") from err
+    if dit_2 is not None and not offload:
+        dit_2 = dit_2.to(device)
+    for model, loras, flag in ((dit, plan.loras, "--lora"), (dit_2, plan.loras_2, "--lora-2")):
+        for path, scale in loras:
+            try:
+                model.load_lora(path, scale=scale, name=os.path.basename(path) + f"#{len(model.loras)}")
+            except WeightLoadError as err:
+                raise UsageError(f"{flag} {path}: {err}") from err
     tiling = SpatialTiling() if args.vae_tiling else None
     text_dim = dit.config.text_dim
     if plan.text is not None:
@@ -399,7 +457,7 @@ def run(args) -> dict:
         request = modes.text_to_image(text, c, h, w, **common)
     elif args.mode == "loop":
         request = modes.loop(text, c, t, h, w, **common)
-    elif args.mode == "i2v" and image_embeds is not None:  # the I2V model's own conditioning, as diffusers
+    elif args.mode == "i2v" and conditioned:  # the I2V model's own conditioning, as diffusers
         first = inputs[0][:, :1]
         video = torch.cat([first, torch.zeros_like(first).expand(-1, plan.frames - 1, -1, -1)], dim=1)
         with torch.no_grad():
@@ -419,7 +477,8 @@ def run(args) -> dict:
 
     start = time.perf_counter()
     sampler = FlowMatchSampler(dit, num_steps=args.steps, shift=args.shift, guidance=args.guidance, progress=True,
-                               sigmas=plan.sigmas)  # fmt: skip
+                               sigmas=plan.sigmas, model_2=dit_2, boundary_ratio=plan.boundary_ratio,
+                               guidance_2=args.guidance_2, offload_experts=offload)  # fmt: skip
     (latent,) = sampler([request])
     timings["sample"] = time.perf_counter() - start
 

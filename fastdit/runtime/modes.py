@@ -38,13 +38,14 @@ def image_to_video(image_latent: torch.Tensor, text, frames: int, **kwargs) -> S
     return SampleRequest(shape, text, known=known, known_frames=mask, **kwargs)
 
 
-def wan_image_to_video(image_latent: torch.Tensor, image_embeds: torch.Tensor, text, channels: int = 16,
+def wan_image_to_video(image_latent: torch.Tensor, image_embeds: torch.Tensor | None, text, channels: int = 16,
                        **kwargs) -> SampleRequest:  # fmt: skip
-    """Wan 2.1 I2V's own conditioning (diffusers' ``WanImageToVideoPipeline``): the model sees, next
-    to the noisy latent, a 4-channel mask (ones on latent frame 0, where the image is) and
+    """Wan I2V's own conditioning (diffusers' ``WanImageToVideoPipeline``): the model sees, next to
+    the noisy latent, a 4-channel mask (ones on latent frame 0, where the image is) and
     ``image_latent (C, T, H, W)``, the normalized VAE latent of the image followed by black
     frames; ``image_embeds (L_image, image_dim)`` are the CLIP image states its cross-attention
-    reads. The noise latent has ``channels`` channels and the image latent's T, H, W."""
+    reads (Wan 2.1; None for Wan 2.2 A14B I2V, whose transformer has no image attention). The
+    noise latent has ``channels`` channels and the image latent's T, H, W."""
     _, frames, height, width = image_latent.shape
     mask = torch.zeros(4, frames, height, width, dtype=image_latent.dtype, device=image_latent.device)
     mask[:, 0] = 1.0

@@ -123,21 +123,54 @@ class FlowMatchSampler:
             active requests) instead of once per step, when the model offers ``text_kv``.
         cuda_graphs: run each step as a CUDA graph replay, captured once per shape bucket
             (:class:`fastdit.runtime.GraphedDiT`; CUDA and the fast backends only).
+        model_2: Wan 2.2 A14B's low-noise expert: steps whose timestep (1000 sigma) is below
+            ``boundary_ratio * 1000`` run on it, the others on ``model`` (diffusers' ``WanPipeline``
+            with ``transformer_2`` and ``boundary_ratio``).
+        boundary_ratio: where the experts switch, in (0, 1]; needed with ``model_2``.
+        guidance_2: the low-noise expert's guidance scale (None: ``guidance``).
+        offload_experts: keep only the active expert on the sampling device, the other on the
+            CPU (moved when the experts switch, once per run), for GPUs that cannot hold both.
     """
 
     def __init__(self, model, num_steps: int = 30, shift: float = 5.0, guidance: float = 5.0, progress: bool = False,
-                 cache_text: bool = True, cuda_graphs: bool = False,
-                 sigmas: Sequence[float] | None = None):  # fmt: skip
+                 cache_text: bool = True, cuda_graphs: bool = False, sigmas: Sequence[float] | None = None,
+                 model_2=None, boundary_ratio: float | None = None, guidance_2: float | None = None,
+                 offload_experts: bool = False):  # fmt: skip
+        if (model_2 is None) != (boundary_ratio is None):
+            raise ValueError("model_2 and boundary_ratio go together (Wan 2.2's two experts)")
+        if boundary_ratio is not None and not 0.0 < boundary_ratio <= 1.0:
+            raise ValueError(f"boundary_ratio must be in (0, 1], got {boundary_ratio}")
+        if guidance_2 is not None and model_2 is None:
+            raise ValueError("guidance_2 is the low-noise expert's scale: it needs model_2")
         self.model = model
+        self.experts = [model] if model_2 is None else [model, model_2]
+        self.boundary = None if boundary_ratio is None else float(boundary_ratio) * 1000.0
         self.sigmas = flow_shift_sigmas(num_steps, shift) if sigmas is None else explicit_sigmas(sigmas)
         self.guidance = float(guidance)
+        self.guidances = [self.guidance, self.guidance if guidance_2 is None else float(guidance_2)]
         self.progress = progress
-        self.cache_text = cache_text and hasattr(model, "text_kv")
-        self.forward = model.forward_packed
+        self.offload_experts = offload_experts
+        self.cache_text = cache_text and all(hasattr(m, "text_kv") for m in self.experts)
+        self.forwards = [m.forward_packed for m in self.experts]
         if cuda_graphs:
             from fastdit.runtime.graphs import GraphedDiT
 
-            self.forward = GraphedDiT(model)
+            self.forwards = [GraphedDiT(m) for m in self.experts]
+        self.forward = self.forwards[0]
+        self._resident = None  # the expert on the device, with offload_experts
+
+    def expert(self, sigma: float) -> int:
+        """0 (``model``) at timesteps >= the boundary, 1 (``model_2``) below it."""
+        return 0 if self.boundary is None or sigma * 1000.0 >= self.boundary else 1
+
+    def _activate(self, index: int, device: torch.device) -> None:
+        if not self.offload_experts or self._resident == index:
+            return
+        self._resident = index
+        for i, m in enumerate(self.experts):
+            if i != index:
+                m.to("cpu")
+        self.experts[index].to(device)
 
     def _start_step(self, request: SampleRequest) -> int:
         """First step whose sigma is <= the request's strength (all of them from pure noise)."""
@@ -166,14 +199,17 @@ class FlowMatchSampler:
             latents.append(self._impose(request, x, eps, sigma))
             starts.append(start)
 
+        self._resident = None
         bar = _progress(steps, self.progress)
         text_kv = {}  # per set of active requests: the text is fixed for the whole run
         for step in range(steps):
             active = [i for i, start in enumerate(starts) if start <= step]
             if active:
                 sigma, sigma_next = float(self.sigmas[step]), float(self.sigmas[step + 1])
+                expert = self.expert(sigma)
+                self._activate(expert, device)
                 velocities = self._velocities([requests[i] for i in active], [latents[i] for i in active], sigma,
-                                              device, dtype, text_kv, tuple(active))  # fmt: skip
+                                              device, dtype, text_kv, (expert, tuple(active)), expert)  # fmt: skip
                 for i, v in zip(active, velocities):
                     x = latents[i] + (sigma_next - sigma) * v
                     latents[i] = self._impose(requests[i], x, noise[i], sigma_next)
@@ -181,9 +217,10 @@ class FlowMatchSampler:
         bar.close()
         return latents
 
-    def _velocities(self, requests, latents, sigma, device, dtype, text_kv, key) -> list[torch.Tensor]:
+    def _velocities(self, requests, latents, sigma, device, dtype, text_kv, key, expert=0) -> list[torch.Tensor]:
         """The guided velocity of each latent: conditional and unconditional passes in one batch."""
-        cfg = self.guidance != 1.0
+        model, guidance = self.experts[expert], self.guidances[expert]
+        cfg = guidance != 1.0
         texts = [r.text for r in requests]
         if cfg:
             texts += [torch.zeros_like(r.text) if r.negative_text is None else r.negative_text for r in requests]
@@ -196,18 +233,20 @@ class FlowMatchSampler:
             images = [r.image.to(device, dtype) for r in requests] * (2 if cfg else 1)
         timestep = torch.full((len(inputs),), sigma * 1000.0, device=device)
         batch = PackedBatch.from_samples([x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts],
-                                         self.model.config.patch_size, images=images)  # fmt: skip
+                                         model.config.patch_size, images=images)  # fmt: skip
         kv = None
         if self.cache_text:
             if key not in text_kv:
-                text_kv[key] = self.model.text_kv(batch.text, batch.image)
+                text_kv.clear()  # another set of requests or expert: the old keys are not needed again
+                text_kv[key] = model.text_kv(batch.text, batch.image)
             kv = text_kv[key]
-        pred = self.forward(batch) if kv is None else self.forward(batch, text_kv=kv)
-        out = batch.unpack(pred.float(), self.model.config.out_channels)
+        forward = self.forwards[expert]
+        pred = forward(batch) if kv is None else forward(batch, text_kv=kv)
+        out = batch.unpack(pred.float(), model.config.out_channels)
         if not cfg:
             return out
         n = len(requests)
-        return [u + self.guidance * (c - u) for c, u in zip(out[:n], out[n:])]
+        return [u + guidance * (c - u) for c, u in zip(out[:n], out[n:])]
 
     @staticmethod
     def _impose(request: SampleRequest, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -433,3 +433,27 @@ def test_patched_image_to_video_pipeline_equals_unpatched():
     assert got.shape == expect.shape == (1, 5, 3, 32, 48)
     assert rel_err(got, expect) <= 1e-5
     assert torch.equal(run(), expect)
+
+
+def test_patched_two_expert_pipeline_equals_unpatched():
+    """Wan 2.2 A14B: transformer (high noise) and transformer_2 (low noise), switched at boundary_ratio."""
+    high, low = make_wan(), make_wan()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=make_vae(), transformer=high, transformer_2=low,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), boundary_ratio=0.6)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+
+    def run():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=32, width=48, num_frames=5,
+                    num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").frames  # fmt: skip
+
+    expect = run()
+    changes = fastdit.patch(pipe)
+    assert any(c.startswith("transformer_2") for c in changes) and any(c.startswith("transformer.") for c in changes)
+    try:
+        got = run()
+    finally:
+        fastdit.unpatch(pipe)
+    assert rel_err(got, expect) <= 1e-5
+    assert torch.equal(run(), expect)

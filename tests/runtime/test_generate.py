@@ -310,3 +310,57 @@ def _parse_prompt(args):
     from fastdit.cli import build_parser
 
     return build_parser().parse_args(["generate", "--steps", "3", "--device", "cpu", *args])
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v_a14b", "i2v_a14b"])
+def test_two_expert_checkpoint_switches_at_its_boundary(tmp_path, monkeypatch, i2v):
+    """Wan 2.2 A14B layouts: transformer/ and transformer_2/ with model_index.json's boundary_ratio;
+    the I2V one takes the mask + image latent beside the noise and has no CLIP image attention."""
+    import json
+
+    from fastdit.runtime import sampler as sampler_module
+    from tests.models.test_dit_diffusers_parity import make_wan
+
+    weights = tiny_checkpoint(tmp_path / "a14b")
+    if i2v:
+        make_wan(in_channels=12).save_pretrained(weights / "transformer", safe_serialization=True)
+    make_wan(in_channels=12 if i2v else 4).save_pretrained(weights / "transformer_2", safe_serialization=True)
+    (weights / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.7}))
+    seen = []
+    real = sampler_module.FlowMatchSampler._velocities
+
+    def record(self, requests, latents, sigma, *rest):
+        seen.append((round(sigma * 1000), rest[-1]))  # (timestep, expert)
+        return real(self, requests, latents, sigma, *rest)
+
+    monkeypatch.setattr(sampler_module.FlowMatchSampler, "_velocities", record)
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--weights", str(weights), "--prompt", "a fox", "--size", "32x48x5", "--steps", "4",
+            "--shift", "1", "--guidance-2", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    if i2v:
+        image = tmp_path / "in.png"
+        iio.imwrite(image, (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8))
+        args += ["--mode", "i2v", "--input", str(image)]
+    assert main(args) == 0
+    assert seen == [(1000, 0), (750, 0), (500, 1), (250, 1)]
+    assert iio.imread(out).shape == (5, 32, 48, 3)
+
+
+@pytest.mark.bad_input
+def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
+    weights = tiny_checkpoint(tmp_path / "t2v")
+    base = [
+        "generate",
+        "--weights",
+        str(weights),
+        "--random-embeds",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
+    assert main([*base, "--guidance-2", "3"]) == 2
+    assert "--lora-2 / --guidance-2 are for two-expert checkpoints" in capsys.readouterr().err
+    (weights / "transformer_2").mkdir()
+    assert main(base) == 2
+    assert "needs a boundary_ratio in (0, 1] in model_index.json" in capsys.readouterr().err

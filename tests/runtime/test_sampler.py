@@ -164,3 +164,42 @@ def test_bad_requests(request_kwargs, match):
     request = SampleRequest(text=torch.randn(2, 32), **request_kwargs)
     with pytest.raises(ValueError, match=match):
         run([request])
+
+
+def test_two_experts_switch_at_the_boundary_with_their_own_guidance():
+    high, low = RecordSigmas(target=0.3), RecordSigmas(target=0.3)
+    request = SampleRequest((4, 1, 2, 2), torch.randn(3, 32), seed=3)
+    sampler = FlowMatchSampler(high, sigmas=[1.0, 0.95, 0.9, 0.5, 0.2], guidance=3.0, model_2=low,
+                               boundary_ratio=0.9, guidance_2=1.0)  # fmt: skip
+    (x,) = sampler([request])
+    torch.testing.assert_close(x, torch.full_like(x, 0.3), atol=1e-5, rtol=0)
+    # t >= 900 on the high-noise expert with CFG (batch 2), below on the low-noise one without (batch 1)
+    assert high.calls == [(2, 1000.0), (2, 950.0), (2, 900.0)]
+    assert low.calls == [(1, 500.0), (1, 200.0)]
+
+
+def test_offloading_keeps_only_the_active_expert_on_the_device(monkeypatch):
+    high, low = RecordSigmas(target=0.0), RecordSigmas(target=0.0)
+    moves = []
+    for name, m in (("high", high), ("low", low)):
+        monkeypatch.setattr(m, "to", lambda device, _name=name, _m=m: moves.append((_name, str(device))) or _m)
+    sampler = FlowMatchSampler(high, num_steps=4, shift=1.0, model_2=low, boundary_ratio=0.5, offload_experts=True,
+                               guidance=1.0)  # fmt: skip
+    sampler([SampleRequest((4, 1, 2, 2), torch.randn(3, 32))])
+    # steps at t = 1000, 750, 500 on the high-noise expert, 250 on the low-noise one: one move per switch
+    # (the sampling device here is the CPU, so "on" is cpu too)
+    assert moves == [("low", "cpu"), ("high", "cpu"), ("high", "cpu"), ("low", "cpu")]
+    assert [c[1] for c in high.calls] == [1000.0, 750.0, 500.0] and [c[1] for c in low.calls] == [250.0]
+
+
+@pytest.mark.bad_input
+def test_expert_arguments_are_checked():
+    model = RecordSigmas(target=0.0)
+    with pytest.raises(ValueError, match="go together"):
+        FlowMatchSampler(model, model_2=model)
+    with pytest.raises(ValueError, match="go together"):
+        FlowMatchSampler(model, boundary_ratio=0.5)
+    with pytest.raises(ValueError, match="boundary_ratio must be in"):
+        FlowMatchSampler(model, model_2=model, boundary_ratio=1.5)
+    with pytest.raises(ValueError, match="needs model_2"):
+        FlowMatchSampler(model, guidance_2=2.0)
