@@ -255,7 +255,8 @@ class DiT(nn.Module):
         return {} if stack is None else {name: scale for name, (scale, _) in stack.adapters.items()}
 
     def embed_conditions(self, timestep: torch.Tensor):
-        """(temb (B, C), block modulation (B, 6, C) float32): once per step, shared by every block."""
+        """(temb (N, C), block modulation (N, 6, C) float32) for ``timestep (N,)``, per sample or per
+        token (then every op takes its rows per token): once per step, shared by every block."""
         dtype = self.time_in.weight.dtype
         temb = self.time_out(F.silu(self.time_in(timestep_features(timestep, self.config.freq_dim).to(dtype))))
         return temb, self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
@@ -342,7 +343,8 @@ class DiT(nn.Module):
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Dense batch -> ``(B, C_out, T, H, W)``.
 
-        Args: ``latents (B, C, T, H, W)``, ``timestep (B,)``, ``text (B, L, text_dim)``;
+        Args: ``latents (B, C, T, H, W)``, ``timestep (B,)`` or per token ``(B, S)`` (S = the
+        patch grid's t h w, Wan 2.2 TI2V), ``text (B, L, text_dim)``;
         ``image_embeds (B, L_image, image_dim)`` for the I2V model: the CLIP image encoder's
         penultimate hidden states, diffusers' ``encoder_hidden_states_image``.
 
@@ -359,7 +361,7 @@ class DiT(nn.Module):
         cfg = self.config
         check_tensor("latents", latents, ndims=(5,))
         check_tensor("text", text, ndims=(3,), device=latents.device)
-        check_tensor("timestep", timestep, ndims=(1,), dtypes=None, device=latents.device)
+        check_tensor("timestep", timestep, ndims=(1, 2), dtypes=None, device=latents.device)
         batch = latents.shape[0]
         if latents.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -373,8 +375,13 @@ class DiT(nn.Module):
             )
         if text.shape[1] < 1:
             raise ValueError(f"text must have at least one token (B, L >= 1, text_dim), got {tuple(text.shape)}")
-        if timestep.shape[0] != batch:
-            raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(timestep.shape)}")
+        tokens = math.prod(n // p for n, p in zip(latents.shape[2:], cfg.patch_size))
+        if timestep.shape not in ((batch,), (batch, tokens)):
+            raise ValueError(
+                f"timestep must be (B,) = ({batch},) or per token (B, S) = ({batch}, {tokens}), "
+                f"got {tuple(timestep.shape)}"
+            )
+        timestep = timestep.reshape(-1)
         if image_embeds is not None or cfg.image_conditioned:
             if not cfg.image_conditioned:
                 raise ValueError("image_embeds given, but this DiT has no image conditioning (image_dim is None)")

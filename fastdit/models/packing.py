@@ -37,7 +37,8 @@ class PackedBatch:
         tokens: ``(total, C_in * pt * ph * pw)`` patchified latents of all samples, concatenated.
         cu_seqlens: ``(B+1,)`` int32 token boundaries; ``max_seqlen`` the longest sample.
         grid_thw: ``(B, 3)`` int32 post-patch (t, h, w) per sample.
-        timestep: ``(B,)`` diffusion time per sample.
+        timestep: ``(B,)`` diffusion time per sample, or ``(total,)`` per token (Wan 2.2 TI2V's
+            expanded timesteps: a clean conditioning frame's tokens at 0).
         text: ``(total_text, text_dim)`` text embeddings of all samples, concatenated.
         cu_seqlens_text: ``(B+1,)`` int32 text boundaries; ``max_seqlen_text`` the longest.
         patch_size: (pt, ph, pw) the tokens were cut with.
@@ -119,8 +120,11 @@ class PackedBatch:
         lengths = [t.shape[0] for t in token_lists]
         text_lengths = [t.shape[0] for t in texts]
         timestep = torch.as_tensor(timesteps, device=device)
-        if timestep.shape != (len(latents),):
-            raise ValueError(f"timesteps must have shape ({len(latents)},), got {tuple(timestep.shape)}")
+        total = sum(t.shape[0] for t in token_lists)
+        if timestep.shape not in ((len(latents),), (total,)):
+            raise ValueError(
+                f"timesteps must be per sample ({len(latents)},) or per token ({total},), got {tuple(timestep.shape)}"
+            )
         return cls(
             tokens=torch.cat(token_lists),
             cu_seqlens=cu_seqlens_of(lengths, device),
@@ -205,8 +209,11 @@ class PackedBatch:
                 )
             check_max_seqlen("max_seqlen_image", self.max_seqlen_image, self.cu_seqlens_image)
         check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
-        if self.timestep.shape[0] != batch:
-            raise ValueError(f"timestep must have shape (B,) = ({batch},), got {tuple(self.timestep.shape)}")
+        if self.timestep.shape[0] not in (batch, total):
+            raise ValueError(
+                f"timestep must be per sample (B,) = ({batch},) or per token (total,) = ({total},), "
+                f"got {tuple(self.timestep.shape)}"
+            )
         return self
 
     def unpack(self, out: torch.Tensor, channels: int) -> list[torch.Tensor]:

@@ -58,6 +58,7 @@ class GraphedDiT:
             batch.tokens.dtype,
             batch.text.dtype,
             batch.token_offset is None,
+            tuple(batch.timestep.shape),
             None if batch.image is None else (tuple(batch.image.shape), batch.max_seqlen_image),
             None if text_kv is None else id(text_kv),
         )

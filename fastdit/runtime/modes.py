@@ -30,12 +30,16 @@ def _known(shape, frames_known: dict[int, torch.Tensor]):
     return known, mask
 
 
-def image_to_video(image_latent: torch.Tensor, text, frames: int, **kwargs) -> SampleRequest:
-    """Animate an image: ``image_latent (C, 1, H, W)`` is the first latent frame of ``frames``."""
+def image_to_video(image_latent: torch.Tensor, text, frames: int, clean: bool = False, **kwargs) -> SampleRequest:
+    """Animate an image: ``image_latent (C, 1, H, W)`` is the first latent frame of ``frames``.
+
+    ``clean``: the frame is kept clean with its tokens at timestep 0 (Wan 2.2 TI2V's
+    image-to-video); otherwise it is re-imposed noised to each step's sigma (any T2V model).
+    """
     channels, _, height, width = image_latent.shape
     shape = (channels, frames, height, width)
     known, mask = _known(shape, {0: image_latent[:, 0]})
-    return SampleRequest(shape, text, known=known, known_frames=mask, **kwargs)
+    return SampleRequest(shape, text, known=known, known_frames=mask, clean_known=clean, **kwargs)
 
 
 def wan_image_to_video(image_latent: torch.Tensor, image_embeds: torch.Tensor | None, text, channels: int = 16,

@@ -401,6 +401,8 @@ class SequenceParallelDiT(torch.nn.Module):
         self.model.check_batch(batch)
         if batch.image is not None:
             raise NotImplementedError("sequence parallelism does not shard Wan 2.1 I2V image states yet")
+        if batch.timestep.shape[0] != batch.batch_size:
+            raise NotImplementedError("sequence parallelism does not shard per-token timesteps (Wan 2.2 TI2V) yet")
         cu, cu_text = batch.cu_seqlens.tolist(), batch.cu_seqlens_text.tolist()
         self._check_same_batch(batch, cu, cu_text)
         layout = self.layout

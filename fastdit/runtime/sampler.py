@@ -65,6 +65,8 @@ class SampleRequest:
             model's own conditioning (Wan 2.1 I2V: a first-frame mask and the image's latent).
         image: ``(L_image, image_dim)`` image-encoder states for an I2V model's cross-attention
             (the unconditional pass keeps them, as diffusers does).
+        clean_known: the known frames stay clean (never re-noised) and their tokens are given
+            timestep 0, per token: Wan 2.2 TI2V's image-to-video (diffusers' ``expand_timesteps``).
     """
 
     shape: tuple[int, int, int, int]
@@ -78,6 +80,7 @@ class SampleRequest:
     strength: float = 1.0
     condition: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    clean_known: bool = False
 
     def validate(self, index: int) -> None:
         shape = tuple(self.shape)
@@ -102,6 +105,8 @@ class SampleRequest:
                 f"requests[{index}].condition must be (C_cond, T, H, W) with (T, H, W) = {shape[1:]}, "
                 f"got {tuple(self.condition.shape)}"
             )
+        if self.clean_known and self.known is None:
+            raise ValueError(f"requests[{index}]: clean_known needs known frames")
         if self.image is not None and (self.image.dim() != 2 or self.image.shape[0] < 1):
             raise ValueError(
                 f"requests[{index}].image must be (L_image >= 1, image_dim), got {tuple(self.image.shape)}"
@@ -231,9 +236,14 @@ class FlowMatchSampler:
             if not all(r.image is not None for r in requests):
                 raise ValueError("an image-conditioned batch needs an image for every request")
             images = [r.image.to(device, dtype) for r in requests] * (2 if cfg else 1)
-        timestep = torch.full((len(inputs),), sigma * 1000.0, device=device)
+        patch = model.config.patch_size
+        if any(r.clean_known for r in requests):  # per token: a clean known frame's tokens at timestep 0
+            timestep = torch.cat([self._token_timesteps(r, x.shape, patch, sigma) for r, x in zip(requests, latents)])
+            timestep = timestep.repeat(2 if cfg else 1).to(device)
+        else:
+            timestep = torch.full((len(inputs),), sigma * 1000.0, device=device)
         batch = PackedBatch.from_samples([x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts],
-                                         model.config.patch_size, images=images)  # fmt: skip
+                                         patch, images=images)  # fmt: skip
         kv = None
         if self.cache_text:
             if key not in text_kv:
@@ -249,12 +259,25 @@ class FlowMatchSampler:
         return [u + guidance * (c - u) for c, u in zip(out[:n], out[n:])]
 
     @staticmethod
+    def _token_timesteps(request: SampleRequest, shape, patch, sigma: float) -> torch.Tensor:
+        """``(tokens,)`` timesteps of one request's patch grid: 1000 sigma, 0 where every latent
+        frame under the patch is a clean known frame."""
+        _, frames, height, width = shape
+        pt, ph, pw = patch
+        known = torch.zeros(frames, dtype=torch.bool)
+        if request.clean_known:
+            known = request.known_frames.cpu().bool()
+        clean = known.view(frames // pt, pt).all(dim=1)
+        per_frame = torch.where(clean, 0.0, sigma * 1000.0)
+        return per_frame.repeat_interleave((height // ph) * (width // pw))
+
+    @staticmethod
     def _impose(request: SampleRequest, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
         """Re-impose the known frames (noised to sigma with the request's noise) and the loop tie."""
         if request.known is not None:
             frames = request.known_frames.to(x.device)
             known = request.known.to(x.device).float()
-            noised = known if sigma == 0.0 else (1 - sigma) * known + sigma * eps
+            noised = known if sigma == 0.0 or request.clean_known else (1 - sigma) * known + sigma * eps
             x = torch.where(frames[None, :, None, None], noised, x)
         if request.tie_last_to_first and x.shape[1] > 1:
             x = x.clone()

@@ -257,3 +257,48 @@ def test_i2v_sampling_is_diffusers_transformer_in_an_euler_cfg_loop():
             uncond = wan(inp, t, negative[None], encoder_hidden_states_image=image[None])[0]
             x = x + (sigma_next - sigma) * (uncond + 4.0 * (cond - uncond))
     assert rel_err(got, x[0]) <= 1e-5
+
+
+def test_per_token_timesteps_match_diffusers_expand_timesteps():
+    """Wan 2.2 TI2V: ``timestep (B, S)``, the first latent frame's tokens at 0 (a clean image)."""
+    wan = make_wan()
+    dit = DiT.from_diffusers(wan).eval()
+    x, text = torch.randn(2, 4, 3, 4, 6), torch.randn(2, 5, 16)
+    per_frame = torch.tensor([[0.0, 700.0, 700.0], [0.0, 250.0, 250.0]])
+    t = per_frame[:, :, None].expand(2, 3, 2 * 3).reshape(2, -1)  # (B, T' H' W') in (t, h, w) order
+    with torch.no_grad():
+        expect = wan(x, t, text)[0]
+        got = dit(x, t, text)
+        assert rel_err(got, expect) <= 1e-5
+        same = torch.full((2, 18), 500.0)  # equal per-token timesteps are the per-sample result
+        assert rel_err(dit(x, same, text), dit(x, torch.tensor([500.0, 500.0]), text)) <= 1e-6
+    with pytest.raises(ValueError, match="per token"):
+        dit(x, torch.zeros(2, 17), text)
+
+
+def test_clean_first_frame_sampling_is_diffusers_expand_timesteps_loop():
+    """Wan 2.2 TI2V image-to-video: the first latent frame is the clean image latent, its tokens
+    at timestep 0, re-imposed after every step (WanImageToVideoPipeline with expand_timesteps)."""
+    from fastdit.runtime import FlowMatchSampler, flow_shift_sigmas, image_to_video
+
+    wan = make_wan()
+    dit = DiT.from_diffusers(wan).eval()
+    gen = torch.Generator().manual_seed(1)
+    first, text, negative = torch.randn(4, 1, 4, 6, generator=gen), torch.randn(5, 16), torch.randn(5, 16)
+    request = image_to_video(first, text, frames=3, clean=True, negative_text=negative, seed=2)
+    (got,) = FlowMatchSampler(dit, num_steps=3, shift=3.0, guidance=3.0)([request])
+    mask = torch.ones(1, 4, 3, 4, 6)
+    mask[:, :, 0] = 0
+    condition = torch.zeros(1, 4, 3, 4, 6)
+    condition[:, :, 0] = first[:, 0]
+    x = torch.randn((1, 4, 3, 4, 6), generator=torch.Generator().manual_seed(2))
+    x = (1 - mask) * condition + mask * x
+    sigmas = flow_shift_sigmas(3, 3.0)
+    with torch.no_grad():
+        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            t = (mask[0, 0, :, ::2, ::2] * sigma * 1000.0).flatten()[None]
+            cond, uncond = wan(x, t, text[None])[0], wan(x, t, negative[None])[0]
+            x = x + (sigma_next - sigma) * (uncond + 3.0 * (cond - uncond))
+            x = (1 - mask) * condition + mask * x
+    assert torch.equal(got[:, 0], first[:, 0])
+    assert rel_err(got, x[0]) <= 1e-5
