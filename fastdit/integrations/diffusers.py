@@ -355,9 +355,7 @@ def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
     from fastdit.models.vae import SpatialTiling
 
     config = dict(vae.config)
-    if config.get("is_residual") or (config.get("patch_size") or 1) != 1:
-        raise ValueError(f"{prefix}: only the Wan 2.1 VAE is supported (not Wan 2.2's residual / patchified one); "
-                         "pass vae=False")  # fmt: skip
+    patchified = (config.get("patch_size") or 1) != 1  # Wan 2.2's VAE: fastdit has no tiling for it yet
     shared = _SharedVAE(vae, backend)
     original_encode, original_decode = vae._encode, vae._decode
 
@@ -367,12 +365,20 @@ def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
         return SpatialTiling(vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
                              vae.tile_sample_stride_width)  # fmt: skip
 
+    def current():
+        if patchified and vae.use_tiling:
+            _log_once(
+                f"{prefix}: tiled Wan 2.2 VAE encode / decode runs diffusers' code (fastdit's is not written yet)"
+            )
+            return None
+        return shared.current()
+
     def _encode(x):
-        fast = shared.current()
+        fast = current()
         return original_encode(x) if fast is None else fast.encode(x, tiling=tiling(), moments=True)
 
     def _decode(z, return_dict=True):
-        fast = shared.current()
+        fast = current()
         if fast is None:
             return original_decode(z, return_dict=return_dict)
         out = fast.decode(z, tiling=tiling())

@@ -1,7 +1,10 @@
-"""The causal 3D VAE of Wan 2.1 (reference semantics; runs on fastdit.ops.causal_conv3d).
+"""The causal 3D VAEs of Wan 2.1 and Wan 2.2 (reference semantics; run on fastdit.ops.causal_conv3d).
 
 Video (B, 3, T, H, W) with T = 1 + 4k is compressed 4x in time (the first frame alone) and 8x in
-space to a 16-channel latent. Every temporal convolution is causal; encoding runs on frame chunks
+space to a 16-channel latent (Wan 2.1). Wan 2.2's VAE (TI2V-5B, ``is_residual``, ``patch_size=2``)
+first folds 2x2 pixels into 12 channels, adds a parameter-free shortcut around each down / up
+block (channel-group means of space-time folded pixels; channel repeats unfolded), and reaches
+16x in space with 48 latent channels. Every temporal convolution is causal; encoding runs on frame chunks
 [1, 4, 4, ...] and decoding on one latent frame at a time, each causal conv carrying the last
 CACHE_T = 2 frames of its input from one chunk to the next (``StreamCache``), so memory does not
 grow with the clip. Parameter names follow diffusers' ``AutoencoderKLWan`` so its weights load
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from fastdit import ops
@@ -30,13 +34,63 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = field(default_factory=tuple)
     latents_std: tuple[float, ...] = field(default_factory=tuple)
+    # Wan 2.2: residual down / up blocks, 2x2 pixel patches, a wider decoder (None: base_dim)
+    is_residual: bool = False
+    patch_size: int = 1
+    decoder_base_dim: int | None = None
+
+    @property
+    def spatial_ratio(self) -> int:
+        """Pixels per latent row / column: 8 (Wan 2.1), 16 (Wan 2.2: 8 x its 2x2 patches)."""
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels the encoder takes and the decoder returns: RGB, times the patch's pixels."""
+        return 3 * self.patch_size**2
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     # CPU tests and the demo: every layer type of the real VAE, 16 latent channels like Wan's.
     "tiny": VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
     "wan2.1": VAEConfig(),
+    # Wan 2.2 TI2V-5B's VAE shape (random weights; its real statistics come with the checkpoint)
+    "wan2.2": VAEConfig(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2),
 }
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C p p, T, H/p, W/p), channels ordered (c, column, row): diffusers'."""
+    if p == 1:
+        return x
+    return rearrange(x, "b c t (h r) (w q) -> b (c q r) t h w", r=p, q=p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    if p == 1:
+        return x
+    return rearrange(x, "b (c q r) t h w -> b c t (h r) (w q)", r=p, q=p)
+
+
+def average_down(x: torch.Tensor, channels: int, factor_t: int, factor_s: int) -> torch.Tensor:
+    """Wan 2.2's encoder shortcut: fold ``factor_t x factor_s x factor_s`` pixels into channels
+    (time zero-padded in front to a multiple of factor_t) and average groups of them down to
+    ``channels`` (diffusers' ``AvgDown3D``)."""
+    pad = (factor_t - x.shape[2] % factor_t) % factor_t
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, pad, 0))
+    x = rearrange(x, "b c (t a) (h p) (w q) -> b (c a p q) t h w", a=factor_t, p=factor_s, q=factor_s)
+    return x.unflatten(1, (channels, -1)).mean(dim=2)
+
+
+def duplicate_up(x: torch.Tensor, channels: int, factor_t: int, factor_s: int, first_chunk: bool) -> torch.Tensor:
+    """Wan 2.2's decoder shortcut: repeat channels and unfold them into ``factor_t x factor_s x
+    factor_s`` pixels (diffusers' ``DupUp3D``); on the first chunk only the last of the
+    ``factor_t`` frames is kept (the first latent frame is one video frame)."""
+    repeats = channels * factor_t * factor_s * factor_s // x.shape[1]
+    x = rearrange(x.repeat_interleave(repeats, dim=1), "b (c a p q) t h w -> b c (t a) (h p) (w q)",
+                  a=factor_t, p=factor_s, q=factor_s)  # fmt: skip
+    return x[:, :, factor_t - 1 :] if first_chunk else x
 
 
 class StreamCache:
@@ -141,12 +195,13 @@ class Resample(nn.Module):
     Parameter names are diffusers' (``resample.1``, ``time_conv``).
     """
 
-    def __init__(self, dim, mode):
+    def __init__(self, dim, mode, upsample_out_dim: int | None = None):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
+            out_dim = dim // 2 if upsample_out_dim is None else upsample_out_dim  # Wan 2.1 halves, 2.2 keeps
             self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))  # fmt: skip
+                                          nn.Conv2d(dim, out_dim, 3, padding=1))  # fmt: skip
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         if mode == "upsample3d":
@@ -206,14 +261,38 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, stream)
 
 
+class ResidualDownBlock(nn.Module):
+    """Wan 2.2's encoder stage: residual blocks and the downsampler, plus :func:`average_down` of
+    the stage's input (diffusers' ``WanResidualDownBlock``)."""
+
+    def __init__(self, cin, cout, num_res_blocks, temporal: bool, down: bool):
+        super().__init__()
+        self.cout, self.factor_t, self.factor_s = cout, 2 if temporal else 1, 2 if down else 1
+        self.resnets = nn.ModuleList(ResidualBlock(cin if j == 0 else cout, cout) for j in range(num_res_blocks))
+        self.downsampler = Resample(cout, "downsample3d" if temporal else "downsample2d") if down else None
+
+    def forward(self, x, stream=None):
+        shortcut = average_down(x, self.cout, self.factor_t, self.factor_s)
+        for resnet in self.resnets:
+            x = resnet(x, stream)
+        if self.downsampler is not None:
+            x = self.downsampler(x, stream)
+        return x + shortcut
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig, out_channels: int):
         super().__init__()
         dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
-        self.conv_in = CausalConv3d(3, dims[0], 3, padding=1)
+        self.conv_in = CausalConv3d(cfg.pixel_channels, dims[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         scale = 1.0
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(cfg.dim_mult) - 1
+            if cfg.is_residual:
+                temporal = cfg.temporal_downsample[i] if not last else False
+                self.down_blocks.append(ResidualDownBlock(cin, cout, cfg.num_res_blocks, temporal, not last))
+                continue
             for _ in range(cfg.num_res_blocks):
                 self.down_blocks.append(ResidualBlock(cin, cout))
                 if scale in cfg.attn_scales:
@@ -248,28 +327,53 @@ class UpBlock(nn.Module):
         return x if self.upsamplers is None else self.upsamplers[0](x, stream)
 
 
+class ResidualUpBlock(nn.Module):
+    """Wan 2.2's decoder stage: residual blocks and the upsampler (keeping the channels), plus
+    :func:`duplicate_up` of the stage's input (diffusers' ``WanResidualUpBlock``)."""
+
+    def __init__(self, cin, cout, num_res_blocks, temporal: bool, up: bool):
+        super().__init__()
+        self.cout, self.up, self.factor_t = cout, up, 2 if temporal else 1
+        self.resnets = nn.ModuleList(ResidualBlock(cin if j == 0 else cout, cout) for j in range(num_res_blocks + 1))
+        mode = "upsample3d" if temporal else "upsample2d"
+        self.upsampler = Resample(cout, mode, upsample_out_dim=cout) if up else None
+
+    def forward(self, x, stream, first_chunk=False):
+        shortcut = duplicate_up(x, self.cout, self.factor_t, 2, first_chunk) if self.up else None
+        for resnet in self.resnets:
+            x = resnet(x, stream)
+        if self.upsampler is not None:
+            x = self.upsampler(x, stream)
+        return x if shortcut is None else x + shortcut
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        dims = [cfg.base_dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        base = cfg.decoder_base_dim or cfg.base_dim
+        dims = [base * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         temporal_upsample = cfg.temporal_downsample[::-1]
         self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0])
         self.up_blocks = nn.ModuleList()
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            up = i != len(cfg.dim_mult) - 1
+            if cfg.is_residual:
+                self.up_blocks.append(ResidualUpBlock(cin, cout, cfg.num_res_blocks, up and temporal_upsample[i], up))
+                continue
             if i > 0:
                 cin //= 2  # the previous block's upsampler halves the channels
             mode = None
-            if i != len(cfg.dim_mult) - 1:
+            if up:
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
             self.up_blocks.append(UpBlock(cin, cout, cfg.num_res_blocks, mode))
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1)
+        self.conv_out = CausalConv3d(dims[-1], cfg.pixel_channels, 3, padding=1)
 
-    def forward(self, x, stream):
+    def forward(self, x, stream, first_chunk=False):
         x = self.mid_block(self.conv_in(x, stream), stream)
         for block in self.up_blocks:
-            x = block(x, stream)
+            x = block(x, stream, first_chunk) if isinstance(block, ResidualUpBlock) else block(x, stream)
         return self.conv_out(self.norm_out(x, silu=True), stream)
 
 
@@ -407,6 +511,16 @@ class CausalVAE(nn.Module):
         if chunk_frames < 4 or chunk_frames % 4:
             raise ValueError(f"chunk_frames must be a positive multiple of 4, got {chunk_frames}")
         height, width = video.shape[-2:]
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"video height and width must be multiples of the VAE's patch size {p}, got {height}x{width}"
+            )
+        if p != 1:
+            if tiling is not None and (height > tiling.min_height or width > tiling.min_width):
+                raise NotImplementedError("tiled encode / decode of the Wan 2.2 (patchified) VAE is not written yet")
+            moments = self._encode_moments(patchify(self._channels_last(video), p).contiguous(), chunk_frames)
+            return moments.contiguous() if want_moments else moments[:, : self.config.z_dim].contiguous()
         if tiling is not None and (height > tiling.min_height or width > tiling.min_width):
             moments = _tiled(
                 lambda tile: self._encode_moments(tile, chunk_frames), video,
@@ -442,6 +556,12 @@ class CausalVAE(nn.Module):
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         height, width = z.shape[-2:]
+        if self.config.patch_size != 1:
+            ratio = self.config.spatial_ratio
+            if tiling is not None and (height > tiling.min_height // ratio or width > tiling.min_width // ratio):
+                raise NotImplementedError("tiled encode / decode of the Wan 2.2 (patchified) VAE is not written yet")
+            video = unpatchify(self._decode_frames(z, chunk_frames), self.config.patch_size)
+            return video.clamp_(-1.0, 1.0).contiguous()
         if tiling is not None and (height > tiling.min_height // 8 or width > tiling.min_width // 8):
             video = _tiled(
                 lambda tile: self._decode_frames(tile, chunk_frames), z,
@@ -460,7 +580,7 @@ class CausalVAE(nn.Module):
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
                 stream.start_chunk()
-                chunk = self.decoder(x[:, :, start:end], stream)
+                chunk = self.decoder(x[:, :, start:end], stream, first_chunk=start == 0)
                 if out is None:
                     frames = 1 + 4 * (x.shape[2] - 1)
                     out = chunk.new_empty((*chunk.shape[:2], frames, *chunk.shape[3:]))
@@ -513,8 +633,12 @@ class CausalVAE(nn.Module):
                 raise WeightLoadError(f"{path} is not a diffusers AutoencoderKLWan directory")
             cfg = read_json(os.path.join(path, "config.json"))
             state = read_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"))
-        if cfg.get("is_residual") or (cfg.get("patch_size") or 1) != 1:
-            raise ValueError("only the Wan 2.1 VAE (not residual, no patchify) is supported")
+        patch = cfg.get("patch_size") or 1
+        for key, expect in (("in_channels", 3 * patch**2), ("out_channels", 3 * patch**2)):
+            if cfg.get(key, expect) != expect:
+                raise ValueError(
+                    f"VAE config: {key}={cfg[key]} with patch_size {patch}; fastdit runs RGB videos ({expect})"
+                )
         config = VAEConfig(
             base_dim=cfg.get("base_dim", 96),
             z_dim=cfg.get("z_dim", 16),
@@ -524,6 +648,9 @@ class CausalVAE(nn.Module):
             temporal_downsample=tuple(cfg.get("temperal_downsample", (False, True, True))),
             latents_mean=tuple(cfg.get("latents_mean", ())),
             latents_std=tuple(cfg.get("latents_std", ())),
+            is_residual=bool(cfg.get("is_residual", False)),
+            patch_size=int(patch),
+            decoder_base_dim=cfg.get("decoder_base_dim"),
         )
         if share_weights:
             if not isinstance(source, nn.Module):

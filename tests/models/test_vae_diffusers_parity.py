@@ -81,3 +81,52 @@ def test_every_chunking_gives_the_same_latent_and_video():
             assert rel_err(vae.decode(latent, chunk_frames=chunk), decoded) <= 1e-6
     with pytest.raises(ValueError, match="multiple of 4"):
         vae.encode(video, chunk_frames=6)
+
+
+WAN22 = dict(z_dim=12, is_residual=True, patch_size=2, in_channels=12, out_channels=12, decoder_base_dim=12,
+             scale_factor_spatial=16)  # fmt: skip  # the TI2V-5B VAE's structure, tiny
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+@pytest.mark.parametrize("height, width", [(32, 48), (48, 32)])
+def test_wan22_residual_patchified_vae_matches_diffusers(frames, height, width):
+    wan = make_wan(**WAN22)
+    vae = CausalVAE.from_diffusers(wan).eval()
+    assert vae.config.is_residual and vae.config.patch_size == 2 and vae.config.spatial_ratio == 16
+    video = torch.rand(1, 3, frames, height, width) * 2 - 1
+    with torch.no_grad():
+        expect = wan.encode(video).latent_dist.mean
+        latent = vae.encode(video)
+        assert latent.shape == (1, 12, 1 + (frames - 1) // 4, height // 16, width // 16)
+        assert rel_err(latent, expect) <= 1e-5
+        decoded = vae.decode(expect)
+        assert decoded.shape == video.shape
+        assert rel_err(decoded, wan.decode(expect).sample) <= 1e-5
+
+
+def test_wan22_vae_chunking_batch_and_directory(tmp_path):
+    wan = make_wan(**WAN22, num_res_blocks=2)
+    wan.save_pretrained(tmp_path, safe_serialization=True)
+    vae = CausalVAE.from_diffusers(tmp_path).eval()
+    assert vae.config.decoder_base_dim == 12
+    video = torch.rand(2, 3, 13, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expect = wan.encode(video).latent_dist.mean
+        assert rel_err(vae.encode(video), expect) <= 1e-5
+        assert rel_err(vae.encode(video, chunk_frames=8), expect) <= 1e-5
+        decoded = wan.decode(expect).sample
+        assert rel_err(vae.decode(expect), decoded) <= 1e-5
+        assert rel_err(vae.decode(expect, chunk_frames=2), decoded) <= 1e-5
+
+
+@pytest.mark.bad_input
+def test_wan22_vae_refuses_what_it_does_not_run():
+    from fastdit.models.vae import SpatialTiling
+
+    vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
+    with pytest.raises(ValueError, match="multiples of the VAE's patch size 2"):
+        vae.encode(torch.zeros(1, 3, 1, 33, 32))
+    with pytest.raises(NotImplementedError, match="tiled"):
+        vae.encode(torch.zeros(1, 3, 1, 32, 288), tiling=SpatialTiling())
+    with pytest.raises(ValueError, match="fastdit runs RGB videos"):
+        CausalVAE.from_diffusers(make_wan(**{**WAN22, "in_channels": 16}))
