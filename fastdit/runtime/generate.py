@@ -26,7 +26,7 @@ from fastdit.sizes import SIZE_SYNTAX, parse_size
 
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "loop", "v2v")
 VAE_FOR_DIT = {"tiny": "tiny", "wan2.1-1.3b": "wan2.1", "wan2.1-14b": "wan2.1"}
-SPATIAL, TEMPORAL = 8, 4  # the VAE's compression
+SPATIAL, TEMPORAL = 8, 4  # the Wan 2.1 VAE's compression (Wan 2.2's: 16 in space)
 DEFAULT_FRAMES = 9
 
 
@@ -149,7 +149,7 @@ def validate(args) -> Plan:
         raise UsageError(f"--{err}") from err
     if size_frames is not None and args.frames not in (None, size_frames):
         raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
-    factor = SPATIAL * 2  # VAE 8x and the DiT's 2x2 patches
+    factor = _vae_spatial(args) * 2  # the VAE's 8x (Wan 2.2: 16x) and the DiT's 2x2 patches
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
     if args.mode == "t2i" and args.frames not in (None, 1):
@@ -269,6 +269,28 @@ def _offload_experts(choice: str, device: torch.device, dit, dit_2, dtype: torch
     weights = sum(p.numel() for m in (dit, dit_2) for p in m.parameters()) * size
     free, _ = torch.cuda.mem_get_info(device)
     return weights > 0.75 * free
+
+
+def _vae_spatial(args) -> int:
+    """The VAE's spatial compression, read before any model is built: 8, or 16 for Wan 2.2's
+    patchified VAE (``patch_size`` 2 in ``vae/config.json``)."""
+    if not args.weights or not os.path.isdir(os.path.join(args.weights, "vae")):
+        return SPATIAL
+    try:
+        patch = read_json(os.path.join(args.weights, "vae", "config.json")).get("patch_size") or 1
+    except WeightLoadError as err:
+        raise UsageError(f"--weights: {err}") from err
+    return SPATIAL * int(patch)
+
+
+def _expand_timesteps(args) -> bool:
+    """Wan 2.2 TI2V (``expand_timesteps`` in model_index.json): image-to-video keeps the image as a
+    clean first frame with its tokens at timestep 0."""
+    index = os.path.join(args.weights, "model_index.json") if args.weights else ""
+    try:
+        return bool(index and os.path.exists(index) and read_json(index).get("expand_timesteps"))
+    except WeightLoadError as err:
+        raise UsageError(f"--weights: {err}") from err
 
 
 def _i2v_kind(args) -> tuple[bool, bool]:
@@ -445,7 +467,8 @@ def run(args) -> dict:
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    latent_shape = (vae.config.z_dim, 1 + (plan.frames - 1) // TEMPORAL, plan.height // SPATIAL, plan.width // SPATIAL)
+    ratio = vae.config.spatial_ratio
+    latent_shape = (vae.config.z_dim, 1 + (plan.frames - 1) // TEMPORAL, plan.height // ratio, plan.width // ratio)
     inputs = [v.to(device) for v in plan.inputs]
     with torch.no_grad():
         latents = [vae.normalize(vae.encode(v[None].to(dtype), tiling=tiling).float())[0].cpu() for v in inputs]
@@ -464,8 +487,8 @@ def run(args) -> dict:
             image_latent = vae.normalize(vae.encode(video[None].to(dtype), tiling=tiling).float())[0].cpu()
         request = modes.wan_image_to_video(image_latent, image_embeds, text, channels=dit.config.out_channels,
                                            **common)  # fmt: skip
-    elif args.mode == "i2v":  # a T2V model: the image is the known first latent frame
-        request = modes.image_to_video(latents[0][:, :1], text, frames=t, **common)
+    elif args.mode == "i2v":  # a T2V model: the image is the known first latent frame (TI2V-5B: clean, at t = 0)
+        request = modes.image_to_video(latents[0][:, :1], text, frames=t, clean=_expand_timesteps(args), **common)
     elif args.mode == "extend":  # --frames is the total length (validate() checked it leaves room)
         request = modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)
     elif args.mode == "connect":

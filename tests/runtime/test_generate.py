@@ -364,3 +364,31 @@ def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
     (weights / "transformer_2").mkdir()
     assert main(base) == 2
     assert "needs a boundary_ratio in (0, 1] in model_index.json" in capsys.readouterr().err
+
+
+def test_ti2v_checkpoint_text_and_image_to_video_from_one_model(tmp_path):
+    """Wan 2.2 TI2V-5B's layout: the residual, patchified VAE (16x) and expand_timesteps."""
+    import json
+
+    from fastdit.runtime import generate as gen
+    from tests.integrations.test_diffusers_patch import make_vae
+    from tests.models.test_dit_diffusers_parity import make_wan
+    from tests.models.test_vae_diffusers_parity import WAN22
+
+    weights = tiny_checkpoint(tmp_path / "ti2v")
+    make_wan(in_channels=12, out_channels=12).save_pretrained(weights / "transformer", safe_serialization=True)
+    stats = dict(latents_mean=[0.1] * 12, latents_std=[1.5] * 12)
+    make_vae(**WAN22, **stats).save_pretrained(weights / "vae", safe_serialization=True)
+    (weights / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    base = ["--weights", str(weights), "--prompt", "a fox", "--size", "64x96x5", "--steps", "2"]
+    t2v = gen.run(_parse_prompt([*base, "--out", str(tmp_path / "t2v.mp4")]))
+    assert t2v["latent"].shape == (12, 2, 4, 6) and t2v["video"].shape == (3, 5, 64, 96)
+    image = tmp_path / "in.png"
+    iio.imwrite(image, (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    i2v = gen.run(_parse_prompt([*base, "--mode", "i2v", "--input", str(image), "--out", str(tmp_path / "i2v.mp4")]))
+    vae = CausalVAE.from_diffusers(weights / "vae").eval()
+    picture = torch.from_numpy(iio.imread(image)).float().permute(2, 0, 1)[:, None] / 127.5 - 1
+    with torch.no_grad():
+        first = vae.normalize(vae.encode(picture[None]))[0, :, 0]
+    torch.testing.assert_close(i2v["latent"][:, 0], first, atol=1e-5, rtol=1e-5)  # the clean first frame
+    assert main(["generate", *base[:-4], "--size", "48x96x5", "--out", str(tmp_path / "x.mp4")]) == 2  # 32 px
