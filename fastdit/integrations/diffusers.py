@@ -1,7 +1,8 @@
-"""fastdit as a drop-in backend for diffusers' Wan 2.1 (``WanPipeline``, ``WanTransformer3DModel``,
-``AutoencoderKLWan``); tested with diffusers 0.36 to 0.42 (CI runs these tests on 0.42 and on
-0.36.0, the oldest supported release; 0.35 and older differ in the rope module and the VAE's
-output clamp, and :func:`patch` warns on a version outside the range).
+"""fastdit as a drop-in backend for diffusers' Wan 2.1 and 2.2 (``WanPipeline`` with one or two
+experts, ``WanImageToVideoPipeline``, ``WanTransformer3DModel``, ``AutoencoderKLWan``); tested
+with diffusers 0.36 to 0.42 (CI runs these tests on 0.42 and on 0.36.0, the oldest supported
+release; 0.35 and older differ in the rope module and the VAE's output clamp, and :func:`patch`
+warns on a version outside the range).
 
 What :func:`patch` changes, each reversibly (:func:`unpatch` undoes them in reverse order):
 
@@ -18,7 +19,11 @@ What :func:`patch` changes, each reversibly (:func:`unpatch` undoes them in reve
   plus the FFN's modulation in one pass) instead of diffusers' fp32 elementwise chains.
 - ``vae``: ``AutoencoderKLWan``'s ``_encode`` / ``_decode`` run fastdit's ``CausalVAE`` sharing the
   module's weights (no copy), channels-last with the fused norm + SiLU; diffusers' tiling settings
-  (``enable_tiling``) carry over.
+  (``enable_tiling``) carry over (Wan 2.2's patchified VAE runs diffusers' own code while tiling
+  is on).
+
+Diffusers' LoRA adapters (PEFT layers inside the linear modules) keep working: the patch calls
+the modules, never their weights directly.
 
 The patched objects keep their classes, parameters and call signatures: ``pipe(...)`` is called
 unchanged.
