@@ -6,11 +6,9 @@ checkpoint's ``image_processor/`` (CLIP's resize, crop and normalization) and ``
 image_dim)``, which the I2V DiT's cross-attention reads (``DiT.forward(..., image_embeds=)``).
 """
 
-import os
-
 import torch
 
-from fastdit.models.text_encoder import transformers_missing
+from fastdit.models.text_encoder import checkpoint_folders
 
 
 class ImageEncoder:
@@ -22,16 +20,11 @@ class ImageEncoder:
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: torch.dtype | None = None, device=None) -> "ImageEncoder":
         """The ``image_encoder/`` and ``image_processor/`` folders of a diffusers Wan I2V checkpoint."""
-        reason = transformers_missing()
-        if reason:
-            raise ImportError(reason)
+        encoder_path, processor_path = checkpoint_folders(directory, ("image_encoder", "image_processor"), "Wan I2V")
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
-        for folder in ("image_encoder", "image_processor"):
-            if not os.path.isdir(os.path.join(directory, folder)):
-                raise FileNotFoundError(f"{directory} has no {folder}/ folder (a Wan I2V checkpoint has one)")
-        processor = CLIPImageProcessor.from_pretrained(os.path.join(directory, "image_processor"))
-        encoder = CLIPVisionModel.from_pretrained(os.path.join(directory, "image_encoder"), dtype=dtype)
+        processor = CLIPImageProcessor.from_pretrained(processor_path)
+        encoder = CLIPVisionModel.from_pretrained(encoder_path, dtype=dtype)
         return cls(processor, encoder.to(device) if device is not None else encoder)
 
     @torch.no_grad()

@@ -28,6 +28,19 @@ def transformers_missing() -> str | None:
     return None
 
 
+def checkpoint_folders(directory: str, folders: Sequence[str], kind: str) -> list[str]:
+    """The paths of ``folders`` inside a diffusers checkpoint ``directory`` (transformers must be
+    installed); an ``ImportError`` / ``FileNotFoundError`` naming what is missing."""
+    reason = transformers_missing()
+    if reason:
+        raise ImportError(reason)
+    paths = [os.path.join(directory, folder) for folder in folders]
+    for folder, path in zip(folders, paths):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{directory} has no {folder}/ folder (a {kind} checkpoint has one)")
+    return paths
+
+
 def clean_prompt(text: str) -> str:
     """diffusers' Wan ``prompt_clean``: ftfy's fixes (if installed), HTML unescaped twice, one space."""
     if importlib.util.find_spec("ftfy") is not None:
@@ -59,16 +72,11 @@ class PromptEncoder:
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: torch.dtype | None = None, device=None) -> "PromptEncoder":
         """The ``text_encoder/`` and ``tokenizer/`` folders of a diffusers Wan checkpoint ``directory``."""
-        reason = transformers_missing()
-        if reason:
-            raise ImportError(reason)
+        encoder_path, tokenizer_path = checkpoint_folders(directory, ("text_encoder", "tokenizer"), "diffusers Wan")
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        for folder in ("text_encoder", "tokenizer"):
-            if not os.path.isdir(os.path.join(directory, folder)):
-                raise FileNotFoundError(f"{directory} has no {folder}/ folder (a diffusers Wan checkpoint has one)")
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
-        encoder = UMT5EncoderModel.from_pretrained(os.path.join(directory, "text_encoder"), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        encoder = UMT5EncoderModel.from_pretrained(encoder_path, dtype=dtype)
         return cls(tokenizer, encoder.to(device) if device is not None else encoder)
 
     @classmethod

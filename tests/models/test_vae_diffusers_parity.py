@@ -20,16 +20,23 @@ def make_wan(**overrides):
     return model
 
 
-@pytest.mark.parametrize("frames", [1, 5, 9, 13])
-@pytest.mark.parametrize("height, width", [(16, 24), (24, 16)])
-def test_encode_decode_match_diffusers(frames, height, width):
-    wan = make_wan()
+WAN22 = dict(z_dim=12, is_residual=True, patch_size=2, in_channels=12, out_channels=12, decoder_base_dim=12,
+             scale_factor_spatial=16)  # fmt: skip  # the TI2V-5B VAE's structure, tiny
+
+
+@pytest.mark.parametrize("frames", [1, 5, 13])
+@pytest.mark.parametrize("height, width", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("version", ["wan2.1", "wan2.2"])
+def test_encode_decode_match_diffusers(frames, height, width, version):
+    wan = make_wan(**(WAN22 if version == "wan2.2" else {}))
     vae = CausalVAE.from_diffusers(wan).eval()
+    ratio = 16 if version == "wan2.2" else 8
+    assert vae.config.spatial_ratio == ratio and vae.config.is_residual == (version == "wan2.2")
     video = torch.rand(1, 3, frames, height, width) * 2 - 1
     with torch.no_grad():
         expect = wan.encode(video).latent_dist.mean
         latent = vae.encode(video)
-        assert latent.shape == (1, 4, 1 + (frames - 1) // 4, height // 8, width // 8)
+        assert latent.shape == (1, wan.config.z_dim, 1 + (frames - 1) // 4, height // ratio, width // ratio)
         assert rel_err(latent, expect) <= 1e-5
         decoded = vae.decode(expect)
         assert decoded.shape == video.shape
@@ -81,27 +88,6 @@ def test_every_chunking_gives_the_same_latent_and_video():
             assert rel_err(vae.decode(latent, chunk_frames=chunk), decoded) <= 1e-6
     with pytest.raises(ValueError, match="multiple of 4"):
         vae.encode(video, chunk_frames=6)
-
-
-WAN22 = dict(z_dim=12, is_residual=True, patch_size=2, in_channels=12, out_channels=12, decoder_base_dim=12,
-             scale_factor_spatial=16)  # fmt: skip  # the TI2V-5B VAE's structure, tiny
-
-
-@pytest.mark.parametrize("frames", [1, 5, 9])
-@pytest.mark.parametrize("height, width", [(32, 48), (48, 32)])
-def test_wan22_residual_patchified_vae_matches_diffusers(frames, height, width):
-    wan = make_wan(**WAN22)
-    vae = CausalVAE.from_diffusers(wan).eval()
-    assert vae.config.is_residual and vae.config.patch_size == 2 and vae.config.spatial_ratio == 16
-    video = torch.rand(1, 3, frames, height, width) * 2 - 1
-    with torch.no_grad():
-        expect = wan.encode(video).latent_dist.mean
-        latent = vae.encode(video)
-        assert latent.shape == (1, 12, 1 + (frames - 1) // 4, height // 16, width // 16)
-        assert rel_err(latent, expect) <= 1e-5
-        decoded = vae.decode(expect)
-        assert decoded.shape == video.shape
-        assert rel_err(decoded, wan.decode(expect).sample) <= 1e-5
 
 
 def test_wan22_vae_chunking_batch_and_directory(tmp_path):
