@@ -39,7 +39,9 @@ def _dense(**changes):
         (dict(text=torch.randn(3, 3, 32)), r"text must be \(B, L, text_dim\) = \(2, L, 32\)"),
         (dict(text=torch.randn(3, 32)), "text must have 3 dims"),
         (dict(text=torch.randn(2, 0, 32)), "text must have at least one token"),
-        (dict(timestep=torch.tensor([1.0])), r"timestep must have shape \(B,\) = \(2,\)"),
+        (dict(timestep=torch.tensor([1.0])), r"timestep must be \(B,\) = \(2,\) or per token \(B, S\) = \(2, 4\)"),
+        (dict(timestep=torch.zeros(2, 5)), r"timestep must be \(B,\) = \(2,\) or per token \(B, S\) = \(2, 4\)"),
+        (dict(image_embeds=torch.randn(2, 3, 8)), "this DiT has no image conditioning"),
         (dict(latents=torch.randn(2, 16, 1, 5, 4)), "not divisible"),
     ],
 )
@@ -177,3 +179,66 @@ def test_vae_directory_errors_name_the_file(tmp_path):
         CausalVAE.from_diffusers(str(d))
     with pytest.raises(WeightLoadError, match="not a diffusers AutoencoderKLWan directory"):
         CausalVAE.from_diffusers(str(tmp_path / "missing"))
+
+
+I2V = TINY.replace(in_channels=36, out_channels=16, image_dim=8, added_kv_proj_dim=TINY.hidden)
+
+
+def test_i2v_image_states_are_checked_and_views_give_the_contiguous_result():
+    torch.manual_seed(0)
+    model = DiT(I2V, backend="reference").eval()
+    latents, t, text = torch.randn(2, 36, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.randn(2, 3, 32)
+    image = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expect = model(latents, t, text, image)
+        strided = torch.randn(2, 8, 5).transpose(1, 2)  # (2, 5, 8) with strides (40, 1, 5)
+        strided.copy_(image)
+        offset = torch.randn(3, 5, 8)[1:]
+        offset.copy_(image)
+        assert torch.equal(model(latents, t, text, strided), expect)
+        assert torch.equal(model(latents, t, text, offset), expect)
+        per_token = t[:, None].expand(2, 4)  # an expanded (stride-0) per-token timestep view
+        contiguous = model(latents, per_token.contiguous(), text, image)
+        assert torch.equal(model(latents, per_token, text, image), contiguous)
+        assert (contiguous - expect).abs().max() <= 1e-5  # per-token rows: the per-sample result up to rounding
+    for bad, match in [
+        (None, "needs image_embeds"),
+        (torch.randn(2, 5, 9), "image_embeds must be"),
+        (torch.randn(2, 0, 8), "image_embeds must be"),
+        (torch.randn(1, 5, 8), "image_embeds must be"),
+        (torch.randn(2, 5, 8, device="meta"), "image_embeds is on meta"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model(latents, t, text, bad)
+
+
+def test_packed_image_states_and_per_token_timesteps_are_validated():
+    torch.manual_seed(0)
+    model = DiT(I2V, backend="reference").eval()
+    latents = [torch.randn(36, 1, 4, 4), torch.randn(36, 1, 2, 4)]
+    texts, images = [torch.randn(3, 32)] * 2, [torch.randn(5, 8), torch.randn(2, 8)]
+    with pytest.raises(ValueError, match="need one image per latent"):
+        PackedBatch.from_samples(latents, [1.0, 2.0], texts, images=images[:1])
+    with pytest.raises(ValueError, match=r"images\[1\] must be \(L >= 1, image_dim = 8\)"):
+        PackedBatch.from_samples(latents, [1.0, 2.0], texts, images=[images[0], torch.randn(2, 7)])
+    with pytest.raises(ValueError, match=r"timesteps must be per sample \(2,\) or per token \(6,\)"):
+        PackedBatch.from_samples(latents, torch.zeros(5), texts, images=images)
+    batch = PackedBatch.from_samples(latents, torch.zeros(6), texts, images=images)  # per token
+    with torch.no_grad():
+        model.forward_packed(batch)
+    batch.cu_seqlens_image = torch.tensor([0, 5, 6], dtype=torch.int32)  # ends short of the 7 image tokens
+    with pytest.raises(ValueError, match="cu_seqlens_image"):
+        model.forward_packed(batch)
+    batch.cu_seqlens_image = torch.tensor([0, 5, 7], dtype=torch.int64)
+    with pytest.raises(TypeError, match="cu_seqlens_image"):
+        model.forward_packed(batch)
+    batch.cu_seqlens_image = torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_image describes 1 samples"):
+        model.forward_packed(batch)
+    batch.cu_seqlens_image = torch.tensor([0, 5, 7], dtype=torch.int32)
+    batch.max_seqlen_image = 2
+    with pytest.raises(ValueError, match="max_seqlen_image"):
+        model.forward_packed(batch)
+    batch.image, batch.cu_seqlens_image = None, None
+    with pytest.raises(ValueError, match="image-to-video DiT"):
+        model.forward_packed(batch)

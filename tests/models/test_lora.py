@@ -204,3 +204,36 @@ def test_bad_loras_are_refused_before_any_weight_changes(tmp_path):
         dit.unload_lora("y")
     dit.unload_lora("x")
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+
+
+def test_i2v_lora_on_the_image_projections_matches_diffusers():
+    from tests.models.test_dit_diffusers_parity import I2V
+
+    wan = make_wan(**I2V)
+    dit = DiT.from_diffusers(wan).eval()
+    gen = torch.Generator().manual_seed(3)
+    state = {}
+    for module in (
+        "blocks.0.attn2.add_k_proj",
+        "blocks.1.attn2.add_v_proj",
+        "condition_embedder.image_embedder.ff.net.2",
+    ):
+        fan_in = 8 if "image_embedder" in module else HIDDEN
+        state[f"transformer.{module}.lora_A.weight"] = torch.randn(2, fan_in, generator=gen) * 0.3
+        state[f"transformer.{module}.lora_B.weight"] = torch.randn(HIDDEN, 2, generator=gen) * 0.3
+    pipe = pipeline(wan)
+    pipe.load_lora_weights(state, adapter_name="i2v")
+    dit.load_lora(state)
+    x, t, text, image = (
+        torch.randn(1, 12, 2, 4, 4),
+        torch.tensor([600.0]),
+        torch.randn(1, 512, 16),
+        torch.randn(1, 3, 8),
+    )
+    with torch.no_grad():
+        expect = wan(x, t, text, encoder_hidden_states_image=image)[0]
+        pipe.disable_lora()
+        without = wan(x, t, text, encoder_hidden_states_image=image)[0]
+        got = dit(x, t, text, image)
+    assert rel_err(expect, without) > 1e-2
+    assert rel_err(got, expect) <= 1e-5
