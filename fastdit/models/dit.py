@@ -375,7 +375,8 @@ class DiT(nn.Module):
             )
         if text.shape[1] < 1:
             raise ValueError(f"text must have at least one token (B, L >= 1, text_dim), got {tuple(text.shape)}")
-        tokens = math.prod(n // p for n, p in zip(latents.shape[2:], cfg.patch_size))
+        pt, ph, pw = cfg.patch_size  # (no generator expressions: torch.compile traces this)
+        tokens = (latents.shape[2] // pt) * (latents.shape[3] // ph) * (latents.shape[4] // pw)
         if timestep.shape not in ((batch,), (batch, tokens)):
             raise ValueError(
                 f"timestep must be (B,) = ({batch},) or per token (B, S) = ({batch}, {tokens}), "

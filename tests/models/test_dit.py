@@ -61,8 +61,8 @@ def test_packed_batch_validation():
         PackedBatch.from_samples([torch.randn(16, 1, 3, 4)], [1.0], [torch.randn(2, 32)], cfg.patch_size)
     with pytest.raises(ValueError, match="one text per latent"):
         PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0], [], cfg.patch_size)
-    with pytest.raises(ValueError, match="timesteps must have shape"):
-        PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0, 2.0], [torch.randn(2, 32)], cfg.patch_size)
+    with pytest.raises(ValueError, match=r"timesteps must be per sample \(1,\) or per token \(2,\)"):
+        PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0, 2.0, 3.0], [torch.randn(2, 32)], cfg.patch_size)
     with pytest.raises(ValueError, match=r"texts\[0\] must be"):
         PackedBatch.from_samples([torch.randn(16, 1, 2, 4)], [1.0], [torch.randn(0, 32)], cfg.patch_size)
 
