@@ -150,6 +150,8 @@ def validate(args) -> Plan:
     if size_frames is not None and args.frames not in (None, size_frames):
         raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
     factor = _vae_spatial(args) * 2  # the VAE's 8x (Wan 2.2: 16x) and the DiT's 2x2 patches
+    if args.vae_tiling and factor > SPATIAL * 2:
+        raise UsageError("--vae-tiling: tiled encode / decode of the Wan 2.2 VAE is not written yet; drop the flag")
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
     if args.mode == "t2i" and args.frames not in (None, 1):
@@ -442,11 +444,11 @@ def run(args) -> dict:
     else:
         torch.manual_seed(args.seed)
         dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
-    # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
     dit_2 = None
     if plan.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert
         dit_2 = DiT.from_diffusers(os.path.join(args.weights, "transformer_2")).to(dtype).eval()
     offload = dit_2 is not None and _offload_experts(args.offload_experts, device, dit, dit_2, dtype)
+    # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
     if dit_2 is not None and not offload:
         dit_2 = dit_2.to(device)

@@ -392,3 +392,4 @@ def test_ti2v_checkpoint_text_and_image_to_video_from_one_model(tmp_path):
         first = vae.normalize(vae.encode(picture[None]))[0, :, 0]
     torch.testing.assert_close(i2v["latent"][:, 0], first, atol=1e-5, rtol=1e-5)  # the clean first frame
     assert main(["generate", *base[:-4], "--size", "48x96x5", "--out", str(tmp_path / "x.mp4")]) == 2  # 32 px
+    assert main(["generate", *base, "--vae-tiling", "--out", str(tmp_path / "x.mp4")]) == 2
