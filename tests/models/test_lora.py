@@ -92,7 +92,8 @@ def test_lora_matches_diffusers_load_lora_weights(tmp_path, layout):
     else:
         state = diffusers_lora(bias=layout == "diffusers_bias")
     if layout == "diffusers_metadata":  # what save_lora_weights writes: lora_alpha / r = 2
-        adapter = {"transformer.r": 3, "transformer.lora_alpha": 6, "transformer.target_modules": list(MODULES)}
+        adapter = {"transformer.r": 3, "transformer.lora_alpha": 6, "transformer.target_modules": list(MODULES),
+                   "transformer.rank_pattern": {}, "transformer.alpha_pattern": {}}  # fmt: skip
         metadata = {"lora_adapter_metadata": json.dumps(adapter)}
     save_file(state, str(path), metadata=metadata)
     pipe = pipeline(wan)
