@@ -79,8 +79,8 @@ def test_decode_writes_one_preallocated_video():
             stream_sizes = []
             original = vae.decoder.forward
 
-            def spy(x, stream, original=original, stream_sizes=stream_sizes):
-                out = original(x, stream)
+            def spy(x, stream, first_chunk=False, original=original, stream_sizes=stream_sizes):
+                out = original(x, stream, first_chunk)
                 stream_sizes.append(sum(t.numel() for t in stream.slots if isinstance(t, torch.Tensor)))
                 return out
 
