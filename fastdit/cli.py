@@ -9,7 +9,7 @@ import torch
 import fastdit
 from fastdit import settings
 from fastdit._extension import cuda_extension_missing
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops import dispatch
 
 
@@ -62,7 +62,8 @@ def info_text() -> str:
 
 
 def _bench(args) -> int:
-    from fastdit.benchmarks import SUITE, harness
+    from fastdit.benchmarks import harness
+    from fastdit.benchmarks.suite import SUITE
 
     harness.AUTOSAVE_DIR = args.out  # each row reaches the JSON as it is measured
     no_plots = harness.matplotlib_missing()
@@ -95,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastdit.benchmarks import SUITE
+    from fastdit.benchmarks.suite import SUITE
 
     parser = _Parser(prog="fastdit", description="fastdit: fast kernels and runtime for video diffusion transformers")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, interpreting, launcher, use_device_tma_descriptors
+from fastdit.kernels.launch import contiguous, interpreting, launcher, use_device_tma_descriptors
 
 LOG2E = 1.4426950408889634
 ALIGN_ROWS = 128  # sample alignment of the warp-specialized backward's lse / delta copies

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, interpreting, launcher, use_device_tma_descriptors
+from fastdit.kernels.launch import contiguous, interpreting, launcher, use_device_tma_descriptors
 
 
 @triton.jit

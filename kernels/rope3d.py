@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdit.kernels import contiguous, launcher
+from fastdit.kernels.launch import contiguous, launcher
 
 
 @triton.jit

@@ -1,14 +1,21 @@
-"""The install layout: fastdit.kernels from kernels/, and setup.py's CUDA build decisions."""
+"""The install layout: fastdit.kernels from kernels/, nothing at the root shadowing a published
+package, and setup.py's CUDA build decisions."""
 
+import importlib.metadata
 import importlib.util
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
-import fastdit.benchmarks
-import fastdit.kernels
+import fastdit.benchmarks.suite
+import fastdit.kernels.launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The import names a checkout's root may hold (a package folder with __init__.py, or a module).
+OURS = {"fastdit", "tests", "setup"}
 
 
 def _setup_module():
@@ -19,10 +26,70 @@ def _setup_module():
 
 
 def test_kernels_and_benchmarks_install_under_fastdit():
-    assert os.path.basename(os.path.dirname(fastdit.kernels.__file__)) == "kernels"
-    assert os.path.basename(os.path.dirname(fastdit.benchmarks.__file__)) == "benchmarks"
-    reason = fastdit.kernels.triton_missing()
+    """Catches: the fastdit/kernels link pointing elsewhere, or an __init__.py creeping back."""
+    for name, package in (("kernels", fastdit.kernels), ("benchmarks", fastdit.benchmarks)):
+        (folder,) = package.__path__  # a namespace package inside fastdit: one folder, no __init__
+        assert package.__file__ is None
+        assert os.path.realpath(folder) == os.path.realpath(os.path.join(ROOT, name))
+    assert "attention" in fastdit.benchmarks.suite.SUITE
+    reason = fastdit.kernels.launch.triton_missing()
     assert reason is None or "triton" in reason
+
+
+def _root_import_names() -> set[str]:
+    names = set()
+    for entry in os.listdir(ROOT):
+        path = os.path.join(ROOT, entry)
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "__init__.py")):
+            names.add(entry)
+        elif entry.endswith(".py"):
+            names.add(entry.removesuffix(".py"))
+    return names
+
+
+def test_nothing_at_the_root_takes_an_import_name_of_another_distribution():
+    """Catches: `kernels/__init__.py` (or a `benchmarks/__init__.py`, a `utils.py`) at the root,
+    which Python run from a checkout imports instead of the published package of that name."""
+    names = _root_import_names()
+    assert names <= OURS, f"importable from the repository root: {sorted(names - OURS)}"
+    assert not {"kernels", "benchmarks"} & names
+    owners = importlib.metadata.packages_distributions()
+    taken = {name: owners[name] for name in names if set(owners.get(name, ())) - {"fastdit"}}
+    assert not taken, f"root import names owned by installed distributions: {taken}"
+
+
+def _from_root(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` run from the repository root, as a user of a clone runs Python."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_published_kernels_package_wins_from_the_repository_root():
+    """Catches the 2026-12-05 break: transformers imports PyPI's `kernels`; from the root it got
+    ours and every diffusers pipeline import failed (`cannot import name 'CUDAProperties'`)."""
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("PyPI's kernels is not installed here (transformers >= 5 installs it)")
+    done = _from_root("import kernels, sys; print(kernels.__file__)")
+    assert done.returncode == 0, done.stderr
+    where = os.path.realpath(done.stdout.strip().splitlines()[-1])
+    assert where == os.path.realpath(str(dist.locate_file("kernels/__init__.py"))), where
+    assert not where.startswith(os.path.realpath(ROOT) + os.sep)
+
+
+def test_diffusers_pipelines_import_from_the_repository_root():
+    pytest.importorskip("diffusers")
+    done = _from_root("from diffusers import WanPipeline, AutoencoderKLWan; print('ok')")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_python_m_fastdit_runs_from_the_repository_root():
+    done = subprocess.run([sys.executable, "-m", "fastdit", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bench" in done.stdout
 
 
 def test_cuda_build_skip_reasons(monkeypatch):

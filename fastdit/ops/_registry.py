@@ -5,7 +5,7 @@ import inspect
 
 import torch
 
-from fastdit.kernels import interpreting, triton_devices, triton_missing
+from fastdit.kernels.launch import interpreting, triton_devices, triton_missing
 from fastdit.ops.dispatch import Backend, register_backend
 
 

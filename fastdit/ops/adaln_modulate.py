@@ -3,7 +3,7 @@
 import torch
 
 from fastdit._extension import cuda_extension_missing
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops._common import as_packed, last_dim_contiguous, modulation_rows
 from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend

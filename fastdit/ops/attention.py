@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops._common import last_dim_contiguous
 from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed
 from fastdit.ops.dispatch import Backend, choose, register_backend

@@ -22,7 +22,7 @@ import os
 import torch
 
 from fastdit import settings
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend, set_priority, set_shape_policy
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor

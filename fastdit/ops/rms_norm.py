@@ -7,7 +7,7 @@ kernel (kernels/modulation.py) with a zero modulation: one pass over the rows, f
 
 import torch
 
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor

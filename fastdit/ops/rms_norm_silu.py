@@ -2,7 +2,7 @@
 
 import torch
 
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops._registry import interpreter_fake, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor

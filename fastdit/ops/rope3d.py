@@ -7,7 +7,7 @@ the same op with ``conjugate=True``.
 import torch
 
 from fastdit._extension import cuda_extension_missing
-from fastdit.kernels import triton_missing
+from fastdit.kernels.launch import triton_missing
 from fastdit.ops import dispatch
 from fastdit.ops._common import as_packed, last_dim_contiguous
 from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed

@@ -13,7 +13,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from fastdit.kernels import interpreting  # noqa: E402
+from fastdit.kernels.launch import interpreting  # noqa: E402
 
 # Under TRITON_INTERPRET=1 (CPU test runs) kernels are interpreted functions that cannot be
 # compiled: the compile tests then run in a child process with the interpreter off.

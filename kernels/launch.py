@@ -1,8 +1,12 @@
-"""fastdit's Triton kernels and their launchers, installed as ``fastdit.kernels``.
+"""How fastdit's Triton kernels run here: is Triton importable, are kernels interpreted on CPU,
+and the launch helpers every ``kernels/<op>.py`` shares.
 
-Each kernel lives in ``kernels/<op>.py`` with its autotune configs and launcher; the registered
-op that calls it is ``fastdit/ops/<op>.py``. This layer knows nothing of models. It imports
-Triton lazily, so ``fastdit`` imports (and runs on its reference backend) where Triton is absent.
+``kernels/`` installs as ``fastdit.kernels`` (a namespace package: no ``__init__.py``, so the
+repository root never holds a top-level ``kernels`` package that would shadow PyPI's; see
+docs/design.md, "Layout"). Each kernel lives in ``kernels/<op>.py`` with its autotune configs and
+launcher; the registered op that calls it is ``fastdit/ops/<op>.py``. This layer knows nothing of
+models. It imports Triton lazily, so ``fastdit`` imports (and runs on its other backends) where
+Triton is absent.
 """
 
 import importlib.util

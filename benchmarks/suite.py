@@ -1,4 +1,7 @@
-"""fastdit's benchmarks, installed as ``fastdit.benchmarks``; ``fastdit bench`` runs the suite.
+"""The benchmarks ``fastdit bench`` runs, by suite name.
+
+``benchmarks/`` installs as ``fastdit.benchmarks`` (a namespace package, like ``fastdit.kernels``:
+nothing at the repository root is a top-level ``benchmarks`` package; docs/design.md, "Layout").
 
 Each benchmark module has ``add_arguments(parser)`` and ``run(args, device) -> Report``; results
 are written as JSON rows (and a PNG) under ``--out`` (default ``~/.cache/fastdit/bench``, see
