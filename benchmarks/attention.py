@@ -7,9 +7,11 @@ calls, padded + boolean mask (efficient kernel), and fastdit's backends. fastdit
 also runs its opt-in variants in the same run (the ``attn_*`` settings, FASTDIT_ATTN_* in the environment):
 ``fastdit-triton+tma``, ``+persistent``, ``+ws``, ``+ws+persistent`` change the forward and are
 timed forward only; ``+bwd-ws`` (warp-specialized backward) is timed both ways. One GPU call
-A/Bs them all. A provider that cannot run here
-(missing API) is skipped with its reason printed; every output is checked against a float32
-reference before it is timed, and a provider that raises or is wrong gets a failed row.
+A/Bs them all. fastdit rows are the backends the dispatcher may pick on this device (on CPUs the
+``torch`` backend; never the reference oracle or Triton's CPU interpreter). A provider that cannot
+run here (missing API) is skipped with its reason printed; every output is checked against a
+float32 reference before it is timed, a provider that raises or is wrong gets a failed row, and
+the providers of one shape are timed in one interleaved run.
 
 FLOPs: forward 4 * S_q * S_k * H * D per sample (half of it when causal), backward 2.5x the
 forward (the flash-attn convention); "useful" counts only real tokens, never padding.
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches
+from fastdit.benchmarks.harness import Candidate, Report, measure_ceilings, selectable_backends, switches
 
 MIXED = (32760, 32760, 23400, 4096, 4080, 10800)
 # The triton backend's opt-in variants: fastdit.settings fields, which the dispatcher passes to
@@ -112,6 +114,8 @@ def _providers_dense(device, quick, head_dim):
 
 
 def _fastdit_backends(op, device, head_dim):
+    """The backends the dispatcher may pick here (on CPUs: torch; Triton's variants only where
+    Triton runs for real)."""
     cuda = device.type == "cuda"
     inputs = {
         "device": device,
@@ -119,7 +123,7 @@ def _fastdit_backends(op, device, head_dim):
         "head_dim": head_dim,
         "causal": False,
     }
-    return runnable_backends(op, inputs, reference=not cuda)  # on CPU the reference is all there is
+    return selectable_backends(op, inputs)
 
 
 def _providers_packed(lengths, heads, head_dim, device):
@@ -210,20 +214,42 @@ def attention_reference(q, k, v, lengths=None):
         return torch.cat(outs)
 
 
-def _measure(report, provider, shape, fn, tensors, flops, device, backward, reference, timing=None):
-    row = report.measure(provider, f"fwd {shape}", lambda: fn(*tensors), reference=reference,
-                         tolerance=TOLERANCE[tensors[0].dtype], flops=flops, timing=timing)  # fmt: skip
-    if row["status"] != "ok":
-        return
-    line = f"  {provider} {shape}: fwd {row['ms']:.3f} ms ({flops / row['ms'] / 1e9:.1f} TFLOP/s)"
+def _in_environment(fn, env):
+    """``fn`` run with exactly the variant settings ``env`` (each call: variants are interleaved)."""
+    if not env:
+        return fn
+    return lambda *tensors: _call_in(env, fn, tensors)
+
+
+def _call_in(env, fn, tensors):
+    with variant_environment(env):
+        return fn(*tensors)
+
+
+def _compare(report, shape, providers, tensors, flops, backward, reference, timing=None):
+    """Every provider's forward in one interleaved run, then the backward of those that have one."""
+    fwd = []
+    for name, (fn, env, _) in providers.items():
+        run = _in_environment(fn, env)
+        fwd.append(Candidate(name, lambda run=run: run(*tensors), flops=flops))
+    rows = report.compare(f"fwd {shape}", fwd, reference=reference, tolerance=TOLERANCE[tensors[0].dtype],
+                          timing=timing)  # fmt: skip
+    bwd = []
     if backward:
-        out = fn(*tensors)
-        grad = torch.randn_like(out)
-        backward_fn = lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True)  # noqa: E731
-        bwd = report.measure(provider, f"bwd {shape}", backward_fn, flops=2.5 * flops, timing=timing)
-        if bwd["status"] == "ok":
-            line += f", bwd {bwd['ms']:.3f} ms ({2.5 * flops / bwd['ms'] / 1e9:.1f} TFLOP/s)"
-    print(line, flush=True)
+        for name, (fn, env, with_backward) in providers.items():
+            if not with_backward or rows[name]["status"] != "ok":
+                continue
+            out = _in_environment(fn, env)(*tensors)
+            grad = torch.randn_like(out)
+
+            def grads(out=out, grad=grad):
+                return torch.autograd.grad(out, tensors, grad, retain_graph=True)
+
+            bwd.append(Candidate(name, grads, flops=2.5 * flops))
+        report.compare(f"bwd {shape}", bwd, timing=timing)
+    for name, row in rows.items():
+        if row["status"] == "ok":
+            print(f"  {name} {shape}: fwd {row['ms']:.3f} ms ({row['tflops']} TFLOP/s)", flush=True)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Report:
@@ -253,11 +279,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             flops = _flops([seqlen], [seqlen], heads, head_dim)
             shape = f"dense S={seqlen} H={heads} D={head_dim}"
             reference = attention_reference(*tensors)
-            for name, (fn, env, with_backward) in providers.items():
-                with variant_environment(env):
-                    _measure(
-                        report, name, shape, fn, tensors, flops, device, backward and with_backward, reference, timing
-                    )
+            _compare(report, shape, providers, tensors, flops, backward, reference, timing)
             del tensors, reference
     lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
     head_dim = head_dims[0]
@@ -265,7 +287,6 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     flops = _flops(lengths, lengths, heads, head_dim)
     shape = f"packed {'+'.join(map(str, lengths))} H={heads} D={head_dim}"
     reference = attention_reference(*tensors, lengths=lengths)
-    for name, (fn, env, with_backward) in with_variants(_providers_packed(lengths, heads, head_dim, device)).items():
-        with variant_environment(env):
-            _measure(report, name, shape, fn, tensors, flops, device, backward and with_backward, reference, timing)
+    providers = with_variants(_providers_packed(lengths, heads, head_dim, device))
+    _compare(report, shape, providers, tensors, flops, backward, reference, timing)
     return report

@@ -3,23 +3,29 @@
 Providers: fastdit eager, eager with the text keys / values precomputed (what a sampling run pays
 per step), CUDA-graph replay of that step (CUDA only), fastdit under
 ``torch.compile(fullgraph=True)``, and, when diffusers is importable, diffusers'
-``WanTransformer3DModel`` eager, compiled, and patched by ``fastdit.patch``, with the same config.
-Random weights, one CFG branch, batch 1. FLOPs count every matmul and both attentions (see
-``step_flops``). Then a packed batch of mixed sizes (a video, an image at a larger size, a smaller
-video) in one fastdit forward against the same requests one by one.
+``WanTransformer3DModel`` eager, compiled, and a copy of it patched by ``fastdit.patch``, with the
+same config and weights. All are timed in one interleaved run (one call each per round), after
+each was checked against the float32 reference. Random weights, one CFG branch, batch 1. FLOPs
+count every matmul and both attentions (see ``step_flops``). Then a packed batch of mixed sizes
+(a video, an image at a larger size, a smaller video) in one fastdit forward against the same
+requests one by one, interleaved too.
 
-``fastdit-cold-start`` is the time to the first step in a fresh process whose Triton and
+``fastdit-cold-start`` (CUDA) is the time to the first step in a fresh process whose Triton and
 inductor caches are empty (every kernel JIT-compiled and autotuned on the spot): the other
 providers' ``first_call_s`` run after earlier suites and tests warmed those caches, so they
-understate what a new deployment pays. Its row also gives the child's model build and whole
-process time (imports included); ``fastdit-cold-start-fixed-tiles`` is the same with the
-attention autotuner off (``FASTDIT_ATTN_AUTOTUNE=0``).
+understate what a new deployment pays. The child runs outside any checkout (a temporary working
+directory, so nothing there shadows an installed package), loads the same weights as every
+other provider and returns its output, which is checked like theirs. Its row also gives the
+child's model build and whole process time (imports included); ``fastdit-cold-start-fixed-tiles``
+is the same with the attention autotuner off (``FASTDIT_ATTN_AUTOTUNE=0``). On a CPU nothing
+compiles (fastdit's CPU path is PyTorch's own ops), so there is no cold-start row there.
 
 Run: ``fastdit bench --suite dit_step --preset wan2.1-1.3b --size 480x832x81`` (or ``python -m
 fastdit.benchmarks.dit_step ...``).
 """
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -34,8 +40,10 @@ import torch
 import fastdit
 from fastdit import settings
 from fastdit.benchmarks.harness import (
+    Candidate,
     Report,
     measure_ceilings,
+    output_error,
     peak_memory_gib,
     reset_peak_memory,
     significant,
@@ -192,100 +200,138 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         del oracle
     tolerance = TOLERANCE[dtype]
 
-    for family in ("fastdit", "diffusers"):
-        wanted = [p for p in providers if p.startswith(family) and p not in ("fastdit-packed", "fastdit-cold-start")]
-        if not wanted:
-            continue
-        reset_peak_memory(device)
-        if family == "fastdit":
-            model = DiT(config)
-            model.load_state_dict(weights)
-            model = model.to(device, dtype).eval()
-            batch = PackedBatch.from_dense(latents, timestep, text, config.patch_size)
-            with torch.inference_mode():
-                text_kv = model.text_kv(batch.text)
-        else:
-            model = diffusers_model(config)
-            model.load_state_dict(_to_diffusers(weights, model))
-            model = cast_like_from_pretrained(model.to(device), dtype).eval()
-        for provider in wanted:
-            if provider == "fastdit-graph" and device.type != "cuda":
-                print("  fastdit-graph: skipped (CUDA graphs need a GPU)")
-                continue
-            fn_model = model
-            if provider.endswith("compile"):
-                fn_model = torch.compile(model, fullgraph=family == "fastdit")
-            elif provider == "diffusers-patched":
-                fastdit.patch(model)
-            elif provider == "fastdit-text-cached":  # packed in and out; dense_output is a view
-                fn_model = lambda *_, m=model, b=batch, kv=text_kv: m.dense_output(  # noqa: E731
-                    m.forward_packed(b, text_kv=kv), latents
-                )
-            elif provider == "fastdit-graph":
-                graphed = GraphedDiT(model)
-                fn_model = lambda *_, g=graphed, m=model, b=batch, kv=text_kv: m.dense_output(  # noqa: E731
-                    g(b, text_kv=kv), latents
-                )
-
-            def step(fn_model=fn_model, family=family):
-                with torch.inference_mode():
-                    out = fn_model(latents, timestep, text)
-                    return out if family == "fastdit" else out[0]
-
-            reset_peak_memory(device)
-            timing = {"warmup": 1, "min_runs": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
-            row = report.measure(provider, shape, step, reference=reference, tolerance=tolerance, timing=timing,
-                                 flops=flops, first_call=True)  # fmt: skip
-            if row["status"] == "ok":
+    candidates = _step_candidates(providers, config, weights, latents, timestep, text, device, dtype, flops)
+    timing = {"warmup": 1, "min_rounds": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
+    rows = report.compare(shape, candidates, reference=reference, tolerance=tolerance, timing=timing,
+                          first_call=True)  # fmt: skip
+    for cand in candidates:  # peak memory of each step alone (CUDA), after the interleaved timing
+        row = rows[cand.provider]
+        if row["status"] == "ok":
+            if device.type == "cuda":
+                reset_peak_memory(device)
+                cand.fn()
                 row["peak_gib"] = peak_memory_gib(device)
-                print(f"  {provider}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s)", flush=True)
-            if provider == "diffusers-patched":
-                fastdit.unpatch(model)
-        del model, fn_model
-        gc.collect()
+            print(f"  {cand.provider}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s)", flush=True)
+    del candidates
+    gc.collect()
     if "fastdit-packed" in providers:
         _mixed_batch(report, config, weights, device, dtype, text_len, args.quick)
     if "fastdit-cold-start" in providers:
-        # with the attention autotuner (the default) and with its fixed tiles, which compile once
-        for label, env in (
-            ("fastdit-cold-start", {}),
-            ("fastdit-cold-start-fixed-tiles", {"FASTDIT_ATTN_AUTOTUNE": "0"}),
-        ):
-            cold = cold_first_step(name, (frames, height, width), text_len, dtype, device, env)
-            report.add(label, shape, cold["step_ms"], flops=flops, first_call_s=cold["first_step_s"],
-                       build_s=cold["build_s"], process_s=cold["process_s"])  # fmt: skip
-            print(f"  {label}: first step {cold['first_step_s']:.1f} s with empty kernel caches "
-                  f"(model build {cold['build_s']:.1f} s, whole process {cold['process_s']:.1f} s), "
-                  f"then {cold['step_ms']:.3f} ms", flush=True)  # fmt: skip
+        if device.type != "cuda":
+            print("  fastdit-cold-start: no row on a CPU: nothing compiles there (fastdit's CPU path is PyTorch's "
+                  "own ops), so a fresh process would time imports, not empty kernel caches")  # fmt: skip
+        else:
+            _cold_start_rows(report, name, (frames, height, width), text_len, dtype, device, weights, reference,
+                             tolerance, shape, flops)  # fmt: skip
     return report
 
 
+def _step_candidates(providers, config, weights, latents, timestep, text, device, dtype, flops) -> list:
+    """One :class:`Candidate` per wanted step provider, every model built from ``weights``."""
+    candidates = []
+    wanted = [p for p in providers if p not in ("fastdit-packed", "fastdit-cold-start")]
+    if any(p.startswith("fastdit") for p in wanted):
+        model = DiT(config)
+        model.load_state_dict(weights)
+        model = model.to(device, dtype).eval()
+        batch = PackedBatch.from_dense(latents, timestep, text, config.patch_size)
+        with torch.inference_mode():
+            text_kv = model.text_kv(batch.text)
+        runs = {
+            "fastdit-eager": model,
+            # packed in and out; dense_output is a view
+            "fastdit-text-cached": lambda *_: model.dense_output(model.forward_packed(batch, text_kv=text_kv), latents),
+        }
+        if "fastdit-graph" in wanted and device.type == "cuda":
+            graphed = GraphedDiT(model)
+            runs["fastdit-graph"] = lambda *_: model.dense_output(graphed(batch, text_kv=text_kv), latents)
+        elif "fastdit-graph" in wanted:
+            print("  fastdit-graph: skipped (CUDA graphs need a GPU)")
+        if "fastdit-compile" in wanted:
+            runs["fastdit-compile"] = torch.compile(model, fullgraph=True)
+        candidates += [_step(p, fn, latents, timestep, text, flops) for p, fn in runs.items() if p in wanted]
+    if any(p.startswith("diffusers") for p in wanted):
+        reference_model = diffusers_model(config)
+        reference_model.load_state_dict(_to_diffusers(weights, reference_model))
+        reference_model = cast_like_from_pretrained(reference_model.to(device), dtype).eval()
+        runs = {"diffusers-eager": reference_model}
+        if "diffusers-compile" in wanted:
+            runs["diffusers-compile"] = torch.compile(reference_model)
+        if "diffusers-patched" in wanted:  # a copy: the eager and compiled providers stay unpatched
+            patched = copy.deepcopy(reference_model)
+            fastdit.patch(patched)
+            runs["diffusers-patched"] = patched
+        candidates += [_step(p, fn, latents, timestep, text, flops, diffusers=True) for p, fn in runs.items()
+                       if p in wanted]  # fmt: skip
+    return candidates
+
+
+def _step(provider, fn_model, latents, timestep, text, flops, diffusers=False):
+    def step():
+        with torch.inference_mode():
+            out = fn_model(latents, timestep, text)
+            return out[0] if diffusers else out
+
+    return Candidate(provider, step, flops=flops)
+
+
+def _cold_start_rows(report, name, size, text_len, dtype, device, weights, reference, tolerance, shape, flops):
+    """With the attention autotuner (the default) and with its fixed tiles, which compile once."""
+    for label, env in (("fastdit-cold-start", {}), ("fastdit-cold-start-fixed-tiles", {"FASTDIT_ATTN_AUTOTUNE": "0"})):
+        try:
+            cold = cold_first_step(name, size, text_len, dtype, device, env, weights=weights)
+        except Exception as err:  # noqa: BLE001 - the row says what went wrong
+            report.fail(label, shape, err)
+            continue
+        error = output_error(cold.pop("output"), reference)
+        if not error <= tolerance:
+            report.fail(label, shape, f"error {error:.3g} > tolerance {tolerance:.3g}", error=error)
+            continue
+        report.add(label, shape, cold["step_ms"], flops=flops, first_call_s=cold["first_step_s"],
+                   build_s=cold["build_s"], process_s=cold["process_s"], error=significant(error, 3))  # fmt: skip
+        print(f"  {label}: first step {cold['first_step_s']:.1f} s with empty kernel caches "
+              f"(model build {cold['build_s']:.1f} s, whole process {cold['process_s']:.1f} s), "
+              f"then {cold['step_ms']:.3f} ms", flush=True)  # fmt: skip
+
+
 def cold_first_step(name: str, size: tuple[int, int, int], text_len: int, dtype: torch.dtype,
-                    device: torch.device, extra_env: dict | None = None) -> dict:  # fmt: skip
-    """Run :func:`cold_child` in a fresh interpreter with empty Triton / inductor cache dirs."""
-    with tempfile.TemporaryDirectory(prefix="fastdit-cold-") as cache:
+                    device: torch.device, extra_env: dict | None = None, *, weights: dict) -> dict:  # fmt: skip
+    """Run :func:`cold_child` in a fresh interpreter with empty Triton / inductor cache dirs, in a
+    temporary working directory (Python puts the working directory first on ``sys.path``: from a
+    checkout's root a published package could be shadowed), on ``weights`` (fastdit names,
+    float32, the other providers' weights). Returns the child's timings and its output."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(prefix="fastdit-cold-") as work:
         # the child reads its settings from the environment once: pass this process's overrides on
         env = {**os.environ, **settings.as_environ(), **(extra_env or {}),
-               "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
-               "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}  # fmt: skip
+               "TRITON_CACHE_DIR": os.path.join(work, "triton"),
+               "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}  # fmt: skip
+        env.pop("PYTHONPATH", None)
+        weights_path, output_path = os.path.join(work, "weights.safetensors"), os.path.join(work, "out.safetensors")
+        save_file({k: v.contiguous() for k, v in weights.items()}, weights_path)
         spec = dict(preset=name, size=list(size), text_len=text_len, dtype=str(dtype).removeprefix("torch."),
-                    device=str(device))  # fmt: skip
+                    device=str(device), weights=weights_path, output=output_path)  # fmt: skip
         code = (
             "import sys, json; from fastdit.benchmarks.dit_step import cold_child; cold_child(json.loads(sys.argv[1]))"
         )
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
-                              timeout=1200)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, cwd=work, capture_output=True,
+                              text=True, timeout=1200)  # fmt: skip
         process_s = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"cold-start child failed ({done.returncode}): {done.stderr[-2000:]}")
+        if done.returncode != 0:
+            raise RuntimeError(f"cold-start child failed ({done.returncode}): {done.stderr[-2000:]}")
+        output = load_file(output_path)["output"]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "process_s": significant(process_s, 3)}
+    return {**result, "process_s": significant(process_s, 3), "output": output}
 
 
 def cold_child(spec: dict) -> None:
-    """Build the preset's DiT on the device (random weights), time its first step (every Triton
-    kernel compiled and autotuned now), then a steady step; print one JSON line."""
+    """Build the preset's DiT on the device with the given weights, time its first step (every
+    Triton kernel compiled and autotuned now), then a steady step; save the step's output and
+    print one JSON line of timings."""
+    from safetensors.torch import load_file, save_file
+
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     config = preset(spec["preset"])
@@ -293,7 +339,9 @@ def cold_child(spec: dict) -> None:
     channels, t, h, w = latent_shape(config, frames, height, width)
     gen = torch.Generator(device="cpu").manual_seed(0)
     start = time.perf_counter()
-    model = DiT(config).to(device, dtype).eval()
+    model = DiT(config)
+    model.load_state_dict(load_file(spec["weights"]))
+    model = model.to(device, dtype).eval()
     latents = torch.randn(1, channels, t, h, w, generator=gen).to(device, dtype)
     text = torch.randn(1, spec["text_len"], config.text_dim, generator=gen).to(device, dtype)
     timestep = torch.tensor([500.0], device=device)
@@ -306,10 +354,11 @@ def cold_child(spec: dict) -> None:
             return model(latents, timestep, text)
 
     start = time.perf_counter()
-    step()
+    out = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first_step_s = time.perf_counter() - start
+    save_file({"output": out.float().cpu().contiguous()}, spec["output"])
     step_ms = time_ms(step, device, warmup=0, min_runs=2, budget_s=2.0)
     timings = {"build_s": significant(build_s, 3), "first_step_s": significant(first_step_s, 3), "step_ms": step_ms}
     print(json.dumps(timings))
@@ -353,14 +402,17 @@ def _mixed_batch(report: Report, config: DiTConfig, weights: dict, device: torch
         with torch.inference_mode():
             return torch.cat([model.forward_packed(b) for b in singles])
 
-    timing = {"warmup": 1, "min_runs": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
-    for provider, fn in (("fastdit-packed", run_packed), ("fastdit-one-by-one", run_singles)):
-        reset_peak_memory(device)
-        row = report.measure(provider, label, fn, reference=reference, tolerance=TOLERANCE[dtype], timing=timing,
-                             flops=flops)  # fmt: skip
-        if row["status"] == "ok":
-            row["peak_gib"] = peak_memory_gib(device)
-            print(f"  {label} {provider}: {row['ms']:.3f} ms", flush=True)
+    timing = {"warmup": 1, "min_rounds": 3, "budget_s": 2.0 if device.type == "cpu" else 5.0}
+    candidates = [Candidate("fastdit-packed", run_packed, flops=flops), Candidate("fastdit-one-by-one", run_singles,
+                                                                                  flops=flops)]  # fmt: skip
+    rows = report.compare(label, candidates, reference=reference, tolerance=TOLERANCE[dtype], timing=timing)
+    for cand in candidates:
+        if rows[cand.provider]["status"] == "ok":
+            if device.type == "cuda":
+                reset_peak_memory(device)
+                cand.fn()
+                rows[cand.provider]["peak_gib"] = peak_memory_gib(device)
+            print(f"  {label} {cand.provider}: {rows[cand.provider]['ms']:.3f} ms", flush=True)
 
 
 def _float(batch: PackedBatch) -> PackedBatch:

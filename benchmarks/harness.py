@@ -1,11 +1,17 @@
-"""Benchmark plumbing: ceilings measured in the same run, median timing, JSON rows, plots, tables.
+"""Benchmark plumbing: ceilings measured in the same run, interleaved timing, JSON rows, plots, tables.
 
-Every row carries the device name, torch / triton / CUDA versions, the date and the command
-line, so a result file says where it came from. On CUDA, timing is ``triton.testing.do_bench``
-(median, after warm-up); on CPU a median of ``time.perf_counter`` runs.
+Every result file says where it came from: the device (and on CPUs its cache sizes), torch /
+triton / CUDA / diffusers versions, the threads, the load average before and after, the date and
+the command line. Providers of one comparison are timed in one interleaved run
+(:func:`time_interleaved`): round-robin, one call each per round, so a slow spell of the machine
+lands on every provider alike; each row gives the median and the interquartile spread. A
+memory-bound comparison carries a copy of the same bytes, timed in the same rounds, so its
+``pct_of_copy`` compares like with like (same cache level, same moment).
 """
 
 import datetime
+import glob
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -23,6 +29,41 @@ import torch
 from fastdit import settings
 
 
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_caches() -> dict[str, int]:
+    """This CPU's cache sizes in bytes by level (``L1d``, ``L2``, ``L3``), read from sysfs; empty
+    where the kernel does not say (a row is then not checked against them)."""
+    caches = {}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        size = int(text.rstrip("KMG")) * scale
+        if kind != "Instruction":
+            caches["L1d" if level == "1" else f"L{level}"] = size
+    return caches
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def environment(device: torch.device) -> dict:
     """Where a result came from."""
     if device.type == "cuda":
@@ -35,16 +76,22 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {
+    env = {
         "device": name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("fastdit", "diffusers", "transformers", "numpy")},
+        "threads": torch.get_num_threads(),
+        "loadavg_start": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "switches": settings.as_environ(),
     }
+    if device.type == "cpu":
+        env["cpu_caches"] = cpu_caches()
+    return env
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,6 +115,84 @@ def time_ms(
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+# Bytes written before each timed CUDA call to empty the L2 (as triton's do_bench does).
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    budget_s: float = 2.0,
+) -> dict[str, list[float]]:
+    """Milliseconds of every call of every ``fns[name]()``, measured round-robin.
+
+    Each round calls every provider once, in an order rotated by one each round, and times each
+    call alone: a neighbour's pause or a clock dip lands on whichever provider runs then, so over
+    the rounds it lands on all of them alike instead of on one provider's whole window. Rounds go
+    on until ``budget_s`` has passed and ``min_rounds`` are done (at most ``max_rounds``). CUDA:
+    events around each call, the L2 emptied before it; CPU: ``time.perf_counter``.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device.type == "cuda" else None
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            if flush is not None:
+                flush.zero_()
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    """Median milliseconds and the spread of one provider's calls: the interquartile range as a
+    percentage of the median (``spread_pct``) and the number of calls."""
+    median = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (median,) * 3
+    return {"ms": median, "spread_pct": significant(100 * (q3 - q1) / median, 3) if median > 0 else 0.0,
+            "runs": len(times)}  # fmt: skip
+
+
+@dataclass
+class Candidate:
+    """One provider of a comparison: ``fn()`` computes what the others compute, on the same bytes."""
+
+    provider: str
+    fn: Callable[[], object]
+    flops: float | None = None
+    nbytes: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def same_bytes_copy(nbytes: float, device: torch.device) -> Candidate:
+    """A ``copy`` provider that moves ``nbytes`` (reads half, writes half), the ceiling a
+    memory-bound op of the same traffic is held to, timed with it."""
+    elems = max(1, int(nbytes) // 8)  # float32: 4 bytes read + 4 written per element
+    src = torch.randn(elems, device=device)
+    dst = torch.empty_like(src)
+    return Candidate("copy", lambda: dst.copy_(src), nbytes=8 * elems)
 
 
 def _copy_ms(elems: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -144,8 +269,18 @@ class Report:
         return self._environment
 
     def add(
-        self, provider: str, shape: str, ms: float, *, flops: float | None = None, nbytes: float | None = None, **extra
+        self,
+        provider: str,
+        shape: str,
+        ms: float,
+        *,
+        flops: float | None = None,
+        nbytes: float | None = None,
+        copy_ms: float | None = None,
+        **extra,
     ):
+        """A measured row. ``copy_ms``: the time of a copy of the same bytes in the same rounds;
+        ``pct_of_copy`` is then against it (else against the run's large-copy ceiling)."""
         row = {"benchmark": self.name, "provider": provider, "shape": shape, "status": "ok", "ms": significant(ms)}
         if flops is not None:
             tflops = flops / ms / 1e9
@@ -154,12 +289,80 @@ class Report:
         if nbytes is not None:
             gbps = nbytes / ms / 1e6
             row["gbps"] = significant(gbps)
-            row["pct_of_copy"] = significant(100 * gbps / self.ceilings["copy_gbps"])
+            if copy_ms is not None:
+                row["pct_of_copy"] = significant(100 * copy_ms / ms)
+                row["copy_same_bytes_ms"] = significant(copy_ms)
+                if provider != "copy" and ms < copy_ms:  # beats a physical limit: the byte count is suspect
+                    row["note"] = "faster than a copy of the same bytes: the byte count is wrong or the work is cached"
+                    print(f"  WARNING {provider} {shape}: {row['note']}", flush=True)
+            else:
+                row["pct_of_copy"] = significant(100 * gbps / self.ceilings["copy_gbps"])
         row.update({k: v for k, v in extra.items() if v is not None})
         self.rows.append(row)
         if self.autosave_dir:
             self._write_json(self.autosave_dir, complete=False)
         return row
+
+    def compare(
+        self,
+        shape: str,
+        candidates: Sequence[Candidate],
+        *,
+        reference: object = None,
+        tolerance: float | None = None,
+        timing: dict | None = None,
+        first_call: bool = False,
+        copy_bytes: float | None = None,
+    ) -> dict[str, dict]:
+        """Check every candidate's output against ``reference``, then time the correct ones
+        together (:func:`time_interleaved`); one row each, returned by provider.
+
+        A provider that raises, or whose error exceeds ``tolerance`` (NaN included), gets a
+        ``"failed"`` row and is not timed: a wrong kernel must never appear fast. A baseline (not
+        ``fastdit-*``) that raises a "no kernel for this shape" or out-of-memory error is
+        ``"unsupported"`` instead, a limit of that provider. ``first_call=True`` records how long
+        the checked (first) call took, compiles included. ``copy_bytes``: time a copy of that
+        many bytes in the same rounds (a ``copy`` row) and hold each row's ``pct_of_copy`` to it.
+        """
+        rows: dict[str, dict] = {}
+        timed: list[tuple[Candidate, dict]] = []
+        for cand in candidates:
+            try:
+                start = time.perf_counter()
+                out = cand.fn()
+                synchronize(self.device)
+                first_call_s = time.perf_counter() - start
+            except Exception as err:  # noqa: BLE001 - the row says what went wrong
+                rows[cand.provider] = self.fail(cand.provider, shape, err)
+                continue
+            extra = dict(cand.extra)
+            if first_call:
+                extra["first_call_s"] = significant(first_call_s, 3)
+            if reference is not None:
+                error = output_error(out, reference)
+                del out
+                if not error <= tolerance:
+                    msg = f"error {error:.3g} > tolerance {tolerance:.3g}"
+                    rows[cand.provider] = self.fail(cand.provider, shape, msg, error=error)
+                    continue
+                extra["error"] = _error_value(error)
+            timed.append((cand, extra))
+        if copy_bytes is not None and timed:
+            timed.append((same_bytes_copy(copy_bytes, self.device), {}))
+        if not timed:
+            return rows
+        try:
+            times = time_interleaved({c.provider: c.fn for c, _ in timed}, self.device, **(timing or {}))
+        except Exception as err:  # noqa: BLE001 - one provider raised on a later call
+            for cand, _ in timed:
+                rows[cand.provider] = self.fail(cand.provider, shape, err)
+            return rows
+        copy_ms = summarize(times["copy"])["ms"] if copy_bytes is not None else None
+        for cand, extra in timed:
+            stats = summarize(times[cand.provider])
+            rows[cand.provider] = self.add(cand.provider, shape, stats.pop("ms"), flops=cand.flops, nbytes=cand.nbytes,
+                                           copy_ms=copy_ms, **stats, **extra)  # fmt: skip
+        return rows
 
     def measure(
         self,
@@ -175,34 +378,12 @@ class Report:
         first_call: bool = False,
         **extra,
     ) -> dict:
-        """Check ``fn``'s output against ``reference`` (tensors), then time it.
-
-        The row records the relative error; a provider that raises, or whose error exceeds
-        ``tolerance`` (NaN included), gets a ``"failed"`` row and is not timed: a wrong kernel
-        must never appear fast. A baseline (not ``fastdit-*``) that raises a "no kernel for
-        this shape" or out-of-memory error is ``"unsupported"`` instead, a limit of that provider.
-        ``first_call=True`` also records how long the checked (first) call took, compiles included.
-        """
-        try:
-            start = time.perf_counter()
-            out = fn()
-            synchronize(self.device)
-            first_call_s = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001 - the row says what went wrong
-            return self.fail(provider, shape, err)
-        if first_call:
-            extra["first_call_s"] = significant(first_call_s, 3)
-        error = None
-        if reference is not None:
-            error = output_error(out, reference)
-            del out
-            if not error <= tolerance:
-                return self.fail(provider, shape, f"error {error:.3g} > tolerance {tolerance:.3g}", error=error)
-        try:
-            ms = time_ms(fn, self.device, **(timing or {}))
-        except Exception as err:  # noqa: BLE001
-            return self.fail(provider, shape, err)
-        return self.add(provider, shape, ms, flops=flops, nbytes=nbytes, error=_error_value(error), **extra)
+        """One provider alone: :meth:`compare` with a single candidate (for runs with nothing
+        to compare against, such as one rank's share of a sequence-parallel step)."""
+        candidate = Candidate(provider, fn, flops=flops, nbytes=nbytes, extra=extra)
+        rows = self.compare(shape, [candidate], reference=reference, tolerance=tolerance, timing=timing,
+                            first_call=first_call)  # fmt: skip
+        return rows[provider]
 
     def fail(self, provider: str, shape: str, reason: object, **extra) -> dict:
         """A row for a provider that could not be measured, with why (an exception or a message)."""
@@ -224,7 +405,8 @@ class Report:
         return [r for r in self.rows if r.get("status") == "failed"]
 
     def to_json(self, complete: bool = True) -> dict:
-        return {"environment": self.env, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
+        env = {**self.env, "loadavg_end": load_average()}
+        return {"environment": env, "ceilings": self.ceilings, "complete": complete, "rows": self.rows}
 
     def _write_json(self, out_dir: str, complete: bool) -> str:
         os.makedirs(out_dir, exist_ok=True)
@@ -339,18 +521,23 @@ def _unsupported(provider: str, err: BaseException) -> bool:
     return not provider.startswith("fastdit") and any(m in text for m in _UNSUPPORTED)
 
 
-def runnable_backends(op: str, inputs: dict, *, reference: bool = False) -> list[str]:
-    """The fastdit backends of ``op`` that can run ``inputs`` (the reference only when asked: it
-    is the oracle, not a contender); prints why each other one is skipped."""
+def selectable_backends(op: str, inputs: dict) -> list[str]:
+    """The fastdit backends of ``op`` that the dispatcher may pick by itself for ``inputs`` on
+    this device: what a user can get. Not the reference (the oracle, never a contender), and not
+    a backend that only runs when forced (Triton under its CPU interpreter); prints why each
+    other one is left out."""
     from fastdit.ops import dispatch
 
     names = []
     for name, backend in dispatch.backends(op).items():
-        if name == "reference" and not reference:
+        if name == "reference":
+            continue
+        if not backend.auto_selectable(inputs["device"]):
+            print(f"  {op}: {name} left out: never chosen on {inputs['device'].type} (runs there only when forced)")
             continue
         reasons = backend.not_supported_reasons(inputs)
         if reasons:
-            print(f"  {op}: {name} skipped: {'; '.join(reasons)}")
+            print(f"  {op}: {name} left out: {'; '.join(reasons)}")
         else:
             names.append(name)
     return names

@@ -3,12 +3,16 @@ residual and the fused residual + modulation, forward and backward.
 
 Providers: eager PyTorch written the way Wan / diffusers write it (RoPE as a complex multiply with
 a precomputed per-token table; FP32 LayerNorm then ``x * (1 + scale) + shift``), the same under
-torch.compile, and each fastdit backend that can run (reference excluded: it is the oracle, not a
-contender). GB/s counts the fewest bytes the op must move (each input read once, each output
-written once) over the measured time; % is of the device copy bandwidth measured in the same run.
-Every tensor at the default sizes is far larger than L2, so no input rotation is needed.
+torch.compile, each fastdit backend the dispatcher may pick on this device (``fastdit-<backend>``:
+on CPUs the ``torch`` backend; never the reference oracle, never Triton's CPU interpreter), and
+``copy``: a copy of the same bytes. All are timed in the same interleaved rounds. GB/s counts the
+fewest bytes the op must move (each input read once, each output written once); ``pct_of_copy``
+is the same-bytes copy's time over the provider's, so 100% is the copy's own speed and a row
+above it would be a bug in the benchmark.
 
-Defaults: CUDA bf16, S = 32760 tokens (21x30x52), 24 heads x 128, C = 3072; CPU fp32 small shapes.
+Sizes: every tensor is far larger than the L2 (the run records the CPU's cache sizes and, per row,
+how many L2s its largest tensor spans). CUDA bf16, S = 32760 tokens (21x30x52), 24 heads x 128,
+C = 3072; CPU fp32, S = 8192 tokens (8x32x32), 16 heads x 64, C = 1024 (32 MiB per tensor).
 """
 
 import argparse
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends
+from fastdit.benchmarks.harness import Candidate, Report, cpu_caches, measure_ceilings, selectable_backends
 from fastdit.reference.rope3d import rope3d_angles, wan_axes_dim
 
 OPS = ("rope3d_qk", "adaln_modulate", "gated_residual", "gated_residual_modulate")
@@ -68,8 +72,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
 def _run(args: argparse.Namespace, device: torch.device) -> Report:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    grid = tuple(int(v) for v in args.mem_grid.split(",")) if args.mem_grid else ((21, 30, 52) if cuda else (4, 8, 8))
-    heads, head_dim = (24, 128) if cuda else (4, 64)
+    grid = tuple(int(v) for v in args.mem_grid.split(",")) if args.mem_grid else ((21, 30, 52) if cuda else (8, 32, 32))
+    heads, head_dim = (24, 128) if cuda else (16, 64)
     channels = heads * head_dim
     seqlen = grid[0] * grid[1] * grid[2]
     size = dtype.itemsize
@@ -78,6 +82,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
     unknown = [o for o in wanted if o not in OPS]
     if unknown:
         raise SystemExit(f"unknown memory ops {unknown}; choose from {OPS}")
+    tensor_bytes = seqlen * channels * size
+    l2 = cpu_caches().get("L2") if not cuda else torch.cuda.get_device_properties(device).L2_cache_size
+    l2_multiple = round(tensor_bytes / l2, 1) if l2 else None
+    if l2 and tensor_bytes < 8 * l2:
+        print(f"  memory_ops: note: tensors of {tensor_bytes / 2**20:.1f} MiB are within 8x the L2 ({l2 / 2**20:.1f} "
+              "MiB): rows compare cache-resident work (each against a copy of its own bytes)")  # fmt: skip
 
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -86,28 +96,33 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
 
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device=device)
     grid_thw = torch.tensor([grid], dtype=torch.int32, device=device)
-    base = {"device": device, "dtype": dtype, "y_dtype": dtype, "head_dim": head_dim, "interleaved": True}
-
-    budget_s = 0.2 if args.quick and not cuda else 2.0
+    base = {"device": device, "dtype": dtype, "y_dtype": dtype, "head_dim": head_dim, "interleaved": True,
+            "channels": channels, "norm": "layer", "per_token": False}  # fmt: skip
+    timing = {"budget_s": 0.3 if args.quick else 2.0}
     tolerance = TOLERANCE[dtype]
-    references: dict[str, tuple] = {}
+    extra = {"l2_multiple": l2_multiple}
 
-    def record(op, provider, shape, fwd, nbytes_fwd, nbytes_bwd, grads, inputs):
-        """Check the forward against fastdit's reference op (float32 math), time it, then time
-        the backward of the same graph (its gradients checked against the reference's too)."""
-        if op not in references:
-            references[op] = _reference(op, inputs, grads)
-        want_out, want_grads = references[op]
-        row = report.measure(provider, f"{op} fwd {shape}", fwd, reference=want_out, tolerance=tolerance,
-                             timing={"budget_s": budget_s}, nbytes=nbytes_fwd)  # fmt: skip
-        if row["status"] != "ok":
-            return
-        outs = fwd()
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        backward = lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
-        report.measure(provider, f"{op} bwd {shape}", backward, reference=want_grads, tolerance=tolerance,
-                       timing={"budget_s": budget_s}, nbytes=nbytes_bwd)  # fmt: skip
-        print(f"  {op} {provider}: fwd {row['ms']:.3f} ms", flush=True)
+    def compare(op, shape, providers, nbytes_fwd, nbytes_bwd, grads, inputs):
+        """The forward of every provider in one interleaved run (checked against fastdit's
+        reference op, float32 math), then the backward of the same graphs (gradients checked too)."""
+        want_out, want_grads = _reference(op, inputs, grads)
+        fwd = [Candidate(name, fn, nbytes=nbytes_fwd, extra=extra) for name, fn in providers.items()]
+        rows = report.compare(f"{op} fwd {shape}", fwd, reference=want_out, tolerance=tolerance, timing=timing,
+                              copy_bytes=nbytes_fwd)  # fmt: skip
+        bwd = []
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        for name, fn in providers.items():
+            if rows[name]["status"] != "ok":
+                continue
+            outs = fn()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            backward = lambda outs=outs: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
+            bwd.append(Candidate(name, backward, nbytes=nbytes_bwd, extra=extra))
+        report.compare(f"{op} bwd {shape}", bwd, reference=want_grads, tolerance=tolerance, timing=timing,
+                       copy_bytes=nbytes_bwd)  # fmt: skip
+        for name, row in rows.items():
+            if row["status"] == "ok":
+                print(f"  {op} {name}: fwd {row['ms']:.3f} ms, {row['pct_of_copy']}% of a same-bytes copy", flush=True)
 
     def _reference(op, inputs, grads):
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -123,6 +138,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
         want_grads = torch.autograd.grad(outs, leaves, grads)
         return tuple(o.detach() for o in outs), want_grads
 
+    def fastdit(op, call):
+        return {f"fastdit-{name}": (lambda name=name: call(name)) for name in selectable_backends(op, base)}
+
     if "rope3d_qk" in wanted:
         q, k = rand(seqlen, heads, head_dim), rand(seqlen, heads, head_dim)
         angle = rope3d_angles(grid_thw, cu, seqlen, theta=10000.0, axes_dim=wan_axes_dim(head_dim))
@@ -130,13 +148,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
         shape = f"S={seqlen} H={heads} D={head_dim}"
         nbytes = 4 * seqlen * channels * size
         grads = (torch.randn_like(q), torch.randn_like(k))
-        eager = lambda: _rope_pair_eager(q, k, freqs)
         compiled = torch.compile(_rope_pair_eager)
-        record("rope3d_qk", "eager", shape, eager, nbytes, nbytes, grads, (q, k))
-        record("rope3d_qk", "torch.compile", shape, lambda: compiled(q, k, freqs), nbytes, nbytes, grads, (q, k))
-        for name in runnable_backends("rope3d_qk", base):
-            fwd = lambda name=name: ops.rope3d_qk(q, k, grid_thw, cu, backend=name)
-            record("rope3d_qk", f"fastdit-{name}", shape, fwd, nbytes, nbytes, grads, (q, k))
+        providers = {"eager": lambda: _rope_pair_eager(q, k, freqs), "torch.compile": lambda: compiled(q, k, freqs),
+                     **fastdit("rope3d_qk", lambda b: ops.rope3d_qk(q, k, grid_thw, cu, backend=b))}  # fmt: skip
+        compare("rope3d_qk", shape, providers, nbytes, nbytes, grads, (q, k))
 
     x, y = rand(seqlen, channels), rand(seqlen, channels)
     shift, scale, gate = (rand(1, channels, dt=torch.float32) for _ in range(3))
@@ -147,32 +162,27 @@ def _run(args: argparse.Namespace, device: torch.device) -> Report:
     if "adaln_modulate" in wanted:
         compiled = torch.compile(_modulate_eager)
         args3 = (x, shift, scale)
-        record("adaln_modulate", "eager", shape, lambda: _modulate_eager(*args3), 2 * row, 3 * row, g1, args3)
-        record("adaln_modulate", "torch.compile", shape, lambda: compiled(*args3), 2 * row, 3 * row, g1, args3)
-        for name in runnable_backends("adaln_modulate", base):
-            fwd = lambda name=name: ops.adaln_modulate(x, shift, scale, cu, backend=name)
-            record("adaln_modulate", f"fastdit-{name}", shape, fwd, 2 * row, 3 * row, g1, args3)
+        ours = fastdit("adaln_modulate", lambda b: ops.adaln_modulate(x, shift, scale, cu, backend=b))
+        providers = {"eager": lambda: _modulate_eager(*args3), "torch.compile": lambda: compiled(*args3), **ours}
+        compare("adaln_modulate", shape, providers, 2 * row, 3 * row, g1, args3)
 
     if "gated_residual" in wanted:
         compiled = torch.compile(_residual_eager)
         args3 = (x, y, gate)
         # backward: read g and y, write dy (dres is g itself): 3 passes
-        record("gated_residual", "eager", shape, lambda: _residual_eager(*args3), 3 * row, 3 * row, g1, args3)
-        record("gated_residual", "torch.compile", shape, lambda: compiled(*args3), 3 * row, 3 * row, g1, args3)
-        for name in runnable_backends("gated_residual", base):
-            fwd = lambda name=name: ops.gated_residual(x, y, gate, cu, backend=name)
-            record("gated_residual", f"fastdit-{name}", shape, fwd, 3 * row, 3 * row, g1, args3)
+        providers = {"eager": lambda: _residual_eager(*args3), "torch.compile": lambda: compiled(*args3),
+                     **fastdit("gated_residual", lambda b: ops.gated_residual(x, y, gate, cu, backend=b))}  # fmt: skip
+        compare("gated_residual", shape, providers, 3 * row, 3 * row, g1, args3)
 
     if "gated_residual_modulate" in wanted:
         compiled = torch.compile(_residual_modulate_eager)
         args5 = (x, y, gate, shift, scale)
         # fwd: read res, y; write r, modulated. bwd: read g_r, g_mod, r, y; write dres, dy.
-        fb, bb, grads = 4 * row, 6 * row, (g1, g2)
-        record(
-            "gated_residual_modulate", "eager", shape, lambda: _residual_modulate_eager(*args5), fb, bb, grads, args5
-        )
-        record("gated_residual_modulate", "torch.compile", shape, lambda: compiled(*args5), fb, bb, grads, args5)
-        for name in runnable_backends("gated_residual_modulate", base):
-            fwd = lambda name=name: ops.gated_residual_modulate(x, y, gate, shift, scale, cu, backend=name)
-            record("gated_residual_modulate", f"fastdit-{name}", shape, fwd, fb, bb, grads, args5)
+        providers = {
+            "eager": lambda: _residual_modulate_eager(*args5),
+            "torch.compile": lambda: compiled(*args5),
+            **fastdit("gated_residual_modulate",
+                      lambda b: ops.gated_residual_modulate(x, y, gate, shift, scale, cu, backend=b)),
+        }  # fmt: skip
+        compare("gated_residual_modulate", shape, providers, 4 * row, 6 * row, (g1, g2), args5)
     return report

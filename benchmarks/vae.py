@@ -4,7 +4,8 @@ Providers: fastdit's CausalVAE eager on the dispatcher's backends (``fastdit-eag
 conv on the Triton implicit GEMM (``fastdit-triton``), with its encoder / decoder under
 torch.compile, and diffusers' AutoencoderKLWan (eager and compiled) where diffusers is
 installed; the same random weights for all, every output checked against the float32
-reference VAE before it is timed. fastdit runs channels-last-3d.
+reference VAE before it is timed, every provider's decode (then encode) timed in one interleaved
+run. fastdit runs channels-last-3d.
 Defaults: CUDA bf16 at Wan 2.1 size, decode of a 21x60x104 latent
 (-> 81 frames of 480x832) and encode of that video; CPU: the tiny preset at 9 frames of 64x96.
 """
@@ -15,7 +16,7 @@ import gc
 
 import torch
 
-from fastdit.benchmarks.harness import Report, measure_ceilings, peak_memory_gib, reset_peak_memory
+from fastdit.benchmarks.harness import Candidate, Report, measure_ceilings, peak_memory_gib, reset_peak_memory
 from fastdit.models.vae import VAE_PRESETS, CausalVAE
 from fastdit.sizes import parse_size
 
@@ -70,41 +71,42 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         oracle = copy.deepcopy(weights).to(device).set_backend("reference")
         references = {"decode": oracle.decode(latent.float()), "encode": oracle.encode(video.float())}
         del oracle
+    runs: dict[str, dict] = {}  # provider -> {"decode": fn, "encode": fn}; every model alive for the interleaving
     for family in ("fastdit", "diffusers"):
         wanted = [p for p in providers if p.startswith(family)]
-        if not wanted:
-            continue
-        if family == "fastdit":
-            model = copy.deepcopy(weights)
-        else:
-            model = _diffusers_vae(config)
-            model.load_state_dict(weights.state_dict())
-        model = model.to(device, dtype).eval()
         for provider in wanted:
+            if provider == "fastdit-triton" and not cuda:
+                print("vae: skipping fastdit-triton on CPU (Triton would run in its interpreter)")
+                continue
             if family == "fastdit":
-                if provider == "fastdit-triton" and not cuda:
-                    print("vae: skipping fastdit-triton on CPU (Triton would run in its interpreter)")
-                    continue
-                model.set_backend("triton" if provider == "fastdit-triton" else None)
+                model = copy.deepcopy(weights).set_backend("triton" if provider == "fastdit-triton" else None)
+            else:
+                model = _diffusers_vae(config)
+                model.load_state_dict(weights.state_dict())
+            model = model.to(device, dtype).eval()
             if provider.endswith("compile"):
                 model.encoder = torch.compile(model.encoder)
                 model.decoder = torch.compile(model.decoder)
             if family == "fastdit":
-                decode = lambda m=model: m.decode(latent)  # noqa: E731
-                encode = lambda m=model: m.encode(video)  # noqa: E731
+                runs[provider] = {"decode": lambda m=model: m.decode(latent), "encode": lambda m=model: m.encode(video)}
             else:
-                decode = lambda m=model: m.decode(latent).sample  # noqa: E731
-                encode = lambda m=model: m.encode(video).latent_dist.mean  # noqa: E731
-            for op, fn in (("decode", decode), ("encode", encode)):
-                with torch.inference_mode():
+                runs[provider] = {"decode": lambda m=model: m.decode(latent).sample,
+                                  "encode": lambda m=model: m.encode(video).latent_dist.mean}  # fmt: skip
+    timing = {"warmup": 0, "min_rounds": 3, "budget_s": 1.0 if args.quick else 3.0}
+    for op in ("decode", "encode"):
+        candidates = [Candidate(provider, fns[op]) for provider, fns in runs.items()]
+        with torch.inference_mode():
+            rows = report.compare(f"{op} {shape}", candidates, reference=references[op], tolerance=TOLERANCE[dtype],
+                                  timing=timing, first_call=True)  # fmt: skip
+            for cand in candidates:
+                row = rows[cand.provider]
+                if row["status"] != "ok":
+                    continue
+                if cuda:  # peak memory of each call alone, after the interleaved timing
                     reset_peak_memory(device)
-                    row = report.measure(
-                        provider, f"{op} {shape}", fn, reference=references[op], tolerance=TOLERANCE[dtype],
-                        timing={"warmup": 0, "min_runs": 3, "budget_s": 1.0 if args.quick else 3.0}, first_call=True,
-                    )  # fmt: skip
-                if row["status"] == "ok":
+                    cand.fn()
                     row["peak_gib"] = peak_memory_gib(device)
-                    print(f"  vae {provider} {op}: {row['ms']:.1f} ms", flush=True)
-        del model
-        gc.collect()
+                print(f"  vae {cand.provider} {op}: {row['ms']:.1f} ms", flush=True)
+    del runs
+    gc.collect()
     return report

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
-from fastdit.benchmarks.harness import Report, measure_ceilings, runnable_backends, switches
+from fastdit.benchmarks.harness import Candidate, Report, measure_ceilings, selectable_backends, switches
 from fastdit.ops.causal_conv3d import policy_key
 
 # (Cin, Cout, T, H, W): anchors.md's causal conv3d table (k = 3, two zero frames in front).
@@ -94,6 +94,16 @@ def _write_policy(path: str, totals: dict, device: torch.device, report: Report)
     print(f"  wrote the conv policy {path}: {choices}", flush=True)
 
 
+def _with_weight_tma(fn):
+    """``fn`` run with the conv's weight tiles by TMA (conv_tma), each call: variants are interleaved."""
+
+    def run():
+        with switches({"conv_tma": True}, ["conv_tma"]):
+            return fn()
+
+    return run
+
+
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
 
@@ -107,8 +117,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     shapes = _parse_shapes(args.conv_shapes) if args.conv_shapes else (CONV_SHAPES if cuda else CPU_CONV_SHAPES)
     if args.quick and cuda and not args.conv_shapes:
         shapes = [s for s in shapes if s[0] * s[2] * s[3] * s[4] < 100_000_000]  # the 96-channel 480p shape is 614M
-    contenders = [b for b in runnable_backends("causal_conv3d", {"device": device, "dtype": dtype})
-                  if cuda or b != "triton"]  # fmt: skip
+    contenders = selectable_backends("causal_conv3d", {"device": device, "dtype": dtype})
     totals: dict[str, dict[str, float]] = {}  # policy key -> backend -> summed ms over sizes
     for cin, cout, frames, height, width in shapes:
         x = torch.randn(1, cin, frames, height, width, generator=gen).to(device, dtype)
@@ -129,10 +138,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             runs["fastdit-triton+wtma"] = runs["fastdit-triton"]
         with torch.inference_mode():
             reference = _conv_reference(x, weight)
-            for provider, fn in runs.items():
-                with switches({"conv_tma": True} if provider.endswith("+wtma") else {}, ["conv_tma"]):
-                    row = report.measure(provider, shape, fn, reference=reference, tolerance=TOLERANCE[dtype],
-                                         timing={"budget_s": budget_s}, flops=flops)  # fmt: skip
+            candidates = [Candidate(provider, _with_weight_tma(fn) if provider.endswith("+wtma") else fn, flops=flops)
+                          for provider, fn in runs.items()]  # fmt: skip
+            rows = report.compare(shape, candidates, reference=reference, tolerance=TOLERANCE[dtype],
+                                  timing={"budget_s": budget_s})  # fmt: skip
+            for provider, row in rows.items():
                 if row["status"] != "ok":
                     continue
                 ms = row["ms"]
@@ -147,8 +157,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
         _write_policy(args.conv_policy_out, totals, device, report)
 
     compiled = torch.compile(_wan_norm_silu)
-    norm_backends = [b for b in runnable_backends("rms_norm_silu", {"device": device, "dtype": dtype})
-                     if cuda or b != "triton"]  # fmt: skip
+    norm_backends = selectable_backends("rms_norm_silu", {"device": device, "dtype": dtype})
     for channels, frames, height, width in NORM_SHAPES if cuda else CPU_NORM_SHAPES:
         x = torch.randn(1, channels, frames, height, width, generator=gen).to(device, dtype)
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -163,9 +172,10 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             runs[f"fastdit-{name}"] = lambda n=name, x=x, g=gamma: ops.rms_norm_silu(x, g, backend=n)
         with torch.inference_mode():
             reference = _wan_norm_silu(x.float(), gamma.float())
-            for provider, fn in runs.items():
-                row = report.measure(provider, shape, fn, reference=reference, tolerance=TOLERANCE[dtype],
-                                     timing={"budget_s": budget_s}, nbytes=nbytes)  # fmt: skip
-                if row["status"] == "ok":
+            candidates = [Candidate(provider, fn, nbytes=nbytes) for provider, fn in runs.items()]
+            rows = report.compare(shape, candidates, reference=reference, tolerance=TOLERANCE[dtype],
+                                  timing={"budget_s": budget_s}, copy_bytes=nbytes)  # fmt: skip
+            for provider, row in rows.items():
+                if row["status"] == "ok" and provider != "copy":
                     print(f"  {shape} {provider}: {row['ms']:.3f} ms, {nbytes / row['ms'] / 1e6:.0f} GB/s", flush=True)
     return report

@@ -64,17 +64,31 @@ def info_text() -> str:
 def _bench(args) -> int:
     from fastdit.benchmarks import harness
     from fastdit.benchmarks.suite import SUITE
+    from fastdit.runtime.generate import UsageError
 
     harness.AUTOSAVE_DIR = args.out  # each row reaches the JSON as it is measured
     no_plots = harness.matplotlib_missing()
     if no_plots:
         print(f"note: {no_plots}; writing JSON only", file=sys.stderr)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = list(SUITE) if args.suite == "all" else [args.suite]
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {threads}")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_suites(args, SUITE, device)
+    finally:
+        torch.set_num_threads(previous)  # main() may be called in-process (tests, notebooks)
+
+
+def _run_suites(args, suites: dict, device: torch.device) -> int:
+    names = list(suites) if args.suite == "all" else [args.suite]
     failed = []
     for name in names:
         print(f"== {name} on {device}{' (quick)' if args.quick else ''}", flush=True)
-        report = SUITE[name].run(args, device)
+        report = suites[name].run(args, device)
         paths = report.write(args.out)
         print(report.table())
         print("wrote " + ", ".join(paths))
@@ -116,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_argument("--out", default=default_out_dir(), help="directory for the JSON and PNG results")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    bench.add_argument(
+        "--threads", type=int, default=None,
+        help="threads torch may use; unset: 1 on a CPU (every provider alike on one core), torch's own on a GPU; "
+        "0: torch's own default",
+    )  # fmt: skip
     for module in SUITE.values():
         module.add_arguments(bench)
     return parser
@@ -139,10 +158,10 @@ def main(argv=None) -> int:
 
             export_cli.run(args)
             return 0
+        return _bench(args)
     except UsageError as err:  # a flag that cannot work: one line, argparse's exit status
         print(f"fastdit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    return _bench(args)
 
 
 if __name__ == "__main__":

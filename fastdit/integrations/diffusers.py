@@ -27,8 +27,17 @@ the modules, never their weights directly.
 
 The patched objects keep their classes, parameters and call signatures: ``pipe(...)`` is called
 unchanged.
+
+Where fastdit has no kernel for the device (a CPU: the dispatcher's choice is the ``torch``
+backend, PyTorch's own ops, which is what diffusers' code already runs), the patched transformer
+parts run diffusers' own code for that call, so a patched model is never slower than the
+unpatched one; the dispatcher's choice is recorded in ``dispatch.trace()`` and said once per op
+and device in the log. A backend forced with ``patch(backend=...)`` always runs fastdit's ops. The
+VAE runs fastdit's ``CausalVAE`` on every device (on CPUs its oneDNN convs are faster than
+diffusers' own).
 """
 
+import copy
 import logging
 import re
 import types
@@ -42,7 +51,7 @@ import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.models.wan_block import block_modulation, wan_block
-from fastdit.ops.dispatch import backends_for
+from fastdit.ops.dispatch import backends_for, device_choice
 from fastdit.ops.validation import values_checked
 
 logger = logging.getLogger("fastdit")
@@ -91,6 +100,22 @@ def _set_attr(obj, name: str, value, description: str) -> _Change:
     return _Change(description, undo)
 
 
+@cache
+def _log_native_once(op: str, device: str) -> None:
+    logger.info("fastdit.patch: no fastdit kernel runs %s on %s: the patched module runs diffusers' own code there "
+                "(PyTorch's ops, the dispatcher's 'torch' choice)", op, device)  # fmt: skip
+
+
+def _runs_native(op: str, x: torch.Tensor, forced: str | None) -> bool:
+    """True where the dispatcher would run ``op`` on PyTorch's own ops (no forced backend, and no
+    fastdit kernel for x's device and dtype): diffusers' code is then the same math, without
+    fastdit's wrappers. The choice is recorded in open traces."""
+    if forced is not None or device_choice(op, x.device, x.dtype) != "torch":
+        return False
+    _log_native_once(op, x.device.type)
+    return True
+
+
 # ---- attention: a backend in diffusers' dispatcher ---------------------------------------------
 
 
@@ -110,6 +135,12 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+        return out.transpose(1, 2)
+    if _runs_native("attention", query, backend):  # SDPA is the torch backend's own kernel
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
         )  # fmt: skip
         return out.transpose(1, 2)
     return ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, backend=backend)
@@ -172,10 +203,12 @@ class WanRopeGrid:
         self.grid_thw, self.theta, self.axes_dim = grid_thw, theta, axes_dim
 
 
-def _rope_forward(rope_module, theta: float):
+def _rope_forward(rope_module, theta: float, forced: str | None):
     axes = (rope_module.t_dim, rope_module.h_dim, rope_module.w_dim)
 
     def forward(hidden_states):
+        if _runs_native("rope3d_qk_norm", hidden_states, forced):  # diffusers' cos / sin tables
+            return type(rope_module).forward(rope_module, hidden_states)
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = rope_module.patch_size
         sizes = [frames // p_t, height // p_h, width // p_w]
@@ -201,11 +234,18 @@ class FastditWanAttnProcessor:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
         self.backends = backends
+        # diffusers' processor, for calls whose rope module returned its own cos / sin tables (no
+        # fastdit kernel on that device); a copy, so unpatch restores the original untouched.
+        self.diffusers_processor = copy.copy(original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
+        if encoder_hidden_states is None and isinstance(rotary_emb, tuple):  # the rope module ran diffusers' code
+            native = self.diffusers_processor
+            native._attention_backend, native._parallel_config = self._attention_backend, self._parallel_config
+            return native(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or not isinstance(rotary_emb, WanRopeGrid):
             raise TypeError("FastditWanAttnProcessor serves Wan's self-attention with a fastdit-patched rope module")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -242,7 +282,8 @@ def _patch_rope(model, prefix: str, backends: dict) -> list[_Change]:
     if rope_module is None or not all(hasattr(rope_module, a) for a in ("t_dim", "h_dim", "w_dim", "patch_size")):
         raise ValueError(f"{prefix}: no Wan rotary embedding module (.rope) to patch; pass rope=False")
     theta = 10000.0  # WanRotaryPosEmbed's default; diffusers' Wan transformer never passes another
-    changes = [_set_attr(rope_module, "forward", _rope_forward(rope_module, theta), f"{prefix}.rope -> grid only")]
+    forward = _rope_forward(rope_module, theta, backends["rope3d_qk_norm"])
+    changes = [_set_attr(rope_module, "forward", forward, f"{prefix}.rope -> grid only")]
     count = 0
     for block in getattr(model, "blocks", []):
         attn = getattr(block, "attn1", None)
@@ -293,6 +334,8 @@ class _DiffusersLayers:
 
 def _block_forward(backends: dict):
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if _runs_native("adaln_modulate", hidden_states, backends["adaln_modulate"]):
+            return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
         # Dense inputs whose sample boundaries the ops derive themselves: their value checks (a
         # host sync each, five per block) have nothing to find.
         with values_checked():

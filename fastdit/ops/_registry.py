@@ -7,6 +7,7 @@ import torch
 
 from fastdit.kernels.launch import interpreting, triton_devices, triton_missing
 from fastdit.ops.dispatch import Backend, register_backend
+from fastdit.ops.validation import FLOAT_DTYPES
 
 
 def interpreter_fake(op, fake_fn) -> None:
@@ -42,6 +43,21 @@ def register_triton_backend(op: str, fn, **kwargs) -> None:
     )
 
 
+def register_torch_backend(op: str, fn, **kwargs) -> None:
+    """The ``torch`` backend of ``op``: the op written with PyTorch's own fused ops (SDPA,
+    ``F.layer_norm`` / ``F.rms_norm``, ``addcmul``, a complex multiply for RoPE), in the op's
+    contract (float32 statistics, output in the input dtype).
+
+    The dispatcher picks it by itself on CPUs, where fastdit has no kernels, so a CPU run is as fast
+    as the PyTorch code it replaces; on GPUs it runs when forced (``backend="torch"``) until a
+    measured policy ranks it among the vendor providers. Plain compositions of aten ops need no
+    custom op: autograd and torch.compile see through them.
+    """
+    kwargs.setdefault("devices", None)
+    kwargs.setdefault("dtypes", FLOAT_DTYPES)
+    register_backend(Backend(op, "torch", fn, auto_devices=("cpu",), **kwargs))
+
+
 def signature(params, returns) -> inspect.Signature:
     """A custom op's Python signature from ``[(name, annotation), ...]`` (a third element: the
     default): written once per op and shared by every backend's registration (torch infers the
@@ -56,7 +72,11 @@ def signature(params, returns) -> inspect.Signature:
 def typed(impl, sig: inspect.Signature):
     """``impl(*args)`` as a function with signature ``sig`` (what torch.library reads)."""
 
+    count = len(sig.parameters)
+
     def op(*args, **kwargs):
+        if not kwargs and len(args) == count:  # how torch calls an op's kernel: every argument, in order
+            return impl(*args)
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         return impl(*bound.args)

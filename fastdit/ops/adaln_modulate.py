@@ -1,11 +1,21 @@
 """adaLN modulation: ``norm(x) * (1 + scale) + shift`` with LayerNorm or RMSNorm statistics in fp32."""
 
 import torch
+import torch.nn.functional as F
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops._common import as_packed, last_dim_contiguous, modulation_rows
-from fastdit.ops._registry import interpreter_fake, register_triton_backend
+from fastdit.ops._common import (
+    as_packed,
+    as_shape,
+    cast,
+    compute_dtype,
+    last_dim_contiguous,
+    modulation_rows,
+    rms_rows,
+    rows_for_tokens,
+)
+from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_tensor
 from fastdit.reference.modulation import adaln_modulate_bwd_ref, adaln_modulate_ref
@@ -45,6 +55,26 @@ def _backward(ctx, grad):
 
 adaln_modulate_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("adaln_modulate", "reference", adaln_modulate_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- torch backend: F.layer_norm / F.rms_norm and one addcmul --------------------------------------
+
+
+def adaln_modulate_torch(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
+    """The reference's math on PyTorch's fused norms: two passes over x instead of eight."""
+    acc = compute_dtype(x.dtype)
+    channels = (x.shape[-1],)
+    w = None if weight is None else cast(weight, acc)
+    if norm == "layer":
+        normed = F.layer_norm(cast(x, acc), channels, w, None if bias is None else cast(bias, acc), eps)
+    else:
+        normed = rms_rows(cast(x, acc), w, eps)
+    shift_t = rows_for_tokens(cast(shift, acc), cu_seqlens, x.shape[0])
+    scale_t = rows_for_tokens(cast(scale, acc), cu_seqlens, x.shape[0])
+    return cast(torch.addcmul(shift_t, normed, 1.0 + scale_t), x.dtype)
+
+
+register_torch_backend("adaln_modulate", adaln_modulate_torch)
 
 
 # ---- triton backend: kernels/modulation.py ------------------------------------------------------
@@ -218,4 +248,4 @@ def adaln_modulate(
         backend,
     )
     out = impl.forward(packed, shift_rows, scale_rows, None if shift_per_token else cu, norm, float(eps), weight, bias)
-    return out.view(x.shape)
+    return as_shape(out, x.shape)

@@ -6,7 +6,13 @@ import torch
 
 from fastdit.kernels.launch import triton_missing
 from fastdit.ops._common import last_dim_contiguous
-from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed
+from fastdit.ops._registry import (
+    interpreter_fake,
+    register_torch_backend,
+    register_triton_backend,
+    signature,
+    typed,
+)
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_same_dtype, check_tensor
 from fastdit.reference.attention import attention_bwd_ref, attention_ref, varlen_attention_bwd_ref, varlen_attention_ref
@@ -102,11 +108,13 @@ def attention_reference(
     return attention_ref(q, k, v, softmax_scale=softmax_scale, causal=causal)
 
 
-@attention_reference.register_fake
-def _(q, k, v, softmax_scale, causal):
+def _fake_dense(q, k, v, softmax_scale, causal):
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     batch, seqlen, heads, _ = q.shape
     return q.new_empty((batch, seqlen, heads, v.shape[-1])), q.new_empty((batch, heads, seqlen), dtype=lse_dtype)
+
+
+attention_reference.register_fake(_fake_dense)
 
 
 def _setup_dense(ctx, inputs, output):
@@ -133,13 +141,18 @@ def attention_backward_reference(
 attention_backward_reference.register_fake(_fake_backward)
 
 
-def _backward_dense(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_reference(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None
+def _backward_dense_with(backward_op):
+    """The autograd backward of a dense forward op: ``backward_op`` of the same backend."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None
+
+    return backward
 
 
-attention_reference.register_autograd(_backward_dense, setup_context=_setup_dense)
+attention_reference.register_autograd(_backward_dense_with(attention_backward_reference), setup_context=_setup_dense)
 
 register_backend(
     Backend(
@@ -153,6 +166,176 @@ register_backend(
 )
 register_backend(Backend("attention", "reference", attention_reference, devices=None, dtypes=FLOAT_DTYPES))
 
+
+# ---- torch backend: PyTorch's CPU flash attention, sample by sample ------------------------------
+# torch's SDPA on CPU runs aten::_scaled_dot_product_flash_attention_for_cpu, which also returns
+# the log-sum-exp (F.scaled_dot_product_attention drops it), and its backward takes (out, lse):
+# called directly, the op keeps its contract (lse, and a backward that a ring attention can feed a
+# global lse). Causal masks are bottom-right aligned as in the reference: equal lengths use the
+# kernel's own mask; with Lq > Lk the first Lq - Lk queries see no key (output 0, lse -inf) and
+# the rest are the square case; with Lq < Lk an explicit boolean mask. CPU only: the GPU vendor
+# providers (cuDNN / FlashAttention through SDPA, flash-attn, xformers) are registered apart.
+
+
+def _sdpa_plan(len_q: int, len_k: int, causal: bool, like: torch.Tensor) -> tuple[int, bool, torch.Tensor | None]:
+    """(query rows to skip, the kernel's is_causal, an explicit mask or None) for one sample; the
+    mask is additive (0 / -inf) in ``like``'s dtype, the only kind the CPU kernel takes."""
+    if not causal or len_q == len_k:
+        return 0, causal, None
+    if len_q > len_k:
+        return len_q - len_k, True, None
+    rows = torch.arange(len_q, device=like.device)[:, None]
+    hidden = torch.arange(len_k, device=like.device)[None, :] > rows + (len_k - len_q)
+    return 0, False, like.new_zeros((len_q, len_k)).masked_fill_(hidden, float("-inf"))
+
+
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, Hk, D) -> (B, L, H, D), each KV head repeated for its group of query heads (GQA)."""
+    return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _sdpa_forward(q, k, v, scale, causal):
+    """q (B, Lq, H, D), k / v (B, Lk, Hk, D) -> out (B, Lq, H, D), lse (B, H, Lq) in float32 (float64 kept)."""
+    # The kernel reads rows of D contiguous elements: a strided last dim gave wrong results (torch 2.13).
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    batch, len_q, heads, _ = q.shape
+    skip, is_causal, mask = _sdpa_plan(len_q, k.shape[1], causal, q)
+    k, v = _expand_heads(k, heads), _expand_heads(v, heads)
+    if skip == 0:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+        return out.transpose(1, 2), lse
+    out = q.new_zeros((batch, len_q, heads, v.shape[-1]))
+    lse = q.new_full((batch, heads, len_q), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
+    if skip < len_q:
+        seen, seen_lse = _sdpa_forward(q[:, skip:], k, v, scale, causal)
+        out[:, skip:], lse[:, :, skip:] = seen, seen_lse
+    return out, lse
+
+
+def _sdpa_backward(dout, q, k, v, out, lse, scale, causal):
+    """(dq, dk, dv) of :func:`_sdpa_forward` given its out and lse (layouts as there)."""
+    dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    batch, len_q, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    skip, is_causal, mask = _sdpa_plan(len_q, k.shape[1], causal, q)
+    dq = torch.zeros_like(q)
+    dk = k.new_zeros((*k.shape[:2], heads, k.shape[-1]))
+    dv = v.new_zeros((*v.shape[:2], heads, v.shape[-1]))
+    if skip < len_q:
+        rows = slice(skip, len_q)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *(t[:, rows].transpose(1, 2) for t in (dout, q)),
+            *(_expand_heads(t, heads).transpose(1, 2) for t in (k, v)),
+            out[:, rows].transpose(1, 2),
+            lse[:, :, rows].contiguous(),
+            0.0,
+            is_causal,
+            attn_mask=mask,
+            scale=scale,
+        )
+        dq[:, rows] = grads[0].transpose(1, 2)
+        dk, dv = grads[1].transpose(1, 2), grads[2].transpose(1, 2)
+    if heads != kv_heads:  # fold the repeated heads' gradients back onto each KV head
+        dk, dv = (g.unflatten(2, (kv_heads, heads // kv_heads)).sum(3) for g in (dk, dv))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    if len(bounds_q) == 2:  # one sample: no copies in or out
+        out, lse = _sdpa_forward(q[None], k[None], v[None], softmax_scale, causal)
+        return out[0], lse[0]
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32))
+    for b in range(len(bounds_q) - 1):
+        rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+        out_b, lse_b = _sdpa_forward(q[None, rows], k[None, keys], v[None, keys], softmax_scale, causal)
+        out[rows], lse[:, rows] = out_b[0], lse_b[0]
+    return out, lse
+
+
+def _varlen_bwd_torch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b in range(len(bounds_q) - 1):
+        rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+        dq_b, dk_b, dv_b = _sdpa_backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys],
+                                          out[None, rows], lse[None, :, rows], softmax_scale, causal)  # fmt: skip
+        dq[rows], dk[keys], dv[keys] = dq_b[0], dk_b[0], dv_b[0]
+    return dq, dk, dv
+
+
+def _contiguous(impl):
+    """``impl`` with contiguous outputs: a custom op's outputs have the strides of its fake."""
+    return lambda *args: tuple(t.contiguous() for t in impl(*args))
+
+
+varlen_attention_torch = torch.library.custom_op(
+    "fastdit::varlen_attention_torch", typed(_contiguous(_varlen_torch), signature(_VARLEN, _PAIR)), mutates_args=()
+)
+varlen_attention_backward_torch = torch.library.custom_op(
+    "fastdit::varlen_attention_backward_torch", typed(_varlen_bwd_torch, signature(_VARLEN_BACKWARD, _TRIPLE)),
+    mutates_args=(),
+)  # fmt: skip
+varlen_attention_torch.register_fake(_fake_varlen)
+varlen_attention_backward_torch.register_fake(_fake_backward)
+varlen_attention_torch.register_autograd(
+    _backward_varlen_with(varlen_attention_backward_torch), setup_context=_setup_varlen
+)
+
+
+@torch.library.custom_op("fastdit::attention_torch", mutates_args=())
+def attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _sdpa_forward(q, k, v, softmax_scale, causal)
+    return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("fastdit::attention_backward_torch", mutates_args=())
+def attention_backward_torch(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _sdpa_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+attention_torch.register_fake(_fake_dense)
+attention_backward_torch.register_fake(_fake_backward)
+attention_torch.register_autograd(_backward_dense_with(attention_backward_torch), setup_context=_setup_dense)
+
+
+def _unless_tracked(op, impl):
+    """``op`` (the custom op: autograd, one opaque node for torch.compile) when gradients or a
+    trace need it, else its implementation called directly: the same math, without the ~20 us of
+    the custom-op machinery per call that a small inference step pays on a CPU, and without
+    copying the outputs to contiguous (out in the kernel's (B, H, L, D) order, as SDPA returns it)."""
+
+    def run(*args):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return op(*args)
+        return impl(*args)
+
+    return run
+
+
+def _dense_torch(q, k, v, softmax_scale, causal):
+    return _sdpa_forward(q, k, v, softmax_scale, causal)
+
+
+register_torch_backend("varlen_attention", _unless_tracked(varlen_attention_torch, _varlen_torch), devices=("cpu",),
+                       backward=varlen_attention_backward_torch)  # fmt: skip
+register_torch_backend("attention", _unless_tracked(attention_torch, _dense_torch), devices=("cpu",))
 
 # ---- triton backend: kernels/attention.py ----------------------------------------------------------
 

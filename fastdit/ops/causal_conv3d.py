@@ -8,7 +8,7 @@ Backends:
   the upsampling in place, with bias and residual fused; output channels-last-3d. Its backward
   is the reference backward (torch convolution gradients): the VAE runs inference.
 
-On GPUs the dispatcher tries cuDNN first: it is the measured baseline (docs/performance.md),
+The dispatcher tries ``cudnn`` first, on GPUs and CPUs: it is the measured baseline (docs/performance.md),
 while the Triton kernel's speed is unmeasured until an H100 run fills in docs/performance.md.
 A per-shape policy overrides that order where a benchmark measured the winner:
 ``fastdit bench --suite vae_ops --conv-policy-out FILE`` writes one; the ``conv_policy`` setting
@@ -106,8 +106,39 @@ register_backend(Backend("causal_conv3d", "reference", causal_conv3d_reference, 
 # ---- cudnn backend: torch's conv3d --------------------------------------------------------------
 
 
+# On CPUs torch's conv3d picks its single-threaded native kernel for small batch-1 inputs (a size
+# heuristic in aten's ConvUtils), 2-5x slower than oneDNN's on the VAE's shapes at every size
+# measured here (docs/performance.md, "CPU"); so float32 CPU convs call oneDNN directly (the aten
+# op that conv3d itself dispatches to above the heuristic's threshold; autograd and channels-last
+# as conv3d's).
+_ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when it is dense in NCDHW or channels-last-3d order, else a channels-last-3d copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _conv3d(x, weight, bias, stride, padding):
+    if (
+        _ONEDNN
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()  # the aten op has no meta kernel: compiled graphs take conv3d's
+    ):
+        # The direct call skips conv3d's layout handling: a strided bias came back wrong (torch
+        # 2.13), so every operand is made dense first (a no-op for the VAE's own tensors).
+        bias = None if bias is None else bias.contiguous()
+        return torch.mkldnn_convolution(_dense(x), _dense(weight), bias, padding, stride, (1, 1, 1), 1)
+    return torch.nn.functional.conv3d(x, weight, bias, stride=stride, padding=padding)
+
+
 def causal_conv3d_cudnn(x, weight, bias, residual, cache, stride, padding, time_padding, upsample):
-    """torch.nn.functional.conv3d in x's dtype; autograd is torch's own."""
+    """torch's conv3d in x's dtype (cuDNN on GPUs; oneDNN on CPUs, called directly for float32);
+    autograd is torch's own."""
     xp = causal_padded_input(x, cache, time_padding)
     if upsample > 1:
         xp = torch.nn.functional.interpolate(xp, scale_factor=(1, upsample, upsample), mode="nearest")
@@ -115,7 +146,7 @@ def causal_conv3d_cudnn(x, weight, bias, residual, cache, stride, padding, time_
     if top != bottom or left != right:
         xp = torch.nn.functional.pad(xp, (left, right, top, bottom))
         top = left = 0
-    y = torch.nn.functional.conv3d(xp, weight, bias, stride=stride, padding=(0, top, left))
+    y = _conv3d(xp, weight, bias, list(stride), [0, top, left])
     if residual is not None:
         y = y + residual
     return y, new_cache_ref(x, cache, time_padding)
@@ -127,8 +158,7 @@ register_backend(
         "cudnn",
         causal_conv3d_cudnn,
         devices=("cuda", "cpu"),
-        dtypes=FLOAT_DTYPES,
-        auto_devices=("cuda",),  # on CPUs the reference (fp32 math) stays the default
+        dtypes=FLOAT_DTYPES,  # the default on CPUs too (oneDNN): the reference is the oracle, not a speed path
     )
 )
 
@@ -341,7 +371,7 @@ def causal_conv3d(
         expect = output_shape(x.shape, weight.shape, strides, pads, front, upsample)
         if tuple(residual.shape) != expect:
             raise ValueError(f"residual must have the output's shape {expect}, got {tuple(residual.shape)}")
-    inputs = {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": strides, "cin": cin,
+    inputs = {"device": x.device, "dtype": x.dtype, "kernel": (kt, kh, kw), "stride": tuple(strides), "cin": cin,
               "cout": weight.shape[0], "upsample": upsample}  # fmt: skip
     impl = choose("causal_conv3d", inputs, backend)
     return impl.forward(x, weight, bias, residual, cache, strides, pads, front, upsample)

@@ -32,10 +32,15 @@ from fastdit import settings
 
 logger = logging.getLogger("fastdit")
 
-BACKEND_NAMES = ("cuda", "triton", "cudnn", "reference")
+BACKEND_NAMES = ("cuda", "triton", "cudnn", "torch", "reference")
 # Until an H100 benchmark decides per op, Triton (proven under the interpreter) goes before the
-# CUDA kernels (compiled in CI, not yet run on a GPU). set_priority overrides per op.
-DEFAULT_PRIORITY = ("triton", "cuda", "reference")
+# CUDA kernels (compiled in CI, not yet run on a GPU). ``torch`` (PyTorch's own fused ops: SDPA,
+# F.layer_norm / F.rms_norm, complex-multiply RoPE) is what a device without our kernels runs,
+# so fastdit is never slower there than the code it replaces; the ``reference`` is the oracle and
+# comes last. set_priority overrides per op.
+DEFAULT_PRIORITY = ("triton", "cuda", "torch", "reference")
+# What a GPU runs when none of its fast backends fits: logged once per (op, reason) there.
+FALLBACK_BACKENDS = ("torch", "reference")
 
 
 class BackendNotSupportedError(ValueError):
@@ -94,6 +99,11 @@ class Backend:
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
+# (op, forced name, id(settings), inputs) -> (settings, Choice): eager calls choose once per kind of
+# call. Emptied whenever a backend, priority or policy changes; a new settings object (override)
+# misses by identity.
+_CHOICES: dict[tuple, tuple] = {}
+_CHOICES_LIMIT = 4096
 _PRIORITY: dict[str, list[str]] = {}
 # Per-shape choices measured by a benchmark: op -> fn(inputs) -> backend name or None.
 _SHAPE_POLICY: dict[str, Callable[[dict], str | None]] = {}
@@ -104,6 +114,7 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend name {backend.name!r}; expected one of {BACKEND_NAMES}")
     _BACKENDS.setdefault(backend.op, {})[backend.name] = backend
+    _CHOICES.clear()
     _PRIORITY.setdefault(backend.op, list(DEFAULT_PRIORITY))
     return backend
 
@@ -114,12 +125,14 @@ def set_priority(op: str, names: Sequence[str]) -> None:
     if unknown:
         raise ValueError(f"unknown backend names {unknown}; expected some of {BACKEND_NAMES}")
     _PRIORITY[op] = list(names)
+    _CHOICES.clear()
 
 
 def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None, source: str = "set_shape_policy") -> None:
     """Let ``policy(inputs)`` name the backend for particular shapes of ``op`` (a benchmark's
     per-shape winners); None from it, or a backend that cannot run the inputs, falls back to the
     priority list. ``policy=None`` removes it. A forced backend still wins over the policy."""
+    _CHOICES.clear()
     if policy is None:
         _SHAPE_POLICY.pop(op, None)
         _POLICY_SOURCE.pop(op, None)
@@ -222,13 +235,52 @@ def _select(op: str, inputs: dict, backend: str | None) -> Backend:
             continue
         reasons = table[candidate].not_supported_reasons(inputs)
         if not reasons:
-            if candidate == "reference" and inputs["device"].type == "cuda":
+            if candidate in FALLBACK_BACKENDS and inputs["device"].type == "cuda":
                 # Never fall back silently on a GPU: say once which fast backend did not fit and why.
                 why = _format_reasons(rejected) if rejected else "no fast backend exists for this op yet"
                 _log_fallback_once(op, candidate, str(inputs["device"]), why)
             return table[candidate]
         rejected[candidate] = reasons
     raise BackendNotSupportedError(f"fastdit.{op}: no backend can run these inputs: {_format_reasons(rejected)}")
+
+
+def device_choice(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
+    """The backend ``op`` runs on for tensors of ``device`` and ``dtype``, before any check of
+    their shapes: the forced one (argument, else the ``backend`` setting), else the first backend of
+    the priority list that is available and selectable there. Callers that wrap other code
+    (``fastdit.patch``) use it to see whether a device has any fastdit kernel at all; it is recorded
+    in open traces like a dispatch."""
+    values = settings.get()
+    key = ("device_choice", op, backend, id(values), device, dtype)
+    cached = _CHOICES.get(key)
+    if cached is not None and cached[0] is values:
+        for log in _TRACES:
+            log.append((op, cached[1]))
+        return cached[1]
+    name, _ = forced_backend(op, backend)
+    if name is None:
+        table = _BACKENDS.get(op, {})
+        inputs = {"device": device, "dtype": dtype}
+        for candidate in priority(op):
+            impl = table[candidate]
+            if impl.auto_selectable(device) and impl.unavailable is None and not _device_reasons(impl, inputs):
+                name = candidate
+                break
+        else:
+            raise BackendNotSupportedError(
+                f"fastdit.{op}: no backend runs {str(dtype).replace('torch.', '')} on {device}"
+            )
+    if len(_CHOICES) >= _CHOICES_LIMIT:
+        _CHOICES.clear()
+    _CHOICES[key] = (values, name)
+    for log in _TRACES:
+        log.append((op, name))
+    return name
+
+
+def _device_reasons(impl: Backend, inputs: dict) -> list[str]:
+    """Why ``impl`` cannot run on this device and dtype at all (its op-specific checks aside)."""
+    return Backend(impl.op, impl.name, impl.fn, impl.devices, impl.dtypes).not_supported_reasons(inputs)
 
 
 def backends_for(name: str | None, op_names) -> dict[str, str | None]:
@@ -268,9 +320,31 @@ class Choice:
 
 
 def choose(op: str, inputs: dict, backend: str | None = None) -> Choice:
-    """:func:`select_backend` and the variant the current settings select for it."""
-    chosen = select_backend(op, inputs, backend)
-    return Choice(chosen, chosen.variant_args())
+    """:func:`select_backend` and the variant the current settings select for it.
+
+    Eager calls remember the choice per (op, forced backend, settings, inputs): the inputs
+    summary is all a choice depends on, so a model's thousands of op calls walk the priority list
+    once per kind of call. Traced calls (torch.compile) choose afresh, once per graph."""
+    if torch.compiler.is_compiling():
+        chosen = select_backend(op, inputs, backend)
+        return Choice(chosen, chosen.variant_args())
+    values = settings.get()
+    key = (op, backend, id(values), *inputs.values())  # an op builds its inputs' keys in one order
+    try:
+        cached = _CHOICES.get(key)
+    except TypeError:  # an unhashable summary value: choose without remembering
+        chosen = select_backend(op, inputs, backend)
+        return Choice(chosen, chosen.variant_args(values))
+    if cached is None or cached[0] is not values:
+        chosen = _select(op, inputs, backend)
+        cached = (values, Choice(chosen, chosen.variant_args(values)))
+        if len(_CHOICES) >= _CHOICES_LIMIT:
+            _CHOICES.clear()
+        _CHOICES[key] = cached
+    choice = cached[1]
+    for log in _TRACES:
+        log.append((op, choice.name))
+    return choice
 
 
 def form(op: str, name: str, which: str = "fn") -> Callable[..., Any]:

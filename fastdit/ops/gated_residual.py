@@ -1,11 +1,12 @@
 """Gated residuals: ``gated_residual`` (``res + y * gate``) and the fused ``gated_residual_modulate``."""
 
 import torch
+import torch.nn.functional as F
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops._common import as_packed, modulation_rows
-from fastdit.ops._registry import interpreter_fake, register_triton_backend
+from fastdit.ops._common import as_packed, as_shape, cast, compute_dtype, modulation_rows, rms_rows, rows_for_tokens
+from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_same_dtype, check_tensor
 from fastdit.reference.common import upcast
@@ -125,6 +126,31 @@ register_backend(
 )
 
 
+# ---- torch backend: one addcmul, then F.layer_norm / F.rms_norm ------------------------------------
+
+
+def gated_residual_torch(res, y, gate, cu_seqlens):
+    """``res + y * gate`` as one addcmul in float32 (float64 kept), cast to res.dtype."""
+    acc = compute_dtype(res.dtype)
+    gate_t = rows_for_tokens(cast(gate, acc), cu_seqlens, res.shape[0])
+    return cast(torch.addcmul(cast(res, acc), cast(y, acc), gate_t), res.dtype)
+
+
+def gated_residual_modulate_torch(res, y, gate, shift, scale, cu_seqlens, norm, eps):
+    """The residual, rounded to res.dtype, then its modulation (the unfused pair's semantics)."""
+    r = gated_residual_torch(res, y, gate, cu_seqlens)
+    acc = compute_dtype(res.dtype)
+    channels = (r.shape[-1],)
+    normed = F.layer_norm(cast(r, acc), channels, eps=eps) if norm == "layer" else rms_rows(cast(r, acc), None, eps)
+    shift_t = rows_for_tokens(cast(shift, acc), cu_seqlens, r.shape[0])
+    scale_t = rows_for_tokens(cast(scale, acc), cu_seqlens, r.shape[0])
+    return r, cast(torch.addcmul(shift_t, normed, 1.0 + scale_t), res.dtype)
+
+
+register_torch_backend("gated_residual", gated_residual_torch)
+register_torch_backend("gated_residual_modulate", gated_residual_modulate_torch)
+
+
 # ---- triton backend: kernels/modulation.py --------------------------------------------------------
 
 if triton_missing() is None:
@@ -219,7 +245,7 @@ def _prepare(res, y, gate, cu_seqlens):
     if y.shape != res.shape:
         raise ValueError(f"y must have the shape of res {tuple(res.shape)}, got {tuple(y.shape)}")
     gate_rows, per_token = modulation_rows("gate", gate, res, packed, cu)
-    return packed, y.reshape(packed.shape), cu, gate_rows, per_token
+    return packed, as_shape(y, packed.shape), cu, gate_rows, per_token
 
 
 def gated_residual(
@@ -248,7 +274,7 @@ def gated_residual(
         {"device": res.device, "dtype": res.dtype, "y_dtype": y.dtype, "per_token": per_token},
         backend,
     )
-    return impl.forward(packed, y_packed, gate_rows, None if per_token else cu).view(res.shape)
+    return as_shape(impl.forward(packed, y_packed, gate_rows, None if per_token else cu), res.shape)
 
 
 def gated_residual_modulate(
@@ -291,4 +317,4 @@ def gated_residual_modulate(
     r, mod = impl.forward(
         packed, y_packed, gate_rows, shift_rows, scale_rows, None if per_token else cu, norm, float(eps)
     )
-    return r.view(res.shape), mod.view(res.shape)
+    return as_shape(r, res.shape), as_shape(mod, res.shape)

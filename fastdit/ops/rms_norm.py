@@ -8,7 +8,8 @@ kernel (kernels/modulation.py) with a zero modulation: one pass over the rows, f
 import torch
 
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops._registry import interpreter_fake, register_triton_backend
+from fastdit.ops._common import as_shape, cast, compute_dtype, rms_rows
+from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
 from fastdit.reference.common import dense_cu_seqlens
@@ -43,6 +44,25 @@ register_backend(
         backward=lambda grad, x, weight, eps: rms_norm_bwd_ref(grad, x, weight, eps),
     )
 )
+
+
+def rms_norm_torch(x, weight, eps):
+    """RMSNorm in float32 (float64 kept; :func:`fastdit.ops._common.rms_rows`), rounded once to x.dtype."""
+    acc = compute_dtype(x.dtype)
+    return cast(rms_rows(cast(x, acc), None if weight is None else cast(weight, acc), eps), x.dtype)
+
+
+def _rms_norm_torch_backward(grad, x, weight, eps):
+    """(dx, dweight) by autograd through :func:`rms_norm_torch` (the declared backward form)."""
+    xs = x.detach().requires_grad_()
+    ws = None if weight is None else weight.detach().requires_grad_()
+    with torch.enable_grad():
+        out = rms_norm_torch(xs, ws, eps)
+        grads = torch.autograd.grad(out, [t for t in (xs, ws) if t is not None], grad)
+    return grads[0], None if weight is None else grads[1]
+
+
+register_torch_backend("rms_norm", rms_norm_torch, backward=_rms_norm_torch_backward)
 
 
 if triton_missing() is None:
@@ -111,8 +131,8 @@ def rms_norm(
             raise ValueError(f"weight must have shape (C,) = ({x.shape[-1]},), got {tuple(weight.shape)}")
     if not isinstance(eps, float | int) or isinstance(eps, bool) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     impl = choose("rms_norm", {"device": x.device, "dtype": x.dtype}, backend)
-    return impl.forward(rows, weight, float(eps)).view(x.shape)
+    return as_shape(impl.forward(rows, weight, float(eps)), x.shape)

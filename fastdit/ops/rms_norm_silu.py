@@ -1,9 +1,11 @@
 """RMS norm over channels, optionally fused with SiLU: the Wan VAE's ``silu(RMS_norm(x))``."""
 
 import torch
+import torch.nn.functional as F
 
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops._registry import interpreter_fake, register_triton_backend
+from fastdit.ops._common import cast, compute_dtype
+from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 from fastdit.reference.rms_norm_silu import rms_norm_silu_bwd_ref, rms_norm_silu_ref
@@ -28,6 +30,18 @@ def rms_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, s
 rms_norm_silu_reference.register_fake(lambda x, weight, eps, silu: x.new_empty(x.shape))
 rms_norm_silu_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("rms_norm_silu", "reference", rms_norm_silu_reference, devices=None, dtypes=FLOAT_DTYPES))
+
+
+def rms_norm_silu_torch(x, weight, eps, silu):
+    """Wan's ``F.normalize(x, dim=1) * sqrt(C) * gamma`` (then SiLU) in float32, in x's memory
+    format; ``sqrt(C) * gamma`` is folded into one (C,) vector first."""
+    acc = compute_dtype(x.dtype)
+    gain = (cast(weight, acc) * x.shape[1] ** 0.5).reshape((1, -1) + (1,) * (x.dim() - 2))
+    y = F.normalize(cast(x, acc), dim=1, eps=eps) * gain
+    return cast(F.silu(y) if silu else y, x.dtype)
+
+
+register_torch_backend("rms_norm_silu", rms_norm_silu_torch)
 
 
 if triton_missing() is None:

@@ -4,17 +4,20 @@ Semantics in :mod:`fastdit.reference.rope3d`. Backward is the rotation by the co
 the same op with ``conjugate=True``.
 """
 
+import threading
+from collections import OrderedDict
+
 import torch
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
 from fastdit.ops import dispatch
-from fastdit.ops._common import as_packed, last_dim_contiguous
-from fastdit.ops._registry import interpreter_fake, register_triton_backend, signature, typed
+from fastdit.ops._common import as_packed, as_shape, cast, compute_dtype, last_dim_contiguous, rms_rows
+from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend, signature, typed
 from fastdit.ops.dispatch import Backend, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_grid_thw, check_same_dtype, check_tensor, check_token_offset
 from fastdit.reference.modulation import rms_norm_ref
-from fastdit.reference.rope3d import rope3d_ref, wan_axes_dim
+from fastdit.reference.rope3d import rope3d_angles, rope3d_ref, wan_axes_dim
 
 # ---- the custom ops' signatures, written once -------------------------------------------------
 # Every backend registers the same four ops from these signatures (fastdit::rope3d_<backend>, rope3d_qk_<backend>, and
@@ -92,6 +95,109 @@ _reference = _define("reference", {"rope3d": _rope_ref, "rope3d_qk": _rope_qk_re
 rope3d_reference, rope3d_qk_reference = _reference["rope3d"], _reference["rope3d_qk"]
 for _op, _fn in _reference.items():
     register_backend(Backend(_op, "reference", _fn, devices=None, dtypes=FLOAT_DTYPES))
+
+
+# ---- torch backend: a cached rotation table and one complex multiply ---------------------------
+# The table of a (grid, boundaries, offsets) depends on nothing else, and a DiT rotates q and k of
+# every layer and every step with the same one: on CPUs (where reading the few integers that key
+# it costs no device sync) it is built once, with the reference's precision (float64 angles,
+# cos / sin rounded to the rotation dtype), and kept in a small LRU. While compiling, or on other
+# devices, it is rebuilt per call from the tensors (traceable, no host read).
+
+ROPE_TABLE_CACHE_SIZE = 16
+_tables: OrderedDict = OrderedDict()
+_tables_lock = threading.Lock()
+
+
+def _rope_table(grid_thw, cu_seqlens, token_offset, total, theta, axes_dim, dtype):
+    """``(cos, sin, cis)`` of every (token, pair)'s angle: ``(total, 1, sum(axes_dim) / 2)`` in
+    ``dtype``, and ``cos + i sin`` as a complex tensor for the eager complex multiply (None while
+    compiling, where inductor has no complex codegen, and off CPUs)."""
+
+    def build(grid, cu, offset):
+        angle = rope3d_angles(grid, cu, total, theta=theta, axes_dim=axes_dim, token_offset=offset)
+        return angle.cos().to(dtype)[:, None, :], angle.sin().to(dtype)[:, None, :]
+
+    if torch.compiler.is_compiling() or grid_thw.device.type != "cpu":
+        return (*build(grid_thw, cu_seqlens, token_offset), None)
+    key = (
+        tuple(grid_thw.flatten().tolist()),
+        tuple(cu_seqlens.tolist()),
+        None if token_offset is None else tuple(token_offset.tolist()),
+        total,
+        theta,
+        tuple(axes_dim),
+        dtype,
+    )
+    with _tables_lock:
+        table = _tables.get(key)
+        if table is not None:
+            _tables.move_to_end(key)
+            return table
+    # From host copies of the keys, outside inference mode and autograd: plain tensors that any
+    # later call may save for backward, whatever mode the first call ran in.
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = build(
+            torch.tensor(key[0], dtype=torch.int64).view(-1, 3),
+            torch.tensor(key[1], dtype=torch.int64),
+            None if key[2] is None else torch.tensor(key[2], dtype=torch.int64),
+        )
+        table = (cos, sin, torch.complex(cos, sin))
+    with _tables_lock:
+        _tables[key] = table
+        while len(_tables) > ROPE_TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    return table
+
+
+def _whole_pairs(x: torch.Tensor) -> bool:
+    """Whether ``view_as_complex`` can view x's last dim as (re, im) pairs in place."""
+    return x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
+
+
+def _rotate_torch(x, table, interleaved, conjugate):
+    """``x (total, H, D)`` rotated by ``table``: its (2i, 2i+1) pairs as one complex multiply
+    (eager) or the real formula (compiled, strided), or its (i, i + D/2) halves; math in the
+    table's dtype, result in x.dtype."""
+    cos, sin, cis = table
+    if conjugate:
+        sin, cis = -sin, None if cis is None else cis.conj()
+    xf = cast(x, compute_dtype(x.dtype))
+    if interleaved:
+        if cis is not None and _whole_pairs(xf):
+            return cast(torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cis).flatten(-2), x.dtype)
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        return cast(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2), x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return cast(torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1), x.dtype)
+
+
+def _rope_torch(x, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
+    table = _rope_table(grid_thw, cu_seqlens, token_offset, x.shape[0], theta, axes_dim, compute_dtype(x.dtype))
+    return _rotate_torch(x, table, interleaved, conjugate)
+
+
+def _rope_qk_torch(q, k, grid_thw, cu_seqlens, token_offset, theta, axes_dim, interleaved, conjugate):
+    table = _rope_table(grid_thw, cu_seqlens, token_offset, q.shape[0], theta, axes_dim, compute_dtype(q.dtype))
+    return _rotate_torch(q, table, interleaved, conjugate), _rotate_torch(k, table, interleaved, conjugate)
+
+
+def _rope_qk_norm_torch(q, k, q_weight, k_weight, eps, grid_thw, cu_seqlens, token_offset, theta, axes_dim,
+                        interleaved):  # fmt: skip
+    """RMSNorm across heads (rounded to the dtype, as the unfused pair), then the rotation."""
+    acc = compute_dtype(q.dtype)
+
+    def norm(x, weight):
+        return cast(rms_rows(cast(x.reshape(x.shape[0], -1), acc), cast(weight, acc), eps), x.dtype).view(x.shape)
+
+    return _rope_qk_torch(norm(q, q_weight), norm(k, k_weight), grid_thw, cu_seqlens, token_offset, theta, axes_dim,
+                          interleaved, False)  # fmt: skip
+
+
+register_torch_backend("rope3d", _rope_torch)
+register_torch_backend("rope3d_qk", _rope_qk_torch)
+register_torch_backend("rope3d_qk_norm", _rope_qk_norm_torch)
 
 
 # ---- triton backend: kernels/rope3d.py ----------------------------------------------------------
@@ -303,7 +409,7 @@ def rope3d(
     if inplace and _can_write_in_place(impl, x):
         impl.inplace(packed, *args)
         return x
-    out = impl.forward(packed, *args).view(x.shape)
+    out = as_shape(impl.forward(packed, *args), x.shape)
     return x.copy_(out) if inplace else out
 
 
@@ -342,7 +448,7 @@ def rope3d_qk(
     check_same_dtype(("q", "k"), (q, k))
     if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in every dim but the head count")
-    packed_k = k.reshape(packed_q.shape[0], *k.shape[-2:])
+    packed_k = as_shape(k, (packed_q.shape[0], *k.shape[-2:]))
     if q_norm_weight is not None or k_norm_weight is not None:
         return _rope3d_qk_norm(
             q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta, axes, interleaved, inplace,
@@ -358,7 +464,7 @@ def rope3d_qk(
         impl.inplace(packed_q, packed_k, *args)
         return q, k
     out_q, out_k = impl.forward(packed_q, packed_k, *args)
-    out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
+    out_q, out_k = as_shape(out_q, q.shape), as_shape(out_k, k.shape)
     if inplace:
         return q.copy_(out_q), k.copy_(out_k)
     return out_q, out_k
@@ -385,7 +491,7 @@ def _rope3d_qk_norm(q, k, packed_q, packed_k, grid_thw, cu, token_offset, theta,
     out_q, out_k = impl.forward(
         packed_q, packed_k, q_weight, k_weight, float(eps), grid_thw, cu, token_offset, float(theta), axes, interleaved
     )
-    out_q, out_k = out_q.view(q.shape), out_k.view(k.shape)
+    out_q, out_k = as_shape(out_q, q.shape), as_shape(out_k, k.shape)
     if inplace:
         return q.copy_(out_q), k.copy_(out_k)
     return out_q, out_k

@@ -21,10 +21,14 @@ _state = threading.local()
 
 @contextmanager
 def values_checked():
-    """Within this block (this thread), ops skip their value checks: the caller has done them.
+    """Within this block (this thread), ops skip their checks of a batch's index tensors: the
+    caller has done them.
 
     The DiT validates its PackedBatch once per forward instead of once per op call, which on a
-    GPU saves a dozen host syncs per layer. Shape, dtype and device checks still run.
+    GPU saves a dozen host syncs per layer (and on a CPU the checks' Python time, which at small
+    sizes rivals the math). Skipped: ``cu_seqlens`` / ``grid_thw`` / ``token_offset`` /
+    ``max_seqlen``, shapes and values alike (what :meth:`PackedBatch.validate` covers, or what an
+    op derives itself from a dense shape). The activations' shape, dtype and device checks still run.
     """
     previous = getattr(_state, "trusted", False)
     _state.trusted = True
@@ -44,7 +48,7 @@ def check_values_enabled(*tensors: torch.Tensor) -> bool:
     """Whether to read the values of ``tensors`` back for a check: not while compiling, not
     inside :func:`values_checked`, not with ``FASTDIT_CHECK_INPUTS=0``, and never for meta or
     fake tensors (shape propagation), which have no values to read."""
-    if torch.compiler.is_compiling() or getattr(_state, "trusted", False):
+    if getattr(_state, "trusted", False) or torch.compiler.is_compiling():
         return False
     if any(t.device.type == "meta" or is_fake(t) for t in tensors):
         return False
@@ -89,6 +93,8 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device, *,
 
     ``min_len=1`` also rejects empty samples (attention has no defined output for them).
     """
+    if getattr(_state, "trusted", False):
+        return cu
     check_tensor(name, cu, ndims=(1,), dtypes=(torch.int32,), device=device)
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have B+1 >= 2 entries, got shape {tuple(cu.shape)}")
@@ -108,6 +114,8 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device, *,
 
 
 def check_max_seqlen(name: str, max_seqlen: object, cu: torch.Tensor) -> int:
+    if getattr(_state, "trusted", False):
+        return max_seqlen
     if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
         raise TypeError(f"{name} must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
@@ -125,6 +133,8 @@ def check_grid_thw(grid_thw: object, cu: torch.Tensor) -> torch.Tensor:
     t*h*w need not equal a sample's length: tokens beyond t*h*w get no rotation, and a sample may
     hold fewer tokens than t*h*w (a shard of a longer sequence, placed by token_offset).
     """
+    if getattr(_state, "trusted", False):
+        return grid_thw
     check_tensor("grid_thw", grid_thw, ndims=(2,), dtypes=(torch.int32, torch.int64), device=cu.device)
     batch = cu.shape[0] - 1
     if grid_thw.shape != (batch, 3):
@@ -146,8 +156,8 @@ def check_grid_thw(grid_thw: object, cu: torch.Tensor) -> torch.Tensor:
 
 
 def check_token_offset(token_offset: object, batch: int, device: torch.device) -> torch.Tensor | None:
-    if token_offset is None:
-        return None
+    if token_offset is None or getattr(_state, "trusted", False):
+        return token_offset
     check_tensor("token_offset", token_offset, ndims=(1,), dtypes=(torch.int32, torch.int64), device=device)
     if token_offset.shape[0] != batch:
         raise ValueError(f"token_offset must have shape (B,) = ({batch},), got {tuple(token_offset.shape)}")

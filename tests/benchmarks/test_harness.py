@@ -79,3 +79,50 @@ def test_bench_exits_non_zero_when_a_provider_is_wrong(tmp_path, monkeypatch, ca
         "torch-ncdhw",
         "torch-channels-last",
     }
+
+
+def test_providers_are_timed_round_robin_with_the_order_rotating():
+    """Catches timing one provider's whole window after another's (a neighbour's pause then lands
+    on one provider only): every round calls each provider once, starting one further along."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = harness.time_interleaved(fns, CPU, warmup=1, min_rounds=3, max_rounds=3, budget_s=0.0)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up, in order
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    stats = harness.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats["ms"] == 3.0 and stats["runs"] == 5 and stats["spread_pct"] == pytest.approx(100 * 2 / 3, rel=1e-3)
+
+
+def test_memory_bound_rows_are_held_to_a_copy_of_their_own_bytes(tmp_path):
+    """Catches pct_of_copy against a copy of other bytes (a 256 MiB DRAM copy for a 256 KiB
+    cache-resident op gave rows of 535%): the copy runs in the same rounds, on the same bytes."""
+    report = Report("unit", CPU, CEILINGS)
+    x = torch.randn(1 << 16)
+    nbytes = 2 * x.numel() * 4
+    slow = harness.Candidate("eager", lambda: (x * 2).mul_(1.0), nbytes=nbytes)
+    rows = report.compare("s", [slow], reference=x * 2, tolerance=1e-6, copy_bytes=nbytes,
+                          timing={"budget_s": 0.05})  # fmt: skip
+    copy, eager = rows["copy"], rows["eager"]
+    assert copy["pct_of_copy"] == 100.0 and copy["gbps"] > 0
+    assert eager["pct_of_copy"] == pytest.approx(100 * eager["copy_same_bytes_ms"] / eager["ms"], rel=2e-3)
+    assert eager["runs"] >= 5 and "spread_pct" in eager
+    fake = report.add("too-fast", "s", 0.5 * copy["ms"], nbytes=nbytes, copy_ms=copy["ms"])
+    assert fake["pct_of_copy"] > 100 and "faster than a copy" in fake["note"]
+
+
+def test_a_result_says_where_it_came_from():
+    env = harness.environment(CPU)
+    assert env["threads"] == torch.get_num_threads() and env["versions"]["fastdit"]
+    assert "loadavg_start" in env and isinstance(env.get("cpu_caches"), dict)
+    saved = Report("unit", CPU, CEILINGS).to_json()
+    assert "loadavg_end" in saved["environment"]
+
+
+def test_only_backends_the_dispatcher_may_pick_are_contenders(capsys):
+    """Catches rows for paths nobody gets: the reference oracle, and Triton's CPU interpreter
+    (selectable only when forced), are never timed as fastdit's speed."""
+    inputs = {"device": CPU, "dtype": torch.float32, "head_dim": 64, "causal": False}
+    names = harness.selectable_backends("varlen_attention", inputs)
+    assert "reference" not in names and "triton" not in names and names == ["torch"]
+    assert harness.selectable_backends("causal_conv3d", {"device": CPU, "dtype": torch.float32}) == ["cudnn"]

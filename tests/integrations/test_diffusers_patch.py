@@ -17,6 +17,10 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from tests.models.test_dit_diffusers_parity import make_wan  # noqa: E402
 
 TRANSFORMER_OPS = {"attention", "rope3d_qk_norm", "adaln_modulate", "gated_residual", "gated_residual_modulate"}
+# On a CPU, patch() without a backend runs the transformer on diffusers' own code (fastdit has no
+# kernel there: test_default_patch_on_cpu_runs_diffusers_own_code). The tests of the patched path
+# itself force fastdit's torch backend, so that it is fastdit's code they check on this machine.
+FASTDIT_PATH = "torch"
 VAE_OPS = {"causal_conv3d", "rms_norm_silu"}
 
 
@@ -81,7 +85,7 @@ def test_patched_transformer_matches_and_unpatch_restores_bitwise(cross_attn_nor
     before = instance_state(wan)
     with torch.no_grad():
         expect = wan(x, t, text).sample
-        changes = fastdit.patch(wan)
+        changes = fastdit.patch(wan, backend=FASTDIT_PATH)
         assert len(changes) == 4 and any("attention processors" in c for c in changes)
         op_calls.clear()
         got = wan(x, t, text).sample
@@ -108,7 +112,7 @@ def test_each_part_alone(flags, expect_ops, op_calls):
     x, t, text = torch.randn(1, 4, 3, 6, 10), torch.tensor([300.0]), torch.randn(1, 5, 16)
     with torch.no_grad():
         expect = wan(x, t, text).sample
-        fastdit.patch(wan, vae=False, **flags)
+        fastdit.patch(wan, vae=False, backend=FASTDIT_PATH, **flags)
         op_calls.clear()
         got = wan(x, t, text).sample
         fastdit.unpatch(wan)
@@ -196,13 +200,45 @@ def test_patched_pipeline_is_called_unchanged():
                     output_type="pt").frames  # fmt: skip
 
     expect = run()
-    changes = fastdit.patch(pipe)
+    changes = fastdit.patch(pipe, backend=FASTDIT_PATH)
     assert [c.split(":")[0].split(".")[0] for c in changes] == ["transformer"] * 4 + ["vae"]
     got = run()
     fastdit.unpatch(pipe)
     assert got.shape == expect.shape == (1, 5, 3, 32, 48)
     assert rel_err(got, expect) <= 1e-5
     assert torch.equal(run(), expect)
+
+
+def test_default_patch_on_cpu_runs_diffusers_own_code(op_calls, caplog):
+    """Catches a patch that makes a model slower where fastdit has no kernel: on a CPU the
+    dispatcher's choice is PyTorch's own ops, so the patched transformer runs diffusers' code
+    (bitwise the unpatched output), records that choice in the trace and says so once; the VAE
+    runs fastdit's CausalVAE (its oneDNN convs are the faster path on CPUs)."""
+    import logging
+
+    from fastdit.integrations.diffusers import _log_native_once
+
+    _log_native_once.cache_clear()  # said once per process: make this test's call the first
+    wan = make_wan()
+    x, t, text = torch.randn(1, 4, 3, 6, 10), torch.tensor([300.0]), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        expect = wan(x, t, text).sample
+        fastdit.patch(wan)
+        try:
+            with caplog.at_level(logging.INFO, logger="fastdit"):
+                op_calls.clear()
+                got = wan(x, t, text).sample
+                assert dict(op_calls.log) == {
+                    "adaln_modulate": "torch",
+                    "rope3d_qk_norm": "torch",
+                    "attention": "torch",
+                }
+                wan(x, t, text)
+        finally:
+            fastdit.unpatch(wan)
+    assert torch.equal(got, expect)
+    said = [r.getMessage() for r in caplog.records if "no fastdit kernel runs" in r.getMessage()]
+    assert len(said) == len(set(said)) and any("adaln_modulate on cpu" in m for m in said)
 
 
 @pytest.mark.bad_input
@@ -236,10 +272,10 @@ def test_patched_forward_skips_the_ops_value_checks(monkeypatch, op_calls, flags
 
     monkeypatch.setattr(validation, "check_values_enabled", spy)
     wan = make_wan()
-    fastdit.patch(wan, **flags)
+    fastdit.patch(wan, backend=FASTDIT_PATH, **flags)
     with torch.no_grad():
         wan(torch.randn(1, 4, 3, 6, 6), torch.tensor([5.0]), torch.randn(1, 3, 16))
-    assert "rope3d_qk_norm" in op_calls and checked and not any(checked)
+    assert "rope3d_qk_norm" in op_calls and not any(checked)  # no op read a boundary back
     with pytest.raises(ValueError, match="smaller than the patch size"):
         with torch.no_grad():
             wan(torch.randn(1, 4, 3, 1, 6), torch.tensor([5.0]), torch.randn(1, 3, 16))
@@ -308,7 +344,7 @@ def test_a_patched_module_saves_loads_and_converts_as_unpatched(case, tmp_path):
     module, run = case()
     twin = copy.deepcopy(module)
     keys, names = list(module.state_dict()), [n for n, _ in module.named_parameters()]
-    fastdit.patch(module)
+    fastdit.patch(module, backend=FASTDIT_PATH)
     with torch.no_grad():
         assert list(module.state_dict()) == keys  # each tensor once, under diffusers' name
         assert [n for n, _ in module.named_parameters()] == names
@@ -352,7 +388,7 @@ def test_a_patched_module_runs_under_accelerate_offload_hooks(case):
     module, run = case()
     with torch.no_grad():
         expect = run(module)
-        fastdit.patch(module)
+        fastdit.patch(module, backend=FASTDIT_PATH)
         accelerate.cpu_offload(module, execution_device=torch.device("cpu"))  # weights on meta between calls
         assert any(p.device.type == "meta" for p in module.parameters())
         got = run(module)
@@ -383,7 +419,7 @@ def test_a_patched_pipeline_saves_reloads_and_offloads_as_unpatched(offload, tmp
     pipe, twin = _pipeline(), _pipeline()
     twin.vae.load_state_dict(pipe.vae.state_dict())
     twin.transformer.load_state_dict(pipe.transformer.state_dict())
-    fastdit.patch(pipe)
+    fastdit.patch(pipe, backend=FASTDIT_PATH)
     if offload is None:
         pipe.save_pretrained(tmp_path / "pipe")
         loaded = WanPipeline.from_pretrained(tmp_path / "pipe", tokenizer=None, text_encoder=None, transformer_2=None)
@@ -423,7 +459,7 @@ def test_patched_image_to_video_pipeline_equals_unpatched():
                     generator=torch.Generator().manual_seed(0), output_type="pt").frames  # fmt: skip
 
     expect = run()
-    fastdit.patch(pipe)
+    fastdit.patch(pipe, backend=FASTDIT_PATH)
     try:
         got = run()
     finally:
@@ -447,7 +483,7 @@ def test_patched_two_expert_pipeline_equals_unpatched():
                     generator=torch.Generator().manual_seed(0), output_type="pt").frames  # fmt: skip
 
     expect = run()
-    changes = fastdit.patch(pipe)
+    changes = fastdit.patch(pipe, backend=FASTDIT_PATH)
     assert any(c.startswith("transformer_2") for c in changes) and any(c.startswith("transformer.") for c in changes)
     try:
         got = run()

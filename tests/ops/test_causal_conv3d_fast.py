@@ -254,20 +254,20 @@ def test_measured_policy_picks_the_backend_per_shape(tmp_path):
     x, weight = torch.randn(1, 4, 3, 5, 5), torch.randn(6, 4, 3, 3, 3)
     chosen = policy_key(4, 6, (3, 3, 3), (1, 1, 1), 1, torch.float32)
     path = tmp_path / "policy.json"
-    path.write_text(json.dumps({"device_type": "cpu", "choices": {chosen: "cudnn"}}))
+    path.write_text(json.dumps({"device_type": "cpu", "choices": {chosen: "reference"}}))
     inputs = lambda w: {"device": x.device, "dtype": x.dtype, "kernel": tuple(w.shape[2:]), "stride": [1, 1, 1],  # noqa: E731
                         "cin": 4, "cout": w.shape[0], "upsample": 1}  # fmt: skip
     try:
         use_policy(load_policy(str(path)))
-        assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "cudnn"  # measured winner
+        assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "reference"  # the policy's pick
         other = torch.randn(5, 4, 3, 3, 3)
-        assert dispatch.select_backend("causal_conv3d", inputs(other)).name == "reference"  # not in the policy
-        assert dispatch.select_backend("causal_conv3d", inputs(weight), "reference").name == "reference"  # forced
+        assert dispatch.select_backend("causal_conv3d", inputs(other)).name == "cudnn"  # not in the policy: priority
+        assert dispatch.select_backend("causal_conv3d", inputs(weight), "cudnn").name == "cudnn"  # forced
         y, _ = ops.causal_conv3d(x, weight, padding=(1, 1))
         torch.testing.assert_close(y, ops.causal_conv3d(x, weight, padding=(1, 1), backend="reference")[0])
     finally:
         use_policy(load_policy())
-    assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "reference"
+    assert dispatch.select_backend("causal_conv3d", inputs(weight)).name == "cudnn"
     path.write_text(json.dumps({"choices": {}}))
     with pytest.raises(ValueError, match="device_type"):
         load_policy(str(path))

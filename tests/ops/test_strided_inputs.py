@@ -264,7 +264,9 @@ def _variants(name, t):
 
 def _params():
     for case_id, make, call, grad_args, extra in CASES:
-        for backend in ("reference", "triton", *extra):
+        # every op but the conv (whose PyTorch path is "cudnn") has a torch backend: the CPU default
+        native = () if case_id == "causal_conv3d" else ("torch",)
+        for backend in ("reference", *native, "triton", *extra):
             yield pytest.param(make, call, grad_args, backend, id=f"{case_id}-{backend}", marks=MARKS.get(backend, ()))
 
 
