@@ -12,13 +12,14 @@ for _name in [k for k in os.environ if k.startswith("FASTDIT_") and k != "FASTDI
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Backends the CPU tests sweep; Triton is skipped where it is not installed.
+# Backends the CPU tests sweep (torch: PyTorch's own ops, the CPU default); Triton is skipped
+# where it is not installed.
 try:
     import triton  # noqa: F401
 
-    CPU_BACKENDS = ["reference", "triton"]
+    CPU_BACKENDS = ["reference", "torch", "triton"]
 except ImportError:
-    CPU_BACKENDS = ["reference"]
+    CPU_BACKENDS = ["reference", "torch"]
 
 
 # Triton kernels run on CPU tensors only under the interpreter (the default without a GPU).
