@@ -42,7 +42,11 @@ NORM_SHAPES = [(96, 4, 480, 832), (384, 4, 60, 104)]
 CPU_NORM_SHAPES = [(96, 2, 60, 104)]
 
 
+PARTS = ("conv3d", "rms_norm_silu")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae-ops", default=",".join(PARTS), help=f"vae_ops: comma list of {PARTS}")
     parser.add_argument("--conv-shapes", default=None, help="vae_ops: CIN,COUT,T,H,W[;...] conv3d shapes")
     parser.add_argument(
         "--conv-policy-out", default=None,
@@ -111,10 +115,16 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
 def run(args: argparse.Namespace, device: torch.device) -> Report:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    parts = [p.strip() for p in args.vae_ops.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown vae ops {unknown}; choose from {PARTS}")
     report = Report("vae_ops", device, measure_ceilings(device, quick=args.quick))
     budget_s = 0.3 if args.quick else 2.0
     gen = torch.Generator().manual_seed(0)
     shapes = _parse_shapes(args.conv_shapes) if args.conv_shapes else (CONV_SHAPES if cuda else CPU_CONV_SHAPES)
+    if "conv3d" not in parts:
+        shapes = []
     if args.quick and cuda and not args.conv_shapes:
         shapes = [s for s in shapes if s[0] * s[2] * s[3] * s[4] < 100_000_000]  # the 96-channel 480p shape is 614M
     contenders = selectable_backends("causal_conv3d", {"device": device, "dtype": dtype})
@@ -158,7 +168,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
 
     compiled = torch.compile(_wan_norm_silu)
     norm_backends = selectable_backends("rms_norm_silu", {"device": device, "dtype": dtype})
-    for channels, frames, height, width in NORM_SHAPES if cuda else CPU_NORM_SHAPES:
+    norm_shapes = (NORM_SHAPES if cuda else CPU_NORM_SHAPES) if "rms_norm_silu" in parts else []
+    for channels, frames, height, width in norm_shapes:
         x = torch.randn(1, channels, frames, height, width, generator=gen).to(device, dtype)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         gamma = torch.ones(channels, 1, 1, 1, device=device, dtype=dtype)

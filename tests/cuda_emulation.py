@@ -9,6 +9,7 @@ about half a minute to build on two cores, nothing when the sources have not cha
 Only for a process without the real ``fastdit._C`` (both define the ``fastdit`` op library).
 """
 
+import fcntl
 import hashlib
 import importlib
 import os
@@ -72,6 +73,15 @@ def build() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time (the test workers of one run all want it): the others wait, then load it.
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build(target)
+    return target
+
+
+def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects, jobs = [], []
         for src in _sources():
@@ -90,7 +100,6 @@ def build() -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"linking the CUDA emulation failed:\n{done.stderr}")
         os.replace(Path(tmp) / "lib.so", target)
-    return target
 
 
 @lru_cache(maxsize=1)

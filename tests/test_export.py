@@ -1,6 +1,8 @@
 """ONNX export (DiT and VAE decoder): checker, TensorRT-parsable ops, onnxruntime parity at several
 sizes from one file; the CLI; the TensorRT path where tensorrt imports (it does not here)."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +34,10 @@ def rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def dit_onnx(tmp_path_factory):
+    """One export for the file's DiT tests, its weights in a side file (what a model past
+    protobuf's 2 GiB gets): the parity and graph tests read it as a user's big model would."""
     model = random_dit()
-    path = to_onnx(model, tmp_path_factory.mktemp("onnx") / "dit.onnx")
+    path = to_onnx(model, tmp_path_factory.mktemp("onnx") / "dit.onnx", external_data=True)
     return model, path
 
 
@@ -70,11 +74,12 @@ def test_dit_onnx_graph_is_standard_and_tensorrt_parsable(dit_onnx):
     assert not {"Attention", "Loop", "If"} & set(ops)
 
 
-def test_external_weights_for_big_models(tmp_path):
-    model = random_dit()
-    path = to_onnx(model, tmp_path / "big.onnx", external_data=True)
-    side = [p for p in tmp_path.iterdir() if p.name != "big.onnx"]
-    assert [p.name for p in side] == ["big.onnx.data"] and side[0].stat().st_size > 100_000  # weights beside it
+def test_external_weights_for_big_models(dit_onnx):
+    model, path = dit_onnx
+    path = pathlib.Path(path)  # to_onnx returns the path as a string
+    side = [p for p in path.parent.iterdir() if p.name != "dit.onnx"]
+    assert [p.name for p in side] == ["dit.onnx.data"] and side[0].stat().st_size > 100_000  # weights beside it
+    assert path.stat().st_size < side[0].stat().st_size  # the graph alone in the .onnx
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x, t, text = torch.randn(1, 16, 2, 4, 4), torch.tensor([5.0]), torch.randn(1, 4, 32)
     with torch.no_grad():

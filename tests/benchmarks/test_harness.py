@@ -68,7 +68,7 @@ def test_bench_exits_non_zero_when_a_provider_is_wrong(tmp_path, monkeypatch, ca
     monkeypatch.setattr(vae_ops, "ops", wrong)
     monkeypatch.setattr(harness, "AUTOSAVE_DIR", None)
     code = main(["bench", "--suite", "vae_ops", "--device", "cpu", "--quick", "--out", str(tmp_path),
-                 "--conv-shapes", "4,4,2,5,6"])  # fmt: skip
+                 "--conv-shapes", "4,4,2,5,6", "--vae-ops", "conv3d"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
     assert "FAILED rows" in err and "fastdit-cudnn conv3d" in err

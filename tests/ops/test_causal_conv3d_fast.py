@@ -279,7 +279,7 @@ def test_vae_ops_benchmark_writes_a_loadable_policy(tmp_path):
 
     out = tmp_path / "policy.json"
     args = ["bench", "--suite", "vae_ops", "--device", "cpu", "--quick", "--out", str(tmp_path),
-            "--conv-shapes", "8,16,2,6,10;4,8,1,5,5", "--conv-policy-out", str(out)]  # fmt: skip
+            "--conv-shapes", "8,16,2,6,10;4,8,1,5,5", "--conv-policy-out", str(out), "--vae-ops", "conv3d"]  # fmt: skip
     assert main(args) == 0
     policy = load_policy(str(out))
     assert policy["device_type"] == "cpu"

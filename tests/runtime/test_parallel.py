@@ -34,15 +34,25 @@ CONFIGS = {
 }
 
 
+def _context():
+    """Processes forked from one server that imported torch, fastdit and this file once: each rank
+    starts in milliseconds instead of re-importing everything (seconds per rank on two cores). The
+    server is single-threaded, so its forks are safe, unlike forks of a test process."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def make_model(backend="reference"):
+def make_model(backend="reference", num_layers=None):
     torch.manual_seed(0)
-    model = DiT(preset("tiny").replace(num_heads=3, head_dim=16), backend=backend)
+    config = preset("tiny").replace(num_heads=3, head_dim=16)
+    model = DiT(config if num_layers is None else config.replace(num_layers=num_layers), backend=backend)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -64,56 +74,120 @@ def _init(rank, world, port, timeout_s=60):
     torch.set_num_threads(1)
 
 
-def _parity_worker(rank, world, port, backend="reference", configs=None):
-    _init(rank, world, port)
+# ---- one set of ranks per world size, for the file -------------------------------------------------
+# Each spawned rank imports torch and fastdit (seconds on a 2-core machine): the tests whose ranks
+# all come back healthy share one spawned world per size (2, 3, 4 ranks), started at its first use
+# and kept for the file. The tests that kill or hang a rank keep processes of their own.
+
+
+def _pool_worker(rank, size, port, inbox, outbox):
+    _init(rank, size, port)
     try:
-        for cfg, ulysses, ring in configs or CONFIGS[world]:
-            model = make_model(backend)
-            reference = copy.deepcopy(model)
-            batch = make_batch(cfg)
-            weight = torch.randn(batch.tokens.shape[0], 64, generator=torch.Generator().manual_seed(2))
-            expect = reference.forward_packed(batch)
-            (expect * weight).sum().backward()
-            sp = apply_sequence_parallel(model, ulysses=ulysses, ring=ring, cfg=cfg)
-            out = sp.forward_packed(batch)
-            where = f"rank {rank}, cfg={cfg} ulysses={ulysses} ring={ring}"
-            err = ((out - expect).norm() / expect.norm()).item()
-            assert out.shape == expect.shape and err <= 1e-5, f"{where}: output error {err}"
-            (out * weight).sum().backward()
-            all_reduce_gradients(model)
-            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                gerr = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
-                assert gerr <= 1e-4, f"{where}: gradient of {name} error {gerr}"
-            with torch.no_grad():
-                # the wrapped model still works on its own (single process, plain attention) ...
-                alone = model.forward_packed(batch)
-                assert ((alone - expect).norm() / expect.norm()).item() <= 1e-5, f"{where}: model alone"
-                # ... and the wrapper takes DiT.forward's dense call
-                latents = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(3))
-                text, timestep = torch.randn(2, 5, 32), torch.tensor([3.0, 700.0])
-                dense, want = sp(latents, timestep, text), reference(latents, timestep, text)
-                assert dense.shape == want.shape, f"{where}: dense shape {tuple(dense.shape)}"
-                assert ((dense - want).norm() / want.norm()).item() <= 1e-5, f"{where}: dense call"
+        while (task := inbox.get()) is not None:
+            name, args = task
+            try:
+                outbox.put((rank, "ok", SCENARIOS[name](rank, *args)))
+            except BaseException:  # noqa: BLE001 - the test reports every rank's traceback
+                outbox.put((rank, traceback.format_exc(), None))
     finally:
         dist.destroy_process_group()
 
 
+class RankPool:
+    """``size`` spawned ranks in one gloo world; ``run(name, *args)`` runs ``SCENARIOS[name]`` on
+    every rank and returns each rank's result, raising with the tracebacks of ranks that failed."""
+
+    def __init__(self, size: int):
+        ctx = _context()
+        port = free_port()
+        self.size = size
+        self.inboxes, self.outbox = [ctx.Queue() for _ in range(size)], ctx.Queue()
+        self.procs = [ctx.Process(target=_pool_worker, args=(rank, size, port, self.inboxes[rank], self.outbox))
+                      for rank in range(size)]  # fmt: skip
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, name: str, *args, timeout_s: float = 600) -> list:
+        for inbox in self.inboxes:
+            inbox.put((name, args))
+        replies = sorted(self.outbox.get(timeout=timeout_s) for _ in range(self.size))
+        failed = [f"rank {rank}:\n{status}" for rank, status, _ in replies if status != "ok"]
+        assert not failed, "\n".join(failed)
+        return [value for _, _, value in replies]
+
+    def close(self):
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """``ranks(world)``: the file's pool of ``world`` ranks (spawned at its first use)."""
+    pools: dict[int, RankPool] = {}
+
+    def get(world: int) -> RankPool:
+        if world not in pools:
+            pools[world] = RankPool(world)
+        return pools[world]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+def _parity(rank, world, backend="reference", configs=None, num_layers=None):
+    """Every (cfg, ulysses, ring) of ``configs`` on a world of ``world`` ranks: output and gradients
+    against the single-process model, the model alone, and the dense call."""
+    for cfg, ulysses, ring in configs or CONFIGS[world]:
+        model = make_model(backend, num_layers)
+        reference = make_model("reference", num_layers)  # the oracle, on the same weights
+        batch = make_batch(cfg)
+        weight = torch.randn(batch.tokens.shape[0], 64, generator=torch.Generator().manual_seed(2))
+        expect = reference.forward_packed(batch)
+        (expect * weight).sum().backward()
+        sp = apply_sequence_parallel(model, ulysses=ulysses, ring=ring, cfg=cfg)
+        out = sp.forward_packed(batch)
+        where = f"rank {rank}, cfg={cfg} ulysses={ulysses} ring={ring}"
+        err = ((out - expect).norm() / expect.norm()).item()
+        assert out.shape == expect.shape and err <= 1e-5, f"{where}: output error {err}"
+        (out * weight).sum().backward()
+        all_reduce_gradients(model)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            gerr = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
+            assert gerr <= 1e-4, f"{where}: gradient of {name} error {gerr}"
+        with torch.no_grad():
+            # the wrapped model still works on its own (single process, plain attention) ...
+            alone = model.forward_packed(batch)
+            assert ((alone - expect).norm() / expect.norm()).item() <= 1e-5, f"{where}: model alone"
+            # ... and the wrapper takes DiT.forward's dense call
+            latents = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+            text, timestep = torch.randn(2, 5, 32), torch.tensor([3.0, 700.0])
+            dense, want = sp(latents, timestep, text), reference(latents, timestep, text)
+            assert dense.shape == want.shape, f"{where}: dense shape {tuple(dense.shape)}"
+            assert ((dense - want).norm() / want.norm()).item() <= 1e-5, f"{where}: dense call"
+    return "ok"
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_sequence_parallel_matches_single_process(world):
-    mp.spawn(_parity_worker, args=(world, free_port()), nprocs=world, join=True)
+def test_sequence_parallel_matches_single_process(ranks, world):
+    assert ranks(world).run("parity", world) == ["ok"] * world
 
 
 @pytest.mark.triton_cpu
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs the interpreter")
-def test_sequence_parallel_on_triton_kernels():
-    """Ring and Ulysses over the Triton attention (forward, LSE, backward) and RoPE kernels."""
-    mp.spawn(_parity_worker, args=(2, free_port(), "triton", [(1, 1, 2), (1, 2, 1)]), nprocs=2, join=True)
+def test_sequence_parallel_on_triton_kernels(ranks):
+    """Ring and Ulysses over the Triton attention (forward, LSE, backward) and RoPE kernels: one
+    block (the interpreter's time grows with every layer; a layer's collectives are the same)."""
+    assert ranks(2).run("parity", 2, "triton", [(1, 1, 2), (1, 2, 1)], 1) == ["ok", "ok"]
 
 
-def _mismatch_worker(rank, world, port, kinds, queue):
-    """Each kind in turn on one process group: a mismatch raises on every rank before any
+def _mismatch(rank, kinds):
+    """Each kind in turn on one group of two ranks: a mismatch raises on every rank before any
     collective of the forward, so the group stays usable for the next kind."""
-    _init(rank, world, port, timeout_s=30)
     results = []
     for kind in kinds:
         try:
@@ -131,8 +205,7 @@ def _mismatch_worker(rank, world, port, kinds, queue):
             results.append((kind, "no error"))
         except Exception as err:  # noqa: BLE001 - the test inspects what every rank raised
             results.append((kind, f"{type(err).__name__}: {err}"))
-    queue.put((rank, results))
-    dist.destroy_process_group()
+    return results
 
 
 def _same_shapes_other(batch: PackedBatch, kind: str) -> PackedBatch:
@@ -198,23 +271,35 @@ def _hung_worker(rank, world, port, ulysses, ring, queue):
 
 
 def _run_processes(target, world, *args, expect=None, join_timeout=30):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)]
-    for p in procs:
-        p.start()
+    return _run_worlds([(target, world, args, expect)], join_timeout)[0]
+
+
+def _run_worlds(worlds, join_timeout=30):
+    """Several worlds at once, each ``(target, size, args, expected replies)`` on its own port:
+    the failure tests wait out timeouts, which overlap when the worlds run side by side."""
+    ctx = _context()
+    started = []
+    for target, world, args, expect in worlds:
+        queue, port = ctx.Queue(), free_port()
+        procs = [ctx.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)]
+        for p in procs:
+            p.start()
+        started.append((queue, procs, expect or world))
     results = []
-    try:
-        for _ in range(expect or world):
-            results.append(queue.get(timeout=120))
-    except Exception:
-        traceback.print_exc()
-    for p in procs:
-        p.join(timeout=join_timeout)
-        if p.is_alive():
-            p.kill()
-    return sorted(results)
+    for queue, _, expect in started:
+        replies = []
+        try:
+            for _ in range(expect):
+                replies.append(queue.get(timeout=120))
+        except Exception:
+            traceback.print_exc()
+        results.append(sorted(replies))
+    for _, procs, _ in started:
+        for p in procs:
+            p.join(timeout=join_timeout)
+            if p.is_alive():
+                p.kill()
+    return results
 
 
 MISMATCHES = {"config": "differs across ranks", "batch": "different batch", "latents": "different batch",
@@ -222,10 +307,10 @@ MISMATCHES = {"config": "differs across ranks", "batch": "different batch", "lat
 
 
 @pytest.mark.bad_input
-def test_mismatch_raises_on_every_rank():
+def test_mismatch_raises_on_every_rank(ranks):
     """A differing configuration, a differing batch, and same-shaped batches that differ in one
     token value, the timesteps, a grid or one text value: every rank raises."""
-    results = _run_processes(_mismatch_worker, 2, list(MISMATCHES))
+    results = list(enumerate(ranks(2).run("mismatch", list(MISMATCHES))))
     assert len(results) == 2, results
     for rank, outcomes in results:
         assert [kind for kind, _ in outcomes] == list(MISMATCHES), outcomes
@@ -241,14 +326,18 @@ def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang():
     assert rank == 0 and message != "no error" and elapsed < 60, results
 
 
-@pytest.mark.parametrize("world, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["ulysses", "ring", "usp"])
+HUNG_LAYOUTS = {"ulysses": (2, 2, 1), "ring": (2, 1, 2), "usp": (4, 2, 2)}  # world, ulysses, ring
+
+
 @pytest.mark.bad_input
-def test_a_hung_rank_ends_the_others_within_the_timeout(world, ulysses, ring):
-    results = _run_processes(_hung_worker, world, ulysses, ring, expect=world - 1, join_timeout=2)
-    assert len(results) == world - 1, results
-    for rank, message, elapsed in results:
-        assert rank != 1 and message != "no error", results
-        assert elapsed < HUNG_TIMEOUT_S + 30, f"rank {rank} waited {elapsed:.0f} s: {message}"
+def test_a_hung_rank_ends_the_others_within_the_timeout():
+    """Ulysses, Ring and USP (side by side: each waits out its group timeout)."""
+    worlds = [(_hung_worker, world, (ulysses, ring), world - 1) for world, ulysses, ring in HUNG_LAYOUTS.values()]
+    for (name, (world, _, _)), results in zip(HUNG_LAYOUTS.items(), _run_worlds(worlds, join_timeout=2)):
+        assert len(results) == world - 1, (name, results)
+        for rank, message, elapsed in results:
+            assert rank != 1 and message != "no error", (name, results)
+            assert elapsed < HUNG_TIMEOUT_S + 30, f"{name}: rank {rank} waited {elapsed:.0f} s: {message}"
 
 
 # ---- the plan, without processes ---------------------------------------------------------------------
@@ -319,27 +408,27 @@ def test_degree_one_on_the_gpu_with_nccl():
     mp.spawn(_cuda_degree_one_worker, args=(1, free_port()), nprocs=1, join=True)
 
 
-def _vae_worker(rank, world, port):
+def _vae_split(rank, world):
     from fastdit.models.vae import SpatialTiling
     from fastdit.runtime.parallel import parallel_vae_decode
     from tests.models.test_vae_fast import random_vae
 
-    _init(rank, world, port)
-    try:
-        vae = random_vae()
-        tiling = SpatialTiling(min_height=32, min_width=32, stride_height=24, stride_width=24)
-        z = torch.randn(1, 16, 2, 6, 8, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            expect = vae.decode(z, tiling=tiling)
-            got = parallel_vae_decode(vae, z, tiling)
-            small = torch.randn(1, 16, 2, 3, 3)
-            assert torch.equal(parallel_vae_decode(vae, small, tiling), vae.decode(small))  # one tile: no split
-        assert got.shape == expect.shape == (1, 3, 5, 48, 64)
-        assert torch.equal(got, expect), (got - expect).abs().max()
-    finally:
-        dist.destroy_process_group()
+    vae = random_vae()
+    tiling = SpatialTiling(min_height=32, min_width=32, stride_height=24, stride_width=24)
+    z = torch.randn(1, 16, 2, 6, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expect = vae.decode(z, tiling=tiling)
+        got = parallel_vae_decode(vae, z, tiling)
+        small = torch.randn(1, 16, 2, 3, 3)
+        assert torch.equal(parallel_vae_decode(vae, small, tiling), vae.decode(small))  # one tile
+    assert got.shape == expect.shape == (1, 3, 5, 48, 64)
+    assert torch.equal(got, expect), (got - expect).abs().max()
+    return "ok"
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_vae_decode_split_over_ranks_equals_the_tiled_decode(world):
-    mp.spawn(_vae_worker, args=(world, free_port()), nprocs=world, join=True)
+def test_vae_decode_split_over_ranks_equals_the_tiled_decode(ranks, world):
+    assert ranks(world).run("vae_split", world) == ["ok"] * world
+
+
+SCENARIOS = {"parity": _parity, "mismatch": _mismatch, "vae_split": _vae_split}
