@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cfg", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", default=default_out_dir(), help="directory for the JSON results")
+    parser.add_argument("--budget-s", type=float, default=5.0, help="seconds of timed steps per row (after 3 runs)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
     baseline_ms = None
     if rank == 0 and not args.no_baseline:
         with torch.inference_mode():
-            baseline_ms = time_ms(lambda: model.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=5.0)
+            baseline_ms = time_ms(lambda: model.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=args.budget_s)
         report.add("1 device", label, baseline_ms, peak_gib=peak_memory_gib(device))
         print(f"1 device: {baseline_ms:.2f} ms", flush=True)
     dist.barrier()
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         sp.forward_packed(batch)  # warm up (kernels compile, NCCL connects)
         dist.barrier()
-        ms = time_ms(lambda: sp.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=5.0)
+        ms = time_ms(lambda: sp.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=args.budget_s)
     times = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(times, torch.tensor([ms], device=device))  # NCCL: CUDA tensors on both sides
     slowest = max(float(t.item()) for t in times)

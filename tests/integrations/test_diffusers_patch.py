@@ -130,8 +130,10 @@ def test_patched_transformer_fp16_on_triton():
         half = wan.half()
         plain = half(x.half(), t, text.half()).sample
         fastdit.patch(half, backend="triton")
-        fast = half(x.half(), t, text.half()).sample
+        with dispatch.trace() as log:
+            fast = half(x.half(), t, text.half()).sample
         fastdit.unpatch(half)
+    assert {op for op, _ in log} == TRANSFORMER_OPS and {b for _, b in log} == {"triton"}  # triton reached them all
     assert fast.dtype == torch.float16
     # fastdit in fp16 is at most 2x as far from the fp32 model as diffusers' own fp16 run
     assert rel_err(fast, exact) <= max(2 * rel_err(plain, exact), 2e-3)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastdit.models.vae import CausalVAE, SpatialTiling
+from fastdit.ops import dispatch
 from tests.conftest import CPU_BACKENDS, rel_err
 
 
@@ -41,9 +42,11 @@ def test_vae_on_triton_matches_reference_fp32_and_fp16():
         seen = []
         hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o)) for m in vae.decoder.modules()
                  if type(m).__name__ in ("ResidualBlock", "Resample")]  # fmt: skip
-        fast = vae.decode(latent)
+        with dispatch.trace() as log:
+            fast = vae.decode(latent)
         for h in hooks:
             h.remove()
+        assert {op for op, _ in log} == {"causal_conv3d", "rms_norm_silu"} and {b for _, b in log} == {"triton"}
         assert seen and all(o.is_contiguous(memory_format=torch.channels_last_3d) for o in seen)
         assert fast.shape == decoded.shape and fast.is_contiguous()
         assert rel_err(fast, decoded) <= 1e-5

@@ -378,7 +378,8 @@ def test_scaling_benchmark_runs_under_torchrun(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "fastdit.benchmarks.sp_scaling", "--ring", "2", "--ulysses", "1", "--out", str(tmp_path)]  # fmt: skip
+           "-m", "fastdit.benchmarks.sp_scaling", "--ring", "2", "--ulysses", "1", "--out", str(tmp_path),
+           "--budget-s", "0.2"]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "sp_scaling_cpu.json").read_text())["rows"]
