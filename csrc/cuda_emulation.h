@@ -24,6 +24,11 @@
 #include <c10/util/Half.h>
 
 #include <barrier>
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -134,6 +139,12 @@ inline void run_grid(unsigned int grid, unsigned int threads, size_t dynamic_sha
   workers.reserve(threads);
   for (unsigned int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
+#ifdef __linux__
+      // Emulated threads at the lowest priority: a block's hundreds of runnable threads would
+      // otherwise take all but a sliver of the cores from every other process (a parallel test run's
+      // other workers); the block still gets whatever those leave.
+      setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
+#endif
       current = &launch;
       threadIdx = Dim3{t, 0, 0};
       blockDim = Dim3{threads, 1, 1};
