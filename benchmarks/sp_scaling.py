@@ -13,6 +13,8 @@ GPUs (one per rank, ``LOCAL_RANK``), gloo on CPUs. Results go to ``--out`` as JS
 
 import argparse
 import os
+import statistics
+import time
 from datetime import timedelta
 
 import torch
@@ -34,6 +36,29 @@ def comm_bytes_per_rank(tokens: int, hidden: int, layers: int, ulysses: int, rin
     per_ring_tokens = tokens  # the ring carries every ring shard of its head slice
     ring_bytes = 2 * per_ring_tokens * (hidden / ulysses) * (ring - 1) / ring if ring > 1 else 0.0
     return {"ulysses_bytes": a2a * layers * itemsize, "ring_bytes": ring_bytes * layers * itemsize}
+
+
+def time_collective_ms(fn, device: torch.device, *, budget_s: float, min_runs: int = 3, max_runs: int = 100) -> float:
+    """Median milliseconds of ``fn()``, a step made of collectives, with every rank calling it the
+    same number of times. A per-rank budget loop (``time_ms``, triton's ``do_bench``) lets each
+    rank pick its own count: a rank that stops early leaves its peers inside a ring exchange (gloo
+    aborts, NCCL hangs). So the count comes from the slowest rank's first timed call."""
+    cuda = device.type == "cuda"
+
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    first = torch.tensor([timed()], dtype=torch.float64, device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    runs = max(min_runs, min(max_runs, int(budget_s * 1e3 / max(float(first.item()), 1e-3))))
+    dist.barrier()
+    return statistics.median(timed() for _ in range(runs))
 
 
 def main(argv=None) -> None:
@@ -88,7 +113,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         sp.forward_packed(batch)  # warm up (kernels compile, NCCL connects)
         dist.barrier()
-        ms = time_ms(lambda: sp.forward_packed(batch), device, warmup=1, min_runs=3, budget_s=args.budget_s)
+        ms = time_collective_ms(lambda: sp.forward_packed(batch), device, budget_s=args.budget_s)
     times = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(times, torch.tensor([ms], device=device))  # NCCL: CUDA tensors on both sides
     slowest = max(float(t.item()) for t in times)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
 from fastdit.ops._common import (
+    add_mul,
     as_packed,
     as_shape,
     cast,
@@ -57,7 +58,7 @@ adaln_modulate_reference.register_autograd(_backward, setup_context=_setup)
 register_backend(Backend("adaln_modulate", "reference", adaln_modulate_reference, devices=None, dtypes=FLOAT_DTYPES))
 
 
-# ---- torch backend: F.layer_norm / F.rms_norm and one addcmul --------------------------------------
+# ---- torch backend: F.layer_norm / F.rms_norm and one multiply-add --------------------------------------
 
 
 def adaln_modulate_torch(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
@@ -71,7 +72,7 @@ def adaln_modulate_torch(x, shift, scale, cu_seqlens, norm, eps, weight, bias):
         normed = rms_rows(cast(x, acc), w, eps)
     shift_t = rows_for_tokens(cast(shift, acc), cu_seqlens, x.shape[0])
     scale_t = rows_for_tokens(cast(scale, acc), cu_seqlens, x.shape[0])
-    return cast(torch.addcmul(shift_t, normed, 1.0 + scale_t), x.dtype)
+    return cast(add_mul(shift_t, normed, 1.0 + scale_t), x.dtype)
 
 
 register_torch_backend("adaln_modulate", adaln_modulate_torch)

@@ -110,8 +110,10 @@ register_backend(Backend("causal_conv3d", "reference", causal_conv3d_reference, 
 # heuristic in aten's ConvUtils), 2-5x slower than oneDNN's on the VAE's shapes at every size
 # measured here (docs/performance.md, "CPU"); so float32 CPU convs call oneDNN directly (the aten
 # op that conv3d itself dispatches to above the heuristic's threshold; autograd and channels-last
-# as conv3d's).
+# as conv3d's). Below about 4M multiply-adds oneDNN's fixed cost per call (~0.05 ms) loses to
+# the native kernel (2-48 channels at 8x13: 0.067 vs 0.041 ms), so those stay on conv3d.
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+_ONEDNN_MIN_MACS = 4_000_000
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +130,7 @@ def _conv3d(x, weight, bias, stride, padding):
         and x.device.type == "cpu"
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()  # the aten op has no meta kernel: compiled graphs take conv3d's
+        and x.numel() * weight.shape[0] * weight[0, 0].numel() >= _ONEDNN_MIN_MACS
     ):
         # The direct call skips conv3d's layout handling: a strided bias came back wrong (torch
         # 2.13), so every operand is made dense first (a no-op for the VAE's own tensors).

@@ -5,7 +5,16 @@ import torch.nn.functional as F
 
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops._common import as_packed, as_shape, cast, compute_dtype, modulation_rows, rms_rows, rows_for_tokens
+from fastdit.ops._common import (
+    add_mul,
+    as_packed,
+    as_shape,
+    cast,
+    compute_dtype,
+    modulation_rows,
+    rms_rows,
+    rows_for_tokens,
+)
 from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_norm_args, check_same_dtype, check_tensor
@@ -126,14 +135,14 @@ register_backend(
 )
 
 
-# ---- torch backend: one addcmul, then F.layer_norm / F.rms_norm ------------------------------------
+# ---- torch backend: one multiply-add, then F.layer_norm / F.rms_norm ------------------------------------
 
 
 def gated_residual_torch(res, y, gate, cu_seqlens):
-    """``res + y * gate`` as one addcmul in float32 (float64 kept), cast to res.dtype."""
+    """``res + y * gate`` as one multiply-add in float32 (float64 kept), cast to res.dtype."""
     acc = compute_dtype(res.dtype)
     gate_t = rows_for_tokens(cast(gate, acc), cu_seqlens, res.shape[0])
-    return cast(torch.addcmul(cast(res, acc), cast(y, acc), gate_t), res.dtype)
+    return cast(add_mul(cast(res, acc), cast(y, acc), gate_t), res.dtype)
 
 
 def gated_residual_modulate_torch(res, y, gate, shift, scale, cu_seqlens, norm, eps):
@@ -144,7 +153,7 @@ def gated_residual_modulate_torch(res, y, gate, shift, scale, cu_seqlens, norm, 
     normed = F.layer_norm(cast(r, acc), channels, eps=eps) if norm == "layer" else rms_rows(cast(r, acc), None, eps)
     shift_t = rows_for_tokens(cast(shift, acc), cu_seqlens, r.shape[0])
     scale_t = rows_for_tokens(cast(scale, acc), cu_seqlens, r.shape[0])
-    return r, cast(torch.addcmul(shift_t, normed, 1.0 + scale_t), res.dtype)
+    return r, cast(add_mul(shift_t, normed, 1.0 + scale_t), res.dtype)
 
 
 register_torch_backend("gated_residual", gated_residual_torch)

@@ -117,11 +117,30 @@ def test_causal_conv3d_opcheck():
     assert y.is_contiguous() and new_cache.is_contiguous()  # fixed layout, whatever x's
 
 
+@pytest.mark.parametrize("cin, onednn", [(2, False), (16, True)])
+def test_cpu_conv_onednn_path_with_strided_operands(monkeypatch, cin, onednn):
+    """The float32 CPU conv calls oneDNN directly above ~4M multiply-adds and conv3d below.
+    Catches the direct call fed a strided bias or a permuted x as they are (oneDNN read them
+    as dense: silently wrong), the size test inverted (every tiny conv paying oneDNN's fixed
+    cost, every large one the slow native kernel), and the wrong stride / padding order."""
+    calls = []
+    direct = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or direct(*a))
+    x = torch.randn(1, 16, 16, 3, cin).permute(0, 4, 2, 1, 3)  # (1, cin, 3, 16, 16), no dense layout
+    weight = torch.randn(16, cin, 3, 3, 3) / 8
+    bias = torch.randn(32)[::2]  # stride 2
+    y, _ = ops.causal_conv3d(x, weight, bias, stride=(1, 2, 1), padding=(1, 0), backend="cudnn")
+    expect = conv_oracle(x, weight, bias, (1, 2, 1), (1, 0))
+    torch.testing.assert_close(y.double(), expect, atol=1e-4, rtol=1e-5)
+    assert bool(calls) == (onednn and torch.backends.mkldnn.is_available())
+
+
 @pytest.mark.parametrize("backend, tol", [("reference", 0.0), ("cudnn", 1e-5)])
 def test_causal_conv3d_compiled_matches_eager(backend, tol):
     """Catches a conv path that cannot be traced (eager CPU fp32 calls oneDNN directly, an aten
     op without a meta kernel: compiled, conv3d runs instead, rounding in other places)."""
-    x, weight, bias = torch.randn(1, 2, 5, 6, 6), torch.randn(3, 2, 3, 3, 3), torch.randn(3)
+    # 16 channels at 16 x 16: above the size where eager CPU convs take oneDNN directly
+    x, weight, bias = torch.randn(1, 16, 5, 16, 16), torch.randn(16, 16, 3, 3, 3) / 8, torch.randn(16)
 
     def fn(x):
         y1, cache = ops.causal_conv3d(x[:, :, :1], weight, bias, padding=(1, 1), backend=backend)

@@ -91,6 +91,27 @@ def test_gated_residuals_torch_match_float64(scale, per_token):
 
 
 @pytest.mark.parametrize("scale", SCALES)
+def test_modulations_without_autograd_match_float64(scale):
+    """The no-grad path (one addcmul pass instead of the mul + add autograd sees): catches its
+    operands swapped (shift times the norm plus the scale) or the residual and y exchanged, which
+    the gradient tests above never reach."""
+    x, y, (gate, shift, scale_row) = _modulation_case(scale)
+    cu = packed_cu(LENGTHS)
+    calls = {
+        "adaln_modulate": lambda t, b: ops.adaln_modulate(t[0], t[3], t[4], cu, norm="rms", eps=1e-3, backend=b),
+        "gated_residual": lambda t, b: ops.gated_residual(t[0], t[1], t[2], cu, backend=b),
+        "gated_residual_modulate": lambda t, b: ops.gated_residual_modulate(*t, cu, eps=1e-2, backend=b),
+    }
+    inputs = (x, y, gate, shift, scale_row)
+    for call in calls.values():
+        with torch.no_grad():
+            got = call(inputs, "torch")
+        want = call(tuple(t.double() for t in inputs), "reference")
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        _assert_close(got, want, FP32_REL)
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_rms_norms_torch_match_float64(scale):
     """Catches the one-pass RMSNorm's mean over the wrong count (sum / C), eps added after the
     square root, the VAE norm's sqrt(C) gain folded in twice."""

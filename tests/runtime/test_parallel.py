@@ -432,4 +432,34 @@ def test_vae_decode_split_over_ranks_equals_the_tiled_decode(ranks, world):
     assert ranks(world).run("vae_split", world) == ["ok"] * world
 
 
-SCENARIOS = {"parity": _parity, "mismatch": _mismatch, "vae_split": _vae_split}
+def _timed_steps(rank):
+    """Rank 1 starts timing 0.1 s after rank 0 (as a rank still building its model would); returns
+    how many steps the rank ran and the timing. A rank left alone in a step's collective raises
+    after 5 s instead of waiting for the world's timeout."""
+    import time
+
+    from fastdit.benchmarks.sp_scaling import time_collective_ms
+
+    calls = [0]
+
+    def step():
+        time.sleep(0.01)
+        dist.all_reduce(torch.ones(1), async_op=True).wait(timeout=timedelta(seconds=5))
+        calls[0] += 1
+
+    if rank == 1:
+        time.sleep(0.1)
+    ms = time_collective_ms(step, torch.device("cpu"), budget_s=0.1)
+    return calls[0], ms
+
+
+def test_sp_scaling_ranks_time_the_same_number_of_steps(ranks):
+    """Catches the scaling benchmark timing each rank with its own budget loop (``time_ms``): a rank
+    that starts later runs more steps than the others and is left alone in a collective (gloo
+    aborts the rank, NCCL hangs; the torchrun test above failed that way once under load)."""
+    (calls0, ms0), (calls1, ms1) = ranks(2).run("timed_steps", timeout_s=60)
+    assert calls0 == calls1 >= 3
+    assert 10 <= ms0 < 100 and 10 <= ms1 < 100  # the median step, not the first (late) one
+
+
+SCENARIOS = {"parity": _parity, "mismatch": _mismatch, "vae_split": _vae_split, "timed_steps": _timed_steps}
