@@ -1,7 +1,9 @@
 """``fastdit`` command line: ``info``, ``generate``, ``bench`` and ``export``."""
 
 import argparse
+import difflib
 import platform
+import re
 import sys
 
 import torch
@@ -101,12 +103,43 @@ def _run_suites(args, suites: dict, device: torch.device) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """No flag is taken for an abbreviation of another (``--prompt`` is not ``--prompt-embeds``),
-    and every flag's help shows its default; sub-commands are made with the same class."""
+    and every flag's help shows its default; sub-commands are made with the same class. A usage
+    error is one line (``fastdit generate: error: ...``, exit status 2) with a "did you mean" for a
+    mistyped sub-command, choice or flag, instead of the whole usage block before it."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        hint = _did_you_mean(self, message)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see '{self.prog} --help')\n")
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of ``parser`` and of its sub-commands."""
+    flags = []
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        flags += [f for f in action.option_strings if f.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                flags += _flags(child)
+    return flags
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """ "; did you mean ...?" for argparse's invalid-choice and unrecognized-argument messages."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        options = re.findall(r"'([^']*)'", choice.group(2)) or [o.strip() for o in choice.group(2).split(",")]
+        close = difflib.get_close_matches(choice.group(1), options, n=1)
+    elif message.startswith("unrecognized arguments:"):
+        typed = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        close = [m for w in typed for m in difflib.get_close_matches(w, sorted(set(_flags(parser))), n=1)]
+    else:
+        return ""
+    return f"; did you mean {' / '.join(close)}?" if close else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="fastdit", description="fastdit: fast kernels and runtime for video diffusion transformers")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(_subcommands=sub.choices)
     sub.add_parser("info", help="versions, device, and each op's backends with the reason when unavailable")
     from fastdit.runtime import generate
 
@@ -141,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    commands = vars(args).pop("_subcommands")
+    if extra:  # said by the sub-command, whose flags the suggestion comes from
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "info":
         print(info_text())
         return 0
+    from fastdit.models.weights import WeightLoadError
     from fastdit.runtime.generate import UsageError
 
     try:
@@ -159,7 +197,7 @@ def main(argv=None) -> int:
             export_cli.run(args)
             return 0
         return _bench(args)
-    except UsageError as err:  # a flag that cannot work: one line, argparse's exit status
+    except (UsageError, WeightLoadError) as err:  # a flag or a file that cannot work: one line, exit 2
         print(f"fastdit {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from fastdit import ops
 from fastdit.models.config import DiTConfig, preset
-from fastdit.models.packing import PackedBatch
+from fastdit.models.packing import PackedBatch, check_timestep
 from fastdit.models.wan_block import block_modulation, head_modulation, wan_block
 from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import check_tensor, values_checked
@@ -362,6 +362,7 @@ class DiT(nn.Module):
         check_tensor("latents", latents, ndims=(5,))
         check_tensor("text", text, ndims=(3,), device=latents.device)
         check_tensor("timestep", timestep, ndims=(1, 2), dtypes=None, device=latents.device)
+        check_timestep("timestep", timestep)
         batch = latents.shape[0]
         if latents.shape[1] != cfg.in_channels:
             raise ValueError(

@@ -29,6 +29,13 @@ def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[i
     )
 
 
+def check_timestep(name: str, timestep: torch.Tensor) -> None:
+    """A diffusion time is a real number: bool and complex tensors are refused by name (a bool
+    would run as 0 / 1, a complex one would lose its imaginary part in the sinusoidal features)."""
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise TypeError(f"{name} must hold real numbers (float or int), got {timestep.dtype}")
+
+
 @dataclass
 class PackedBatch:
     """A DiT batch in the packed ("varlen") layout of docs/design.md, "The packed batch".
@@ -120,6 +127,7 @@ class PackedBatch:
         lengths = [t.shape[0] for t in token_lists]
         text_lengths = [t.shape[0] for t in texts]
         timestep = torch.as_tensor(timesteps, device=device)
+        check_timestep("timesteps", timestep)
         total = sum(t.shape[0] for t in token_lists)
         if timestep.shape not in ((len(latents),), (total,)):
             raise ValueError(
@@ -209,6 +217,7 @@ class PackedBatch:
                 )
             check_max_seqlen("max_seqlen_image", self.max_seqlen_image, self.cu_seqlens_image)
         check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
+        check_timestep("timestep", self.timestep)
         if self.timestep.shape[0] not in (batch, total):
             raise ValueError(
                 f"timestep must be per sample (B,) = ({batch},) or per token (total,) = ({total},), "

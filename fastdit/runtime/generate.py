@@ -9,6 +9,7 @@ before any model is built.
 """
 
 import argparse
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from fastdit.models import DiT, WeightLoadError, preset
 from fastdit.models.image_encoder import ImageEncoder
+from fastdit.models.lora import check_lora_file
 from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
 from fastdit.models.weights import read_json, read_safetensors
@@ -34,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(VAE_FOR_DIT),
                         help="model shapes with random weights when --weights is not given")  # fmt: skip
     parser.add_argument("--weights", default=None, metavar="DIR",
-                        help="diffusers-format Wan 2.1 directory (transformer/, vae/; text_encoder/ and "
-                        "tokenizer/ for --prompt)")  # fmt: skip
+                        help="a local diffusers-format Wan directory: Wan 2.1 T2V / I2V, Wan 2.2 A14B (with "
+                        "transformer_2/) or TI2V-5B (transformer/, vae/; text_encoder/ and tokenizer/ for "
+                        "--prompt)")  # fmt: skip
     text = parser.add_mutually_exclusive_group()
     text.add_argument(
         "--prompt",
@@ -137,6 +140,10 @@ def _lora_arg(value: str) -> tuple[str, float]:
         raise UsageError(f"--lora {value}: LoRAs are read from .safetensors files only (never pickles)")
     if scale != scale or abs(scale) == float("inf"):
         raise UsageError(f"--lora {value}: the scale must be a finite number")
+    try:
+        check_lora_file(path)
+    except WeightLoadError as err:
+        raise UsageError(f"--lora {value}: {err}") from err
     return path, scale
 
 
@@ -162,8 +169,16 @@ def validate(args) -> Plan:
     frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if frames is None else frames)
     if frames < 1 or (frames - 1) % TEMPORAL:
         raise UsageError(f"--frames {frames}: must be 1 + 4k (the VAE keeps the first frame alone)")
-    if args.steps < 1:
+    if args.sigmas is None and args.steps < 1:  # with --sigmas, --steps is ignored
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("guidance", "guidance_2", "shift", "strength"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.shift <= 0:
+        raise UsageError(f"--shift must be > 0, got {args.shift}")
     sigmas = None
     if args.sigmas is not None:
         try:
@@ -179,6 +194,11 @@ def validate(args) -> Plan:
     needed = {"i2v": 1, "extend": 1, "connect": 2, "v2v": 1}.get(args.mode, 0)
     if len(args.input) != needed:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
+    if args.weights and not os.path.isdir(args.weights):
+        raise UsageError(
+            f"--weights {args.weights}: no such directory (a local diffusers-format folder; Hub ids are not "
+            "downloaded: e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR)"
+        )
     if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
         raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
     conditioned, clip = _i2v_kind(args)
@@ -193,6 +213,9 @@ def validate(args) -> Plan:
         raise UsageError("pass --prompt TEXT, --prompt-embeds FILE or --random-embeds")
     if args.negative_prompt is not None and args.prompt is None:
         raise UsageError("--negative-prompt goes with --prompt (with --prompt-embeds, save negative_prompt_embeds)")
+    if args.negative_prompt is not None and args.guidance == 1 and args.guidance_2 in (None, 1):
+        raise UsageError("--negative-prompt has no effect with --guidance 1 (no unconditional pass runs): "
+                         "drop it or raise --guidance")  # fmt: skip
     if args.prompt is not None:
         missing = transformers_missing()
         if missing:

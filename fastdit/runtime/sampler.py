@@ -15,6 +15,7 @@ Noise comes from a per-request ``torch.Generator`` seeded with the request's see
 gives the same result alone or in any batch.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,21 @@ class SampleRequest:
             )
 
 
+# What two experts must agree on to take turns on the same latents and text (Wan 2.2 A14B).
+_EXPERT_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
+
+
+def _check_experts_agree(model, model_2) -> None:
+    """Refuse, before the first step, two experts that cannot sample the same latents."""
+    first, second = getattr(model, "config", None), getattr(model_2, "config", None)
+    if first is None or second is None:
+        raise TypeError("model and model_2 must be DiTs (with a .config)")
+    differ = [f"{f}: {getattr(first, f, None)} vs {getattr(second, f, None)}" for f in _EXPERT_FIELDS
+              if getattr(first, f, None) != getattr(second, f, None)]  # fmt: skip
+    if differ:
+        raise ValueError(f"model and model_2 cannot take turns on the same latents: {'; '.join(differ)}")
+
+
 class FlowMatchSampler:
     """Sample latents for a batch of :class:`SampleRequest` with a DiT (``forward_packed``).
 
@@ -143,10 +159,18 @@ class FlowMatchSampler:
                  offload_experts: bool = False):  # fmt: skip
         if (model_2 is None) != (boundary_ratio is None):
             raise ValueError("model_2 and boundary_ratio go together (Wan 2.2's two experts)")
+        for name, value in (("boundary_ratio", boundary_ratio), ("guidance", guidance), ("guidance_2", guidance_2),
+                            ("shift", shift)):  # fmt: skip
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if boundary_ratio is not None and not 0.0 < boundary_ratio <= 1.0:
             raise ValueError(f"boundary_ratio must be in (0, 1], got {boundary_ratio}")
         if guidance_2 is not None and model_2 is None:
             raise ValueError("guidance_2 is the low-noise expert's scale: it needs model_2")
+        if model_2 is not None:
+            _check_experts_agree(model, model_2)
         self.model = model
         self.experts = [model] if model_2 is None else [model, model_2]
         self.boundary = None if boundary_ratio is None else float(boundary_ratio) * 1000.0
@@ -190,6 +214,10 @@ class FlowMatchSampler:
             raise ValueError("requests must not be empty")
         for i, request in enumerate(requests):
             request.validate(i)
+            text_dim = self.model.config.text_dim
+            for name, text in (("text", request.text), ("negative_text", request.negative_text)):
+                if text is not None and text.shape[-1] != text_dim:
+                    raise ValueError(f"requests[{i}].{name} has width {text.shape[-1]}, model's text_dim: {text_dim}")
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         steps = len(self.sigmas) - 1

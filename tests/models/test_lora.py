@@ -80,8 +80,12 @@ def outputs(wan, dit):
         return wan(x, t, text)[0], dit(x, t, text)
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "diffusers_metadata", "diffusers_bias", "original_wan"])
+@pytest.mark.parametrize("layout", ["diffusers", "diffusers_metadata", "diffusers_alpha", "diffusers_bias",
+                                    "original_wan"])  # fmt: skip
 def test_lora_matches_diffusers_load_lora_weights(tmp_path, layout):
+    """Every key style with alpha != rank where the style carries an alpha (metadata 6 / 3, a
+    per-module ``.alpha`` tensor 6 at rank 3, the Wan layout's 2 at rank 4) and a user scale of
+    0.75: catches alpha / rank inverted or either scale dropped at its site."""
     wan = make_wan()
     dit = DiT.from_diffusers(wan).eval()
     base_out, _ = outputs(wan, dit)
@@ -91,7 +95,7 @@ def test_lora_matches_diffusers_load_lora_weights(tmp_path, layout):
         state = wan_lora()
     else:
         state = diffusers_lora(bias=layout == "diffusers_bias")
-    if layout == "diffusers_metadata":  # what save_lora_weights writes: lora_alpha / r = 2
+    if layout in ("diffusers_metadata", "diffusers_alpha"):  # what save_lora_weights writes: lora_alpha / r = 2
         adapter = {"transformer.r": 3, "transformer.lora_alpha": 6, "transformer.target_modules": list(MODULES),
                    "transformer.rank_pattern": {}, "transformer.alpha_pattern": {}}  # fmt: skip
         metadata = {"lora_adapter_metadata": json.dumps(adapter)}
@@ -99,6 +103,9 @@ def test_lora_matches_diffusers_load_lora_weights(tmp_path, layout):
     pipe = pipeline(wan)
     pipe.load_lora_weights(str(path), adapter_name="style")
     pipe.set_adapters(["style"], [0.75])
+    if layout == "diffusers_alpha":  # fastdit reads the same scale from per-module alpha tensors instead
+        path = tmp_path / "lora_alpha.safetensors"
+        save_file({**state, **{f"transformer.{m}.alpha": torch.tensor(6.0) for m in MODULES}}, str(path))
     name = dit.load_lora(path, scale=0.75, name="style")
     assert name == "style" and dit.loras == {"style": 0.75}
     expect, got = outputs(wan, dit)
@@ -190,7 +197,7 @@ def test_bad_loras_are_refused_before_any_weight_changes(tmp_path):
         assert dit.loras == {}, label
     bad_meta = tmp_path / "meta.safetensors"
     save_file(good, str(bad_meta), metadata={"lora_adapter_metadata": "{not json"})
-    with pytest.raises(WeightLoadError, match="unreadable lora_adapter_metadata"):
+    with pytest.raises(WeightLoadError, match="is not JSON"):
         dit.load_lora(bad_meta)
     pickle = tmp_path / "lora.safetensors"
     pickle.write_bytes(b"PK\x03\x04" + bytes(100))
@@ -205,6 +212,66 @@ def test_bad_loras_are_refused_before_any_weight_changes(tmp_path):
         dit.unload_lora("y")
     dit.unload_lora("x")
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+
+
+def test_adversarial_loras_are_refused_by_name_and_leave_the_model_as_it_was(tmp_path):
+    """Each case is one defect a probe found: accepted when it should be refused (transposed A and
+    B passed the element count, NaN / inf tensors and alpha, a key present with and without its
+    prefix kept one silently) or refused with a raw IndexError / ZeroDivisionError /
+    AttributeError / OverflowError. Catches any check removed, and a failed load (a meta tensor
+    found after an earlier module was fused) that leaves the adapter listed or a weight changed."""
+    dit = DiT.from_diffusers(make_wan()).eval()
+    dit.load_lora(diffusers_lora(seed=5), scale=0.5, name="kept")  # an adapter already fused
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    good = diffusers_lora()
+    a, b = "transformer.proj_out.lora_A.weight", "transformer.proj_out.lora_B.weight"
+    q = "transformer.blocks.0.attn1.to_q"
+    nan = good[a].clone()
+    nan[0, 0] = float("nan")
+    cases = {
+        "A and B transposed": ({**good, a: good[b].T.contiguous(), b: good[a].T.contiguous()}, "swapped or transposed"),
+        "A and B exchanged": (
+            {**good, a: torch.randn(3, TINY["out_channels"] * 4), b: torch.randn(HIDDEN, 3)},
+            "does not fit",
+        ),  # fmt: skip
+        "NaN in A": ({**good, a: nan}, "NaN or inf"),
+        "inf in B": ({**good, b: torch.full_like(good[b], float("inf"))}, "NaN or inf"),
+        "NaN alpha": ({**good, f"{q}.alpha": torch.tensor(float("nan"))}, "NaN or inf"),
+        "inf alpha": ({**good, f"{q}.alpha": torch.tensor(float("inf"))}, "NaN or inf"),
+        "alpha of two numbers": ({**good, f"{q}.alpha": torch.tensor([1.0, 2.0])}, "one number"),
+        "1-D A": ({**good, a: torch.zeros(HIDDEN)}, "are not"),
+        "0-d B": ({**good, b: torch.tensor(1.0)}, "are not"),
+        "rank 0": ({**good, a: torch.zeros(0, HIDDEN), b: torch.zeros(TINY["out_channels"] * 4, 0)}, "rank 0"),
+        "integer A": ({**good, a: torch.ones(3, HIDDEN, dtype=torch.int64)}, "floating point"),
+        "not a tensor": ({**good, a: [[1.0]]}, "not a tensor"),
+        "prefixed and not": ({**good, a.removeprefix("transformer."): good[a]}, "name the same tensor"),
+        "A and lora_down": ({**good, f"{q}.lora_down.weight": good[f"{q}.lora_A.weight"]}, "keep one pair"),
+        "meta B, after fused modules": ({**good, b: torch.empty(TINY["out_channels"] * 4, 3, device="meta")}, "meta"),
+    }
+    for label, (state, match) in cases.items():
+        with pytest.raises(WeightLoadError, match=match):
+            dit.load_lora(state)
+        assert dit.loras == {"kept": 0.5}, label
+        assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items()), label
+    for scale in (10**400, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="finite number"):
+            dit.load_lora(good, scale=scale)
+    metadata_cases = {
+        "a list": ([3, 6], "must be a JSON object"),
+        "negative rank": ({"r": -3, "lora_alpha": 6}, "positive int"),
+        "rank 0": ({"r": 0, "lora_alpha": 6}, "positive int"),
+        "string rank": ({"r": "3", "lora_alpha": 6}, "positive int"),
+        "NaN alpha": ({"r": 3, "lora_alpha": float("nan")}, "finite number"),
+        "list alpha": ({"r": 3, "lora_alpha": [6]}, "finite number"),
+    }
+    for label, (adapter, match) in metadata_cases.items():
+        path = tmp_path / "meta.safetensors"
+        save_file(good, str(path), metadata={"lora_adapter_metadata": json.dumps(adapter)})
+        with pytest.raises(WeightLoadError, match=match):
+            dit.load_lora(path)
+        assert dit.loras == {"kept": 0.5}, label
+    dit.unload_lora("kept")
+    assert dit.loras == {}
 
 
 def test_i2v_lora_on_the_image_projections_matches_diffusers():

@@ -103,6 +103,9 @@ def _files(tmp_path):
     save_file({"prompt_embeds": torch.randn(3, 40)}, str(files["wide"]))
     files["json"] = tmp_path / "embeds.json"
     files["json"].write_text("{}")
+    files["bad_lora"] = tmp_path / "transposed_lora.safetensors"  # a rank-3 LoRA whose A holds NaN
+    save_file({"transformer.proj_out.lora_A.weight": torch.full((3, 64), float("nan")),
+               "transformer.proj_out.lora_B.weight": torch.zeros(64, 3)}, str(files["bad_lora"]))  # fmt: skip
     return files
 
 
@@ -125,7 +128,18 @@ BAD_FLAGS = [
     (["--mode", "i2v"], "--mode i2v takes 1 --input"),
     (["--mode", "t2i", "--frames", "9"], "--frames 9 with --mode t2i"),
     (["--mode", "v2v", "--input", "missing.mp4"], "--input missing.mp4: file not found"),
-    (["--weights", "/nonexistent"], "--weights /nonexistent must hold transformer/ and vae/"),
+    (["--weights", "/nonexistent"], "--weights /nonexistent: no such directory .*huggingface-cli download"),
+    (["--weights", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"], "--weights Wan-AI/.*: no such directory .*Hub ids are not"),
+    (["--weights", "{tmp}"], "--weights .* must hold transformer/ and vae/"),
+    (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["--guidance", "inf"], "--guidance must be a finite number"),
+    (["--shift", "nan"], "--shift must be a finite number"),
+    (["--shift", "0"], "--shift must be > 0"),
+    (["--strength", "nan", "--mode", "v2v", "--input", "{gray}"], "--strength must be a finite number"),
+    (["--seed", str(2**70)], "--seed must be in \\[0, 2\\*\\*64\\)"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--lora", "{bad_lora}"], "--lora .*transposed_lora.safetensors: LoRA module proj_out: lora_A.weight holds NaN"),
+    (["--lora", "{bad_lora}:0.5"], "--lora .*: LoRA module proj_out"),
     (["--mode", "v2v", "--input", "{gray}", "--strength", "2"], "--strength must be in"),
     (["--out", "{tmp}/video.avi"], "--out .*video.avi: the extension must be .mp4"),
     (["--out", "{tmp}/video"], "--out .*video: the extension must be .mp4 .* got none"),
@@ -364,6 +378,50 @@ def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
     (weights / "transformer_2").mkdir()
     assert main(base) == 2
     assert "needs a boundary_ratio in (0, 1] in model_index.json" in capsys.readouterr().err
+    (weights / "model_index.json").write_text('{"boundary_ratio": "0.5"}')  # a string: refused, no TypeError
+    assert main(base) == 2
+    assert "needs a boundary_ratio in (0, 1] in model_index.json, got '0.5'" in capsys.readouterr().err
+    (weights / "model_index.json").write_text('{"boundary_ratio": 0.5}')
+    assert main([*base, "--guidance-2", "nan"]) == 2  # NaN compares false with every bound
+    assert "--guidance-2 must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+def test_usage_errors_are_one_line_with_a_suggestion(capsys):
+    """Catches argparse's default error (the whole usage block before the line that matters) and a
+    mistyped sub-command, choice or flag without a "did you mean"."""
+    cases = [
+        (["genrate"], "fastdit: error: argument command: invalid choice: 'genrate'", "did you mean generate?"),
+        (
+            ["generate", "--promt", "a fox"],
+            "fastdit generate: error: unrecognized arguments: --promt",
+            "did you mean --prompt?",
+        ),  # fmt: skip
+        (
+            ["generate", "--mode", "t2vv"],
+            "fastdit generate: error: argument --mode: invalid choice",
+            "did you mean t2v?",
+        ),
+        (["bench", "--suite", "atention"], "fastdit bench: error: argument --suite", "did you mean attention?"),
+        (["generate", "--steps", "many"], "fastdit generate: error: argument --steps: invalid int value", ""),
+    ]
+    for argv, start, hint in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert err.count("\n") == 1 and err.startswith(start) and hint in err and "usage:" not in err, err
+
+
+def test_steps_are_ignored_with_sigmas_and_negative_prompt_needs_guidance(tmp_path, monkeypatch, capsys):
+    """--steps 0 with --sigmas runs (the help says --steps is then ignored); --negative-prompt with
+    --guidance 1 is refused (no unconditional pass would read it) instead of silently ignored."""
+    out = tmp_path / "o.png"
+    base = ["--mode", "t2i", "--size", "32x32", "--out", str(out)]
+    assert generate(tmp_path, *base, "--sigmas", "1,0.5", "--steps", "0") == 0
+    monkeypatch.setattr("tests.runtime.test_generate.EMBEDS", [])
+    assert generate(tmp_path, *base, "--prompt", "a fox", "--negative-prompt", "blur", "--guidance", "1") == 2
+    assert "--negative-prompt has no effect with --guidance 1" in capsys.readouterr().err
 
 
 def test_ti2v_checkpoint_text_and_image_to_video_from_one_model(tmp_path):
