@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from fastdit import ops
-from fastdit.models.weights import WeightLoadError, read_json, read_safetensors
+from fastdit.models.weights import WeightLoadError, config_int, read_json, read_safetensors, shapes_must_match
 from fastdit.ops.dispatch import backends_for
 
 
@@ -633,24 +633,34 @@ class CausalVAE(nn.Module):
                 raise WeightLoadError(f"{path} is not a diffusers AutoencoderKLWan directory")
             cfg = read_json(os.path.join(path, "config.json"))
             state = read_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"))
-        patch = cfg.get("patch_size") or 1
+        where = "vae config.json"
+        patch = config_int(cfg, "patch_size", 1, where, maximum=16) if cfg.get("patch_size") is not None else 1
+        for key in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            value = cfg.get(key, [])
+            kinds = {"dim_mult": int, "temperal_downsample": bool}.get(key, (int, float))
+            ok = isinstance(value, (list, tuple)) and len(value) <= 16
+            ok = ok and all(isinstance(v, kinds) and (kinds is bool or not isinstance(v, bool)) for v in value)
+            if not ok or (key == "dim_mult" and not all(1 <= v <= 64 for v in value)):
+                kind = {int: "ints", bool: "booleans"}.get(kinds, "numbers")
+                raise WeightLoadError(f"{where}: {key} must be a list of {kind} (at most 16), got {value!r}")
         for key, expect in (("in_channels", 3 * patch**2), ("out_channels", 3 * patch**2)):
             if cfg.get(key, expect) != expect:
                 raise ValueError(
                     f"VAE config: {key}={cfg[key]} with patch_size {patch}; fastdit runs RGB videos ({expect})"
                 )
+        decoder_base_dim = cfg.get("decoder_base_dim")
         config = VAEConfig(
-            base_dim=cfg.get("base_dim", 96),
-            z_dim=cfg.get("z_dim", 16),
+            base_dim=config_int(cfg, "base_dim", 96, where),
+            z_dim=config_int(cfg, "z_dim", 16, where),
             dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
-            num_res_blocks=cfg.get("num_res_blocks", 2),
+            num_res_blocks=config_int(cfg, "num_res_blocks", 2, where, maximum=64),
             attn_scales=tuple(cfg.get("attn_scales", ())),
             temporal_downsample=tuple(cfg.get("temperal_downsample", (False, True, True))),
             latents_mean=tuple(cfg.get("latents_mean", ())),
             latents_std=tuple(cfg.get("latents_std", ())),
             is_residual=bool(cfg.get("is_residual", False)),
-            patch_size=int(patch),
-            decoder_base_dim=cfg.get("decoder_base_dim"),
+            patch_size=patch,
+            decoder_base_dim=None if decoder_base_dim is None else config_int(cfg, "decoder_base_dim", None, where),
         )
         if share_weights:
             if not isinstance(source, nn.Module):
@@ -659,6 +669,9 @@ class CausalVAE(nn.Module):
                 model = cls(config)
             missing, unexpected = model.load_state_dict(source.state_dict(keep_vars=True), strict=False, assign=True)
         else:
+            with torch.device("meta"):  # every shape compared before a byte is allocated
+                expected = {k: v.shape for k, v in cls(config).state_dict().items()}
+            shapes_must_match("the VAE checkpoint does not match its config", expected, state)
             model = cls(config)
             missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -67,15 +67,64 @@ def read_json(path: str) -> dict:
     return value
 
 
+def config_int(cfg: dict, key: str, default, where: str, *, minimum: int = 1, maximum: int = 1 << 20):
+    """``cfg[key]`` (or ``default``) as an int in [minimum, maximum], or a :class:`WeightLoadError`
+    naming ``where`` and the key: a string ("16"), a float, a bool or a size no model has (the
+    bound stops a 1e9 from building anything) is refused, never converted."""
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise WeightLoadError(f"{where}: {key} must be an int in [{minimum}, {maximum}], got {value!r}")
+    return value
+
+
+def shapes_must_match(what: str, expected: dict[str, torch.Size], found: dict[str, torch.Tensor],
+                      unknown: list[str] = ()) -> None:  # fmt: skip
+    """A :class:`WeightLoadError` listing missing, unexpected and mis-shaped keys, if any."""
+    missing = sorted(set(expected) - set(found))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+        for k, v in found.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k])
+    )
+    unexpected = sorted(list(unknown) + [k for k in found if k not in expected])
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+    if mis_shaped:
+        parts.append(f"shape mismatches ({len(mis_shaped)}): {mis_shaped[:20]}")
+    if parts:
+        raise WeightLoadError(f"{what}: " + "; ".join(parts))
+
+
+def _hub_blobs(root: str) -> str | None:
+    """The ``blobs/`` folder of the Hugging Face cache repository that ``root`` (a real path) is a
+    snapshot of (``<repo>/snapshots/<revision>[/subfolder]``), or None outside such a layout."""
+    parts = root.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots":
+            repo = os.sep.join(parts[:i]) or os.sep
+            blobs = os.path.join(repo, "blobs")
+            return blobs if os.path.isdir(blobs) else None
+    return None
+
+
 def shard_path(directory: str, shard: object, index: str) -> str:
     """A sharded index's file name, resolved inside ``directory``: an absolute path or one that
-    climbs out (``../x.safetensors``, a symlink elsewhere) is refused, never read."""
+    climbs out (``../x.safetensors``, a symlink elsewhere) is refused, never read. The one place a
+    symlink may point is the Hugging Face cache's own layout: a file of ``snapshots/<rev>/`` that
+    links into the same repository's ``blobs/``."""
     if not isinstance(shard, str) or not shard:
         raise WeightLoadError(f"{index}: weight_map values must be file names, got {shard!r}")
     root = os.path.realpath(directory)
-    resolved = os.path.realpath(os.path.join(root, shard))
-    if os.path.isabs(shard) or os.path.commonpath([root, resolved]) != root:
+    lexical = os.path.normpath(os.path.join(root, shard))
+    if os.path.isabs(shard) or os.path.commonpath([root, lexical]) != root:
         raise WeightLoadError(f"{index}: shard {shard!r} is outside the model directory {directory}")
+    resolved = os.path.realpath(lexical)
+    allowed = [root] + [b for b in [_hub_blobs(root)] if b is not None]
+    if not any(os.path.commonpath([a, resolved]) == a for a in allowed):
+        raise WeightLoadError(f"{index}: shard {shard!r} links outside the model directory {directory} ({resolved})")
     return resolved
 
 
@@ -147,8 +196,10 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
         raise WeightLoadError(f"qk_norm={qk_norm!r} is not supported (only 'rms_norm_across_heads')")
     ints = {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "ffn_dim": 13824,
             "in_channels": 16, "text_dim": 4096, "freq_dim": 256}  # fmt: skip
-    values = {key: _config_value(cfg, key, default, int) for key, default in ints.items()}
-    out_channels = cfg.get("out_channels") or values["in_channels"]
+    values = {key: config_int(cfg, key, default, "config.json") for key, default in ints.items()}
+    out_channels = values["in_channels"]
+    if cfg.get("out_channels") is not None:
+        out_channels = config_int(cfg, "out_channels", None, "config.json")
     patch_size = cfg.get("patch_size", (1, 2, 2))
     if not isinstance(out_channels, int) or out_channels < 1:
         raise WeightLoadError(f"config.json: out_channels must be a positive int, got {out_channels!r}")
@@ -179,13 +230,6 @@ def config_from_diffusers(cfg: dict) -> DiTConfig:
         )
     except ValueError as err:
         raise WeightLoadError(f"config.json: {err}") from err
-
-
-def _config_value(cfg: dict, key: str, default, kind):
-    value = cfg.get(key, default)
-    if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
-        raise WeightLoadError(f"config.json: {key} must be a positive {kind.__name__}, got {value!r}")
-    return value
 
 
 def _infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
@@ -262,25 +306,18 @@ def load_diffusers_dit(cls, source, *, config: DiTConfig | None = None, backend:
 
     if config is None:
         config = config_from_diffusers(diffusers_config) if diffusers_config else _infer_config(state_dict)
+    if not state_dict:
+        raise WeightLoadError("the checkpoint holds no tensors")
     converted, unknown = convert_diffusers_state_dict(state_dict)
-    model = cls(config, backend=backend)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    mis_shaped = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    )
-    unexpected = sorted(unknown + [k for k in converted if k not in expected])
-    if missing or unexpected or mis_shaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mis_shaped:
-            parts.append(f"shape mismatches ({len(mis_shaped)}): {mis_shaped}")
-        raise WeightLoadError("checkpoint does not match the DiT config: " + "; ".join(parts))
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if len(blocks) != config.num_layers:  # before building: a config's num_layers of 1e9 builds nothing
+        raise WeightLoadError(
+            f"the config says num_layers={config.num_layers}; the checkpoint has {len(blocks)} blocks"
+        )
+    with torch.device("meta"):  # every shape compared before a byte is allocated (huge dims included)
+        expected = {k: v.shape for k, v in cls(config, backend=backend).state_dict().items()}
+    shapes_must_match("checkpoint does not match the DiT config", expected, converted, unknown)
     dtype = next(iter(converted.values())).dtype
+    model = cls(config, backend=backend)
     model.load_state_dict(converted, strict=True)
     return model.to(dtype)

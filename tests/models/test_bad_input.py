@@ -144,7 +144,7 @@ def test_valid_files_whose_header_length_starts_like_a_pickle_load(tmp_path):
     [
         ("{not json", "config.json: not a readable JSON file"),
         ("[1, 2]", "expected a JSON object"),
-        ('{"num_layers": "thirty"}', "num_layers must be a positive int"),
+        ('{"num_layers": "thirty"}', "num_layers must be an int in .1, 1048576., got 'thirty'"),
         ('{"patch_size": [1, 2]}', "patch_size must be three positive ints"),
         ('{"eps": -1}', "eps must be a positive number"),
     ],

@@ -203,3 +203,56 @@ def test_expert_arguments_are_checked():
         FlowMatchSampler(model, model_2=model, boundary_ratio=1.5)
     with pytest.raises(ValueError, match="needs model_2"):
         FlowMatchSampler(model, guidance_2=2.0)
+
+
+@pytest.mark.bad_input
+def test_expert_values_and_disagreeing_experts_are_refused_before_the_first_step():
+    """Catches boundary_ratio "0.5" reaching a comparison (TypeError from deep inside), NaN
+    guidance passing every bound check (NaN video), and two experts of different widths failing
+    only once the sampler switches to the second, steps into the run."""
+    model = RecordSigmas(target=0.0)
+    with pytest.raises(TypeError, match="boundary_ratio must be a number, got str '0.5'"):
+        FlowMatchSampler(model, model_2=model, boundary_ratio="0.5")
+    for name in ("guidance", "shift"):
+        with pytest.raises(ValueError, match=f"{name} must be finite, got nan"):
+            FlowMatchSampler(model, **{name: float("nan")})
+    with pytest.raises(ValueError, match="guidance_2 must be finite"):
+        FlowMatchSampler(model, model_2=model, boundary_ratio=0.5, guidance_2=float("inf"))
+    with pytest.raises(TypeError, match="guidance must be a number, got bool"):
+        FlowMatchSampler(model, guidance=True)
+    wide = RecordSigmas(target=0.0)
+    wide.config = wide.config.replace(text_dim=48)
+    with pytest.raises(ValueError, match="cannot take turns on the same latents: text_dim: 32 vs 48"):
+        FlowMatchSampler(model, model_2=wide, boundary_ratio=0.5)
+    assert model.calls == [] and wide.calls == []
+
+
+@pytest.mark.bad_input
+def test_a_text_width_that_is_not_the_models_is_named():
+    """Catches the width check missing under cache_text: the text's keys and values were computed
+    by a raw matmul that failed with shapes and no argument name."""
+    dit = DiT(preset("tiny"), backend="reference").eval()
+    for cache_text in (True, False):
+        sampler = FlowMatchSampler(dit, num_steps=1, cache_text=cache_text)
+        request = SampleRequest((16, 1, 2, 2), torch.randn(3, 40))
+        with pytest.raises(ValueError, match=r"requests\[0\].text has width 40, model's text_dim: 32"):
+            sampler([request])
+        request = SampleRequest((16, 1, 2, 2), torch.randn(3, 32), negative_text=torch.randn(2, 8))
+        with pytest.raises(ValueError, match=r"requests\[0\].negative_text has width 8"):
+            sampler([request])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_bool_and_complex_timesteps_are_refused(dtype):
+    """Catches a timestep dtype check that lets a bool run as 0 / 1 or a complex one lose its
+    imaginary part in the sinusoidal features (both gave a result before)."""
+    from fastdit.models import PackedBatch
+
+    dit = DiT(preset("tiny"), backend="reference").eval()
+    latents, text = torch.randn(1, 16, 1, 2, 2), torch.randn(1, 3, 32)
+    timestep = torch.ones(1, dtype=dtype)
+    with pytest.raises(TypeError, match=f"timestep must hold real numbers .float or int., got {dtype}"):
+        dit(latents, timestep, text)
+    with pytest.raises(TypeError, match="timesteps must hold real numbers"):
+        PackedBatch.from_samples([latents[0]], timestep, [text[0]], (1, 2, 2))
