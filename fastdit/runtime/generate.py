@@ -21,7 +21,7 @@ from fastdit.models.image_encoder import ImageEncoder
 from fastdit.models.lora import check_lora_file
 from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
-from fastdit.models.weights import read_json, read_safetensors
+from fastdit.models.weights import config_int, read_json, read_safetensors
 from fastdit.runtime import modes
 from fastdit.runtime.sampler import FlowMatchSampler, explicit_sigmas
 from fastdit.sizes import SIZE_SYNTAX, parse_size
@@ -302,10 +302,11 @@ def _vae_spatial(args) -> int:
     if not args.weights or not os.path.isdir(os.path.join(args.weights, "vae")):
         return SPATIAL
     try:
-        patch = read_json(os.path.join(args.weights, "vae", "config.json")).get("patch_size") or 1
+        config = read_json(os.path.join(args.weights, "vae", "config.json"))
+        patch = config_int(config, "patch_size", 1, "vae/config.json", maximum=16) if config.get("patch_size") else 1
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
-    return SPATIAL * int(patch)
+    return SPATIAL * patch
 
 
 def _expand_timesteps(args) -> bool:
@@ -325,10 +326,13 @@ def _i2v_kind(args) -> tuple[bool, bool]:
         return False, False
     try:
         config = read_json(os.path.join(args.weights, "transformer", "config.json"))
+        in_channels = config_int(config, "in_channels", 16, "transformer/config.json")
+        out_channels = in_channels
+        if config.get("out_channels") is not None:
+            out_channels = config_int(config, "out_channels", None, "transformer/config.json")
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
-    in_channels = config.get("in_channels", 16)
-    return in_channels != (config.get("out_channels") or in_channels), config.get("image_dim") is not None
+    return in_channels != out_channels, config.get("image_dim") is not None
 
 
 def _text_dim(args) -> int:
@@ -337,7 +341,7 @@ def _text_dim(args) -> int:
         return preset(args.preset).text_dim
     path = os.path.join(args.weights, "transformer", "config.json")
     try:
-        return int(read_json(path).get("text_dim", 4096))
+        return config_int(read_json(path), "text_dim", 4096, "transformer/config.json")
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
 

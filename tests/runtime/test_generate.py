@@ -1,5 +1,6 @@
 """`fastdit generate` end to end on the tiny preset (random weights and embeddings, CPU)."""
 
+import json
 import os
 import re
 
@@ -330,7 +331,6 @@ def _parse_prompt(args):
 def test_two_expert_checkpoint_switches_at_its_boundary(tmp_path, monkeypatch, i2v):
     """Wan 2.2 A14B layouts: transformer/ and transformer_2/ with model_index.json's boundary_ratio;
     the I2V one takes the mask + image latent beside the noise and has no CLIP image attention."""
-    import json
 
     from fastdit.runtime import sampler as sampler_module
     from tests.models.test_dit_diffusers_parity import make_wan
@@ -387,6 +387,38 @@ def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.bad_input
+def test_string_numbers_in_a_checkpoints_configs_are_named_before_loading(tmp_path, capsys, monkeypatch):
+    """Catches int() on config values read before any model is built (a ValueError traceback for
+    "abc", and "16" silently taken for 16 where the loader would refuse it later)."""
+    weights = tiny_checkpoint(tmp_path / "w")
+    capsys.readouterr()  # what writing the checkpoint printed
+    base = [
+        "generate",
+        "--weights",
+        str(weights),
+        "--random-embeds",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
+    cases = [("transformer", "in_channels", "abc", "validate"), ("vae", "patch_size", "2", "validate"),
+             ("transformer", "text_dim", "16", "load")]  # fmt: skip
+    for part, key, value, when in cases:
+        config_path = weights / part / "config.json"
+        original = config_path.read_text()
+        config_path.write_text(json.dumps({**json.loads(original), key: value}))
+        with monkeypatch.context() as patch:
+            if when == "validate":  # read by the checks that run before any model is built
+                patch.setattr(DiT, "from_diffusers", lambda *a, **k: pytest.fail("loaded a model before validating"))
+            assert main(base) == 2, key
+        err = capsys.readouterr().err
+        assert err.startswith("fastdit generate: error: ") and err.count("\n") == 1, err
+        assert re.search(f"config.json: {key} must be an int .* got '{value}'", err), err
+        config_path.write_text(original)
+
+
+@pytest.mark.bad_input
 def test_usage_errors_are_one_line_with_a_suggestion(capsys):
     """Catches argparse's default error (the whole usage block before the line that matters) and a
     mistyped sub-command, choice or flag without a "did you mean"."""
@@ -426,7 +458,6 @@ def test_steps_are_ignored_with_sigmas_and_negative_prompt_needs_guidance(tmp_pa
 
 def test_ti2v_checkpoint_text_and_image_to_video_from_one_model(tmp_path):
     """Wan 2.2 TI2V-5B's layout: the residual, patchified VAE (16x) and expand_timesteps."""
-    import json
 
     from fastdit.runtime import generate as gen
     from tests.integrations.test_diffusers_patch import make_vae
