@@ -24,7 +24,8 @@ def rms_norm_silu_kernel(
     offs = rows[:, None] * n_cols + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=1))
-    inv = scale / tl.maximum(norm, eps)
+    # not tl.maximum, which returns eps for a NaN norm: a NaN row stays NaN, as F.normalize's clamp_min
+    inv = scale / tl.where(norm < eps, eps, norm)
     gamma = tl.load(GAMMA + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = x * inv[:, None] * gamma[None, :]
     if SILU:

@@ -34,6 +34,42 @@ def test_rms_norm_silu_matches_oracle(backend, dtype, channels, silu, channels_l
     torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, silu), atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
 
+ALL_BACKENDS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("eps", [1e-12, 3e-2])
+def test_rms_norm_silu_at_every_scale_and_eps(backend, scale, eps):
+    """float64 oracle at input scales 1e-3, 1 and 1e3 with the default and a large eps (rows of 8
+    channels at 1e-3 have norms ~3e-3, below 3e-2, so the clamp decides them). Catches eps added
+    to the norm instead of bounding it, eps inside the square root, the sqrt(C) gain dropped."""
+    x = torch.randn(2, 8, 2, 3, 3) * scale
+    gamma = torch.rand(8) + 0.5
+    for silu in (True, False):
+        out = ops.rms_norm_silu(x, gamma, eps=eps, silu=silu, backend=backend)
+        torch.testing.assert_close(out.double(), norm_silu_oracle(x, gamma, silu, eps), atol=1e-6 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rms_norm_silu_propagates_nan_and_inf_as_the_reference(backend):
+    """A NaN anywhere in a pixel's channels makes that pixel NaN (F.normalize's clamp_min keeps a
+    NaN norm); an inf makes its norm inf. Catches a max(norm, eps) that returns eps for a NaN norm
+    (the Triton kernel gave 4.8e12 there), and NaN leaking into the other pixels."""
+    x = torch.randn(1, 4, 1, 2, 3)
+    x[0, 1, 0, 0, 0] = float("nan")
+    x[0, 2, 0, 1, 2] = float("inf")
+    gamma = torch.rand(4) + 0.5
+    out = ops.rms_norm_silu(x, gamma, silu=False, backend=backend)
+    want = (
+        rms_norm_silu_reference(x, gamma, 1e-12, False) if backend != "reference" else norm_silu_oracle(x, gamma, False)
+    )
+    assert torch.equal(out.isnan(), want.isnan()), (out, want)
+    assert out[0, :, 0, 0, 0].isnan().all() and not out[0, :, 0, 0, 1:].isnan().any()
+    finite = want.isfinite()
+    torch.testing.assert_close(out[finite].double(), want[finite].double(), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", NORM_BACKENDS)
 def test_rms_norm_silu_images_zero_rows_and_gradients(backend):
     x = torch.randn(3, 16, 5, 7)  # 4D: the VAE attention's per-frame norm

@@ -12,6 +12,7 @@ import torch
 from fastdit import ops
 from fastdit.ops import dispatch
 from tests.conftest import packed_cu, rel_err
+from tests.ops.test_causal_conv3d_fast import needs_triton
 
 LENGTHS = [5, 1, 9]
 SCALES = [1e-3, 1.0, 1e3]
@@ -34,13 +35,13 @@ def _modulation_case(scale, dtype=torch.float32, per_token=False):
     return x.to(dtype), y.to(dtype), [m.float() for m in mods]
 
 
-def _both(fn, inputs):
-    """(out, grads) of ``fn`` on float leaves made of ``inputs``, for the torch backend and for the
+def _both(fn, inputs, backend="torch"):
+    """(out, grads) of ``fn`` on float leaves made of ``inputs``, for ``backend`` and for the
     reference on the same values in float64."""
     results = []
-    for backend, cast in (("torch", lambda t: t), ("reference", lambda t: t.double())):
+    for name, cast in ((backend, lambda t: t), ("reference", lambda t: t.double())):
         leaves = [cast(t).detach().requires_grad_() for t in inputs]
-        outs = fn(*leaves, backend=backend)
+        outs = fn(*leaves, backend=name)
         outs = outs if isinstance(outs, tuple) else (outs,)
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
         loss = sum((o.double() * w.double()).sum() for o, w in zip(outs, weights))
@@ -54,12 +55,18 @@ def _assert_close(got, want, rel):
         assert rel_err(g, w) <= rel, (rel_err(g, w), rel)
 
 
+MODULATION_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", MODULATION_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_adaln_modulate_torch_matches_float64(scale, norm, per_token):
-    """Catches a per-sample row applied to the wrong sample (the gather over cu_seqlens), a norm
-    without the eps (scale 1e-3 moves with it), an affine weight applied after the modulation."""
+def test_adaln_modulate_torch_matches_float64(backend, scale, norm, per_token):
+    """The torch backend and the Triton kernel (interpreted on CPUs) with eps 1e-3. Catches a
+    per-sample row applied to the wrong sample (the gather over cu_seqlens), a norm without the
+    eps or with eps outside the square root (0.4 relative error at scale 1e-3, 5e-7 at 1), an
+    affine weight applied after the modulation."""
     x, _, (shift, scale_row, _) = _modulation_case(scale, per_token=per_token)
     weight = torch.randn(40)
     cu = packed_cu(LENGTHS)
@@ -67,14 +74,15 @@ def test_adaln_modulate_torch_matches_float64(scale, norm, per_token):
     def fn(x, shift, scale_row, weight, backend):
         return ops.adaln_modulate(x, shift, scale_row, cu, norm=norm, eps=1e-3, weight=weight, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(fn, [x, shift, scale_row, weight])
+    (got, got_grads), (want, want_grads) = _both(fn, [x, shift, scale_row, weight], backend)
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, 1e-5)
 
 
+@pytest.mark.parametrize("backend", MODULATION_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("per_token", [False, True])
-def test_gated_residuals_torch_match_float64(scale, per_token):
+def test_gated_residuals_torch_match_float64(backend, scale, per_token):
     """Catches the gate multiplying the residual instead of y, the fused pair normalising the
     unrounded sum, a non-default eps ignored."""
     x, y, (gate, shift, scale_row) = _modulation_case(scale, per_token=per_token)
@@ -83,10 +91,11 @@ def test_gated_residuals_torch_match_float64(scale, per_token):
     def fused(x, y, gate, shift, scale_row, backend):
         return ops.gated_residual_modulate(x, y, gate, shift, scale_row, cu, eps=1e-2, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(fused, [x, y, gate, shift, scale_row])
+    (got, got_grads), (want, want_grads) = _both(fused, [x, y, gate, shift, scale_row], backend)
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, 1e-5)
-    (got, _), (want, _) = _both(lambda x, y, g, backend: ops.gated_residual(x, y, g, cu, backend=backend), [x, y, gate])
+    (got, _), (want, _) = _both(lambda x, y, g, backend: ops.gated_residual(x, y, g, cu, backend=backend), [x, y, gate],
+                                backend)  # fmt: skip
     _assert_close(got, want, FP32_REL)
 
 
