@@ -17,7 +17,7 @@ for version in "$@"; do
   "$venv/bin/python" -m pip install -q "torch==2.13.0" "numpy<2.3"
   "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[test]" "diffusers==$version" "transformers>=4.45" "accelerate>=0.31" "peft>=0.15" "ftfy>=6"
   "$venv/bin/python" -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 \
     tests/integrations tests/models/test_dit_diffusers_parity.py tests/models/test_vae_diffusers_parity.py \
     tests/models/test_lora.py tests/models/test_text_encoder.py
   rm -rf "$venv"

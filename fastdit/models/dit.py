@@ -270,6 +270,22 @@ class DiT(nn.Module):
         run and passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and
         two ``L x C x C`` projections per block per step.
         """
+        cfg = self.config
+        check_tensor("text", text, ndims=(2,))
+        if text.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"text must be (total_text, text_dim) = (total_text, {cfg.text_dim}), got {tuple(text.shape)}"
+            )
+        if image is not None and not cfg.image_conditioned:
+            raise ValueError(
+                "an image was given, but this DiT has no image conditioning (image_dim is None: a T2V model)"
+            )
+        if image is None and cfg.image_conditioned:
+            raise ValueError("this is an image-to-video DiT (image_dim set): pass the image states too")
+        if image is not None:
+            check_tensor("image", image, ndims=(2,), device=text.device)
+            if image.shape[-1] != cfg.image_dim:
+                raise ValueError(f"image must be (total_image, {cfg.image_dim}), got {tuple(image.shape)}")
         context = self.text_context(text)
         image_context = None if image is None else self.image_embed(image)
         return [block.cross_attn.text_kv(context, self.op_backends, image_context) for block in self.blocks]

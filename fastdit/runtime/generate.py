@@ -11,6 +11,7 @@ before any model is built.
 import argparse
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -244,7 +245,12 @@ def validate(args) -> Plan:
     if args.prompt_embeds:
         plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args))
     plan.inputs = [_read_video(path, height, width) for path in args.input]
+    if args.mode == "v2v" and plan.inputs[0].shape[1] == 1:
+        raise UsageError(f"--mode v2v restyles a video and --input {args.input[0]} is one image: use --mode i2v")
     latent_frames = [1 + (v.shape[1] - 1) // TEMPORAL for v in plan.inputs]
+    if args.mode in ("extend", "connect") and args.frames is None and size_frames is None:
+        # by default two latent frames (8 video frames) more than the inputs hold
+        frames = plan.frames = 1 + TEMPORAL * (sum(latent_frames) + 1)
     total = 1 + (frames - 1) // TEMPORAL
     if args.mode == "extend" and total - latent_frames[0] < 1:
         raise UsageError(f"--frames {frames}: extending needs more frames than the input's {plan.inputs[0].shape[1]}")
@@ -374,10 +380,13 @@ def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _read_video(path: str, height: int, width: int) -> torch.Tensor:
-    """(3, T, H, W) in [-1, 1], resized to H x W; grayscale and RGBA inputs are converted to RGB."""
+    """(3, T, H, W) in [-1, 1], resized to H x W (said once on stderr, with both sizes); grayscale
+    and RGBA inputs are converted to RGB."""
     frames = _read_frames(path)
     video = torch.from_numpy(frames).float().permute(3, 0, 1, 2) / 127.5 - 1.0
     if video.shape[2:] != (height, width):
+        print(f"fastdit generate: note: --input {path} is {video.shape[2]}x{video.shape[3]} (HxW); resized to "
+              f"{height}x{width}", file=sys.stderr)  # fmt: skip
         video = torch.nn.functional.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear")
         video = video.transpose(0, 1)
     keep = 1 + (video.shape[1] - 1) // TEMPORAL * TEMPORAL  # the VAE needs 1 + 4k frames
@@ -392,17 +401,20 @@ def _read_frames(path: str):
     if not os.path.isfile(path):
         raise UsageError(f"--input {path}: file not found")
     try:
+        # the container says image or video (is_batch), not the array's shape: a 3 x 4 RGB image
+        # and a 3-frame grayscale video are both 3-D
+        video = iio.improps(path).is_batch
         frames = np.asarray(iio.imread(path))
     except Exception as err:  # noqa: BLE001 - imageio raises many kinds for files it cannot decode
         reason = (str(err).strip().splitlines() or [""])[0][:200]  # decoders print pages of logs
         raise UsageError(f"--input {path}: not a readable image or video ({type(err).__name__}: {reason})") from err
     if frames.dtype != np.uint8:
         raise UsageError(f"--input {path}: 8-bit images and videos only, got {frames.dtype} pixels")
-    if frames.ndim == 2:  # one grayscale image
+    if not video and frames.ndim == 2:  # one grayscale image
         frames = frames[None, ..., None]
-    elif frames.ndim == 3 and frames.shape[-1] in (1, 3, 4) and min(frames.shape[:2]) > 4:  # one image (H, W, C)
+    elif not video and frames.ndim == 3:  # one image (H, W, C)
         frames = frames[None]
-    elif frames.ndim == 3:  # grayscale video (T, H, W)
+    elif video and frames.ndim == 3:  # grayscale video (T, H, W)
         frames = frames[..., None]
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4) or min(frames.shape[:3]) < 1:
         raise UsageError(f"--input {path}: expected an image or a video, got pixel array {frames.shape}")

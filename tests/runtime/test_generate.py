@@ -482,3 +482,41 @@ def test_ti2v_checkpoint_text_and_image_to_video_from_one_model(tmp_path):
     torch.testing.assert_close(i2v["latent"][:, 0], first, atol=1e-5, rtol=1e-5)  # the clean first frame
     assert main(["generate", *base[:-4], "--size", "48x96x5", "--out", str(tmp_path / "x.mp4")]) == 2  # 32 px
     assert main(["generate", *base, "--vae-tiling", "--out", str(tmp_path / "x.mp4")]) == 2
+
+
+@pytest.mark.bad_input
+def test_small_images_keep_their_colours_and_stills_are_not_videos(tmp_path, capsys):
+    """Catches an image told from a video by its array's shape: a 4 x 6 RGB image was read as a
+    4-frame grayscale video 6 pixels wide (wrong colours, wrong frame count); v2v from a still
+    image wrote a silent 1-frame video; a resize happened without a word."""
+    from fastdit.runtime.generate import _read_frames
+
+    red = np.zeros((4, 6, 3), np.uint8)
+    red[..., 0] = 255
+    iio.imwrite(tmp_path / "red.png", red)
+    frames = _read_frames(str(tmp_path / "red.png"))
+    assert frames.shape == (1, 4, 6, 3) and (frames[..., 0] == 255).all() and (frames[..., 1:] == 0).all()
+    gray_video = (np.random.default_rng(0).random((3, 8, 8)) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "gray.gif", gray_video)
+    assert _read_frames(str(tmp_path / "gray.gif")).shape == (3, 8, 8, 3)
+    out = tmp_path / "o.mp4"
+    assert generate(tmp_path, "--mode", "v2v", "--input", str(tmp_path / "red.png"), "--size", "32x32",
+                    "--out", str(out)) == 2  # fmt: skip
+    assert "--mode v2v restyles a video and --input" in capsys.readouterr().err
+    assert generate(tmp_path, "--mode", "i2v", "--input", str(tmp_path / "red.png"), "--size", "32x32",
+                    "--frames", "5", "--out", str(out)) == 0  # fmt: skip
+    notes = [line for line in capsys.readouterr().err.splitlines() if "resized" in line]
+    assert notes == [f"fastdit generate: note: --input {tmp_path / 'red.png'} is 4x6 (HxW); resized to 32x32"]
+
+
+def test_extend_and_connect_default_to_two_more_latent_frames(tmp_path):
+    """Catches the fixed default of 9 frames, which refused to extend any input of 9 or more."""
+    clip = tmp_path / "clip.mp4"
+    assert generate(tmp_path, "--size", "32x32x9", "--out", str(clip)) == 0
+    longer = tmp_path / "longer.mp4"
+    assert generate(tmp_path, "--mode", "extend", "--input", str(clip), "--size", "32x32", "--out", str(longer)) == 0
+    assert iio.imread(longer).shape[0] == 17
+    joined = tmp_path / "joined.mp4"
+    assert generate(tmp_path, "--mode", "connect", "--input", str(clip), str(clip), "--size", "32x32",
+                    "--out", str(joined)) == 0  # fmt: skip
+    assert iio.imread(joined).shape[0] == 29

@@ -256,3 +256,14 @@ def test_bool_and_complex_timesteps_are_refused(dtype):
         dit(latents, timestep, text)
     with pytest.raises(TypeError, match="timesteps must hold real numbers"):
         PackedBatch.from_samples([latents[0]], timestep, [text[0]], (1, 2, 2))
+
+
+@pytest.mark.bad_input
+def test_an_image_request_to_a_text_to_video_model_is_named():
+    """Catches the image states reaching a T2V model's missing image embedder (a NoneType call in
+    text_kv, which the sampler runs before the forward's own check)."""
+    dit = DiT(preset("tiny"), backend="reference").eval()
+    request = SampleRequest((16, 1, 2, 2), torch.randn(3, 32), image=torch.randn(4, 8))
+    for cache_text in (True, False):
+        with pytest.raises(ValueError, match="has no image conditioning .image_dim is None"):
+            FlowMatchSampler(dit, num_steps=1, cache_text=cache_text)([request])
