@@ -43,6 +43,7 @@ SLOW_FIRST = (
     "tests/test_export.py",
     "tests/ops/test_strided_inputs.py::test_every_argument_as_a_view[adaln",
     "tests/test_cli.py",
+    "tests/test_readme_python.py::test_the_readme_python_blocks_run_as_written",
 )
 
 
