@@ -272,6 +272,38 @@ def test_image_to_video_checkpoint_uses_its_own_conditioning(tmp_path, monkeypat
     assert main([*args[:4], "t2v", *args[7:]]) == 2  # an I2V checkpoint takes --mode i2v only
 
 
+def test_i2v_conditioning_equals_diffusers_prepare_latents(tmp_path, monkeypatch):
+    """The conditioning the I2V model sees (first-frame mask, then the normalized VAE latent of the
+    image followed by black frames) by value against diffusers' WanImageToVideoPipeline.
+    prepare_latents on the same image and VAE. Catches the black frames as -1 instead of 0, the
+    image repeated instead of followed by black, the mask on the wrong frame, the latent left
+    unnormalized or normalized with std inverted."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    from fastdit.runtime import modes
+
+    weights = tiny_checkpoint(tmp_path / "i2v", i2v=True)
+    pixels = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)  # the output size: no resize
+    iio.imwrite(tmp_path / "in.png", pixels)
+    made = []
+    real = modes.wan_image_to_video
+    monkeypatch.setattr(modes, "wan_image_to_video", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    assert main(["generate", "--weights", str(weights), "--mode", "i2v", "--input", str(tmp_path / "in.png"),
+                 "--prompt", "a fox", "--size", "32x48x5", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "o.mp4")]) == 0  # fmt: skip
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=None, image_processor=None,
+                                   transformer=None, vae=AutoencoderKLWan.from_pretrained(weights / "vae"),
+                                   scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    image = torch.from_numpy(pixels).float().permute(2, 0, 1)[None] / 127.5 - 1.0  # what diffusers' processor gives
+    with torch.no_grad():
+        _, expect = pipe.prepare_latents(image, 1, num_channels_latents=4, height=32, width=48, num_frames=5,
+                                         dtype=torch.float32, device=torch.device("cpu"))  # fmt: skip
+    got = made[0].condition
+    assert got.shape == expect.shape[1:] == (8, 2, 4, 6)  # 4 mask channels + 4 latent channels
+    assert torch.equal(got[:4], expect[0, :4])  # the mask: exactly
+    assert rel_err(got[4:], expect[0, 4:]) <= 1e-5, rel_err(got[4:], expect[0, 4:])
+
+
 def test_weights_directory_with_its_text_encoder(tmp_path):
     weights = tiny_checkpoint(tmp_path / "weights")
     out = tmp_path / "out.mp4"
