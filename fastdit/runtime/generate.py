@@ -240,6 +240,7 @@ def validate(args) -> Plan:
         if not isinstance(boundary, (int, float)) or isinstance(boundary, bool) or not 0 < boundary <= 1:
             raise UsageError(f"--weights {args.weights}: transformer_2/ needs a boundary_ratio in (0, 1] in "
                              f"model_index.json, got {boundary!r}")  # fmt: skip
+        _check_experts_agree(args.weights)
     plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora],
                 loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary)  # fmt: skip
     if args.prompt_embeds:
@@ -258,6 +259,22 @@ def validate(args) -> Plan:
         need = 1 + TEMPORAL * sum(latent_frames)
         raise UsageError(f"--frames {frames}: connecting these inputs needs at least {need} frames")
     return plan
+
+
+def _check_experts_agree(weights: str) -> None:
+    """transformer/ and transformer_2/ must sample the same latents with the same text: their
+    configs are compared before either is loaded (not three steps in, when the second one runs)."""
+    fields = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
+    try:
+        first, second = (
+            read_json(os.path.join(weights, part, "config.json")) for part in ("transformer", "transformer_2")
+        )
+    except WeightLoadError as err:
+        raise UsageError(f"--weights: {err}") from err
+    differ = [f"{f} {first.get(f)} vs {second.get(f)}" for f in fields if first.get(f) != second.get(f)]
+    if differ:
+        raise UsageError(f"--weights {weights}: transformer/ and transformer_2/ cannot take turns on the same "
+                         f"latents: {', '.join(differ)}")  # fmt: skip
 
 
 def _check_out(path: str, frames: int) -> None:

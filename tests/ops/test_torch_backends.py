@@ -1,4 +1,5 @@
-"""The ``torch`` backend of every op: PyTorch's own fused ops, the default on CPUs.
+"""The ``torch`` backend of every op (PyTorch's own fused ops, the default on CPUs) and the
+Triton kernels (under the interpreter on CPUs) against float64.
 
 Each op is checked against the float64 reference at input scales 1e-3, 1 and 1e3, on packed
 batches of several samples, forward and backward, with NaN / inf propagating as in the reference;
@@ -55,10 +56,10 @@ def _assert_close(got, want, rel):
         assert rel_err(g, w) <= rel, (rel_err(g, w), rel)
 
 
-MODULATION_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+FAST_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.mark.parametrize("backend", MODULATION_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("per_token", [False, True])
@@ -79,7 +80,7 @@ def test_adaln_modulate_torch_matches_float64(backend, scale, norm, per_token):
     _assert_close(got_grads, want_grads, 1e-5)
 
 
-@pytest.mark.parametrize("backend", MODULATION_BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("per_token", [False, True])
 def test_gated_residuals_torch_match_float64(backend, scale, per_token):
@@ -120,14 +121,15 @@ def test_modulations_without_autograd_match_float64(scale):
         _assert_close(got, want, FP32_REL)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
-def test_rms_norms_torch_match_float64(scale):
+def test_rms_norms_torch_match_float64(backend, scale):
     """Catches the one-pass RMSNorm's mean over the wrong count (sum / C), eps added after the
     square root, the VAE norm's sqrt(C) gain folded in twice."""
     x = torch.randn(23, 40) * scale
     weight = torch.randn(40)
     (got, got_grads), (want, want_grads) = _both(lambda x, w, backend: ops.rms_norm(x, w, eps=1e-4, backend=backend),
-                                                 [x, weight])  # fmt: skip
+                                                 [x, weight], backend)  # fmt: skip
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, 1e-5)
     video = torch.randn(2, 8, 3, 4, 5) * scale
@@ -136,14 +138,15 @@ def test_rms_norms_torch_match_float64(scale):
     def norm_silu(v, g, backend):
         return ops.rms_norm_silu(v, g, eps=1e-3, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(norm_silu, [video, gamma])
+    (got, got_grads), (want, want_grads) = _both(norm_silu, [video, gamma], backend)
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, 1e-5)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_rope3d_torch_matches_float64(scale, interleaved):
+def test_rope3d_torch_matches_float64(backend, scale, interleaved):
     """Catches the complex multiply pairing (i, i + D/2) instead of (2i, 2i+1), a table of another
     grid or offset reused from the cache, the conjugate (backward) rotation not applied."""
     cu, grid = packed_cu(LENGTHS), _grid(LENGTHS)
@@ -153,17 +156,20 @@ def test_rope3d_torch_matches_float64(scale, interleaved):
     def fn(q, k, backend):
         return ops.rope3d_qk(q, k, grid, cu, interleaved=interleaved, token_offset=offset, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(fn, [q, k])
+    (got, got_grads), (want, want_grads) = _both(fn, [q, k], backend)
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, FP32_REL)
-    plain = ops.rope3d_qk(q, k, grid, cu, interleaved=interleaved, backend="torch")  # another key: offsets 0
+    plain = ops.rope3d_qk(q, k, grid, cu, interleaved=interleaved, backend=backend)  # another key: offsets 0
     want_plain = ops.rope3d_qk(q.double(), k.double(), grid, cu, interleaved=interleaved, backend="reference")
     _assert_close(plain, want_plain, FP32_REL)
     assert rel_err(plain[0], got[0]) > 1e-3  # the offset changed the angles
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
-def test_fused_qk_norm_rope_torch_matches_float64(scale):
+def test_fused_qk_norm_rope_torch_matches_float64(backend, scale):
+    """q / k RMSNorm (eps 1e-3) fused with RoPE. Catches eps outside the square root (scale 1e-3),
+    the norm taken per head instead of across heads, the weight applied after the rotation."""
     cu, grid = packed_cu(LENGTHS), _grid(LENGTHS)
     q, k = torch.randn(sum(LENGTHS), 4, 24) * scale, torch.randn(sum(LENGTHS), 4, 24) * scale
     wq, wk = torch.randn(96), torch.randn(96)
@@ -171,7 +177,7 @@ def test_fused_qk_norm_rope_torch_matches_float64(scale):
     def fn(q, k, wq, wk, backend):
         return ops.rope3d_qk(q, k, grid, cu, q_norm_weight=wq, k_norm_weight=wk, norm_eps=1e-3, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(fn, [q, k, wq, wk])
+    (got, got_grads), (want, want_grads) = _both(fn, [q, k, wq, wk], backend)
     _assert_close(got, want, FP32_REL)
     _assert_close(got_grads, want_grads, 1e-5)
 
@@ -188,9 +194,10 @@ def test_rope_table_built_in_inference_mode_serves_training():
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_attention_torch_matches_float64(scale, causal):
+def test_varlen_attention_torch_matches_float64(backend, scale, causal):
     """Catches a sample attending to another's keys, causal masks aligned top-left when Lq != Lk
     (bottom-right is the contract: queries past the keys see none, out 0 and lse -inf), GQA heads
     repeated in the wrong order, an LSE in another layout."""
@@ -202,7 +209,7 @@ def test_varlen_attention_torch_matches_float64(scale, causal):
     def fn(q, k, v, backend):
         return ops.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=causal, return_lse=True, backend=backend)
 
-    (got, got_grads), (want, want_grads) = _both(fn, [q, k, v])
+    (got, got_grads), (want, want_grads) = _both(fn, [q, k, v], backend)
     finite = torch.isfinite(want[1])
     assert torch.equal(torch.isinf(got[1]), ~finite) and got[1].dtype == torch.float32
     # At scale 1e3 the scores reach ~1e6 and the softmax saturates: float32 itself cannot do
@@ -252,15 +259,16 @@ NAN_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("name", list(NAN_CASES))
-def test_nan_and_inf_propagate_as_in_the_reference(name):
+def test_nan_and_inf_propagate_as_in_the_reference(backend, name):
     """Catches a fast path that hides a NaN / inf (a max-subtracted norm, a clamp) or spreads one
     to other tokens (a shared statistic)."""
     x = torch.randn(sum(LENGTHS), 8)
     x[2, 3], x[7, 0] = float("nan"), float("inf")
     cu = packed_cu(LENGTHS)
     with torch.no_grad():
-        got, want = NAN_CASES[name](x, cu, "torch"), NAN_CASES[name](x, cu, "reference")
+        got, want = NAN_CASES[name](x, cu, backend), NAN_CASES[name](x, cu, "reference")
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)

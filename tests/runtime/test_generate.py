@@ -416,6 +416,11 @@ def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
     (weights / "model_index.json").write_text('{"boundary_ratio": 0.5}')
     assert main([*base, "--guidance-2", "nan"]) == 2  # NaN compares false with every bound
     assert "--guidance-2 must be a finite number" in capsys.readouterr().err
+    config = json.loads((weights / "transformer" / "config.json").read_text())
+    (weights / "transformer_2" / "config.json").write_text(json.dumps({**config, "text_dim": 32}))
+    assert main(base) == 2  # refused before either expert is loaded, not when the second one first runs
+    err = capsys.readouterr().err
+    assert "transformer/ and transformer_2/ cannot take turns on the same latents: text_dim 16 vs 32" in err, err
 
 
 @pytest.mark.bad_input
