@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-head-dims", default=None, help="attention: comma list of head dims (default 128,64)")
     parser.add_argument("--attn-heads", type=int, default=None, help="attention: heads (default 24)")
     parser.add_argument("--attn-no-backward", action="store_true", help="attention: forward only")
+    parser.add_argument("--attn-mask-seqlen", type=int, default=None,
+                        help="attention: tokens per sample of the key-padding-mask rows (30%% padded; default "
+                        "16384, 2048 with --quick)")  # fmt: skip
 
 
 def _flops(lengths_q, lengths_k, heads, head_dim, causal=False):
@@ -289,4 +292,39 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     reference = attention_reference(*tensors, lengths=lengths)
     providers = with_variants(_providers_packed(lengths, heads, head_dim, device))
     _compare(report, shape, providers, tensors, flops, backward, reference, timing)
+    del tensors, reference
+    _compare_key_padding(report, args, device, dtype, heads, head_dim, gen, timing)
     return report
+
+
+def _compare_key_padding(report, args, device, dtype, heads, head_dim, gen, timing):
+    """Two samples whose keys are 30% padding (at the end of one, at the start of the other, as
+    text-first layouts pad), through a diffusers attention backend: torch SDPA computing every key
+    and masking (diffusers' native backend) against fastdit's backend, which packs the kept keys
+    and runs the varlen kernel. FLOPs count the kept keys only, for both."""
+    seqlen = args.attn_mask_seqlen or (2048 if args.quick else 16384)
+    cut = int(seqlen * 0.3)
+    keep = torch.ones(2, seqlen, dtype=torch.bool, device=device)
+    keep[0, seqlen - cut :] = False
+    keep[1, :cut] = False
+    mask = keep[:, None, None, :]
+    tensors = tuple(torch.randn(2, seqlen, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastdit.integrations.diffusers import fastdit_attention
+
+    def sdpa_masked(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)  # fmt: skip
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH):
+        reference = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in tensors),
+                                                   attn_mask=mask).transpose(1, 2)  # fmt: skip
+    providers = {
+        "sdpa-masked": (sdpa_masked, {}, False),
+        "fastdit-varlen-from-mask": (lambda q, k, v: fastdit_attention(q, k, v, attn_mask=mask), {}, False),
+    }
+    flops = _flops([seqlen, seqlen], [seqlen - cut, seqlen - cut], heads, head_dim)
+    shape = f"key-padding mask 2x{seqlen} (30% padded) H={heads} D={head_dim}"
+    with torch.no_grad():
+        _compare(report, shape, providers, tensors, flops, False, reference, timing)

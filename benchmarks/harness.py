@@ -284,6 +284,7 @@ class Report:
         row = {"benchmark": self.name, "provider": provider, "shape": shape, "status": "ok", "ms": significant(ms)}
         if flops is not None:
             tflops = flops / ms / 1e9
+            row["flops"] = flops  # the work counted, so rows of one shape can be seen to count the same
             row["tflops"] = significant(tflops)
             row["pct_of_matmul"] = significant(100 * tflops / self.ceilings["matmul_tflops"])
         if nbytes is not None:

@@ -21,6 +21,8 @@ FASTDIT_ATTN_PERSISTENT    attn_persistent     ``1``: persistent attention forwa
 FASTDIT_ATTN_TMA           attn_tma            ``1``: attention K / V by TMA
 FASTDIT_ATTN_WS            attn_ws             ``1``: warp-specialized attention forward
 FASTDIT_ATTN_BWD_WS        attn_bwd_ws         ``1``: warp-specialized attention backward
+FASTDIT_STRICT             strict              ``1``: a call no fastdit path can serve raises
+                                               instead of being reported and run elsewhere
 =========================  ==================  ===============================================
 
 Booleans are ``0`` or ``1`` (also ``false`` / ``true``, ``off`` / ``on``, any case). A bad value
@@ -59,6 +61,7 @@ class Settings:
     attn_tma: bool = False
     attn_ws: bool = False
     attn_bwd_ws: bool = False
+    strict: bool = False
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -138,13 +138,16 @@ def test_bench_memory_ops_rows_for_every_provider(tmp_path):
 
 def test_bench_attention_rows(tmp_path):
     args = ["bench", "--suite", "attention", "--device", "cpu", "--quick", "--out", str(tmp_path)]
-    assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16"]) == 0
+    assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16", "--attn-mask-seqlen", "50"]) == 0
     rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
     providers = {r["provider"] for r in rows}
-    assert providers == {"sdpa-math", "fastdit-torch"}  # no interpreter rows, no GPU-only variants, no oracle
+    # no interpreter rows, no GPU-only variants, no oracle; the key-padding rows' two providers
+    assert providers == {"sdpa-math", "fastdit-torch", "sdpa-masked", "fastdit-varlen-from-mask"}
     assert {r["shape"].split(" ")[0] + " " + r["shape"].split(" ")[1] for r in rows} == {
-        "fwd dense", "bwd dense", "fwd packed", "bwd packed"}  # fmt: skip
-    assert all(r["tflops"] > 0 and r["runs"] >= 5 for r in rows)
+        "fwd dense", "bwd dense", "fwd packed", "bwd packed", "fwd key-padding"}  # fmt: skip
+    assert all(r["tflops"] > 0 and r["runs"] >= 5 and r["status"] == "ok" for r in rows)
+    masked = {r["provider"]: r for r in rows if "key-padding" in r["shape"]}
+    assert masked["sdpa-masked"]["flops"] == masked["fastdit-varlen-from-mask"]["flops"]  # the same work counted
 
 
 def test_attention_variant_environment_is_exact_and_restored(set_setting):

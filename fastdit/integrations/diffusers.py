@@ -39,6 +39,7 @@ diffusers' own).
 
 import copy
 import logging
+import os
 import re
 import types
 import warnings
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.models.wan_block import block_modulation, wan_block
+from fastdit.ops import dispatch
 from fastdit.ops.dispatch import backends_for, device_choice
 from fastdit.ops.validation import values_checked
 
@@ -119,30 +121,125 @@ def _runs_native(op: str, x: torch.Tensor, forced: str | None) -> bool:
 # ---- attention: a backend in diffusers' dispatcher ---------------------------------------------
 
 
-_fallback_logged = False
+# An additive mask value at or below this masks its key: exp(-1e4 + O(1 logits)) is 0 in float32,
+# so diffusers' -10000 (LTX, LTX2, SanaVideo) and finfo.min mask exactly as -inf does.
+_MASKED_BELOW = -1e4
+
+
+def _call_site() -> str:
+    """The first frame outside fastdit and diffusers' attention dispatch: the processor that called."""
+    import inspect
+
+    for frame in inspect.stack()[2:]:
+        name = frame.filename.replace("\\", "/")
+        if "/fastdit/" not in name and not name.endswith("attention_dispatch.py"):
+            return f"{os.path.basename(name)}:{frame.lineno}"
+    return "?"
+
+
+def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
+    """``(keep (B, Sk) bool, why_not)``: ``attn_mask`` as the per-sample key-padding mask it is,
+    or ``(None, reason)`` when it is another kind of mask.
+
+    Key padding is what every video DiT in diffusers passes: boolean ``[B, 1, 1, Sk]``, boolean
+    ``[B, 1, Sq, Sk]`` repeating it per query, additive ``[B, H, 1, Sk]`` with 0 on kept keys and
+    -10000 / -inf on padded ones, or ``[B, Sk]`` (which diffusers' native backend reads as
+    ``[B, 1, 1, Sk]``); padding may sit anywhere in the sequence (QwenImage puts text first)."""
+    mask = attn_mask
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, seq_k):
+        mask = mask[:, None, None, :]
+    if mask.dim() > 4:
+        return None, f"a {mask.dim()}-D attn_mask"
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    b, h, q, k = mask.shape
+    if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_k:
+        return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that is not per-key"
+    if mask.dtype == torch.bool:
+        masked = ~mask
+    elif mask.is_floating_point():
+        masked = mask <= _MASKED_BELOW
+        if not bool(((mask == 0) | masked).all()):
+            return None, "an additive attn_mask with values other than 0 and <= -1e4 (a bias, not padding)"
+    else:
+        return None, f"an attn_mask of dtype {mask.dtype}"
+    keep = ~masked[:, :1, :1, :]
+    if not bool((masked == ~keep).all()):
+        return None, "an attn_mask that differs between heads or queries"
+    if mask.is_floating_point():
+        empty = (~keep).all(dim=-1).flatten()  # per sample (or one for all)
+        all_inf = torch.isinf(mask).flatten(1).all(dim=1)
+        if bool((empty & ~all_inf).any()):  # SDPA's softmax then spreads over the masked keys
+            return None, "a sample with every key masked by a finite additive value"
+    return keep[:, 0, 0, :].expand(batch, seq_k), None
+
+
+def _padded_attention(query, key, value, keep, scale, backend):
+    """Attention of every query over its sample's kept keys, as one packed varlen call: padded keys
+    are skipped, not computed and masked. Samples with no kept key give 0 (what SDPA gives)."""
+    batch, seq_q, heads, _ = query.shape
+    counts = keep.sum(dim=1)
+    out = query.new_zeros(batch, seq_q, heads, value.shape[-1])
+    live = (counts > 0).nonzero().flatten()
+    if live.numel() == 0:
+        return out
+    q = query[live].reshape(-1, heads, query.shape[-1])
+    k, v = key[live][keep[live]], value[live][keep[live]]  # (total kept, Hk, D)
+    cu_q = torch.arange(0, (live.numel() + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.zeros(live.numel() + 1, dtype=torch.int32, device=query.device)
+    cu_k[1:] = counts[live].cumsum(0)
+    packed = ops.varlen_attention(q, k, v, cu_q, cu_k, seq_q, int(counts.max()), softmax_scale=scale,
+                                  backend=backend)  # fmt: skip
+    out[live] = packed.reshape(live.numel(), seq_q, heads, -1).to(out.dtype)
+    return out
+
+
+def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+    )  # fmt: skip
+    return out.transpose(1, 2)
 
 
 def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                       backend: str | None = None):  # fmt: skip
-    """diffusers' backend contract: q (B, S, H, D), k / v (B, S_kv, H_kv, D) -> (B, S, H, D);
-    ``backend``: the fastdit backend :func:`patch` chose for ``ops.attention`` (None: the dispatcher)."""
-    global _fallback_logged
-    if attn_mask is not None or dropout_p:
-        # fastdit's kernel has no arbitrary mask or dropout (Wan uses neither); say so once.
-        if not _fallback_logged:
-            logger.warning("fastdit attention backend: attn_mask / dropout given, running torch SDPA for those calls")
-            _fallback_logged = True
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-            dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        )  # fmt: skip
-        return out.transpose(1, 2)
+    """diffusers' backend contract, with torch SDPA's semantics: q (B, S, H, D), k / v
+    (B, S_kv, H_kv, D) -> (B, S, H, D); ``backend``: the fastdit backend :func:`patch` chose for
+    the attention ops (None: the dispatcher).
+
+    Key-padding masks run on the packed varlen kernel (padded keys skipped); causal masks are
+    aligned top-left when S != S_kv, as SDPA's; grouped-query heads need ``enable_gqa=True``, as in
+    SDPA; dropout is refused. Any other mask is reported (once per call site and reason, counted in
+    ``fastdit.ops.dispatch.fallbacks()``) and run by torch SDPA, or refused under FASTDIT_STRICT=1."""
+    if dropout_p:
+        raise ValueError(f"fastdit attention: dropout_p={dropout_p} is not served (inference kernels); pass 0")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"fastdit attention: q, k, v must be (B, S, H, D), got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")  # fmt: skip
+    batch, seq_q, heads, _ = query.shape
+    seq_k, heads_k = key.shape[1], key.shape[2]
+    if heads_k != heads and not enable_gqa:
+        raise ValueError(f"fastdit attention: {heads} query heads and {heads_k} key heads need enable_gqa=True "
+                         "(as torch SDPA)")  # fmt: skip
+    if attn_mask is not None and is_causal:
+        raise ValueError("fastdit attention: attn_mask and is_causal together (torch SDPA refuses them too)")
+    if attn_mask is not None:
+        keep, why_not = key_padding(attn_mask, batch, heads, seq_q, seq_k)
+        if keep is None:
+            dispatch.report_fallback("attention", _call_site(), why_not, "torch SDPA")
+            return _sdpa(query, key, value, attn_mask, False, scale, enable_gqa)
+        # on every device, CPUs too: skipping the padded keys beats computing and masking them
+        return _padded_attention(query, key, value, keep, scale, backend)
     if _runs_native("attention", query, backend):  # SDPA is the torch backend's own kernel
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa,
-        )  # fmt: skip
-        return out.transpose(1, 2)
+        return _sdpa(query, key, value, None, is_causal, scale, enable_gqa)
+    if is_causal and seq_q != seq_k:
+        # SDPA aligns causal masks top-left (query i sees keys 0..i); fastdit's kernels bottom-right.
+        if seq_q < seq_k:  # keys past the last query are seen by no one
+            return ops.attention(query, key[:, :seq_q], value[:, :seq_q], softmax_scale=scale, causal=True,
+                                 backend=backend)  # fmt: skip
+        head = ops.attention(query[:, :seq_k], key, value, softmax_scale=scale, causal=True, backend=backend)
+        tail = ops.attention(query[:, seq_k:], key, value, softmax_scale=scale, causal=False, backend=backend)
+        return torch.cat([head, tail], dim=1)  # queries past the last key see every key
     return ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, backend=backend)
 
 
@@ -152,9 +249,19 @@ def attention_backend_name(backend: str | None = None) -> str:
     return BACKEND_NAME if backend is None else f"{BACKEND_NAME}_{backend}"
 
 
+def enable(backend: str | None = None) -> str:
+    """Make ``"fastdit"`` a diffusers attention backend; returns its name. Then, with diffusers' own
+    API: ``pipe.transformer.set_attention_backend("fastdit")`` or ``with attention_backend("fastdit"):``.
+    ``backend`` forces one fastdit backend for those calls (the name is then ``"fastdit_<backend>"``);
+    an unknown one is refused here, not at the first forward."""
+    return register_attention_backend(backend).value
+
+
 def register_attention_backend(backend: str | None = None):
     """Add ``"fastdit"`` (or, for a forced fastdit ``backend``, ``"fastdit_<backend>"``) to
     diffusers' attention backends (idempotent); returns the enum member."""
+    if backend is not None and backend not in dispatch.BACKEND_NAMES:
+        raise ValueError(f"unknown fastdit backend {backend!r}; choose from {sorted(dispatch.BACKEND_NAMES)} or None")
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     name = attention_backend_name(backend)
@@ -168,7 +275,11 @@ def register_attention_backend(backend: str | None = None):
         AttentionBackendName._member_names_.append(member._name_)
     if member not in _AttentionBackendRegistry._backends:
 
-        def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                return_lse=False, _parallel_config=None):  # fmt: skip
+            if return_lse or _parallel_config is not None:
+                raise ValueError("the fastdit attention backend does not yet serve diffusers' context parallelism "
+                                 "(return_lse / _parallel_config): use the native backend for it")  # fmt: skip
             return fastdit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
 
         _AttentionBackendRegistry.register(member)(run)

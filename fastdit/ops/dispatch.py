@@ -359,6 +359,31 @@ def form(op: str, name: str, which: str = "fn") -> Callable[..., Any]:
     return (lambda *args: fn(*args, **variant)) if variant else fn
 
 
+# ---- calls a fast path could not serve: reported once per call site and reason, counted --------
+
+_FALLBACKS: dict[tuple[str, str, str], int] = {}
+
+
+def report_fallback(op: str, site: str, reason: str, ran: str) -> None:
+    """Say that a call to ``op`` from ``site`` could not be served by fastdit (``reason``) and ran
+    on ``ran`` instead: logged once per (op, site, reason), counted in :func:`fallbacks`, and
+    recorded in open traces as ``(op, "fallback:<ran>")``. With ``FASTDIT_STRICT=1`` it raises
+    :class:`BackendNotSupportedError` instead."""
+    if settings.get().strict:
+        raise BackendNotSupportedError(f"fastdit.{op} at {site}: {reason} (FASTDIT_STRICT=1 refuses the fallback)")
+    key = (op, site, reason)
+    if key not in _FALLBACKS:
+        logger.warning("fastdit.%s at %s: %s; this call and those like it run on %s", op, site, reason, ran)
+    _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
+    for log in _TRACES:
+        log.append((op, f"fallback:{ran}"))
+
+
+def fallbacks() -> dict[tuple[str, str, str], int]:
+    """How many calls fell back, per (op, call site, reason), since the process started."""
+    return dict(_FALLBACKS)
+
+
 # The open trace() logs; a plain list, so torch.compile traces the (usually empty) loop over it.
 _TRACES: list[list[tuple[str, str]]] = []
 

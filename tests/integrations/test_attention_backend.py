@@ -1,0 +1,161 @@
+"""fastdit as a diffusers attention backend: torch SDPA's semantics (masks, causal alignment, GQA,
+dropout), key-padding masks on the packed varlen kernel, and no silent fallback."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdit import settings
+from fastdit.integrations.diffusers import fastdit_attention, key_padding
+from fastdit.ops import dispatch
+from tests.conftest import rel_err
+
+B, SQ, SK, H, D = 3, 6, 10, 4, 16
+
+
+def _qkv(heads_k=H, seq_q=SQ, seq_k=SK, grad=False):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, seq_q, H, D, generator=gen)
+    k, v = torch.randn(B, seq_k, heads_k, D, generator=gen), torch.randn(B, seq_k, heads_k, D, generator=gen)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _sdpa(q, k, v, **kwargs):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          **kwargs).transpose(1, 2)  # fmt: skip
+
+
+def _padding():
+    """Sample 0 keeps every key, sample 1 its first 7, sample 2 keys 3..8 (padding mid-sequence, as
+    QwenImage's text-first layout)."""
+    keep = torch.ones(B, SK, dtype=torch.bool)
+    keep[1, 7:] = False
+    keep[2, :3] = False
+    keep[2, 9:] = False
+    return keep
+
+
+MASK_FORMS = {
+    "bool [B,1,1,Sk] (HunyuanVideo, QwenImage)": lambda keep: keep[:, None, None, :],
+    "bool [B,1,Sq,Sk] repeated per query (HunyuanVideo 1.5)": lambda keep: keep[:, None, None, :].expand(B, 1, SQ, SK),
+    "additive [B,H,1,Sk] -10000 (LTX, SanaVideo)": lambda keep: (
+        torch.where(keep, 0.0, -10000.0)[:, None, None, :].expand(B, H, 1, SK).contiguous()
+    ),
+    "additive -inf [B,1,1,Sk]": lambda keep: torch.where(keep, 0.0, float("-inf"))[:, None, None, :],
+    "2-D [B,Sk] (diffusers reads it as [B,1,1,Sk])": lambda keep: keep,
+}
+
+
+@pytest.mark.parametrize("form", list(MASK_FORMS))
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_key_padding_masks_run_on_the_varlen_path_and_equal_sdpa(form, backend):
+    """Catches a mask sent to SDPA silently (the trace would show no varlen call), the padded keys
+    gathered from the wrong sample or position, a 2-D [B, Sk] mask read as [Sq, Sk], an additive
+    -10000 taken for a bias; forward and input gradients against SDPA on the same mask."""
+    keep = _padding()
+    mask = MASK_FORMS[form](keep)
+    q, k, v = _qkv(grad=True)
+    sdpa_mask = mask[:, None, None, :] if mask.dim() == 2 else mask
+    want = _sdpa(q, k, v, attn_mask=sdpa_mask)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    with dispatch.trace() as log:
+        got = fastdit_attention(q, k, v, attn_mask=mask, backend=backend)
+    assert ("varlen_attention", backend) in log and not any(b.startswith("fallback") for _, b in log), log
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    assert rel_err(got, want) <= 1e-5
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_a_sample_with_every_key_masked_gives_what_sdpa_gives():
+    """Bool or -inf: SDPA gives 0 for those rows (torch 2.13); catches NaN from an empty softmax or
+    the sample's rows left uninitialised."""
+    keep = _padding()
+    keep[1] = False
+    q, k, v = _qkv()
+    for mask in (keep[:, None, None, :], torch.where(keep, 0.0, float("-inf"))[:, None, None, :]):
+        got = fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+        assert rel_err(got, _sdpa(q, k, v, attn_mask=mask)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: torch.randn(B, 1, 1, SK), "values other than 0 and <= -1e4"),
+        (lambda: torch.ones(SQ, SK, dtype=torch.bool).tril(), "differs between heads or queries"),
+        (lambda: torch.ones(B, 1, 1, SK, dtype=torch.int64), "dtype torch.int64"),
+        (
+            lambda: torch.where(torch.arange(B)[:, None, None, None] == 1, -10000.0, 0.0).expand(B, 1, 1, SK),
+            "every key masked by a finite additive value",
+        ),  # fmt: skip
+    ],
+)
+@pytest.mark.bad_input
+def test_other_masks_are_reported_once_counted_and_refused_when_strict(make, reason, caplog):
+    """Catches a silent fallback (no log, no count), a report per call instead of per call site
+    and reason, and strict mode ignored. The fallback itself is SDPA on the same mask."""
+    mask = make()
+    q, k, v = _qkv()
+    if mask.dtype != torch.int64:
+        want = _sdpa(q, k, v, attn_mask=mask)
+    before = sum(n for (op, _, why), n in dispatch.fallbacks().items() if reason in why)
+    with caplog.at_level(logging.WARNING, logger="fastdit"), dispatch.trace() as log:
+        for _ in range(3):
+            if mask.dtype == torch.int64:  # SDPA itself refuses integer masks: the error is SDPA's
+                with pytest.raises(RuntimeError):
+                    fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
+            else:
+                assert rel_err(fastdit_attention(q, k, v, attn_mask=mask, backend="torch"), want) <= 1e-6
+    assert sum(reason in r.getMessage() for r in caplog.records) <= 1  # once per site and reason
+    after = sum(n for (op, _, why), n in dispatch.fallbacks().items() if reason in why)
+    assert after - before == 3 and ("attention", "fallback:torch SDPA") in log
+    with settings.override(strict=True), pytest.raises(dispatch.BackendNotSupportedError, match="FASTDIT_STRICT"):
+        fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(4, 9), (9, 4), (6, 6)])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_causal_is_aligned_top_left_as_sdpa(seq_q, seq_k, backend):
+    """diffusers' is_causal means SDPA's top-left mask; fastdit's kernels align bottom-right. Catches
+    the kernel's alignment passed through for Sq != Sk (queries would see other keys)."""
+    q, k, v = _qkv(seq_q=seq_q, seq_k=seq_k)
+    got = fastdit_attention(q, k, v, is_causal=True, backend=backend)
+    assert rel_err(got, _sdpa(q, k, v, is_causal=True)) <= 1e-5
+
+
+@pytest.mark.bad_input
+def test_gqa_needs_enable_gqa_and_dropout_or_mask_with_causal_are_refused():
+    """Catches grouped heads run when the caller did not ask for GQA (SDPA refuses them), dropout
+    silently ignored, and a mask combined with is_causal (SDPA refuses it)."""
+    q, k, v = _qkv(heads_k=2)
+    with pytest.raises(ValueError, match="need enable_gqa=True"):
+        fastdit_attention(q, k, v, backend="torch")
+    got = fastdit_attention(q, k, v, enable_gqa=True, backend="torch")
+    assert rel_err(got, _sdpa(q, k, v, enable_gqa=True)) <= 1e-5
+    with pytest.raises(ValueError, match="dropout_p=0.1 is not served"):
+        fastdit_attention(*_qkv(), dropout_p=0.1)
+    with pytest.raises(ValueError, match="attn_mask and is_causal together"):
+        fastdit_attention(*_qkv(), attn_mask=_padding()[:, None, None, :], is_causal=True)
+
+
+def test_key_padding_reads_the_forms_and_names_the_rest():
+    keep = _padding()
+    got, why = key_padding(keep[:, None, None, :], B, H, SQ, SK)
+    assert why is None and torch.equal(got, keep)
+    got, why = key_padding(torch.ones(1, 1, 1, SK, dtype=torch.bool), B, H, SQ, SK)  # one mask for every sample
+    assert why is None and got.shape == (B, SK) and bool(got.all())
+    assert key_padding(torch.ones(B, 1, 1, SK + 1, dtype=torch.bool), B, H, SQ, SK)[1].endswith("not per-key")
+
+
+@pytest.mark.bad_input
+def test_enable_refuses_an_unknown_backend_at_once():
+    pytest.importorskip("diffusers")
+    from fastdit.integrations.diffusers import enable
+
+    assert enable() == "fastdit"
+    assert enable("torch") == "fastdit_torch"
+    with pytest.raises(ValueError, match="unknown fastdit backend 'trition'"):
+        enable("trition")
