@@ -24,12 +24,22 @@ def interpreter_fake(op, fake_fn) -> None:
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _interpreter_reasons(inputs: dict) -> list[str]:
+    """What the Triton interpreter (TRITON_INTERPRET=1, kernels run through numpy on the CPU)
+    cannot compute: bfloat16, which numpy does not have (the kernels' results came back wrong)."""
+    if interpreting() and inputs.get("dtype") == torch.bfloat16:
+        return ["bfloat16 under TRITON_INTERPRET=1: the interpreter runs on numpy, which has no bfloat16"]
+    return []
+
+
 def register_triton_backend(op: str, fn, **kwargs) -> None:
     """The ``triton`` backend of ``op``: CUDA (and CPU under the interpreter, when forced).
 
     ``fn`` is None where Triton is missing; the backend then reports why it is unavailable.
     """
     kwargs.setdefault("dtypes", TRITON_DTYPES)
+    check = kwargs.pop("check", None)
+    kwargs["check"] = lambda inputs: _interpreter_reasons(inputs) + (check(inputs) if check is not None else [])
     register_backend(
         Backend(
             op,

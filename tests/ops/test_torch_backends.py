@@ -12,7 +12,7 @@ import torch
 
 from fastdit import ops
 from fastdit.ops import dispatch
-from tests.conftest import packed_cu, rel_err
+from tests.conftest import TRITON_ON_CPU, packed_cu, rel_err
 from tests.ops.test_causal_conv3d_fast import needs_triton
 
 LENGTHS = [5, 1, 9]
@@ -281,3 +281,21 @@ def test_cpu_dispatch_picks_the_torch_backend_never_the_oracle():
     for op in dispatch.ops():
         chosen = dispatch.device_choice(op, cpu, torch.float32)
         assert chosen == ("cudnn" if op == "causal_conv3d" else "torch"), (op, chosen)
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs Triton's interpreter (TRITON_INTERPRET=1 on a CPU)")
+def test_bfloat16_under_the_triton_interpreter_is_refused_by_name():
+    """numpy has no bfloat16, so the interpreted kernels returned garbage for it: catches the
+    refusal missing from any op's Triton backend (all register through one helper)."""
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    calls = {
+        "rms_norm": lambda: ops.rms_norm(x, backend="triton"),
+        "adaln_modulate": lambda: ops.adaln_modulate(x, x[:1], x[:1], packed_cu([6]), backend="triton"),
+        "attention": lambda: ops.attention(
+            *(torch.randn(1, 6, 2, 16, dtype=torch.bfloat16) for _ in range(3)), backend="triton"
+        ),  # fmt: skip
+    }
+    for call in calls.values():
+        with pytest.raises(dispatch.BackendNotSupportedError, match="bfloat16 under TRITON_INTERPRET=1"):
+            call()
