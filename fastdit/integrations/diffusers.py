@@ -38,9 +38,11 @@ diffusers' own).
 """
 
 import copy
+import itertools
 import logging
 import os
 import re
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -127,13 +129,14 @@ _MASKED_BELOW = -1e4
 
 
 def _call_site() -> str:
-    """The first frame outside fastdit and diffusers' attention dispatch: the processor that called."""
-    import inspect
-
-    for frame in inspect.stack()[2:]:
-        name = frame.filename.replace("\\", "/")
+    """The first frame outside fastdit and diffusers' attention dispatch: the processor that called
+    (frames walked directly: ``inspect.stack`` would read every caller's source)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
         if "/fastdit/" not in name and not name.endswith("attention_dispatch.py"):
-            return f"{os.path.basename(name)}:{frame.lineno}"
+            return f"{os.path.basename(name)}:{frame.f_lineno}"
+        frame = frame.f_back
     return "?"
 
 
@@ -154,22 +157,23 @@ def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq
     b, h, q, k = mask.shape
     if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_k:
         return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that is not per-key"
-    if mask.dtype == torch.bool:
-        masked = ~mask
-    elif mask.is_floating_point():
-        masked = mask <= _MASKED_BELOW
-        if not bool(((mask == 0) | masked).all()):
-            return None, "an additive attn_mask with values other than 0 and <= -1e4 (a bias, not padding)"
-    else:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
         return None, f"an attn_mask of dtype {mask.dtype}"
+    masked = ~mask if mask.dtype == torch.bool else mask <= _MASKED_BELOW
     keep = ~masked[:, :1, :1, :]
-    if not bool((masked == ~keep).all()):
-        return None, "an attn_mask that differs between heads or queries"
+    # every check on the device, read back in one sync
+    checks = [(masked == ~keep).all()]
     if mask.is_floating_point():
         empty = (~keep).all(dim=-1).flatten()  # per sample (or one for all)
         all_inf = torch.isinf(mask).flatten(1).all(dim=1)
-        if bool((empty & ~all_inf).any()):  # SDPA's softmax then spreads over the masked keys
-            return None, "a sample with every key masked by a finite additive value"
+        checks += [((mask == 0) | masked).all(), ~(empty & ~all_inf).any()]
+    uniform, *additive = torch.stack(checks).tolist()
+    if additive and not additive[0]:
+        return None, "an additive attn_mask with values other than 0 and <= -1e4 (a bias, not padding)"
+    if not uniform:
+        return None, "an attn_mask that differs between heads or queries"
+    if additive and not additive[1]:  # SDPA's softmax then spreads over the masked keys
+        return None, "a sample with every key masked by a finite additive value"
     return keep[:, 0, 0, :].expand(batch, seq_k), None
 
 
@@ -177,20 +181,23 @@ def _padded_attention(query, key, value, keep, scale, backend):
     """Attention of every query over its sample's kept keys, as one packed varlen call: padded keys
     are skipped, not computed and masked. Samples with no kept key give 0 (what SDPA gives)."""
     batch, seq_q, heads, _ = query.shape
-    counts = keep.sum(dim=1)
-    out = query.new_zeros(batch, seq_q, heads, value.shape[-1])
-    live = (counts > 0).nonzero().flatten()
-    if live.numel() == 0:
+    counts = keep.sum(dim=1).tolist()  # the one host sync: cu_seqlens and the longest sample
+    live = [i for i, n in enumerate(counts) if n]
+    if len(live) < batch:  # samples without a kept key are left out of the call
+        if not live:
+            return query.new_zeros(batch, seq_q, heads, value.shape[-1])
+        query, key, value, keep = (t[live] for t in (query, key, value, keep))
+    lengths = [counts[i] for i in live]
+    cu_q = torch.arange(0, (len(live) + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
+    packed = ops.varlen_attention(query.reshape(-1, heads, query.shape[-1]), key[keep], value[keep], cu_q, cu_k,
+                                  seq_q, max(lengths), softmax_scale=scale, backend=backend)  # fmt: skip
+    out = packed.reshape(len(live), seq_q, heads, -1)
+    if len(live) == batch:
         return out
-    q = query[live].reshape(-1, heads, query.shape[-1])
-    k, v = key[live][keep[live]], value[live][keep[live]]  # (total kept, Hk, D)
-    cu_q = torch.arange(0, (live.numel() + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
-    cu_k = torch.zeros(live.numel() + 1, dtype=torch.int32, device=query.device)
-    cu_k[1:] = counts[live].cumsum(0)
-    packed = ops.varlen_attention(q, k, v, cu_q, cu_k, seq_q, int(counts.max()), softmax_scale=scale,
-                                  backend=backend)  # fmt: skip
-    out[live] = packed.reshape(live.numel(), seq_q, heads, -1).to(out.dtype)
-    return out
+    full = out.new_zeros(batch, *out.shape[1:])
+    full[live] = out
+    return full
 
 
 def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

@@ -270,22 +270,10 @@ class DiT(nn.Module):
         run and passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and
         two ``L x C x C`` projections per block per step.
         """
-        cfg = self.config
         check_tensor("text", text, ndims=(2,))
-        if text.shape[-1] != cfg.text_dim:
-            raise ValueError(
-                f"text must be (total_text, text_dim) = (total_text, {cfg.text_dim}), got {tuple(text.shape)}"
-            )
-        if image is not None and not cfg.image_conditioned:
-            raise ValueError(
-                "an image was given, but this DiT has no image conditioning (image_dim is None: a T2V model)"
-            )
-        if image is None and cfg.image_conditioned:
-            raise ValueError("this is an image-to-video DiT (image_dim set): pass the image states too")
         if image is not None:
             check_tensor("image", image, ndims=(2,), device=text.device)
-            if image.shape[-1] != cfg.image_dim:
-                raise ValueError(f"image must be (total_image, {cfg.image_dim}), got {tuple(image.shape)}")
+        self._check_conditioning(text, image, "text", "image")
         context = self.text_context(text)
         image_context = None if image is None else self.image_embed(image)
         return [block.cross_attn.text_kv(context, self.op_backends, image_context) for block in self.blocks]
@@ -321,19 +309,23 @@ class DiT(nn.Module):
                 f"batch.tokens must be (total, in_channels * pt * ph * pw) = (total, {width}), "
                 f"got {tuple(batch.tokens.shape)}"
             )
-        if batch.text.shape[1] != cfg.text_dim:
+        self._check_conditioning(batch.text, batch.image, "batch.text", "batch.image")
+
+    def _check_conditioning(self, text, image, text_name: str, image_name: str) -> None:
+        """Text width and image states against the config (shared by a batch and :meth:`text_kv`)."""
+        cfg = self.config
+        if text.shape[1] != cfg.text_dim:
             raise ValueError(
-                f"batch.text must be (total_text, text_dim) = (total_text, {cfg.text_dim}), "
-                f"got {tuple(batch.text.shape)}"
+                f"{text_name} must be (total_text, text_dim) = (total_text, {cfg.text_dim}), got {tuple(text.shape)}"
             )
-        if cfg.image_conditioned and batch.image is None:
+        if cfg.image_conditioned and image is None:
             raise ValueError("this is an image-to-video DiT (image_dim set): pass image_embeds / the batch's image")
-        if not cfg.image_conditioned and batch.image is not None:
-            raise ValueError("batch.image was given, but this DiT has no image conditioning (image_dim is None)")
-        if batch.image is not None and batch.image.shape[1] != cfg.image_dim:
+        if not cfg.image_conditioned and image is not None:
+            raise ValueError(f"{image_name} was given, but this DiT has no image conditioning (image_dim is None)")
+        if image is not None and image.shape[1] != cfg.image_dim:
             raise ValueError(
-                f"batch.image must be (total_image, image_dim) = (total_image, {cfg.image_dim}), "
-                f"got {tuple(batch.image.shape)}"
+                f"{image_name} must be (total_image, image_dim) = (total_image, {cfg.image_dim}), "
+                f"got {tuple(image.shape)}"
             )
 
     def _forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:

@@ -635,14 +635,17 @@ class CausalVAE(nn.Module):
             state = read_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"))
         where = "vae config.json"
         patch = config_int(cfg, "patch_size", 1, where, maximum=16) if cfg.get("patch_size") is not None else 1
-        for key in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+        # list-valued keys: (element type, its name, the longest list; latents_mean / std hold z_dim
+        # numbers: 16 for Wan 2.1, 48 for Wan 2.2)
+        lists = {"dim_mult": (int, "ints", 16), "attn_scales": ((int, float), "numbers", 16),
+                 "temperal_downsample": (bool, "booleans", 16), "latents_mean": ((int, float), "numbers", 1024),
+                 "latents_std": ((int, float), "numbers", 1024)}  # fmt: skip
+        for key, (kinds, kind, longest) in lists.items():
             value = cfg.get(key, [])
-            kinds = {"dim_mult": int, "temperal_downsample": bool}.get(key, (int, float))
-            ok = isinstance(value, (list, tuple)) and len(value) <= 16
+            ok = isinstance(value, (list, tuple)) and len(value) <= longest
             ok = ok and all(isinstance(v, kinds) and (kinds is bool or not isinstance(v, bool)) for v in value)
             if not ok or (key == "dim_mult" and not all(1 <= v <= 64 for v in value)):
-                kind = {int: "ints", bool: "booleans"}.get(kinds, "numbers")
-                raise WeightLoadError(f"{where}: {key} must be a list of {kind} (at most 16), got {value!r}")
+                raise WeightLoadError(f"{where}: {key} must be a list of {kind} (at most {longest}), got {value!r}")
         for key, expect in (("in_channels", 3 * patch**2), ("out_channels", 3 * patch**2)):
             if cfg.get(key, expect) != expect:
                 raise ValueError(

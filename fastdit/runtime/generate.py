@@ -24,7 +24,7 @@ from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
 from fastdit.models.weights import config_int, read_json, read_safetensors
 from fastdit.runtime import modes
-from fastdit.runtime.sampler import FlowMatchSampler, explicit_sigmas
+from fastdit.runtime.sampler import EXPERT_FIELDS, FlowMatchSampler, explicit_sigmas
 from fastdit.sizes import SIZE_SYNTAX, parse_size
 
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "loop", "v2v")
@@ -264,14 +264,14 @@ def validate(args) -> Plan:
 def _check_experts_agree(weights: str) -> None:
     """transformer/ and transformer_2/ must sample the same latents with the same text: their
     configs are compared before either is loaded (not three steps in, when the second one runs)."""
-    fields = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
     try:
         first, second = (
             read_json(os.path.join(weights, part, "config.json")) for part in ("transformer", "transformer_2")
         )
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
-    differ = [f"{f} {first.get(f)} vs {second.get(f)}" for f in fields if first.get(f) != second.get(f)]
+    # DiTConfig's field names are the diffusers config's keys
+    differ = [f"{f} {first.get(f)} vs {second.get(f)}" for f in EXPERT_FIELDS if first.get(f) != second.get(f)]
     if differ:
         raise UsageError(f"--weights {weights}: transformer/ and transformer_2/ cannot take turns on the same "
                          f"latents: {', '.join(differ)}")  # fmt: skip

@@ -115,7 +115,7 @@ class SampleRequest:
 
 
 # What two experts must agree on to take turns on the same latents and text (Wan 2.2 A14B).
-_EXPERT_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
+EXPERT_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
 
 
 def _check_experts_agree(model, model_2) -> None:
@@ -123,7 +123,7 @@ def _check_experts_agree(model, model_2) -> None:
     first, second = getattr(model, "config", None), getattr(model_2, "config", None)
     if first is None or second is None:
         raise TypeError("model and model_2 must be DiTs (with a .config)")
-    differ = [f"{f}: {getattr(first, f, None)} vs {getattr(second, f, None)}" for f in _EXPERT_FIELDS
+    differ = [f"{f}: {getattr(first, f, None)} vs {getattr(second, f, None)}" for f in EXPERT_FIELDS
               if getattr(first, f, None) != getattr(second, f, None)]  # fmt: skip
     if differ:
         raise ValueError(f"model and model_2 cannot take turns on the same latents: {'; '.join(differ)}")

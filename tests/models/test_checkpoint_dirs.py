@@ -123,3 +123,15 @@ def test_checkpoints_load_in_their_own_dtype_on_the_cpu(tmp_path, dtype):
     make_vae().to(dtype).save_pretrained(tmp_path / "vae", safe_serialization=True)
     vae = CausalVAE.from_diffusers(str(tmp_path / "vae"))
     assert {p.dtype for p in vae.parameters()} == {dtype}
+
+
+def test_a_48_channel_vae_config_keeps_loading(tmp_path):
+    """Wan 2.2's VAE has z_dim 48, so 48 latents_mean / latents_std numbers: catches a bound on the
+    config's lists that fits Wan 2.1 (16) and refuses Wan 2.2."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           latents_mean=[0.1] * 48, latents_std=[2.0] * 48)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = CausalVAE.from_diffusers(str(tmp_path / "vae"))
+    assert loaded.config.z_dim == 48 and loaded.config.latents_std == (2.0,) * 48

@@ -392,10 +392,9 @@ def test_two_expert_checkpoint_switches_at_its_boundary(tmp_path, monkeypatch, i
     assert iio.imread(out).shape == (5, 32, 48, 3)
 
 
-@pytest.mark.bad_input
-def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
-    weights = tiny_checkpoint(tmp_path / "t2v")
-    base = [
+def _weights_args(weights, tmp_path) -> list[str]:
+    """``fastdit generate`` on a checkpoint directory with random embeddings, on the CPU."""
+    return [
         "generate",
         "--weights",
         str(weights),
@@ -405,6 +404,12 @@ def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
         "--out",
         str(tmp_path / "o.mp4"),
     ]
+
+
+@pytest.mark.bad_input
+def test_expert_flags_need_a_two_expert_checkpoint(tmp_path, capsys):
+    weights = tiny_checkpoint(tmp_path / "t2v")
+    base = _weights_args(weights, tmp_path)
     assert main([*base, "--guidance-2", "3"]) == 2
     assert "--lora-2 / --guidance-2 are for two-expert checkpoints" in capsys.readouterr().err
     (weights / "transformer_2").mkdir()
@@ -429,16 +434,7 @@ def test_string_numbers_in_a_checkpoints_configs_are_named_before_loading(tmp_pa
     "abc", and "16" silently taken for 16 where the loader would refuse it later)."""
     weights = tiny_checkpoint(tmp_path / "w")
     capsys.readouterr()  # what writing the checkpoint printed
-    base = [
-        "generate",
-        "--weights",
-        str(weights),
-        "--random-embeds",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "o.mp4"),
-    ]
+    base = _weights_args(weights, tmp_path)
     cases = [("transformer", "in_channels", "abc", "validate"), ("vae", "patch_size", "2", "validate"),
              ("transformer", "text_dim", "16", "load")]  # fmt: skip
     for part, key, value, when in cases:
