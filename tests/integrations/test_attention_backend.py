@@ -159,3 +159,18 @@ def test_enable_refuses_an_unknown_backend_at_once():
     assert enable("torch") == "fastdit_torch"
     with pytest.raises(ValueError, match="unknown fastdit backend 'trition'"):
         enable("trition")
+
+
+@pytest.mark.bad_input
+def test_strided_and_offset_views_give_the_contiguous_result():
+    """diffusers hands the backend transposed views of its projections (B, S, H, D strided as
+    (B, H, S, D)) and sliced masks: catches the packed path reading a view's storage as dense (the
+    gather of kept keys, the query reshape) or a mask view's offset ignored."""
+    keep = _padding()
+    q, k, v = _qkv()
+    want = fastdit_attention(q, k, v, attn_mask=keep[:, None, None, :], backend="torch")
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # strides of (B, H, S, D)
+    assert not views[0].is_contiguous()
+    offset_mask = torch.cat([torch.ones(1, SK, dtype=torch.bool), keep])[1:]  # storage offset SK
+    got = fastdit_attention(*views, attn_mask=offset_mask[:, None, None, :], backend="torch")
+    assert torch.equal(got, want)
