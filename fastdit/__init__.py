@@ -9,6 +9,12 @@ backend dispatch), ``fastdit.reference`` (the parity oracle), ``fastdit.models``
 __version__ = "0.1.0"
 
 from fastdit import ops, settings  # noqa: E402  (ops registers the fastdit:: custom ops)
+from fastdit.integrations._diffusers_registry import requested_backend as _requested  # noqa: E402
+
+if _requested() is not None:  # DIFFUSERS_ATTN_BACKEND=fastdit: registered before diffusers reads it
+    from fastdit.integrations.diffusers import enable_from_environment
+
+    enable_from_environment()
 
 
 def patch(target, attention=True, rope=True, adaln=True, vae=True, backend=None) -> list[str]:

@@ -38,6 +38,8 @@ diffusers' own).
 """
 
 import copy
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -53,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit import ops
+from fastdit.integrations import _diffusers_registry as _registry
 from fastdit.models.wan_block import block_modulation, wan_block
 from fastdit.ops import dispatch
 from fastdit.ops.dispatch import backends_for, device_choice
@@ -256,6 +259,17 @@ def attention_backend_name(backend: str | None = None) -> str:
     return BACKEND_NAME if backend is None else f"{BACKEND_NAME}_{backend}"
 
 
+def _backend_of_name(name: str) -> str | None:
+    """The fastdit backend a diffusers backend name asks for (inverse of attention_backend_name)."""
+    if name == BACKEND_NAME:
+        return None
+    suffix = name[len(BACKEND_NAME) + 1 :] if name.startswith(BACKEND_NAME + "_") else None
+    if suffix not in dispatch.BACKEND_NAMES:
+        choices = [BACKEND_NAME] + [attention_backend_name(b) for b in sorted(dispatch.BACKEND_NAMES)]
+        raise ValueError(f"unknown fastdit attention backend {name!r}; choose from {choices}")
+    return suffix
+
+
 def enable(backend: str | None = None) -> str:
     """Make ``"fastdit"`` a diffusers attention backend; returns its name. Then, with diffusers' own
     API: ``pipe.transformer.set_attention_backend("fastdit")`` or ``with attention_backend("fastdit"):``.
@@ -264,51 +278,222 @@ def enable(backend: str | None = None) -> str:
     return register_attention_backend(backend).value
 
 
+def enable_from_environment() -> str | None:
+    """Serve ``DIFFUSERS_ATTN_BACKEND=fastdit`` (or ``fastdit_<backend>``): register that backend
+    and make it diffusers' process default; returns its name, or None when the variable names
+    another backend. A fastdit name with an unknown suffix is refused (ValueError). ``import
+    fastdit`` calls this when the variable names fastdit."""
+    name = _registry.requested_backend()
+    if name is None:
+        return None
+    member = register_attention_backend(_backend_of_name(name))
+    _registry.set_default(member)
+    return member.value
+
+
 def register_attention_backend(backend: str | None = None):
     """Add ``"fastdit"`` (or, for a forced fastdit ``backend``, ``"fastdit_<backend>"``) to
-    diffusers' attention backends (idempotent); returns the enum member."""
+    diffusers' attention backends, with context-parallel support (idempotent); returns the enum
+    member."""
     if backend is not None and backend not in dispatch.BACKEND_NAMES:
         raise ValueError(f"unknown fastdit backend {backend!r}; choose from {sorted(dispatch.BACKEND_NAMES)} or None")
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    name = attention_backend_name(backend)
-    member = AttentionBackendName._value2member_map_.get(name)
-    if member is None:
-        # AttentionBackendName is a closed str Enum: add one member the way Enum builds its own.
-        member = str.__new__(AttentionBackendName, name)
-        member._name_, member._value_ = name.upper(), name
-        AttentionBackendName._member_map_[member._name_] = member
-        AttentionBackendName._value2member_map_[name] = member
-        AttentionBackendName._member_names_.append(member._name_)
-    if member not in _AttentionBackendRegistry._backends:
+    member = _registry.member(attention_backend_name(backend))
+    if not _registry.is_registered(member):
 
         def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                 return_lse=False, _parallel_config=None):  # fmt: skip
-            if return_lse or _parallel_config is not None:
-                raise ValueError("the fastdit attention backend does not yet serve diffusers' context parallelism "
-                                 "(return_lse / _parallel_config): use the native backend for it")  # fmt: skip
+            if _parallel_config is not None and getattr(_parallel_config, "context_parallel_config", None) is not None:
+                return _context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                         return_lse, _parallel_config, backend)  # fmt: skip
+            if return_lse:
+                return attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                          backend)  # fmt: skip
             return fastdit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
 
-        _AttentionBackendRegistry.register(member)(run)
+        _registry.register(member, run, context_parallel=True)
     return member
+
+
+# ---- the log-sum-exp, and diffusers' context parallelism (Ulysses / Ring) ----------------------------
+
+
+def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, backend=None):  # fmt: skip
+    """``(out (B, S, H, D), lse (B, S, H) float32)``: what diffusers' backends return with
+    ``return_lse=True``. Masks, dropout and causal with S != S_kv are refused by name (no torch
+    path returns the log-sum-exp for them to fall back on)."""
+    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "return_lse=True")
+    out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
+                             backend=backend)  # fmt: skip
+    return out, lse.transpose(1, 2)
+
+
+def _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, what: str) -> None:
+    if dropout_p:
+        raise ValueError(f"fastdit attention: dropout_p={dropout_p} is not served (inference kernels); pass 0")
+    if attn_mask is not None:
+        raise dispatch.BackendNotSupportedError(
+            f"fastdit attention with {what}: an attn_mask is not served yet (the key-padding path returns no "
+            "log-sum-exp); run this model without context parallelism or on diffusers' native backend"
+        )
+    if is_causal and query.shape[1] != key.shape[1]:
+        raise dispatch.BackendNotSupportedError(
+            f"fastdit attention with {what}: causal attention with S != S_kv (top-left aligned) is not served"
+        )
+    if key.shape[2] != query.shape[2] and not enable_gqa:
+        raise ValueError(f"fastdit attention: {query.shape[2]} query heads and {key.shape[2]} key heads need "
+                         "enable_gqa=True (as torch SDPA)")  # fmt: skip
+
+
+def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, *, backend=None):  # fmt: skip
+    """diffusers' forward-op contract for its templated Ulysses / Ring: one block of keys, the
+    (B, S, H) log-sum-exp a ring step merges with."""
+    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism")
+    out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
+                             backend=backend)  # fmt: skip
+    lse = lse.transpose(1, 2)
+    if _save_ctx:
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.fastdit_scale, ctx.fastdit_causal, ctx.fastdit_backend = scale, is_causal, backend
+    return (out, lse) if return_lse else out
+
+
+def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, **kwargs):
+    """diffusers' backward-op contract: ``(dq, dk, dv)`` of one key block; a ring passes the
+    rotated block and the merged (global) ``out`` / ``lse``, so each block's share is exact."""
+    saved = ctx.saved_tensors
+    query, key, value, out, lse = (s if t is None else t for s, t in zip(saved, (query, key, value, out, lse)))
+    batch, seq_q, heads, dim = query.shape
+    seq_k = key.shape[1]
+    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.arange(0, (batch + 1) * seq_k, seq_k, dtype=torch.int32, device=query.device)
+
+    def packed(t):
+        return t.reshape(-1, *t.shape[2:])
+
+    lse = lse.reshape(batch, seq_q, heads).permute(2, 0, 1).reshape(heads, -1).float().contiguous()
+    with values_checked():  # cu_seqlens built here from host ints
+        dq, dk, dv = ops.varlen_attention_backward(
+            packed(grad_out.to(query.dtype)), packed(query), packed(key), packed(value), packed(out.to(query.dtype)),
+            lse, cu_q, cu_k, seq_q, seq_k, softmax_scale=ctx.fastdit_scale, causal=ctx.fastdit_causal,
+            backend=ctx.fastdit_backend,
+        )  # fmt: skip
+    return dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
+
+
+def _context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                      parallel_config, backend):  # fmt: skip
+    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism")
+    return _registry.context_parallel_attention(
+        query, key, value, None, dropout_p, is_causal, scale, enable_gqa, return_lse,
+        functools.partial(_cp_forward_op, backend=backend), _cp_backward_op, parallel_config,
+    )  # fmt: skip
 
 
 def _attention_modules(model):
     from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
 
-    return [m for m in model.modules() if isinstance(m, AttentionModuleMixin)]
+    return [m for m in model.modules() if isinstance(m, (AttentionModuleMixin, Attention))]
 
 
-def _patch_attention(model, prefix: str, backends: dict) -> list[_Change]:
+# ---- processors and modules that call torch SDPA themselves -------------------------------------
+# Many diffusers processors (AttnProcessor2_0: HunyuanVideo's token refiner, Latte; CogVideoX's and
+# ConsisID's; Mochi's and MochiAttentionPool; Allegro's; EasyAnimate's; JointAttnProcessor2_0: SD3)
+# call F.scaled_dot_product_attention directly, never diffusers' dispatcher, so a backend cannot
+# reach them. fastdit runs such a module's forward inside a torch function mode that serves its
+# SDPA calls with fastdit_attention (torch SDPA's contract, so the module's code is unchanged).
+
+
+def sdpa_on_fastdit(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, backend: str | None = None):  # fmt: skip
+    """``torch.nn.functional.scaled_dot_product_attention``'s contract ((N, H, L, E) or (N, L, E)
+    q / k / v; a mask broadcast from the right against (N, H, L, S)) served by
+    :func:`fastdit_attention`. Other layouts are reported and run by torch SDPA (refused under
+    FASTDIT_STRICT=1)."""
+    dims = {query.dim(), key.dim(), value.dim()}
+    if dims not in ({4}, {3}) or (attn_mask is not None and attn_mask.dim() > 4):
+        dispatch.report_fallback("attention", _call_site(), f"a torch SDPA call on {sorted(dims)}-D tensors",
+                                 "torch SDPA")  # fmt: skip
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)  # fmt: skip
+    three_d = dims == {3}
+    if three_d:  # (N, L, E): one head
+        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+    if attn_mask is not None:
+        if three_d and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # (N, L, S) against (N, 1, L, S)
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    out = fastdit_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
+                            is_causal, scale, enable_gqa, backend).transpose(1, 2)  # fmt: skip
+    return out.squeeze(1) if three_d else out
+
+
+class SDPAOnFastdit(torch.overrides.TorchFunctionMode):
+    """Inside this mode, ``F.scaled_dot_product_attention`` calls run on :func:`sdpa_on_fastdit`
+    (fastdit ``backend``; None: the dispatcher's choice); every other torch call is untouched."""
+
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return sdpa_on_fastdit(*args, **kwargs, backend=self.backend)
+        return func(*args, **kwargs)
+
+
+@cache
+def _code_calls_sdpa(function) -> bool:
+    """Whether ``function``'s source calls torch SDPA (True when its source cannot be read: the
+    mode is then installed, which is harmless where no SDPA call happens)."""
+    try:
+        return "scaled_dot_product_attention" in inspect.getsource(function)
+    except (OSError, TypeError):
+        return True
+
+
+def _route_forward(module, backend: str | None):
+    inner = module.forward  # the class's, or an instance attribute another hook set (accelerate)
+
+    def forward(*args, **kwargs):
+        with SDPAOnFastdit(backend):
+            return inner(*args, **kwargs)
+
+    return forward
+
+
+def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change], list[str]]:
+    """Point every dispatching processor at the fastdit backend and route the SDPA calls of the
+    modules that bypass the dispatcher; returns (changes, what was left and why)."""
     member = register_attention_backend(backends["attention"])
-    changes = []
-    for module in _attention_modules(model):
+    attention_modules = _attention_modules(model)
+    dispatching, routed, left = [], {}, {}
+    for module in attention_modules:
         processor = getattr(module, "processor", None)
+        kind = type(processor).__name__
         if processor is not None and hasattr(processor, "_attention_backend"):
-            changes.append(_set_attr(processor, "_attention_backend", member, ""))
-    if changes:
-        changes[0].description = f"{prefix}: {len(changes)} attention processors -> diffusers backend '{member.value}'"
-    return changes
+            dispatching.append(_set_attr(processor, "_attention_backend", member, ""))
+        elif processor is not None and _code_calls_sdpa(type(processor).__call__):
+            routed.setdefault(kind, []).append(module)
+        else:
+            left[kind] = left.get(kind, 0) + 1
+    seen = set(map(id, attention_modules))
+    for module in model.modules():  # modules outside the processors that call SDPA (MochiAttentionPool)
+        if id(module) not in seen and module is not model and _code_calls_sdpa(type(module).forward):
+            routed.setdefault(type(module).__name__, []).append(module)
+    changes = list(dispatching)
+    if dispatching:
+        changes[0].description = f"{prefix}: {len(dispatching)} attention processors -> diffusers backend '{member.value}'"
+    for kind, modules in routed.items():
+        group = [_set_attr(m, "forward", _route_forward(m, backends["attention"]), "") for m in modules]
+        group[0].description = f"{prefix}: {len(modules)} {kind} (calls torch SDPA itself) -> SDPA on fastdit attention"
+        changes += group
+    notes = [f"{prefix}: left {n} {kind}: it computes attention without torch SDPA or diffusers' dispatcher"
+             for kind, n in left.items()]  # fmt: skip
+    return changes, notes
 
 
 # ---- rope: the 3D RoPE (and q / k RMSNorm) fused --------------------------------------------------
@@ -566,56 +751,73 @@ def _set_plain_attr(module, name: str, value) -> _Change:
 # ---- public -----------------------------------------------------------------------------------------
 
 
-def _components(target) -> tuple[list[tuple[str, object]], list[tuple[str, object]]]:
-    """(transformers, vaes) of a pipeline, a transformer or a VAE, each with its name."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+def _components(target):
+    """(transformers, vaes, notes) of a pipeline, a transformer or a VAE: each part with its name,
+    and a line for each part fastdit leaves (and why)."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.modeling_utils import ModelMixin
 
-    if isinstance(target, WanTransformer3DModel):
-        return [("transformer", target)], []
     if isinstance(target, AutoencoderKLWan):
-        return [], [("vae", target)]
-    transformer = getattr(target, "transformer", None)
-    if isinstance(transformer, WanTransformer3DModel) or isinstance(getattr(target, "vae", None), AutoencoderKLWan):
-        transformers = [(name, getattr(target, name, None)) for name in ("transformer", "transformer_2")]
-        transformers = [(n, t) for n, t in transformers if isinstance(t, WanTransformer3DModel)]
-        vae = getattr(target, "vae", None)
-        return transformers, [("vae", vae)] if isinstance(vae, AutoencoderKLWan) else []
-    raise TypeError(
-        f"fastdit.patch supports diffusers' WanPipeline (and pipelines holding a WanTransformer3DModel / "
-        f"AutoencoderKLWan), WanTransformer3DModel and AutoencoderKLWan; got {type(target).__name__}"
-    )
+        return [], [("vae", target)], []
+    if isinstance(target, ModelMixin):
+        return [("transformer", target)], [], []
+    transformers = [(name, getattr(target, name, None)) for name in ("transformer", "transformer_2")]
+    transformers = [(n, t) for n, t in transformers if isinstance(t, ModelMixin)]
+    vae = getattr(target, "vae", None)
+    if not transformers and not isinstance(vae, AutoencoderKLWan):
+        raise TypeError(
+            "fastdit.patch takes a diffusers pipeline (with a .transformer, .transformer_2 or Wan .vae), a "
+            f"diffusers model (a transformer, AutoencoderKLWan); got {type(target).__name__}"
+        )
+    if isinstance(vae, AutoencoderKLWan):
+        return transformers, [("vae", vae)], []
+    notes = [] if vae is None else [f"vae: left {type(vae).__name__}: fastdit's CausalVAE serves AutoencoderKLWan"]
+    return transformers, [], notes
 
 
 def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True, vae: bool = True,
           backend: str | None = None) -> list[str]:  # fmt: skip
-    """Run ``target`` (a diffusers Wan pipeline, transformer or VAE) on fastdit's ops, in place.
+    """Run ``target`` (a diffusers pipeline, transformer or VAE) on fastdit's ops, in place.
 
     Args:
-        target: ``WanPipeline`` (its ``transformer``, ``transformer_2`` and ``vae``),
-            ``WanTransformer3DModel`` or ``AutoencoderKLWan``.
-        attention, rope, adaln, vae: which parts to replace (see the module docstring); parts the
-            target does not have are skipped.
+        target: a diffusers pipeline (its ``transformer``, ``transformer_2`` and a Wan ``vae``), a
+            diffusers transformer (any ``ModelMixin``) or ``AutoencoderKLWan``.
+        attention: every attention call of each transformer runs on fastdit: processors that use
+            diffusers' dispatcher get the ``"fastdit"`` backend, modules that call torch SDPA
+            themselves get their SDPA calls served by fastdit (:class:`SDPAOnFastdit`).
+        rope, adaln: the fused q / k RMSNorm + 3D RoPE and adaLN ops (``WanTransformer3DModel``
+            only; other transformers are left, said in the returned lines).
+        vae: ``AutoencoderKLWan`` on fastdit's CausalVAE (other VAEs are left, said).
         backend: run every op that has this fastdit backend (``"triton"``, ``"cuda"``,
             ``"reference"``, ...) on it, attention included, and the others on the dispatcher's
             choice (as ``DiT(backend=...)`` does); default: the dispatcher picks per op.
 
     Returns:
-        One line per change made. :func:`unpatch` restores the original exactly.
+        One line per change made, then one per part left as it was (``"<part>: left ..."``, with
+        the reason). :func:`unpatch` restores the original exactly.
     """
+    from diffusers import WanTransformer3DModel
+
     if getattr(target, _PATCHES_ATTR, None):
         raise RuntimeError("this object is already patched by fastdit; call fastdit.unpatch(...) first")
     _warn_if_untested_diffusers()
     backends = backends_for(backend, PATCH_OPS)
-    transformers, vaes = _components(target)
+    transformers, vaes, notes = _components(target)
     changes: list[_Change] = []
     try:
         for name, model in transformers:
-            if rope:
+            wan = type(model) is WanTransformer3DModel
+            if rope and wan:
                 changes += _patch_rope(model, name, backends)
             if attention:
-                changes += _patch_attention(model, name, backends)
-            if adaln:
+                made, left = _patch_attention(model, name, backends)
+                changes += made
+                notes += left
+            if adaln and wan:
                 changes += _patch_blocks(model, name, backends)
+            if (rope or adaln) and not wan:
+                notes.append(f"{name}: left {type(model).__name__}'s RoPE and adaLN: fastdit's fused ones serve "
+                             "WanTransformer3DModel's blocks (diffusers' code runs them)")  # fmt: skip
         if vae:
             for name, module in vaes:
                 changes += _patch_vae(module, name, backend)
@@ -626,7 +828,7 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
     if not changes:
         raise ValueError(f"fastdit.patch changed nothing on {type(target).__name__}: every part is off or absent")
     setattr(target, _PATCHES_ATTR, changes)
-    return [c.description for c in changes if c.description]
+    return [c.description for c in changes if c.description] + notes
 
 
 def unpatch(target) -> None:
@@ -645,10 +847,15 @@ def is_patched(target) -> bool:
 
 __all__ = [
     "BACKEND_NAME",
+    "SDPAOnFastdit",
     "attention_backend_name",
+    "attention_with_lse",
+    "enable",
+    "enable_from_environment",
     "fastdit_attention",
     "is_patched",
     "patch",
     "register_attention_backend",
+    "sdpa_on_fastdit",
     "unpatch",
 ]

@@ -508,8 +508,9 @@ def attention(
     *,
     softmax_scale: float | None = None,
     causal: bool = False,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense batched attention in the ``(B, S, H, D)`` layout (flash-attn's ``flash_attn_func``).
 
     Args:
@@ -517,10 +518,12 @@ def attention(
         k, v: ``(B, Sk, Hk, D)``, same dtype; ``Hk`` divides ``H``; ``Sq, Sk >= 1``.
         softmax_scale: default ``1 / sqrt(D)``.
         causal: bottom-right aligned mask, as :func:`varlen_attention`.
+        return_lse: also return the log-sum-exp of each row, ``(B, H, Sq)`` float32 (float64 for
+            float64 inputs); ``-inf`` for a row that sees no key.
         backend: force a backend; default the dispatcher's choice.
 
     Returns:
-        ``(B, Sq, H, D)`` in ``q.dtype``.
+        ``(B, Sq, H, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
     """
     _check_qkv(q, k, v, ndim=4)
     if k.shape[0] != q.shape[0]:
@@ -528,8 +531,8 @@ def attention(
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     scale = _scale(softmax_scale, q.shape[-1])
-    out, _ = choose("attention", _inputs(q, causal), backend).forward(q, k, v, scale, bool(causal))
-    return out
+    out, lse = choose("attention", _inputs(q, causal), backend).forward(q, k, v, scale, bool(causal))
+    return (out, lse) if return_lse else out
 
 
 def varlen_attention_backward(

@@ -246,7 +246,7 @@ def test_default_patch_on_cpu_runs_diffusers_own_code(op_calls, caplog):
 @pytest.mark.bad_input
 def test_patch_errors():
     wan = make_wan()
-    with pytest.raises(TypeError, match="supports diffusers' WanPipeline"):
+    with pytest.raises(TypeError, match="takes a diffusers pipeline"):
         fastdit.patch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="changed nothing"):
         fastdit.patch(wan, attention=False, rope=False, adaln=False)
