@@ -143,14 +143,19 @@ def _call_site() -> str:
     return "?"
 
 
-def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
-    """``(keep (B, Sk) bool, why_not)``: ``attn_mask`` as the per-sample key-padding mask it is,
-    or ``(None, reason)`` when it is another kind of mask.
+def mask_rows(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
+    """``(keep, why_not)``: which keys each query sees under ``attn_mask``, as a boolean ``keep``
+    of shape ``(B', 1, Sk)`` for a key-padding mask (every query of a sample sees the same keys)
+    or ``(B', Sq, Sk)`` when rows differ (``B'`` is 1 for a mask shared by the batch); or
+    ``(None, reason)`` for a mask fastdit cannot serve exactly.
 
-    Key padding is what every video DiT in diffusers passes: boolean ``[B, 1, 1, Sk]``, boolean
+    Key padding is what most video DiTs in diffusers pass: boolean ``[B, 1, 1, Sk]``, boolean
     ``[B, 1, Sq, Sk]`` repeating it per query, additive ``[B, H, 1, Sk]`` with 0 on kept keys and
     -10000 / -inf on padded ones, or ``[B, Sk]`` (which diffusers' native backend reads as
-    ``[B, 1, 1, Sk]``); padding may sit anywhere in the sequence (QwenImage puts text first)."""
+    ``[B, 1, 1, Sk]``); padding may sit anywhere in the sequence (QwenImage puts text first).
+    HunyuanVideo's token refiner and HunyuanVideo 1.5 pass ``valid_q & valid_k`` per query (rows
+    differ). Masks that differ between heads, additive biases and finite masks over every key of a
+    row (SDPA then spreads the softmax over the masked keys) are not served."""
     mask = attn_mask
     if mask.dim() == 2 and tuple(mask.shape) == (batch, seq_k):
         mask = mask[:, None, None, :]
@@ -159,30 +164,39 @@ def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     b, h, q, k = mask.shape
     if b not in (1, batch) or h not in (1, heads) or q not in (1, seq_q) or k != seq_k:
-        return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that is not per-key"
+        return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that does not broadcast to (B, H, Sq, Sk)"
     if mask.dtype != torch.bool and not mask.is_floating_point():
         return None, f"an attn_mask of dtype {mask.dtype}"
     masked = ~mask if mask.dtype == torch.bool else mask <= _MASKED_BELOW
-    keep = ~masked[:, :1, :1, :]
     # every check on the device, read back in one sync
-    checks = [(masked == ~keep).all()]
+    checks = [(masked == masked[:, :1]).all(), (masked == masked[:, :, :1]).all()]
     if mask.is_floating_point():
-        empty = (~keep).all(dim=-1).flatten()  # per sample (or one for all)
-        all_inf = torch.isinf(mask).flatten(1).all(dim=1)
+        empty = masked.all(dim=-1)  # rows that see no key
+        all_inf = torch.isinf(mask).all(dim=-1)
         checks += [((mask == 0) | masked).all(), ~(empty & ~all_inf).any()]
-    uniform, *additive = torch.stack(checks).tolist()
+    same_heads, same_rows, *additive = torch.stack(checks).tolist()
     if additive and not additive[0]:
         return None, "an additive attn_mask with values other than 0 and <= -1e4 (a bias, not padding)"
-    if not uniform:
-        return None, "an attn_mask that differs between heads or queries"
+    if not same_heads:
+        return None, "an attn_mask that differs between heads"
     if additive and not additive[1]:  # SDPA's softmax then spreads over the masked keys
-        return None, "a sample with every key masked by a finite additive value"
-    return keep[:, 0, 0, :].expand(batch, seq_k), None
+        return None, "a query row with every key masked by a finite additive value"
+    return ~(masked[:, 0, :1] if same_rows else masked[:, 0]), None
+
+
+def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
+    """``(keep (B, Sk) bool, why_not)``: ``attn_mask`` as a per-sample key-padding mask, or
+    ``(None, reason)`` (see :func:`mask_rows`)."""
+    keep, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
+    if keep is not None and keep.shape[1] != 1:
+        return None, "an attn_mask that differs between queries"
+    return (None, why_not) if keep is None else (keep[:, 0].expand(batch, seq_k), None)
 
 
 def _padded_attention(query, key, value, keep, scale, backend):
-    """Attention of every query over its sample's kept keys, as one packed varlen call: padded keys
-    are skipped, not computed and masked. Samples with no kept key give 0 (what SDPA gives)."""
+    """Attention of every query over its sample's kept keys (``keep`` (B, Sk)), as one packed
+    varlen call: padded keys are skipped, not computed and masked. Samples with no kept key give 0
+    (what SDPA gives)."""
     batch, seq_q, heads, _ = query.shape
     counts = keep.sum(dim=1).tolist()  # the one host sync: cu_seqlens and the longest sample
     live = [i for i, n in enumerate(counts) if n]
@@ -203,6 +217,53 @@ def _padded_attention(query, key, value, keep, scale, backend):
     return full
 
 
+# A mask whose rows differ is served when its packed keys (each group of equal rows gathers its own
+# kept keys) stay within this many times the batch's keys: HunyuanVideo's masks need ~1x; a
+# causal mask would need Sq / 2 times and is refused.
+_ROW_GROUP_KEYS = 2
+
+
+def _row_group_attention(query, key, value, keep, scale, backend):
+    """Attention under a mask whose rows differ (``keep`` (B' in {1, B}, Sq, Sk)): queries with
+    equal rows form one varlen sample over that row's kept keys; rows with no kept key give 0
+    (what SDPA gives). Returns ``(out, None)`` or ``(None, reason)``."""
+    batch, seq_q, heads, dim = query.shape
+    seq_k = key.shape[1]
+    rows = keep.expand(batch, seq_q, seq_k).reshape(batch * seq_q, seq_k)
+    # equal rows hash equal; a collision of different rows is caught by the exact check below
+    weights = torch.rand(seq_k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hashed = rows.to(torch.float64) @ weights.to(rows.device)
+    sample = torch.arange(batch, device=rows.device).repeat_interleave(seq_q)
+    groups, inverse = torch.unique(torch.stack([sample.to(torch.float64), hashed]), dim=1, return_inverse=True)
+    count = groups.shape[1]
+    index = torch.arange(batch * seq_q, device=rows.device)
+    first = torch.full((count,), batch * seq_q, device=rows.device).scatter_reduce(0, inverse, index, "amin")
+    group_rows = rows[first]
+    q_counts, k_counts = torch.bincount(inverse, minlength=count), group_rows.sum(dim=1)
+    exact, *sizes = torch.cat([(rows == group_rows[inverse]).all().reshape(1).long(), q_counts, k_counts]).tolist()
+    q_sizes, k_sizes = sizes[:count], sizes[count:]
+    if not exact:
+        return None, "an attn_mask whose rows could not be grouped exactly"
+    if sum(k_sizes) > _ROW_GROUP_KEYS * batch * seq_k:
+        return None, f"an attn_mask with {count} distinct query rows (not padding: e.g. causal or block-sparse)"
+    live = [g for g in range(count) if k_sizes[g]]
+    out = query.new_zeros(batch * seq_q, heads, value.shape[-1])
+    if not live:
+        return out.view(batch, seq_q, heads, -1), None
+    has_keys = torch.tensor([k > 0 for k in k_sizes], device=rows.device)
+    order = torch.argsort(inverse, stable=True)  # queries grouped, groups in order
+    q_rows = order[has_keys[inverse[order]]]
+    group, column = group_rows.nonzero(as_tuple=True)  # kept keys, group by group
+    k_rows = groups[0].long()[group] * seq_k + column
+    flat_k, flat_v = key.reshape(batch * seq_k, *key.shape[2:]), value.reshape(batch * seq_k, *value.shape[2:])
+    live_q, live_k = [q_sizes[g] for g in live], [k_sizes[g] for g in live]
+    cu_q = torch.tensor([0, *itertools.accumulate(live_q)], dtype=torch.int32, device=rows.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(live_k)], dtype=torch.int32, device=rows.device)
+    packed = ops.varlen_attention(query.reshape(batch * seq_q, heads, dim)[q_rows], flat_k[k_rows], flat_v[k_rows],
+                                  cu_q, cu_k, max(live_q), max(live_k), softmax_scale=scale, backend=backend)  # fmt: skip
+    return out.index_copy(0, q_rows, packed).view(batch, seq_q, heads, -1), None
+
+
 def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
@@ -217,7 +278,8 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     (B, S_kv, H_kv, D) -> (B, S, H, D); ``backend``: the fastdit backend :func:`patch` chose for
     the attention ops (None: the dispatcher).
 
-    Key-padding masks run on the packed varlen kernel (padded keys skipped); causal masks are
+    Key-padding masks run on the packed varlen kernel (padded keys skipped), as do masks whose
+    query rows fall into a few groups (HunyuanVideo's ``valid_q & valid_k``); causal masks are
     aligned top-left when S != S_kv, as SDPA's; grouped-query heads need ``enable_gqa=True``, as in
     SDPA; dropout is refused. Any other mask is reported (once per call site and reason, counted in
     ``fastdit.ops.dispatch.fallbacks()``) and run by torch SDPA, or refused under FASTDIT_STRICT=1."""
@@ -234,12 +296,16 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     if attn_mask is not None and is_causal:
         raise ValueError("fastdit attention: attn_mask and is_causal together (torch SDPA refuses them too)")
     if attn_mask is not None:
-        keep, why_not = key_padding(attn_mask, batch, heads, seq_q, seq_k)
-        if keep is None:
-            dispatch.report_fallback("attention", _call_site(), why_not, "torch SDPA")
-            return _sdpa(query, key, value, attn_mask, False, scale, enable_gqa)
-        # on every device, CPUs too: skipping the padded keys beats computing and masking them
-        return _padded_attention(query, key, value, keep, scale, backend)
+        keep, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
+        if keep is not None and keep.shape[1] == 1:
+            # on every device, CPUs too: skipping the padded keys beats computing and masking them
+            return _padded_attention(query, key, value, keep[:, 0].expand(batch, seq_k), scale, backend)
+        if keep is not None:
+            out, why_not = _row_group_attention(query, key, value, keep, scale, backend)
+            if out is not None:
+                return out
+        dispatch.report_fallback("attention", _call_site(), why_not, "torch SDPA")
+        return _sdpa(query, key, value, attn_mask, False, scale, enable_gqa)
     if _runs_native("attention", query, backend):  # SDPA is the torch backend's own kernel
         return _sdpa(query, key, value, None, is_causal, scale, enable_gqa)
     if is_causal and seq_q != seq_k:

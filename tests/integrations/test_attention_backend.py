@@ -69,6 +69,42 @@ def test_key_padding_masks_run_on_the_varlen_path_and_equal_sdpa(form, backend):
         assert rel_err(g, w) <= 1e-5
 
 
+def _row_masks():
+    """HunyuanVideo 1.5's ``valid_q & valid_k`` (padded query rows see nothing) and its token
+    refiner's (padded rows see key 0 only), as bool and as additive -inf."""
+    valid = torch.ones(B, SK, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[2, 3:] = False
+    both = valid[:, None, :SQ, None] & valid[:, None, None, :] if SQ <= SK else None
+    refiner = both.clone()
+    refiner[..., 0] = True
+    return {"valid_q & valid_k": both, "refiner (key 0 forced)": refiner,
+            "additive -inf": torch.where(refiner, 0.0, float("-inf"))}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["valid_q & valid_k", "refiner (key 0 forced)", "additive -inf"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_masks_whose_rows_differ_run_as_row_groups_and_equal_sdpa(name, backend):
+    """Catches a per-query mask sent to SDPA (no varlen call in the trace), query rows scattered
+    back to the wrong positions, a group's keys taken from another sample, and padded rows left
+    uninitialised instead of SDPA's 0; forward and input gradients against SDPA."""
+    mask = _row_masks()[name]
+    q, k, v = _qkv(grad=True)
+    with dispatch.trace() as log:
+        got = fastdit_attention(q, k, v, attn_mask=mask, backend=backend)
+    assert ("varlen_attention", backend) in log and not any(b.startswith("fallback") for _, b in log)
+    weight = torch.randn(got.shape)
+    (got * weight).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = _sdpa(q, k, v, attn_mask=mask)
+    (want * weight).sum().backward()
+    assert rel_err(got, want) <= 1e-5
+    for g, t in zip(grads, (q, k, v)):
+        assert rel_err(g, t.grad) <= 1e-5
+
+
 def test_a_sample_with_every_key_masked_gives_what_sdpa_gives():
     """Bool or -inf: SDPA gives 0 for those rows (torch 2.13); catches NaN from an empty softmax or
     the sample's rows left uninitialised."""
@@ -85,7 +121,8 @@ def test_a_sample_with_every_key_masked_gives_what_sdpa_gives():
     "make, reason",
     [
         (lambda: torch.randn(B, 1, 1, SK), "values other than 0 and <= -1e4"),
-        (lambda: torch.ones(SQ, SK, dtype=torch.bool).tril(), "differs between heads or queries"),
+        (lambda: torch.ones(SQ, SK, dtype=torch.bool).tril(), "distinct query rows"),
+        (lambda: torch.rand(1, H, 1, SK) > 0.3, "differs between heads"),
         (lambda: torch.ones(B, 1, 1, SK, dtype=torch.int64), "dtype torch.int64"),
         (
             lambda: torch.where(torch.arange(B)[:, None, None, None] == 1, -10000.0, 0.0).expand(B, 1, 1, SK),
@@ -147,7 +184,8 @@ def test_key_padding_reads_the_forms_and_names_the_rest():
     assert why is None and torch.equal(got, keep)
     got, why = key_padding(torch.ones(1, 1, 1, SK, dtype=torch.bool), B, H, SQ, SK)  # one mask for every sample
     assert why is None and got.shape == (B, SK) and bool(got.all())
-    assert key_padding(torch.ones(B, 1, 1, SK + 1, dtype=torch.bool), B, H, SQ, SK)[1].endswith("not per-key")
+    assert "does not broadcast" in key_padding(torch.ones(B, 1, 1, SK + 1, dtype=torch.bool), B, H, SQ, SK)[1]
+    assert "differs between queries" in key_padding(_row_masks()["refiner (key 0 forced)"], B, H, SQ, SK)[1]
 
 
 @pytest.mark.bad_input
