@@ -19,6 +19,7 @@ imported (``import fastdit`` does, when the variable asks for fastdit).
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 
 _DISPATCH_MODULE = "diffusers.models.attention_dispatch"
 ENV = "DIFFUSERS_ATTN_BACKEND"
@@ -83,6 +84,19 @@ def supports_context_parallel(backend) -> bool:
 def set_default(backend) -> None:
     """Make ``backend`` the process default (what ``DIFFUSERS_ATTN_BACKEND`` sets)."""
     attention_dispatch()._AttentionBackendRegistry.set_active_backend(backend)
+
+
+@contextmanager
+def default(backend):
+    """``backend`` as the process default inside the block (what diffusers' own
+    ``attention_backend`` context does), restored after."""
+    registry = attention_dispatch()._AttentionBackendRegistry
+    before = registry._active_backend
+    registry.set_active_backend(backend)
+    try:
+        yield
+    finally:
+        registry.set_active_backend(before)
 
 
 def default_backend():

@@ -126,8 +126,9 @@ def _runs_native(op: str, x: torch.Tensor, forced: str | None) -> bool:
 # ---- attention: a backend in diffusers' dispatcher ---------------------------------------------
 
 
-# An additive mask value at or below this masks its key: exp(-1e4 + O(1 logits)) is 0 in float32,
-# so diffusers' -10000 (LTX, LTX2, SanaVideo) and finfo.min mask exactly as -inf does.
+# An additive mask value this far below its row's largest masks its key: exp(-1e4 + O(1 logits)) is 0
+# in float32, so diffusers' -10000 (LTX, LTX2, SanaVideo) and finfo.min mask exactly as -inf does.
+# A constant added to every kept key of a row (Cosmos passes a mask of ones) changes nothing.
 _MASKED_BELOW = -1e4
 
 
@@ -154,8 +155,9 @@ def mask_rows(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k
     -10000 / -inf on padded ones, or ``[B, Sk]`` (which diffusers' native backend reads as
     ``[B, 1, 1, Sk]``); padding may sit anywhere in the sequence (QwenImage puts text first).
     HunyuanVideo's token refiner and HunyuanVideo 1.5 pass ``valid_q & valid_k`` per query (rows
-    differ). Masks that differ between heads, additive biases and finite masks over every key of a
-    row (SDPA then spreads the softmax over the masked keys) are not served."""
+    differ). An additive mask is read relative to each row's largest value (softmax ignores a
+    constant per row): Cosmos' all-ones mask masks nothing, a row of -10000 everywhere sees every
+    key, as in SDPA. Masks that differ between heads and additive biases are not served."""
     mask = attn_mask
     if mask.dim() == 2 and tuple(mask.shape) == (batch, seq_k):
         mask = mask[:, None, None, :]
@@ -167,20 +169,21 @@ def mask_rows(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k
         return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that does not broadcast to (B, H, Sq, Sk)"
     if mask.dtype != torch.bool and not mask.is_floating_point():
         return None, f"an attn_mask of dtype {mask.dtype}"
-    masked = ~mask if mask.dtype == torch.bool else mask <= _MASKED_BELOW
+    if mask.dtype == torch.bool:
+        masked = ~mask
+    else:  # softmax is shift-invariant per row: a key is masked when it sits >= 1e4 below the row's top
+        top = mask.amax(dim=-1, keepdim=True)
+        masked = (mask <= top + _MASKED_BELOW) | (mask == float("-inf"))
     # every check on the device, read back in one sync
     checks = [(masked == masked[:, :1]).all(), (masked == masked[:, :, :1]).all()]
     if mask.is_floating_point():
-        empty = masked.all(dim=-1)  # rows that see no key
-        all_inf = torch.isinf(mask).all(dim=-1)
-        checks += [((mask == 0) | masked).all(), ~(empty & ~all_inf).any()]
+        # the kept keys of a row share one value; +inf (NaN in SDPA's softmax) is a bias too
+        checks.append(((mask == top) | masked).all() & ~torch.isposinf(top).any())
     same_heads, same_rows, *additive = torch.stack(checks).tolist()
     if additive and not additive[0]:
-        return None, "an additive attn_mask with values other than 0 and <= -1e4 (a bias, not padding)"
+        return None, "an additive attn_mask whose kept keys differ within a row (a bias, not padding)"
     if not same_heads:
         return None, "an attn_mask that differs between heads"
-    if additive and not additive[1]:  # SDPA's softmax then spreads over the masked keys
-        return None, "a query row with every key masked by a finite additive value"
     return ~(masked[:, 0, :1] if same_rows else masked[:, 0]), None
 
 
@@ -458,10 +461,13 @@ def _context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale,
 
 
 def _attention_modules(model):
+    """diffusers' attention modules: the mixin's, the legacy ``Attention``, and any other module
+    that runs a ``processor`` (``MochiAttention``)."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return [m for m in model.modules() if isinstance(m, (AttentionModuleMixin, Attention))]
+    kinds = (AttentionModuleMixin, Attention)
+    return [m for m in model.modules() if isinstance(m, kinds) or callable(getattr(m, "processor", None))]
 
 
 # ---- processors and modules that call torch SDPA themselves -------------------------------------
@@ -512,20 +518,24 @@ class SDPAOnFastdit(torch.overrides.TorchFunctionMode):
 
 
 @cache
-def _code_calls_sdpa(function) -> bool:
-    """Whether ``function``'s source calls torch SDPA (True when its source cannot be read: the
-    mode is then installed, which is harmless where no SDPA call happens)."""
+def _code_calls_attention(function) -> bool:
+    """Whether ``function``'s source calls torch SDPA or diffusers' dispatcher (True when its
+    source cannot be read: the routing is then installed, harmless where no attention runs)."""
     try:
-        return "scaled_dot_product_attention" in inspect.getsource(function)
+        source = inspect.getsource(function)
     except (OSError, TypeError):
         return True
+    return "scaled_dot_product_attention" in source or "dispatch_attention_fn" in source
 
 
-def _route_forward(module, backend: str | None):
+def _route_forward(module, backend: str | None, member):
+    """``module.forward`` with its attention calls on fastdit: torch SDPA calls through
+    :class:`SDPAOnFastdit`, and diffusers dispatcher calls that name no backend (processors without
+    ``_attention_backend``, as Cosmos') through the fastdit backend made the default for the call."""
     inner = module.forward  # the class's, or an instance attribute another hook set (accelerate)
 
     def forward(*args, **kwargs):
-        with SDPAOnFastdit(backend):
+        with SDPAOnFastdit(backend), _registry.default(member):
             return inner(*args, **kwargs)
 
     return forward
@@ -542,20 +552,21 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
         kind = type(processor).__name__
         if processor is not None and hasattr(processor, "_attention_backend"):
             dispatching.append(_set_attr(processor, "_attention_backend", member, ""))
-        elif processor is not None and _code_calls_sdpa(type(processor).__call__):
+        elif processor is not None and _code_calls_attention(type(processor).__call__):
             routed.setdefault(kind, []).append(module)
         else:
             left[kind] = left.get(kind, 0) + 1
     seen = set(map(id, attention_modules))
     for module in model.modules():  # modules outside the processors that call SDPA (MochiAttentionPool)
-        if id(module) not in seen and module is not model and _code_calls_sdpa(type(module).forward):
+        if id(module) not in seen and module is not model and _code_calls_attention(type(module).forward):
             routed.setdefault(type(module).__name__, []).append(module)
     changes = list(dispatching)
     if dispatching:
         changes[0].description = f"{prefix}: {len(dispatching)} attention processors -> diffusers backend '{member.value}'"
     for kind, modules in routed.items():
-        group = [_set_attr(m, "forward", _route_forward(m, backends["attention"]), "") for m in modules]
-        group[0].description = f"{prefix}: {len(modules)} {kind} (calls torch SDPA itself) -> SDPA on fastdit attention"
+        group = [_set_attr(m, "forward", _route_forward(m, backends["attention"], member), "") for m in modules]
+        group[0].description = (f"{prefix}: {len(modules)} {kind} (calls torch SDPA or the dispatcher's default "
+                                "itself) -> fastdit attention")  # fmt: skip
         changes += group
     notes = [f"{prefix}: left {n} {kind}: it computes attention without torch SDPA or diffusers' dispatcher"
              for kind, n in left.items()]  # fmt: skip

@@ -105,6 +105,28 @@ def test_masks_whose_rows_differ_run_as_row_groups_and_equal_sdpa(name, backend)
         assert rel_err(g, t.grad) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("Cosmos' mask of ones (a constant per row)", lambda keep: torch.ones(B, 1, 1, SK)),
+        ("a sample of -10000 everywhere (uniform softmax)",
+         lambda keep: torch.where(torch.arange(B)[:, None, None, None] == 1, -10000.0, 0.0).expand(B, 1, 1, SK)),
+        ("a constant 3 on kept keys, -10000 below it", lambda keep: torch.where(keep, 3.0, -9997.0)[:, None, None, :]),
+    ],
+)  # fmt: skip
+def test_additive_masks_are_read_relative_to_each_rows_top(name, make):
+    """Softmax ignores a constant per row, as fastdit does: catches a mask of ones refused as a
+    bias (Cosmos ran on SDPA), -10000 on every key taken for padding (SDPA spreads the softmax
+    over them; 0 would be wrong), and a kept value other than 0 read as a bias."""
+    mask = make(_padding())
+    q, k, v = _qkv()
+    with dispatch.trace() as log:
+        got = fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
+    assert not any(b.startswith("fallback") for _, b in log)
+    # against float64 SDPA: float32 SDPA loses ~1e-4 adding logits to -10000, fastdit never adds them
+    assert rel_err(got, _sdpa(q.double(), k.double(), v.double(), attn_mask=mask.double())) <= 1e-5
+
+
 def test_a_sample_with_every_key_masked_gives_what_sdpa_gives():
     """Bool or -inf: SDPA gives 0 for those rows (torch 2.13); catches NaN from an empty softmax or
     the sample's rows left uninitialised."""
@@ -120,14 +142,11 @@ def test_a_sample_with_every_key_masked_gives_what_sdpa_gives():
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda: torch.randn(B, 1, 1, SK), "values other than 0 and <= -1e4"),
+        (lambda: torch.randn(B, 1, 1, SK), "kept keys differ within a row"),
+        (lambda: torch.where(_padding(), float("inf"), 0.0)[:, None, None, :], "kept keys differ within a row"),
         (lambda: torch.ones(SQ, SK, dtype=torch.bool).tril(), "distinct query rows"),
         (lambda: torch.rand(1, H, 1, SK) > 0.3, "differs between heads"),
         (lambda: torch.ones(B, 1, 1, SK, dtype=torch.int64), "dtype torch.int64"),
-        (
-            lambda: torch.where(torch.arange(B)[:, None, None, None] == 1, -10000.0, 0.0).expand(B, 1, 1, SK),
-            "every key masked by a finite additive value",
-        ),  # fmt: skip
     ],
 )
 @pytest.mark.bad_input
@@ -145,7 +164,8 @@ def test_other_masks_are_reported_once_counted_and_refused_when_strict(make, rea
                 with pytest.raises(RuntimeError):
                     fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
             else:
-                assert rel_err(fastdit_attention(q, k, v, attn_mask=mask, backend="torch"), want) <= 1e-6
+                got = fastdit_attention(q, k, v, attn_mask=mask, backend="torch")
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
     assert sum(reason in r.getMessage() for r in caplog.records) <= 1  # once per site and reason
     after = sum(n for (op, _, why), n in dispatch.fallbacks().items() if reason in why)
     assert after - before == 3 and ("attention", "fallback:torch SDPA") in log
