@@ -262,8 +262,9 @@ def _row_group_attention(query, key, value, keep, scale, backend):
     live_q, live_k = [q_sizes[g] for g in live], [k_sizes[g] for g in live]
     cu_q = torch.tensor([0, *itertools.accumulate(live_q)], dtype=torch.int32, device=rows.device)
     cu_k = torch.tensor([0, *itertools.accumulate(live_k)], dtype=torch.int32, device=rows.device)
-    packed = ops.varlen_attention(query.reshape(batch * seq_q, heads, dim)[q_rows], flat_k[k_rows], flat_v[k_rows],
-                                  cu_q, cu_k, max(live_q), max(live_k), softmax_scale=scale, backend=backend)  # fmt: skip
+    packed_q = query.reshape(batch * seq_q, heads, dim)[q_rows]
+    packed = ops.varlen_attention(packed_q, flat_k[k_rows], flat_v[k_rows], cu_q, cu_k, max(live_q), max(live_k),
+                                  softmax_scale=scale, backend=backend)  # fmt: skip
     return out.index_copy(0, q_rows, packed).view(batch, seq_q, heads, -1), None
 
 
@@ -415,7 +416,8 @@ def _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, what
 
 
 def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, *, backend=None):  # fmt: skip
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, *,
+                   backend=None):  # fmt: skip
     """diffusers' forward-op contract for its templated Ulysses / Ring: one block of keys, the
     (B, S, H) log-sum-exp a ring step merges with."""
     _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism")
@@ -562,7 +564,8 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
             routed.setdefault(type(module).__name__, []).append(module)
     changes = list(dispatching)
     if dispatching:
-        changes[0].description = f"{prefix}: {len(dispatching)} attention processors -> diffusers backend '{member.value}'"
+        changes[0].description = (f"{prefix}: {len(dispatching)} attention processors -> diffusers backend "
+                                  f"'{member.value}'")  # fmt: skip
     for kind, modules in routed.items():
         group = [_set_attr(m, "forward", _route_forward(m, backends["attention"], member), "") for m in modules]
         group[0].description = (f"{prefix}: {len(modules)} {kind} (calls torch SDPA or the dispatcher's default "

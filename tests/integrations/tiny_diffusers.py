@@ -130,10 +130,11 @@ def _flux_inputs(gen):
                 txt_ids=torch.zeros(6, 3))  # fmt: skip
 
 
+# fmt: off
 MODELS = [
     TinyModel("Wan 2.1 / 2.2", "WanTransformer3DModel", WAN, _wan_inputs),
     TinyModel("Wan VACE", "WanVACETransformer3DModel", {**WAN, "num_layers": 4, "vace_layers": [0, 2],
-              "vace_in_channels": 12},  # fmt: skip
+              "vace_in_channels": 12},
               lambda gen: {**_wan_inputs(gen), "control_hidden_states": _randn(gen, 2, 12, 2, 8, 8)}),
     TinyModel("SkyReels V2", "SkyReelsV2Transformer3DModel", WAN, _wan_inputs),
     TinyModel("ChronoEdit", "ChronoEditTransformer3DModel", WAN, _wan_inputs),
@@ -146,7 +147,7 @@ MODELS = [
                                encoder_hidden_states=_randn(gen, 1, 6, 16),
                                encoder_hidden_states_image=_randn(gen, 1, 4, 16),
                                pose_hidden_states=_randn(gen, 1, 4, 20, 4, 4),
-                               face_pixel_values=_randn(gen, 1, 3, 77, 16, 16))),  # fmt: skip
+                               face_pixel_values=_randn(gen, 1, 3, 77, 16, 16))),
     TinyModel("HunyuanVideo", "HunyuanVideoTransformer3DModel",
               dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
                    num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
@@ -255,12 +256,13 @@ MODELS = [
               dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)), _qwen_inputs),
     TinyModel("SD3 (image)", "SD3Transformer2DModel",
-              dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                   joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                   pos_embed_max_size=16),
+              dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+                   out_channels=4, pos_embed_max_size=16),
               lambda gen: dict(hidden_states=_randn(gen, 2, 4, 8, 8), encoder_hidden_states=_randn(gen, 2, 6, 16),
                                pooled_projections=_randn(gen, 2, 8), timestep=_t(gen, 2))),
 ]
+# fmt: on
 
 
 def build(spec: TinyModel):
