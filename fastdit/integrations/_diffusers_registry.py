@@ -83,7 +83,7 @@ def supports_context_parallel(backend) -> bool:
 
 def set_default(backend) -> None:
     """Make ``backend`` the process default (what ``DIFFUSERS_ATTN_BACKEND`` sets)."""
-    attention_dispatch()._AttentionBackendRegistry.set_active_backend(backend)
+    attention_dispatch()._AttentionBackendRegistry._active_backend = backend  # set_active_backend: 0.37+
 
 
 @contextmanager
@@ -92,11 +92,11 @@ def default(backend):
     ``attention_backend`` context does), restored after."""
     registry = attention_dispatch()._AttentionBackendRegistry
     before = registry._active_backend
-    registry.set_active_backend(backend)
+    set_default(backend)
     try:
         yield
     finally:
-        registry.set_active_backend(before)
+        set_default(before)
 
 
 def default_backend():

@@ -117,9 +117,16 @@ def _helios_inputs(gen):
 
 
 def _qwen_inputs(gen):
-    return dict(hidden_states=_randn(gen, 2, 16, 16), encoder_hidden_states=_randn(gen, 2, 7, 16),
-                encoder_hidden_states_mask=_text_mask(2, 7, torch.float32), timestep=torch.rand(2, generator=gen),
-                img_shapes=[[(1, 4, 4)]] * 2)  # fmt: skip
+    import inspect
+
+    import diffusers
+
+    found = dict(hidden_states=_randn(gen, 2, 16, 16), encoder_hidden_states=_randn(gen, 2, 7, 16),
+                 encoder_hidden_states_mask=_text_mask(2, 7, torch.float32), timestep=torch.rand(2, generator=gen),
+                 img_shapes=[[(1, 4, 4)]] * 2)  # fmt: skip
+    if "txt_seq_lens" in inspect.signature(diffusers.QwenImageTransformer2DModel.forward).parameters:
+        found["txt_seq_lens"] = [7, 4]  # diffusers <= 0.36 took the text lengths beside the mask
+    return found
 
 
 def _flux_inputs(gen):
@@ -289,12 +296,14 @@ class CountSDPA(torch.overrides.TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.calls = self.masked = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
             self.calls += 1
-        return func(*args, **(kwargs or {}))
+            self.masked += (args[3] if len(args) > 3 else kwargs.get("attn_mask")) is not None
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -304,6 +313,7 @@ class Survey:
     spec: TinyModel
     changes: list[str]  # what fastdit.patch changed and left
     native_sdpa_calls: int  # torch SDPA calls of the unpatched forward
+    native_masked: int  # of those, calls with an attn_mask
     served: int  # attention ops fastdit dispatched in the patched forward
     varlen: int  # of those, masked calls run on the packed varlen kernel
     escaped: int  # torch SDPA calls in the patched forward that fastdit did not serve
@@ -331,19 +341,20 @@ def survey(spec: TinyModel, backend: str | None = "torch") -> Survey:
             out = model(**{**kwargs, **leaves}, return_dict=False)[0]
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
         (out * weight).sum().backward()
-        return out.detach(), {n: t.grad for n, t in leaves.items()}, count.calls, log
+        return out.detach(), {n: t.grad for n, t in leaves.items()}, count, log
 
-    expect, expect_grads, native_calls, _ = run()
+    expect, expect_grads, native, _ = run()
     before = sum(dispatch.fallbacks().values())
     changes = fastdit.patch(model, backend=backend)
     try:
-        got, grads, escaped, log = run()
+        got, grads, patched, log = run()
     except (ValueError, TypeError) as refused:
-        return Survey(spec, changes, native_calls, 0, 0, 0, 0, float("nan"), float("nan"), f"{refused}")
+        return Survey(spec, changes, native.calls, native.masked, 0, 0, 0, 0, float("nan"), float("nan"),
+                      f"{refused}")  # fmt: skip
     finally:
         fastdit.unpatch(model)
     ops = [op for op, ran in log if op in ("attention", "varlen_attention") and not ran.startswith("fallback")]
     fallbacks = sum(dispatch.fallbacks().values()) - before  # each ran torch SDPA once, reported
     grad_err = max((_rel(grads[n], expect_grads[n]) for n in grads), default=0.0)
-    return Survey(spec, changes, native_calls, len(ops), ops.count("varlen_attention"), escaped - fallbacks,
-                  fallbacks, _rel(got, expect), grad_err)  # fmt: skip
+    return Survey(spec, changes, native.calls, native.masked, len(ops), ops.count("varlen_attention"),
+                  patched.calls - fallbacks, fallbacks, _rel(got, expect), grad_err)  # fmt: skip

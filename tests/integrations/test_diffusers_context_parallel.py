@@ -1,0 +1,174 @@
+"""diffusers' own context parallelism (``enable_parallelism`` with Ulysses, Ring, and both) running
+the fastdit attention backend, on 2 and 4 CPU ranks over gloo, against the single-process model:
+forward output and input gradients. No other diffusers backend runs Ring on a CPU (none returns
+the log-sum-exp there); fastdit's does.
+
+diffusers' ``enable_parallelism`` picks ``rank % torch.accelerator.device_count()`` as the device,
+which divides by zero on CPU-only torch: the ranks report one accelerator (the device type stays
+"cpu"), the one workaround these tests need.
+"""
+
+import os
+import re
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+diffusers = pytest.importorskip("diffusers", reason="needs `pip install -e .[diffusers]`")
+
+from fastdit.integrations import _diffusers_registry as registry  # noqa: E402
+from fastdit.integrations.diffusers import attention_with_lse, enable, register_attention_backend  # noqa: E402
+from fastdit.ops import dispatch  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+
+VERSION = tuple(int(n) for n in re.findall(r"\d+", diffusers.__version__)[:2])
+# diffusers 0.36's templated CP (every backend): Ring's backward returns 11 gradients for 12
+# inputs, Ulysses' backward assumes S_kv == S_q (cross-attention fails), Ulysses x Ring is refused.
+# There only the forward of Ulysses and Ring is checked; the newest (0.42) runs everything.
+FULL = VERSION >= (0, 42)
+# diffusers 0.42's Ring backward passes each gradient accumulator to the next rank while that rank
+# works on the previous rank's key block: right for 2 ranks, wrong for more with every backend
+# (reversing the rotation makes fastdit's Ring 4 gradients equal one process). Ring 4: forward.
+RING_BACKWARD_MAX = 2
+
+
+def _model():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32)  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises the output projection
+        for p in model.parameters():
+            if not p.abs().any():
+                p.normal_(0, 0.05)
+    return model
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(1, 4, 2, 8, 8, generator=gen), torch.tensor([500.0]), torch.randn(1, 8, 32, generator=gen)
+
+
+def _rank(rank, world, port, configs, backend, queue):
+    try:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        torch.set_num_threads(1)
+        torch.accelerator.device_count = lambda: 1  # see the module docstring
+        from diffusers import ContextParallelConfig
+
+        name = enable(backend)
+        latents, timestep, text = _inputs()
+        results = []
+        for ulysses, ring, backward in configs:
+            single = _model()
+            x = latents.clone().requires_grad_(backward)
+            expect = single(x, timestep, text, return_dict=False)[0]
+            if backward:
+                expect.square().sum().backward()
+            model = _model()
+            model.set_attention_backend(name)
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+            y = latents.clone().requires_grad_(backward)
+            with dispatch.trace() as log:
+                out = model(y, timestep, text, return_dict=False)[0]
+            served = sum(op == "attention" and not ran.startswith("fallback") for op, ran in log)
+            grad_err = None
+            if backward:
+                out.square().sum().backward()
+                grad = y.grad.clone()
+                dist.all_reduce(grad)  # each rank holds the gradient of its own sequence shard
+                grad_err = rel_err(grad, x.grad)
+            results.append((ulysses, ring, rel_err(out.detach(), expect.detach()), grad_err, served))
+        queue.put((rank, "ok", results))
+    except BaseException:  # noqa: BLE001 - the test shows every rank's traceback
+        queue.put((rank, traceback.format_exc(), None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _world(world, configs, backend=None):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # torch, diffusers and fastdit imported once, forked per rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, configs, backend, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        replies = sorted(queue.get(timeout=300) for _ in range(world))
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    failed = [f"rank {rank}:\n{status}" for rank, status, _ in replies if status != "ok"]
+    assert not failed, "\n".join(failed)
+    return [results for _, _, results in replies]
+
+
+def _configs(*layouts):
+    """(ulysses, ring, with backward) for each layout diffusers can run here (see above)."""
+    return [(u, r, FULL and r <= RING_BACKWARD_MAX) for u, r in layouts if FULL or min(u, r) == 1]
+
+
+WORLDS = {2: _configs((2, 1), (1, 2)), 4: _configs((2, 2), (4, 1), (1, 4))}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_and_ring_with_the_fastdit_backend_equal_one_process(world):
+    """Catches a log-sum-exp in the wrong layout or base (Ring's merge would weight the blocks
+    wrongly), a backward that ignores the global out / lse a ring step passes (each block's share
+    of the gradient), heads or sequence shards swapped by the all-to-all, and a call that left
+    fastdit (the trace counts its attention ops)."""
+    for results in _world(world, WORLDS[world]):
+        for ulysses, ring, out_err, grad_err, served in results:
+            where = f"ulysses={ulysses} ring={ring}"
+            assert served > 0, where
+            assert out_err <= 1e-5, f"{where}: output {out_err}"
+            assert grad_err is None or grad_err <= 1e-5, f"{where}: input gradient {grad_err}"
+
+
+def test_ring_on_the_reference_backend_equals_one_process():
+    """The same on fastdit's float-math reference backend (no torch kernel shared with the
+    single-process run)."""
+    for results in _world(2, _configs((1, 2)), backend="reference"):
+        for *_, out_err, grad_err, served in results:
+            assert served > 0 and out_err <= 1e-5 and (grad_err is None or grad_err <= 1e-5)
+
+
+def test_the_backend_registers_with_context_parallel_support_and_returns_the_lse():
+    """Catches the registration without supports_context_parallel (diffusers' enable_parallelism
+    refuses the backend) and an LSE in the wrong base, layout or scale."""
+    member = register_attention_backend()
+    assert registry.supports_context_parallel(member)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 8, generator=gen) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v, scale=0.3)
+    logits = torch.einsum("bqhd,bkhd->bqhk", q.double(), k.double()) * 0.3
+    assert lse.shape == (2, 5, 3) and rel_err(lse, torch.logsumexp(logits, dim=-1)) <= 1e-6
+    want = torch.einsum("bqhk,bkhd->bqhd", logits.softmax(dim=-1), v.double())
+    assert rel_err(out, want) <= 1e-6
+
+
+@pytest.mark.bad_input
+def test_what_context_parallelism_cannot_serve_is_refused_by_name():
+    """Catches a mask or a top-left causal call under CP run silently wrong (the key-padding path
+    returns no log-sum-exp; Ring would merge garbage)."""
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(dispatch.BackendNotSupportedError, match="attn_mask is not served"):
+        attention_with_lse(q, q, q, attn_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(dispatch.BackendNotSupportedError, match="causal attention with S != S_kv"):
+        attention_with_lse(q, torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), is_causal=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention_with_lse(q, q, q, dropout_p=0.1)
