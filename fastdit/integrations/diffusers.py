@@ -268,11 +268,20 @@ def _row_group_attention(query, key, value, keep, scale, backend):
     return out.index_copy(0, q_rows, packed).view(batch, seq_q, heads, -1), None
 
 
+def _parallel_sdpa_mode():
+    """The active torch function mode that parallelizes torch SDPA calls (para-attn's Ulysses /
+    Ring / Unified modes), or None. Such a mode sees only ``F.scaled_dot_product_attention`` calls:
+    one that fastdit served itself would attend over this rank's shard alone."""
+    for mode in torch.overrides._get_current_function_mode_stack():
+        if type(mode).__module__.split(".")[0] == "para_attn":
+            return mode
+    return None
+
+
 def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-    )  # fmt: skip
+    extra = {"enable_gqa": True} if enable_gqa else {}  # para-attn's handlers take no enable_gqa
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra)  # fmt: skip
     return out.transpose(1, 2)
 
 
@@ -286,7 +295,11 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     query rows fall into a few groups (HunyuanVideo's ``valid_q & valid_k``); causal masks are
     aligned top-left when S != S_kv, as SDPA's; grouped-query heads need ``enable_gqa=True``, as in
     SDPA; dropout is refused. Any other mask is reported (once per call site and reason, counted in
-    ``fastdit.ops.dispatch.fallbacks()``) and run by torch SDPA, or refused under FASTDIT_STRICT=1."""
+    ``fastdit.ops.dispatch.fallbacks()``) and run by torch SDPA, or refused under FASTDIT_STRICT=1.
+    Under para-attn's context-parallel modes (which see torch SDPA calls only) the call is handed to
+    para-attn through torch SDPA: right, not silently local to this rank's shard; reported unless
+    the mode was built with ``attn_func=sdpa_on_fastdit`` (then fastdit runs it after para-attn's
+    all-to-all)."""
     if dropout_p:
         raise ValueError(f"fastdit attention: dropout_p={dropout_p} is not served (inference kernels); pass 0")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -299,6 +312,13 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                          "(as torch SDPA)")  # fmt: skip
     if attn_mask is not None and is_causal:
         raise ValueError("fastdit attention: attn_mask and is_causal together (torch SDPA refuses them too)")
+    parallel = _parallel_sdpa_mode()
+    if parallel is not None:  # the call goes through para-attn's all-to-all / ring
+        if getattr(parallel, "_attn_func", None) is not sdpa_on_fastdit:  # para-attn then runs torch SDPA
+            dispatch.report_fallback("attention", _call_site(), f"para-attn's {type(parallel).__name__} is active "
+                                     "and parallelizes torch SDPA calls only (give it attn_func=sdpa_on_fastdit)",
+                                     "para-attn")  # fmt: skip
+        return _sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     if attn_mask is not None:
         keep, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
         if keep is not None and keep.shape[1] == 1:

@@ -172,3 +172,100 @@ def test_what_context_parallelism_cannot_serve_is_refused_by_name():
         attention_with_lse(q, torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), is_causal=True)
     with pytest.raises(ValueError, match="dropout_p"):
         attention_with_lse(q, q, q, dropout_p=0.1)
+
+
+# ---- para-attn: its modes parallelize torch SDPA calls, which fastdit's backend replaces ----------------
+
+
+class _ParaAttnLike(torch.overrides.TorchFunctionMode):
+    """Stands in for para-attn's UlyssesAttnMode where para-attn is not installed: a mode from a
+    ``para_attn`` module that takes the SDPA calls (and, like para-attn, an ``attn_func``)."""
+
+    def __init__(self, attn_func=None):
+        super().__init__()
+        self._attn_func, self.calls = attn_func, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+            return (self._attn_func or func)(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_ParaAttnLike.__module__ = "para_attn.para_attn_interface"
+
+
+def test_under_para_attn_the_call_goes_to_its_mode_and_is_reported():
+    """Catches fastdit serving a call para-attn must parallelize (each rank would attend over its
+    own shard: silently wrong), a silent hand-over, strict mode ignored, and a report where
+    para-attn was given fastdit as its attention function."""
+    from fastdit import settings
+    from fastdit.integrations.diffusers import fastdit_attention, sdpa_on_fastdit
+
+    q, k, v = (torch.randn(2, 6, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = fastdit_attention(q, k, v, backend="reference")
+    before = sum(n for (_, _, why), n in dispatch.fallbacks().items() if "para-attn" in why)
+    with _ParaAttnLike() as mode, dispatch.trace() as log:
+        got = fastdit_attention(q, k, v, backend="torch")
+    assert mode.calls == 1 and ("attention", "fallback:para-attn") in log
+    assert sum(n for (_, _, why), n in dispatch.fallbacks().items() if "para-attn" in why) == before + 1
+    assert rel_err(got, want) <= 1e-5
+    with settings.override(strict=True), _ParaAttnLike(), pytest.raises(dispatch.BackendNotSupportedError):
+        fastdit_attention(q, k, v, backend="torch")
+    with _ParaAttnLike(attn_func=sdpa_on_fastdit) as mode, dispatch.trace() as log:
+        got = fastdit_attention(q, k, v, backend="torch")
+    assert mode.calls == 1 and log == [("attention", "torch")]  # para-attn's hand-off, then fastdit
+    assert rel_err(got, want) <= 1e-5
+
+
+def _para_attn_rank(rank, world, port, attn_func, queue):
+    try:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        torch.set_num_threads(1)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from para_attn.para_attn_interface import UlyssesAttnMode
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from fastdit.integrations.diffusers import sdpa_on_fastdit
+
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 4 * world, 4, 16, generator=gen) for _ in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        shard = slice(rank * 4, rank * 4 + 4)
+        with UlyssesAttnMode(mesh, attn_func=sdpa_on_fastdit if attn_func else None), dispatch.trace() as log:
+            out = dispatch_attention_fn(
+                q[:, shard], k[:, shard], v[:, shard], backend=register_attention_backend("torch")
+            )
+        queue.put((rank, "ok", (rel_err(out, want.transpose(1, 2)[:, shard]), log)))
+    except BaseException:  # noqa: BLE001
+        queue.put((rank, traceback.format_exc(), None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("attn_func", [False, True], ids=["para-attn's SDPA", "attn_func=sdpa_on_fastdit"])
+def test_para_attn_ulysses_with_the_fastdit_backend_equals_one_process(attn_func):
+    """With para-attn installed (not a fastdit dependency; skipped otherwise): its Ulysses mode over
+    2 gloo ranks around a diffusers dispatcher call on the fastdit backend gives each rank its
+    shard of full attention, served by fastdit when para-attn is given ``sdpa_on_fastdit``."""
+    pytest.importorskip("para_attn", reason="para-attn is not installed")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_para_attn_rank, args=(r, 2, port, attn_func, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    replies = sorted(queue.get(timeout=300) for _ in range(2))
+    for proc in procs:
+        proc.join(timeout=30)
+    assert all(status == "ok" for _, status, _ in replies), [status for _, status, _ in replies]
+    for _, _, (err, log) in replies:
+        assert err <= 1e-5
+        assert (("attention", "torch") in log) == attn_func
