@@ -59,3 +59,35 @@ def test_the_survey_covers_every_video_transformer_of_this_diffusers():
     surveyed = {m.cls for m in MODELS}
     missing = sorted(video - surveyed - set(NOT_SURVEYED))
     assert not missing, f"video transformers neither surveyed nor listed: {missing}"
+
+
+def _support_script():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "diffusers_support.py")
+    spec = importlib.util.spec_from_file_location("diffusers_support", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_the_readme_support_table_is_this_survey():
+    """Catches a README table edited by hand or left behind by a change: every cell but the two
+    error columns must equal a fresh survey's (the errors may differ in the last digit across
+    machines' BLAS), and the README's errors must be within 1e-5."""
+    script = _support_script()
+    readme = script.current()
+    measured_with = re.search(r"Measured with diffusers ([\d.]+)\.", readme)
+    assert measured_with, "the table lost its diffusers version line"
+    if measured_with.group(1) != diffusers.__version__:
+        pytest.skip(f"the README's table is measured with diffusers {measured_with.group(1)}")
+    fresh = _cells("\n".join(script.rows()))
+    stated = _cells(readme)
+    assert [row[:-2] for row in stated] == [row[:-2] for row in fresh]
+    for row in stated[1:]:
+        assert all(float(cell) <= 1e-5 for cell in row[-2:]), row
