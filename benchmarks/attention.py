@@ -301,30 +301,40 @@ def _compare_key_padding(report, args, device, dtype, heads, head_dim, gen, timi
     """Two samples whose keys are 30% padding (at the end of one, at the start of the other, as
     text-first layouts pad), through a diffusers attention backend: torch SDPA computing every key
     and masking (diffusers' native backend) against fastdit's backend, which packs the kept keys
-    and runs the varlen kernel. FLOPs count the kept keys only, for both."""
+    and runs the varlen kernel. Two mask forms: the key-padding ``[B,1,1,S]`` most models pass, and
+    HunyuanVideo 1.5's ``valid_q & valid_k`` ``[B,1,S,S]`` (padded queries see nothing). FLOPs
+    count the kept queries and keys only, for both providers."""
     seqlen = args.attn_mask_seqlen or (2048 if args.quick else 16384)
     cut = int(seqlen * 0.3)
     keep = torch.ones(2, seqlen, dtype=torch.bool, device=device)
     keep[0, seqlen - cut :] = False
     keep[1, :cut] = False
-    mask = keep[:, None, None, :]
     tensors = tuple(torch.randn(2, seqlen, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fastdit.integrations.diffusers import fastdit_attention
 
-    def sdpa_masked(q, k, v):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=mask).transpose(1, 2)  # fmt: skip
-
+    key_mask = keep[:, None, None, :]
     with torch.no_grad(), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH):
         reference = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in tensors),
-                                                   attn_mask=mask).transpose(1, 2)  # fmt: skip
-    providers = {
-        "sdpa-masked": (sdpa_masked, {}, False),
-        "fastdit-varlen-from-mask": (lambda q, k, v: fastdit_attention(q, k, v, attn_mask=mask), {}, False),
-    }
-    flops = _flops([seqlen, seqlen], [seqlen - cut, seqlen - cut], heads, head_dim)
-    shape = f"key-padding mask 2x{seqlen} (30% padded) H={heads} D={head_dim}"
-    with torch.no_grad():
-        _compare(report, shape, providers, tensors, flops, False, reference, timing)
+                                                   attn_mask=key_mask).transpose(1, 2)  # fmt: skip
+    forms = [
+        ("key-padding mask [B,1,1,S]", key_mask, reference, seqlen),
+        # padded query rows see no key: SDPA gives them 0, the rest is the key-padding result
+        ("valid_q & valid_k mask [B,1,S,S] (HunyuanVideo 1.5)", keep[:, None, :, None] & key_mask,
+         reference * keep[:, :, None, None], seqlen - cut),
+    ]  # fmt: skip
+    for name, mask, want, queries in forms:
+
+        def sdpa_masked(q, k, v, mask=mask):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_mask=mask).transpose(1, 2)  # fmt: skip
+
+        def fastdit_masked(q, k, v, mask=mask):
+            return fastdit_attention(q, k, v, attn_mask=mask)
+
+        providers = {"sdpa-masked": (sdpa_masked, {}, False), "fastdit-varlen-from-mask": (fastdit_masked, {}, False)}
+        flops = _flops([queries, queries], [seqlen - cut, seqlen - cut], heads, head_dim)
+        shape = f"{name} 2x{seqlen} (30% padded) H={heads} D={head_dim}"
+        with torch.no_grad():
+            _compare(report, shape, providers, tensors, flops, False, want, timing)

@@ -144,20 +144,32 @@ def _call_site() -> str:
     return "?"
 
 
+@dataclass
+class MaskRows:
+    """Which keys each query sees under a mask: ``keys`` (B', Sk) for every query of a sample
+    (key padding), seen only by ``queries`` (B', Sq) when given (the other queries see no key:
+    HunyuanVideo 1.5's ``valid_q & valid_k``); or ``rows`` (B', Sq, Sk), one row per query. B'
+    is 1 for a mask shared by the batch."""
+
+    keys: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
 def mask_rows(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
-    """``(keep, why_not)``: which keys each query sees under ``attn_mask``, as a boolean ``keep``
-    of shape ``(B', 1, Sk)`` for a key-padding mask (every query of a sample sees the same keys)
-    or ``(B', Sq, Sk)`` when rows differ (``B'`` is 1 for a mask shared by the batch); or
-    ``(None, reason)`` for a mask fastdit cannot serve exactly.
+    """``(MaskRows, None)``: ``attn_mask`` read as the keys each query keeps, or ``(None, reason)``
+    for a mask fastdit cannot serve exactly. One host sync for every check; a boolean mask is read
+    by reductions only (no copy of a ``[B, 1, Sq, Sk]`` mask).
 
     Key padding is what most video DiTs in diffusers pass: boolean ``[B, 1, 1, Sk]``, boolean
     ``[B, 1, Sq, Sk]`` repeating it per query, additive ``[B, H, 1, Sk]`` with 0 on kept keys and
     -10000 / -inf on padded ones, or ``[B, Sk]`` (which diffusers' native backend reads as
     ``[B, 1, 1, Sk]``); padding may sit anywhere in the sequence (QwenImage puts text first).
-    HunyuanVideo's token refiner and HunyuanVideo 1.5 pass ``valid_q & valid_k`` per query (rows
-    differ). An additive mask is read relative to each row's largest value (softmax ignores a
-    constant per row): Cosmos' all-ones mask masks nothing, a row of -10000 everywhere sees every
-    key, as in SDPA. Masks that differ between heads and additive biases are not served."""
+    HunyuanVideo 1.5 passes ``valid_q & valid_k``; HunyuanVideo's token refiner the same with key
+    0 forced on (rows differ). An additive mask is read relative to each row's largest value
+    (softmax ignores a constant per row): Cosmos' all-ones mask masks nothing, a row of -10000
+    everywhere sees every key, as in SDPA. Masks that differ between heads and additive biases are
+    not served."""
     mask = attn_mask
     if mask.dim() == 2 and tuple(mask.shape) == (batch, seq_k):
         mask = mask[:, None, None, :]
@@ -169,31 +181,45 @@ def mask_rows(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k
         return None, f"an attn_mask of shape {tuple(attn_mask.shape)} that does not broadcast to (B, H, Sq, Sk)"
     if mask.dtype != torch.bool and not mask.is_floating_point():
         return None, f"an attn_mask of dtype {mask.dtype}"
+    checks = []
     if mask.dtype == torch.bool:
-        masked = ~mask
+        keep = mask
     else:  # softmax is shift-invariant per row: a key is masked when it sits >= 1e4 below the row's top
         top = mask.amax(dim=-1, keepdim=True)
-        masked = (mask <= top + _MASKED_BELOW) | (mask == float("-inf"))
-    # every check on the device, read back in one sync
-    checks = [(masked == masked[:, :1]).all(), (masked == masked[:, :, :1]).all()]
-    if mask.is_floating_point():
+        keep = (mask > top + _MASKED_BELOW) & (mask != float("-inf"))
         # the kept keys of a row share one value; +inf (NaN in SDPA's softmax) is a bias too
-        checks.append(((mask == top) | masked).all() & ~torch.isposinf(top).any())
-    same_heads, same_rows, *additive = torch.stack(checks).tolist()
-    if additive and not additive[0]:
+        checks.append(((mask == top) | ~keep).all() & ~torch.isposinf(top).any())
+    if h > 1:
+        checks.append((keep == keep[:, :1]).all())
+    keep = keep[:, 0]
+    if q > 1:
+        valid_q, valid_k = keep.any(dim=2), keep.any(dim=1)
+        n_k = valid_k.sum(dim=1)
+        # every kept pair lies in valid_q x valid_k: equal counts make the mask that outer product
+        checks.append((keep.sum(dim=(1, 2)) == valid_q.sum(dim=1) * n_k).all())
+        checks.append((valid_q | (n_k == 0)[:, None]).all())  # every query sees the sample's keys
+    found = torch.stack(checks).tolist() if checks else []
+    if mask.is_floating_point() and not found.pop(0):
         return None, "an additive attn_mask whose kept keys differ within a row (a bias, not padding)"
-    if not same_heads:
+    if h > 1 and not found.pop(0):
         return None, "an attn_mask that differs between heads"
-    return ~(masked[:, 0, :1] if same_rows else masked[:, 0]), None
+    if q == 1:
+        return MaskRows(keys=keep[:, 0]), None
+    outer, all_queries = found
+    if outer:
+        return MaskRows(keys=valid_k, queries=None if all_queries else valid_q), None
+    return MaskRows(rows=keep), None
 
 
 def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int):
     """``(keep (B, Sk) bool, why_not)``: ``attn_mask`` as a per-sample key-padding mask, or
     ``(None, reason)`` (see :func:`mask_rows`)."""
-    keep, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
-    if keep is not None and keep.shape[1] != 1:
+    found, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
+    if found is None:
+        return None, why_not
+    if found.keys is None or found.queries is not None:
         return None, "an attn_mask that differs between queries"
-    return (None, why_not) if keep is None else (keep[:, 0].expand(batch, seq_k), None)
+    return found.keys.expand(batch, seq_k), None
 
 
 def _padded_attention(query, key, value, keep, scale, backend):
@@ -224,6 +250,26 @@ def _padded_attention(query, key, value, keep, scale, backend):
 # kept keys) stay within this many times the batch's keys: HunyuanVideo's masks need ~1x; a
 # causal mask would need Sq / 2 times and is refused.
 _ROW_GROUP_KEYS = 2
+
+
+def _query_key_padded(query, key, value, valid_q, valid_k, scale, backend):
+    """Attention where query i of a sample sees that sample's valid keys if it is itself valid,
+    and nothing (output 0, as SDPA) otherwise: one varlen call over the valid queries and keys."""
+    batch, seq_q, heads, dim = query.shape
+    counts = torch.cat([valid_q.sum(dim=1), valid_k.sum(dim=1)]).tolist()  # the one host sync
+    q_counts, k_counts = counts[:batch], counts[batch:]
+    out = query.new_zeros(batch * seq_q, heads, value.shape[-1])
+    live = [b for b in range(batch) if q_counts[b] and k_counts[b]]
+    if not live:
+        return out.view(batch, seq_q, heads, -1)
+    q_rows = valid_q.reshape(-1).nonzero(as_tuple=True)[0]
+    lengths_q, lengths_k = [q_counts[b] for b in live], [k_counts[b] for b in live]
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32, device=query.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32, device=query.device)
+    packed = ops.varlen_attention(query.reshape(batch * seq_q, heads, dim)[q_rows], key[valid_k], value[valid_k],
+                                  cu_q, cu_k, max(lengths_q), max(lengths_k), softmax_scale=scale,
+                                  backend=backend)  # fmt: skip
+    return out.index_copy(0, q_rows, packed).view(batch, seq_q, heads, -1)
 
 
 def _row_group_attention(query, key, value, keep, scale, backend):
@@ -320,12 +366,16 @@ def fastdit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                                      "para-attn")  # fmt: skip
         return _sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     if attn_mask is not None:
-        keep, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
-        if keep is not None and keep.shape[1] == 1:
-            # on every device, CPUs too: skipping the padded keys beats computing and masking them
-            return _padded_attention(query, key, value, keep[:, 0].expand(batch, seq_k), scale, backend)
-        if keep is not None:
-            out, why_not = _row_group_attention(query, key, value, keep, scale, backend)
+        # on every device, CPUs too: skipping the padded keys beats computing and masking them
+        found, why_not = mask_rows(attn_mask, batch, heads, seq_q, seq_k)
+        if found is not None and found.rows is None:
+            keys = found.keys.expand(batch, seq_k)
+            if found.queries is None:
+                return _padded_attention(query, key, value, keys, scale, backend)
+            queries = found.queries.expand(batch, seq_q)
+            return _query_key_padded(query, key, value, queries, keys, scale, backend)
+        if found is not None:
+            out, why_not = _row_group_attention(query, key, value, found.rows, scale, backend)
             if out is not None:
                 return out
         dispatch.report_fallback("attention", _call_site(), why_not, "torch SDPA")
@@ -563,16 +613,25 @@ def _route_forward(module, backend: str | None, member):
     return forward
 
 
+# Processors that need one diffusers backend for what they pass it, and why: left as they are.
+_NEEDS_THEIR_BACKEND = {
+    "AnyFlowCausalAttnProcessor": "its causal chunk mask is a flex-attention BlockMask that only diffusers' flex "
+    "backend takes",
+}
+
+
 def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change], list[str]]:
     """Point every dispatching processor at the fastdit backend and route the SDPA calls of the
     modules that bypass the dispatcher; returns (changes, what was left and why)."""
     member = register_attention_backend(backends["attention"])
     attention_modules = _attention_modules(model)
-    dispatching, routed, left = [], {}, {}
+    dispatching, routed, left, needs = [], {}, {}, {}
     for module in attention_modules:
         processor = getattr(module, "processor", None)
         kind = type(processor).__name__
-        if processor is not None and hasattr(processor, "_attention_backend"):
+        if kind in _NEEDS_THEIR_BACKEND:
+            needs[kind] = needs.get(kind, 0) + 1
+        elif processor is not None and hasattr(processor, "_attention_backend"):
             dispatching.append(_set_attr(processor, "_attention_backend", member, ""))
         elif processor is not None and _code_calls_attention(type(processor).__call__):
             routed.setdefault(kind, []).append(module)
@@ -593,6 +652,7 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
         changes += group
     notes = [f"{prefix}: left {n} {kind}: it computes attention without torch SDPA or diffusers' dispatcher"
              for kind, n in left.items()]  # fmt: skip
+    notes += [f"{prefix}: left {n} {kind}: {_NEEDS_THEIR_BACKEND[kind]}" for kind, n in needs.items()]
     return changes, notes
 
 

@@ -17,15 +17,13 @@ from tests.integrations.tiny_diffusers import MODELS, survey  # noqa: E402
 
 # Video transformers of the newest diffusers that the survey does not build yet, and why.
 NOT_SURVEYED = {
-    "AnyFlowTransformer3DModel": "added in diffusers 0.42; tiny config not written yet",
-    "AnyFlowFARTransformer3DModel": "added in diffusers 0.42; tiny config not written yet",
-    "JoyImageEditTransformer3DModel": "an image-edit model; tiny config not written yet",
+    "AnyFlowFARTransformer3DModel": "its causal chunk attention needs diffusers' flex backend (a BlockMask), which "
+    "fastdit.patch leaves and names; FlexAttention has no CPU backward for the survey's gradients",
     "JoyImageEditPlusTransformer3DModel": "an image-edit model; tiny config not written yet",
-    "Kandinsky6Transformer3DModel": "tiny config not written yet",
     "Kandinsky6SRTransformer3DModel": "a super-resolution stage; tiny config not written yet",
-    "SanaWMTransformer3DModel": "tiny config not written yet",
     "SanaWMLTX2RefinerTransformer3DModel": "a refiner stage; tiny config not written yet",
-    "WanAnimate2Transformer3DModel": "tiny config not written yet",
+    "WanAnimate2Transformer3DModel": "takes per-sample lists of latents and a KV cache it fills in one pass and "
+    "reads in the next; the survey's harness runs one forward on tensors",
 }
 
 
@@ -45,7 +43,7 @@ def test_every_attention_call_is_served_and_the_model_is_unchanged(spec, backend
     assert result.served >= result.native_sdpa_calls, (result.served, result.native_sdpa_calls)
     assert result.escaped == 0 and result.fallbacks == 0, (result.escaped, result.fallbacks)
     assert result.varlen == result.native_masked  # every masked call on the varlen kernel
-    assert result.out_err <= 1e-5 and result.grad_err <= 1e-5, (result.out_err, result.grad_err)
+    assert result.accurate(), (result.out_err, result.grad_err, result.against_exact)
     # the patch says what it changed and what it left
     assert any("fastdit" in line for line in result.changes)
     if spec.cls != "WanTransformer3DModel":
@@ -79,7 +77,7 @@ def _cells(table: str) -> list[list[str]]:
 def test_the_readme_support_table_is_this_survey():
     """Catches a README table edited by hand or left behind by a change: every cell but the two
     error columns must equal a fresh survey's (the errors may differ in the last digit across
-    machines' BLAS), and the README's errors must be within 1e-5."""
+    machines' BLAS), and the README's errors must be within 1e-5 or state the exact-attention check."""
     script = _support_script()
     readme = script.current()
     measured_with = re.search(r"Measured with diffusers ([\d.]+)\.", readme)
@@ -89,5 +87,5 @@ def test_the_readme_support_table_is_this_survey():
     fresh = _cells("\n".join(script.rows()))
     stated = _cells(readme)
     assert [row[:-2] for row in stated] == [row[:-2] for row in fresh]
-    for row in stated[1:]:
-        assert all(float(cell) <= 1e-5 for cell in row[-2:]), row
+    for row in stated[1:]:  # within 1e-5, or as close to exact attention as the default (said in the cell)
+        assert all(float(cell.split()[0]) <= 1e-5 or "exact attention" in cell for cell in row[-2:]), row
