@@ -232,3 +232,26 @@ def test_strided_and_offset_views_give_the_contiguous_result():
     offset_mask = torch.cat([torch.ones(1, SK, dtype=torch.bool), keep])[1:]  # storage offset SK
     got = fastdit_attention(*views, attn_mask=offset_mask[:, None, None, :], backend="torch")
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seq_k", [16, 24, 10])  # 16, 24: read eight keys per int64 word; 10: bool by bool
+def test_row_structure_reads_words_and_bools_alike(seq_k):
+    """Catches the word-packed reading of a boolean mask (eight keys per int64) disagreeing with
+    the plain one: a row differing from the first valid row in one key of one word, a sample with
+    no valid row, and a row that differs only past the last full word."""
+    from fastdit.integrations.diffusers import _row_structure
+
+    gen = torch.Generator().manual_seed(0)
+    valid_k = torch.rand(3, seq_k, generator=gen) > 0.3
+    valid_q = torch.tensor([[True, False, True, True, False, True]] * 2 + [[False] * 6])
+    keep = valid_q[:, :, None] & valid_k[:, None, :]
+    keep[0, 3, seq_k - 1] = ~keep[0, 3, seq_k - 1]  # one key of one row, in the last word
+    keep[2] = False
+    strided = torch.zeros(3, 6, seq_k + 1, dtype=torch.bool)[..., :seq_k]  # no int64 view possible
+    strided.copy_(keep)
+    for mask in (keep, strided):
+        rows, first, same = _row_structure(mask)
+        assert torch.equal(rows, keep.any(dim=2))
+        assert torch.equal(first[:2], keep[:2, 0]) and not first[2].any()
+        want = (keep == first[:, None, :]).all(dim=2)
+        assert torch.equal(same, want) and not bool(same[0, 3])
