@@ -141,13 +141,14 @@ def test_bench_attention_rows(tmp_path):
     assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16", "--attn-mask-seqlen", "50"]) == 0
     rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
     providers = {r["provider"] for r in rows}
-    # no interpreter rows, no GPU-only variants, no oracle; the key-padding rows' two providers
+    # no interpreter rows, no GPU-only variants, no oracle; the two mask forms' two providers
     assert providers == {"sdpa-math", "fastdit-torch", "sdpa-masked", "fastdit-varlen-from-mask"}
     assert {r["shape"].split(" ")[0] + " " + r["shape"].split(" ")[1] for r in rows} == {
-        "fwd dense", "bwd dense", "fwd packed", "bwd packed", "fwd key-padding"}  # fmt: skip
+        "fwd dense", "bwd dense", "fwd packed", "bwd packed", "fwd key-padding", "fwd valid_q"}  # fmt: skip
     assert all(r["tflops"] > 0 and r["runs"] >= 5 and r["status"] == "ok" for r in rows)
-    masked = {r["provider"]: r for r in rows if "key-padding" in r["shape"]}
-    assert masked["sdpa-masked"]["flops"] == masked["fastdit-varlen-from-mask"]["flops"]  # the same work counted
+    for form in ("key-padding", "valid_q & valid_k"):
+        masked = {r["provider"]: r for r in rows if form in r["shape"]}
+        assert masked["sdpa-masked"]["flops"] == masked["fastdit-varlen-from-mask"]["flops"]  # the same work counted
 
 
 def test_attention_variant_environment_is_exact_and_restored(set_setting):
