@@ -631,7 +631,14 @@ def _route_forward(module, backend: str | None, member):
 _NEEDS_THEIR_BACKEND = {
     "AnyFlowCausalAttnProcessor": "its causal chunk mask is a flex-attention BlockMask that only diffusers' flex "
     "backend takes",
+    "Kandinsky6SRAttnProcessor": "its NABLA sparsity is a flex-attention BlockMask that only diffusers' flex backend "
+    "takes",
 }
+
+
+# Packages whose processors split attention across ranks themselves (xDiT): fastdit leaves them,
+# since serving their calls locally would attend over one rank's shard.
+_PARALLEL_PACKAGES = ("xfuser",)
 
 
 def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change], list[str]]:
@@ -639,11 +646,13 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
     modules that bypass the dispatcher; returns (changes, what was left and why)."""
     member = register_attention_backend(backends["attention"])
     attention_modules = _attention_modules(model)
-    dispatching, routed, left, needs = [], {}, {}, {}
+    dispatching, routed, left, needs, parallel = [], {}, {}, {}, {}
     for module in attention_modules:
         processor = getattr(module, "processor", None)
         kind = type(processor).__name__
-        if kind in _NEEDS_THEIR_BACKEND:
+        if type(processor).__module__.split(".")[0] in _PARALLEL_PACKAGES:
+            parallel[kind] = parallel.get(kind, 0) + 1
+        elif kind in _NEEDS_THEIR_BACKEND:
             needs[kind] = needs.get(kind, 0) + 1
         elif processor is not None and hasattr(processor, "_attention_backend"):
             dispatching.append(_set_attr(processor, "_attention_backend", member, ""))
@@ -667,6 +676,8 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
     notes = [f"{prefix}: left {n} {kind}: it computes attention without torch SDPA or diffusers' dispatcher"
              for kind, n in left.items()]  # fmt: skip
     notes += [f"{prefix}: left {n} {kind}: {_NEEDS_THEIR_BACKEND[kind]}" for kind, n in needs.items()]
+    notes += [f"{prefix}: left {n} {kind}: xDiT's processor runs its own sequence-parallel attention (served there, "
+              "not by fastdit)" for kind, n in parallel.items()]  # fmt: skip
     return changes, notes
 
 
@@ -1000,7 +1011,8 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
             change.undo()
         raise
     if not changes:
-        raise ValueError(f"fastdit.patch changed nothing on {type(target).__name__}: every part is off or absent")
+        why = "; ".join(notes) if notes else "every part is off or absent"
+        raise ValueError(f"fastdit.patch changed nothing on {type(target).__name__}: {why}")
     setattr(target, _PATCHES_ATTR, changes)
     return [c.description for c in changes if c.description] + notes
 

@@ -19,9 +19,8 @@ from tests.integrations.tiny_diffusers import MODELS, survey  # noqa: E402
 NOT_SURVEYED = {
     "AnyFlowFARTransformer3DModel": "its causal chunk attention needs diffusers' flex backend (a BlockMask), which "
     "fastdit.patch leaves and names; FlexAttention has no CPU backward for the survey's gradients",
-    "JoyImageEditPlusTransformer3DModel": "an image-edit model; tiny config not written yet",
-    "Kandinsky6SRTransformer3DModel": "a super-resolution stage; tiny config not written yet",
-    "SanaWMLTX2RefinerTransformer3DModel": "a refiner stage; tiny config not written yet",
+    "Kandinsky6SRTransformer3DModel": "its NABLA sparse attention is a flex-attention BlockMask on diffusers' flex "
+    "backend, which fastdit.patch leaves and names (tests/integrations/test_diffusers_registry.py)",
     "WanAnimate2Transformer3DModel": "takes per-sample lists of latents and a KV cache it fills in one pass and "
     "reads in the next; the survey's harness runs one forward on tensors",
 }

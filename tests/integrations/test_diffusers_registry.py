@@ -117,34 +117,81 @@ def test_patch_reports_modules_that_compute_attention_themselves():
     assert any("left 1 AttnProcessor: it computes attention without torch SDPA" in line for line in lines)
 
 
-def test_a_processor_that_needs_its_own_backend_is_left_and_named():
-    """AnyFlow-FAR's causal processor accepts only diffusers' flex backend (it passes a BlockMask):
-    catches the patch pointing it at fastdit (diffusers raises at the first forward) or leaving
-    it in silence; the bidirectional processors beside it are served, the output unchanged."""
+def _anyflow_far():
     import diffusers
 
-    from fastdit.ops import dispatch
-
-    if not hasattr(diffusers, "AnyFlowFARTransformer3DModel"):
-        pytest.skip(f"diffusers {diffusers.__version__} has no AnyFlowFARTransformer3DModel")
-    torch.manual_seed(0)
     model = diffusers.AnyFlowFARTransformer3DModel(
         patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=2,
         attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
         cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r",
-    ).eval()  # fmt: skip
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
-    kwargs = dict(hidden_states=torch.randn(1, 4, 4, 16, 16, generator=gen), timestep=torch.full((1, 4), 500.0),
-                  r_timestep=torch.full((1, 4), 250.0), encoder_hidden_states=torch.randn(1, 12, 16, generator=gen),
-                  chunk_partition=[2, 2], return_dict=False)  # fmt: skip
+    latents, text = torch.randn(1, 4, 4, 16, 16, generator=gen), torch.randn(1, 12, 16, generator=gen)
+    return model, dict(hidden_states=latents, timestep=torch.full((1, 4), 500.0), r_timestep=torch.full((1, 4), 250.0),
+                       encoder_hidden_states=text, chunk_partition=[2, 2])  # fmt: skip
+
+
+def _kandinsky6_sr():
+    import diffusers
+
+    model = diffusers.Kandinsky6SRTransformer3DModel(in_visual_dim=4, out_visual_dim=8, time_dim=16,
+                                                     patch_size=(1, 2, 2), model_dim=24, ff_dim=32,
+                                                     num_visual_blocks=2, axes_dims=(4, 4, 4))  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    return model, dict(hidden_states=torch.randn(1, 2, 16, 16, 9, generator=gen), timestep=torch.tensor([300.0]))
+
+
+@pytest.mark.parametrize(
+    "cls, make, processor, served",
+    [("AnyFlowFARTransformer3DModel", _anyflow_far, "AnyFlowCausalAttnProcessor", True),
+     ("Kandinsky6SRTransformer3DModel", _kandinsky6_sr, "Kandinsky6SRAttnProcessor", False)],
+)  # fmt: skip
+def test_a_processor_that_needs_its_own_backend_is_left_and_named(cls, make, processor, served):
+    """AnyFlow-FAR's causal processor and Kandinsky 6 SR's sparse one pass diffusers' flex backend a
+    BlockMask: catches the patch pointing them at fastdit (diffusers raises at the first forward),
+    or claiming them as routed while flex runs them; the processors beside them are served and
+    the output is unchanged (forward only: flex attention has no CPU backward). Where nothing is
+    left to serve (Kandinsky 6 SR), the patch refuses, naming the processor and the reason."""
+    import diffusers
+
+    from fastdit.ops import dispatch
+
+    if not hasattr(diffusers, cls):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {cls}")
+    torch.manual_seed(0)
+    model, kwargs = make()
+    model.eval()
+    if not served:
+        with pytest.raises(ValueError, match=f"changed nothing.*left .* {processor}: .*flex"):
+            fastdit.patch(model, backend="reference")
+        return
     with torch.no_grad():
-        expect = model(**kwargs)[0]
+        expect = model(**kwargs, return_dict=False)[0]
         lines = fastdit.patch(model, backend="reference")
         try:
             with dispatch.trace() as log:
-                got = model(**kwargs)[0]
+                got = model(**kwargs, return_dict=False)[0]
         finally:
             fastdit.unpatch(model)
-    assert any("left" in line and "AnyFlowCausalAttnProcessor" in line and "flex" in line for line in lines)
+    assert any("left" in line and processor in line and "flex" in line for line in lines), lines
+    assert not any(processor in line and "->" in line for line in lines)
     assert ("attention", "reference") in log
     assert ((got - expect).norm() / expect.norm()).item() <= 1e-5
+
+
+def test_xdit_processors_are_left_and_named():
+    """xDiT (xfuser) replaces a model's processors with its own sequence-parallel ones; catches
+    fastdit.patch routing their SDPA calls locally (each rank would attend over its own shard) or
+    leaving them in silence. xfuser itself is not installable here: a stand-in processor class
+    from an ``xfuser`` module plays it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    stand_in = type("xFuserAttnProcessor2_0", (AttnProcessor2_0,), {"__module__": "xfuser.model_executor.layers"})
+    model = build(_spec("LatteTransformer3DModel"))
+    model.transformer_blocks[0].attn1.set_processor(stand_in())
+    lines = fastdit.patch(model, backend="reference")
+    try:
+        assert model.transformer_blocks[0].attn1.forward.__func__ is type(model.transformer_blocks[0].attn1).forward
+    finally:
+        fastdit.unpatch(model)
+    assert any("left 1 xFuserAttnProcessor2_0: xDiT's processor runs its own" in line for line in lines)

@@ -148,6 +148,19 @@ def _sana_wm_inputs(gen):
                 chunk_plucker=_randn(gen, 1, 8, frames, size, size))  # fmt: skip
 
 
+def _sana_wm_refiner_inputs(gen):
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2AudioVideoRotaryPosEmbed
+
+    rope = SanaWMLTX2AudioVideoRotaryPosEmbed(dim=16, patch_size=1, patch_size_t=1, base_num_frames=20,
+                                              base_height=2048, base_width=2048, scale_factors=(8, 32, 32),
+                                              modality="video", double_precision=False,
+                                              num_attention_heads=2)  # fmt: skip
+    coords = rope.prepare_video_coords(2, 2, 4, 4, device="cpu", fps=24.0)
+    return dict(hidden_states=_randn(gen, 2, 32, 4), encoder_hidden_states=_randn(gen, 2, 8, 16),
+                timestep=torch.rand(2, 32, generator=gen) * 1000, video_rotary_emb=rope(coords, device="cpu"),
+                encoder_attention_mask=_text_mask(2, 8, torch.float32))  # fmt: skip
+
+
 def _flux_inputs(gen):
     ids = torch.zeros(16, 3)
     ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
@@ -293,6 +306,17 @@ MODELS = [
                    num_layers=2, rope_dim_list=[4, 6, 6], theta=256),
               lambda gen: dict(hidden_states=_randn(gen, 1, 16, 1, 4, 4), encoder_hidden_states=_randn(gen, 1, 12, 16),
                                timestep=torch.tensor([1.0]))),
+    TinyModel("JoyImage Edit Plus", "JoyImageEditPlusTransformer3DModel",
+              dict(patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2, text_dim=16,
+                   num_layers=2, rope_dim_list=[4, 6, 6], theta=256),
+              lambda gen: dict(hidden_states=_randn(gen, 1, 2, 16, 1, 2, 2), timestep=torch.tensor([1.0]),
+                               encoder_hidden_states=_randn(gen, 1, 12, 16), shape_list=[[(1, 1, 1), (1, 1, 1)]])),
+    TinyModel("Sana-WM LTX-2 refiner", "SanaWMLTX2RefinerTransformer3DModel",
+              dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                   attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+                   audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2,
+                   qk_norm="rms_norm_across_heads", caption_channels=16, rope_double_precision=False),
+              _sana_wm_refiner_inputs),
     TinyModel("Flux (image)", "FluxTransformer2DModel",
               dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=(4, 4, 8)),
