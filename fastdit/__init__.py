@@ -18,8 +18,9 @@ if _requested() is not None:  # DIFFUSERS_ATTN_BACKEND=fastdit: registered befor
 
 
 def patch(target, attention=True, rope=True, adaln=True, vae=True, backend=None) -> list[str]:
-    """Run a diffusers Wan pipeline / transformer / VAE on fastdit's ops in place; returns the
-    changes. See :mod:`fastdit.integrations.diffusers`."""
+    """Run a diffusers pipeline / transformer (every attention call; Wan's RoPE and adaLN too) /
+    Wan VAE on fastdit's ops in place; returns the changes and what was left, and why. See
+    :mod:`fastdit.integrations.diffusers`."""
     from fastdit.integrations.diffusers import patch as _patch
 
     return _patch(target, attention=attention, rope=rope, adaln=adaln, vae=vae, backend=backend)

@@ -1,16 +1,22 @@
-"""fastdit as a drop-in backend for diffusers' Wan 2.1 and 2.2 (``WanPipeline`` with one or two
-experts, ``WanImageToVideoPipeline``, ``WanTransformer3DModel``, ``AutoencoderKLWan``); tested
-with diffusers 0.36 to 0.42 (CI runs these tests on 0.42 and on 0.36.0, the oldest supported
-release; 0.35 and older differ in the rope module and the VAE's output clamp, and :func:`patch`
-warns on a version outside the range).
+"""fastdit as a drop-in backend for diffusers: an attention backend for any diffusers model
+(``enable()`` then diffusers' ``set_attention_backend("fastdit")``, or
+``DIFFUSERS_ATTN_BACKEND=fastdit``), and :func:`patch`, which also reaches the processors that
+call torch SDPA themselves and, for Wan 2.1 / 2.2 (``WanPipeline`` with one or two experts,
+``WanImageToVideoPipeline``, ``WanTransformer3DModel``, ``AutoencoderKLWan``), the fused RoPE,
+adaLN and VAE. Tested with diffusers 0.36 to 0.42 (CI runs these tests on 0.42 and on 0.36.0, the
+oldest supported release; 0.35 and older differ in the rope module and the VAE's output clamp,
+and :func:`patch` warns on a version outside the range). Everything that touches diffusers'
+private attention registry is in ``_diffusers_registry``; docs/design.md ("The diffusers
+integration") describes the mask reading, the routing and context parallelism.
 
 What :func:`patch` changes, each reversibly (:func:`unpatch` undoes them in reverse order):
 
 - ``attention``: fastdit's ``ops.attention`` becomes a diffusers attention backend named
-  ``"fastdit"`` in diffusers' own dispatcher (``attention_dispatch``), and every attention
-  processor of the transformer is pointed at it, as ``set_attention_backend`` would (but without
-  changing diffusers' process-wide default). diffusers' backend enum is closed, so fastdit adds
-  one member to it, once per process.
+  ``"fastdit"`` in diffusers' own dispatcher (``attention_dispatch``), and every dispatching
+  attention processor of the transformer is pointed at it, as ``set_attention_backend`` would
+  (but without changing diffusers' process-wide default); modules whose code calls torch SDPA
+  (or the dispatcher's default) themselves run inside :class:`SDPAOnFastdit`. diffusers' backend
+  enum is closed, so fastdit adds one member to it, once per process.
 - ``rope``: the transformer's ``rope`` module returns the patch grid instead of per-token cos /
   sin tables, and the self-attention processors apply the q / k RMSNorm and the 3D RoPE in one
   ``ops.rope3d_qk`` call (angles computed in-kernel, never a ``[S, D]`` table).
