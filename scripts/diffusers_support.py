@@ -22,9 +22,15 @@ END = "<!-- diffusers-support: end -->"
 
 
 def _cp(cls) -> str:
+    """diffusers' context parallelism with the fastdit backend, as tests/integrations/
+    test_diffusers_context_parallel.py runs it."""
+    from tests.integrations.test_diffusers_context_parallel import ULYSSES_MODELS
+
     if cls.__name__ == "WanTransformer3DModel":
         return "Ulysses, Ring (tested)"
-    return "diffusers plan" if getattr(cls, "_cp_plan", None) else "no diffusers plan"
+    if cls.__name__ in ULYSSES_MODELS:
+        return "Ulysses (tested)"
+    return "diffusers plan (not run)" if getattr(cls, "_cp_plan", None) else "no diffusers plan"
 
 
 def rows(backend: str = "reference") -> list[str]:

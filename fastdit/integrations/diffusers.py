@@ -480,22 +480,23 @@ def register_attention_backend(backend: str | None = None):
 def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        enable_gqa=False, backend=None):  # fmt: skip
     """``(out (B, S, H, D), lse (B, S, H) float32)``: what diffusers' backends return with
-    ``return_lse=True``. Masks, dropout and causal with S != S_kv are refused by name (no torch
+    ``return_lse=True``. A key-padding mask runs on the varlen kernel (a sample with no kept key:
+    out 0, lse -inf); other masks, dropout and causal with S != S_kv are refused by name (no torch
     path returns the log-sum-exp for them to fall back on)."""
-    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "return_lse=True")
+    keep = _check_lse_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "return_lse=True")
+    if keep is not None:
+        return _padded_with_lse(query, key, value, keep, scale, backend)
     out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
                              backend=backend)  # fmt: skip
     return out, lse.transpose(1, 2)
 
 
-def _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, what: str) -> None:
+def _check_lse_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, what: str, sharded_heads=False):
+    """The checks of a call that must return the log-sum-exp; returns the key-padding ``keep``
+    (B, S_kv) of ``attn_mask``, or None without a mask. ``sharded_heads``: the call holds a slice
+    of the model's heads (Ulysses)."""
     if dropout_p:
         raise ValueError(f"fastdit attention: dropout_p={dropout_p} is not served (inference kernels); pass 0")
-    if attn_mask is not None:
-        raise dispatch.BackendNotSupportedError(
-            f"fastdit attention with {what}: an attn_mask is not served yet (the key-padding path returns no "
-            "log-sum-exp); run this model without context parallelism or on diffusers' native backend"
-        )
     if is_causal and query.shape[1] != key.shape[1]:
         raise dispatch.BackendNotSupportedError(
             f"fastdit attention with {what}: causal attention with S != S_kv (top-left aligned) is not served"
@@ -503,20 +504,76 @@ def _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, what
     if key.shape[2] != query.shape[2] and not enable_gqa:
         raise ValueError(f"fastdit attention: {query.shape[2]} query heads and {key.shape[2]} key heads need "
                          "enable_gqa=True (as torch SDPA)")  # fmt: skip
+    if attn_mask is None:
+        return None
+    if is_causal:
+        raise ValueError("fastdit attention: attn_mask and is_causal together (torch SDPA refuses them too)")
+    batch, seq_q, heads = query.shape[:3]
+    if sharded_heads and attn_mask.dim() == 4 and attn_mask.shape[1] not in (1, heads):
+        # Ulysses gave this rank a slice of the heads, not of a per-head mask (LTX's [B, H, 1, Sk]):
+        # one that is the same for every head serves them all
+        if not bool((attn_mask == attn_mask[:, :1]).all()):
+            raise dispatch.BackendNotSupportedError(
+                f"fastdit attention with {what}: an attn_mask that differs between heads is not served"
+            )  # fmt: skip
+        attn_mask = attn_mask[:, :1]
+    keep, why_not = key_padding(attn_mask, batch, heads, seq_q, key.shape[1])
+    if keep is None:
+        raise dispatch.BackendNotSupportedError(
+            f"fastdit attention with {what}: {why_not} is not served (only key-padding masks return a "
+            "log-sum-exp); run this model on diffusers' native backend"
+        )  # fmt: skip
+    return keep
+
+
+def _live_samples(keep):
+    counts = keep.sum(dim=1).tolist()  # the one host sync
+    live = [i for i, n in enumerate(counts) if n]
+    return live, [counts[i] for i in live]
+
+
+def _padded_with_lse(query, key, value, keep, scale, backend):
+    """Key-padded attention with its (B, S, H) log-sum-exp: the varlen kernel over each sample's
+    kept keys; a sample with none gives out 0 and lse -inf."""
+    batch, seq_q, heads, dim = query.shape
+    live, lengths = _live_samples(keep)
+    out = query.new_zeros(batch, seq_q, heads, value.shape[-1])
+    lse = query.new_full((batch, seq_q, heads), float("-inf"), dtype=torch.float64 if query.dtype == torch.float64
+                         else torch.float32)  # fmt: skip
+    if not live:
+        return out, lse
+    index = torch.tensor(live, device=query.device)
+    kept = keep[index]
+    cu_q = torch.arange(0, (len(live) + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
+    with values_checked():  # cu_seqlens built here from host ints
+        packed, packed_lse = ops.varlen_attention(
+            query[index].reshape(-1, heads, dim), key[index][kept], value[index][kept], cu_q, cu_k, seq_q,
+            max(lengths), softmax_scale=scale, return_lse=True, backend=backend,
+        )  # fmt: skip
+    out[index] = packed.view(len(live), seq_q, heads, -1)
+    lse[index] = packed_lse.view(heads, len(live), seq_q).permute(1, 2, 0).to(lse.dtype)
+    return out, lse
 
 
 def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, *,
                    backend=None):  # fmt: skip
     """diffusers' forward-op contract for its templated Ulysses / Ring: one block of keys, the
-    (B, S, H) log-sum-exp a ring step merges with."""
-    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism")
-    out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
-                             backend=backend)  # fmt: skip
-    lse = lse.transpose(1, 2)
+    (B, S, H) log-sum-exp a ring step merges with; a key-padding mask (Ulysses) on the varlen
+    kernel."""
+    keep = _check_lse_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism",
+                           sharded_heads=True)  # fmt: skip
+    if keep is None:
+        out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
+                                 backend=backend)  # fmt: skip
+        lse = lse.transpose(1, 2)
+    else:
+        out, lse = _padded_with_lse(query, key, value, keep, scale, backend)
     if _save_ctx:
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.fastdit_scale, ctx.fastdit_causal, ctx.fastdit_backend = scale, is_causal, backend
+        ctx.fastdit_keep = keep
     return (out, lse) if return_lse else out
 
 
@@ -527,27 +584,50 @@ def _cp_backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=
     query, key, value, out, lse = (s if t is None else t for s, t in zip(saved, (query, key, value, out, lse)))
     batch, seq_q, heads, dim = query.shape
     seq_k = key.shape[1]
-    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
-    cu_k = torch.arange(0, (batch + 1) * seq_k, seq_k, dtype=torch.int32, device=query.device)
+    keep = getattr(ctx, "fastdit_keep", None)
+    if keep is None:
+        index, kept, lengths = None, None, [seq_k] * batch
+    else:
+        live, lengths = _live_samples(keep)
+        index = torch.tensor(live, device=query.device)
+        kept = keep[index]
+    dq, dk, dv = (torch.zeros_like(t) for t in (query, key, value))
+    if not lengths:
+        return dq, dk, dv
 
-    def packed(t):
-        return t.reshape(-1, *t.shape[2:])
+    def rows(t):  # the live samples, packed
+        return (t if index is None else t[index]).reshape(-1, *t.shape[2:])
 
-    lse = lse.reshape(batch, seq_q, heads).permute(2, 0, 1).reshape(heads, -1).float().contiguous()
+    keys, values = (rows(t) if kept is None else t[index][kept] for t in (key, value))
+    count = len(lengths)
+    lse_rows = (lse if index is None else lse[index]).reshape(count, seq_q, heads).permute(2, 0, 1)
+    cu_q = torch.arange(0, (count + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
     with values_checked():  # cu_seqlens built here from host ints
-        dq, dk, dv = ops.varlen_attention_backward(
-            packed(grad_out.to(query.dtype)), packed(query), packed(key), packed(value), packed(out.to(query.dtype)),
-            lse, cu_q, cu_k, seq_q, seq_k, softmax_scale=ctx.fastdit_scale, causal=ctx.fastdit_causal,
-            backend=ctx.fastdit_backend,
+        dq_rows, dk_rows, dv_rows = ops.varlen_attention_backward(
+            rows(grad_out.to(query.dtype)), rows(query), keys, values, rows(out.to(query.dtype)),
+            lse_rows.reshape(heads, -1).float().contiguous(), cu_q, cu_k, seq_q, max(lengths),
+            softmax_scale=ctx.fastdit_scale, causal=ctx.fastdit_causal, backend=ctx.fastdit_backend,
         )  # fmt: skip
-    return dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
+    if index is None:
+        return dq_rows.view(query.shape), dk_rows.view(key.shape), dv_rows.view(value.shape)
+    dq[index] = dq_rows.view(count, seq_q, heads, dim)
+    for full, packed in ((dk, dk_rows), (dv, dv_rows)):
+        block = full.new_zeros(count, *full.shape[1:])
+        block[kept] = packed
+        full[index] = block
+    return dq, dk, dv
 
 
 def _context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                       parallel_config, backend):  # fmt: skip
-    _check_cp_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "context parallelism")
+    if attn_mask is not None and parallel_config.context_parallel_config.ring_degree > 1:
+        raise dispatch.BackendNotSupportedError(
+            "fastdit attention with Ring context parallelism: an attn_mask is not served (diffusers' Ring passes "
+            "each key block the whole mask); use Ulysses, or run this model on diffusers' native backend"
+        )  # fmt: skip
     return _registry.context_parallel_attention(
-        query, key, value, None, dropout_p, is_causal, scale, enable_gqa, return_lse,
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
         functools.partial(_cp_forward_op, backend=backend), _cp_backward_op, parallel_config,
     )  # fmt: skip
 

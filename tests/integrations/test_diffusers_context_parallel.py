@@ -139,6 +139,67 @@ def test_ulysses_and_ring_with_the_fastdit_backend_equal_one_process(world):
             assert grad_err is None or grad_err <= 1e-5, f"{where}: input gradient {grad_err}"
 
 
+# Transformers besides Wan whose diffusers CP plan runs on the tiny configs: Ulysses 2, forward.
+# (LTX-2's plan fails inside diffusers' RoPE at this size, Helios' names a block the tiny model lacks,
+# QwenImage's needs a text length divisible by the ranks.)
+ULYSSES_MODELS = ["LTXVideoTransformer3DModel", "MiniMaxH3Transformer3DModel", "FluxTransformer2DModel",
+                  "ChronoEditTransformer3DModel"]  # fmt: skip
+
+
+def _models_rank(rank, world, port, classes, queue):
+    try:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        torch.set_num_threads(1)
+        torch.accelerator.device_count = lambda: 1  # see the module docstring
+        from diffusers import ContextParallelConfig
+
+        from tests.integrations.tiny_diffusers import MODELS, build, inputs
+
+        results = {}
+        for cls in classes:
+            spec = next(m for m in MODELS if m.cls == cls)
+            kwargs = inputs(spec)
+            with torch.no_grad():
+                expect = build(spec)(**kwargs, return_dict=False)[0]
+                model = build(spec)
+                model.set_attention_backend(enable())
+                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+                with dispatch.trace() as log:
+                    got = model(**kwargs, return_dict=False)[0]
+            results[cls] = (rel_err(got, expect), [op for op, _ in log].count("varlen_attention"), len(log))
+        queue.put((rank, "ok", results))
+    except BaseException:  # noqa: BLE001
+        queue.put((rank, traceback.format_exc(), None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not FULL, reason="these transformers' CP plans need the newest diffusers")
+def test_ulysses_on_other_transformers_with_a_diffusers_plan_equals_one_process():
+    """LTX-Video (text-padding masks, per head, under Ulysses: each rank holds half the heads of
+    a [B, H, 1, Sk] mask), MiniMax-H3, Flux, ChronoEdit: catches a mask refused or misread after
+    the head split, and any model whose plan routes attention around fastdit."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_models_rank, args=(r, 2, port, ULYSSES_MODELS, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    replies = sorted(queue.get(timeout=300) for _ in range(2))
+    for proc in procs:
+        proc.join(timeout=30)
+    assert all(status == "ok" for _, status, _ in replies), [status for _, status, _ in replies]
+    for _, _, results in replies:
+        for cls, (err, varlen, calls) in results.items():
+            assert err <= 1e-5 and calls > 0, (cls, err, calls)
+            assert (varlen > 0) == (cls == "LTXVideoTransformer3DModel"), (cls, varlen)
+
+
 def test_ring_on_the_reference_backend_equals_one_process():
     """The same on fastdit's float-math reference backend (no torch kernel shared with the
     single-process run)."""
@@ -161,17 +222,60 @@ def test_the_backend_registers_with_context_parallel_support_and_returns_the_lse
     assert rel_err(out, want) <= 1e-6
 
 
+def test_a_key_padding_mask_with_the_lse_equals_sdpa_and_its_lse():
+    """Catches the LSE of a padded call computed over the padded keys too, a sample with no kept
+    key given NaN instead of out 0 / lse -inf, and the padded keys' gradient rows left non-zero
+    (the backward op on a key-padding mask, as Ulysses runs it)."""
+    from types import SimpleNamespace
+
+    from fastdit.integrations.diffusers import _cp_backward_op, _cp_forward_op
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 5, 2, 8, generator=gen) for _ in range(3))
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1, 3:] = False
+    keep[2] = False
+    mask = keep[:, None, None, :]
+    out, lse = attention_with_lse(q, k, v, attn_mask=mask)
+    logits = torch.einsum("bqhd,bkhd->bqhk", q.double(), k.double()) / 8**0.5
+    logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    want_lse = torch.logsumexp(logits, dim=-1)
+    assert rel_err(lse[:2], want_lse[:2]) <= 1e-6 and bool(torch.isneginf(lse[2]).all())
+    want = torch.einsum("bqhk,bkhd->bqhd", logits[:2].softmax(dim=-1), v[:2].double())
+    assert rel_err(out[:2], want) <= 1e-6 and not out[2].any()
+    # the backward op against autograd through SDPA on the same mask
+    ctx = SimpleNamespace(save_for_backward=lambda *t: setattr(ctx, "saved_tensors", t))
+    _cp_forward_op(ctx, q, k, v, attn_mask=mask, backend="reference")
+    grad = torch.randn(out.shape, generator=gen)
+    dq, dk, dv = _cp_backward_op(ctx, grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), attn_mask=mask)
+    sdpa.transpose(1, 2).mul(grad).sum().backward()
+    for got, leaf in zip((dq, dk, dv), leaves):
+        assert rel_err(got, leaf.grad) <= 1e-5
+    assert not dk[1, 3:].any() and not dk[2].any()
+
+
 @pytest.mark.bad_input
 def test_what_context_parallelism_cannot_serve_is_refused_by_name():
-    """Catches a mask or a top-left causal call under CP run silently wrong (the key-padding path
-    returns no log-sum-exp; Ring would merge garbage)."""
+    """Catches a mask other than key padding, or a top-left causal call, run with a wrong
+    log-sum-exp (Ring would merge garbage), and a mask under Ring (diffusers passes each key block
+    the whole mask)."""
+    from types import SimpleNamespace
+
+    from fastdit.integrations.diffusers import _context_parallel
+
     q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(dispatch.BackendNotSupportedError, match="attn_mask is not served"):
-        attention_with_lse(q, q, q, attn_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    rows = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(dispatch.BackendNotSupportedError, match="distinct query rows|differs between queries"):
+        attention_with_lse(q, q, q, attn_mask=rows)
     with pytest.raises(dispatch.BackendNotSupportedError, match="causal attention with S != S_kv"):
         attention_with_lse(q, torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), is_causal=True)
     with pytest.raises(ValueError, match="dropout_p"):
         attention_with_lse(q, q, q, dropout_p=0.1)
+    ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    with pytest.raises(dispatch.BackendNotSupportedError, match="Ring context parallelism: an attn_mask"):
+        _context_parallel(q, q, q, torch.ones(1, 1, 1, 4, dtype=torch.bool), 0.0, False, None, False, False, ring, None)
 
 
 # ---- para-attn: its modes parallelize torch SDPA calls, which fastdit's backend replaces ----------------
