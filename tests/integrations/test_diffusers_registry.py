@@ -195,3 +195,19 @@ def test_xdit_processors_are_left_and_named():
     finally:
         fastdit.unpatch(model)
     assert any("left 1 xFuserAttnProcessor2_0: xDiT's processor runs its own" in line for line in lines)
+
+
+def test_diffusers_own_attention_backend_context_runs_fastdit():
+    """The README's second way in: diffusers' ``attention_backend("fastdit")`` context. Catches a
+    member diffusers' context cannot look up (an enum member added wrongly) and a default left
+    changed after the block."""
+    from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
+
+    from fastdit.ops import dispatch
+
+    enable("reference")
+    before = registry.default_backend()
+    q = torch.randn(1, 4, 2, 8)
+    with attention_backend("fastdit_reference"), dispatch.trace() as log:
+        dispatch_attention_fn(q, q, q)
+    assert ("attention", "reference") in log and registry.default_backend() is before
