@@ -202,3 +202,27 @@ def test_apply_rotary_emb_matches_the_formula(interleaved, offsets):
     inplace = x.clone()
     assert flash_attn.apply_rotary_emb(inplace, cos, sin, interleaved, True, shift) is inplace
     assert torch.equal(inplace, got)
+
+
+def test_a_peers_flash_attn_code_runs_unchanged(monkeypatch):
+    """diffusers' own flash-attn backends (`_flash_attention`, `_flash_varlen_attention` with a
+    key-padding mask, which packs the kept keys and builds cu_seqlens itself), with their
+    ``flash_attn_func`` / ``flash_attn_varlen_func`` names bound to fastdit's: catches any
+    keyword flash-attn code passes that fastdit's functions do not take or read differently
+    (return_attn_probs unpacking, window_size, the varlen layout)."""
+    attention_dispatch = pytest.importorskip("diffusers.models.attention_dispatch", reason="diffusers is the peer")
+    monkeypatch.setattr(attention_dispatch, "flash_attn_func", flash_attn.flash_attn_func, raising=False)
+    monkeypatch.setattr(attention_dispatch, "flash_attn_varlen_func", flash_attn.flash_attn_varlen_func, raising=False)
+    q, k, v = _qkv(2, 6, 9, 4, 4, 16, grad=False)
+
+    def sdpa(mask=None, causal=False):
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, is_causal=causal
+        ).transpose(1, 2)
+
+    out, lse = attention_dispatch._flash_attention(q, k, v, return_lse=True)
+    assert rel_err(out, sdpa()) <= 1e-5 and lse.shape == (2, 4, 6)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 5:] = False  # the layout diffusers' varlen backend packs: padding at the end
+    got = attention_dispatch._flash_varlen_attention(q, k, v, attn_mask=keep)
+    assert rel_err(got, sdpa(keep[:, None, None, :])) <= 1e-5
