@@ -337,7 +337,10 @@ def _row_group_attention(query, key, value, keep, scale, backend):
 def _parallel_sdpa_mode():
     """The active torch function mode that parallelizes torch SDPA calls (para-attn's Ulysses /
     Ring / Unified modes), or None. Such a mode sees only ``F.scaled_dot_product_attention`` calls:
-    one that fastdit served itself would attend over this rank's shard alone."""
+    one that fastdit served itself would attend over this rank's shard alone. Not looked up while
+    torch.compile traces (a graph break per attention call otherwise)."""
+    if torch.compiler.is_compiling():
+        return None
     for mode in torch.overrides._get_current_function_mode_stack():
         if type(mode).__module__.split(".")[0] == "para_attn":
             return mode
