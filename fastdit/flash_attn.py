@@ -15,6 +15,8 @@ Same signatures (positional order, defaults, keywords) and return forms as flash
 - refused by name (:class:`fastdit.ops.dispatch.BackendNotSupportedError`): ``dropout_p > 0``,
   ``window_size`` other than ``(-1, -1)``, ``softcap != 0``, ``alibi_slopes``, ``block_table``
   (paged KV). ``deterministic`` is accepted: fastdit's backward kernels use no atomics.
+- ``apply_rotary_emb``: flash-attn's rotary contract, dense and varlen, in plain PyTorch (not
+  yet the fused RoPE op).
 
 Gradients flow to q, k and v (not through the LSE). The fastdit backend is the dispatcher's
 choice; ``backend=`` (keyword, fastdit's own) forces one.
@@ -165,26 +167,45 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
                      max_seqlen=None):  # fmt: skip
-    """flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb``: x ``(B, S, H, D)``, cos / sin
-    ``(S_ro, rotary_dim / 2)``; the first ``rotary_dim`` features of each head rotate, pairs
-    interleaved ``(x0, x1), (x2, x3), ...`` or half-split ``(x_i, x_{i + rotary_dim/2})``; the
-    rest pass through. ``seqlen_offsets`` (an int or a ``(B,)`` tensor) shifts each sample's
-    positions. Varlen (``cu_seqlens``) is refused by name; ``inplace=True`` writes into ``x``."""
-    if cu_seqlens is not None:
-        raise BackendNotSupportedError("fastdit.flash_attn.apply_rotary_emb: cu_seqlens (varlen) is not served yet")
-    if x.dim() != 4 or cos.dim() != 2 or cos.shape != sin.shape:
-        raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: x must be (B, S, H, D) and cos / sin (S_ro, R/2) "
-                         f"alike, got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")  # fmt: skip
-    batch, seqlen = x.shape[:2]
+    """flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb``: x ``(B, S, H, D)`` (or, with
+    ``cu_seqlens`` ``(B+1,)`` and ``max_seqlen``, packed ``(total, H, D)``, positions restarting
+    at each sample), cos / sin ``(S_ro, rotary_dim / 2)``; the first ``rotary_dim`` features of
+    each head rotate, pairs interleaved ``(x0, x1), (x2, x3), ...`` or half-split
+    ``(x_i, x_{i + rotary_dim/2})``; the rest pass through. ``seqlen_offsets`` (an int or a
+    ``(B,)`` tensor) shifts each sample's positions; ``inplace=True`` writes into ``x``."""
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: cos / sin must be (S_ro, rotary_dim / 2) alike, got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")  # fmt: skip
+    offsets = torch.as_tensor(seqlen_offsets, device=x.device).reshape(-1)
+    if cu_seqlens is None:
+        if x.dim() != 4:
+            raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: x must be (B, S, H, D), got {tuple(x.shape)}")
+        positions = torch.arange(x.shape[1], device=x.device)[None, :] + offsets[:, None]  # (1 or B, S)
+        positions = positions[:, :, None]  # against (B, S, H, R/2)
+    else:
+        if x.dim() != 3:
+            raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: with cu_seqlens x must be (total, H, D), got "
+                             f"{tuple(x.shape)}")  # fmt: skip
+        cu = _cu_list("cu_seqlens", cu_seqlens, x.shape[0])
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        if max_seqlen is not None and max(lengths) > max_seqlen:
+            raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: max_seqlen={max_seqlen} is below the longest "
+                             f"sample ({max(lengths)})")  # fmt: skip
+        if offsets.numel() not in (1, len(lengths)):
+            raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: seqlen_offsets must be an int or hold one offset "
+                             f"per sample ({len(lengths)}), got {offsets.numel()}")  # fmt: skip
+        sample = torch.repeat_interleave(torch.arange(len(lengths), device=x.device),
+                                         torch.tensor(lengths, device=x.device))  # fmt: skip
+        starts = torch.tensor(cu[:-1], device=x.device)[sample]
+        positions = torch.arange(x.shape[0], device=x.device) - starts + offsets.expand(len(lengths))[sample]
+        positions = positions[:, None]  # against (total, H, R/2)
     half = cos.shape[1]
     if 2 * half > x.shape[-1]:
         raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: rotary_dim {2 * half} > head dim {x.shape[-1]}")
-    offsets = torch.as_tensor(seqlen_offsets, device=x.device).reshape(-1, 1)
-    positions = torch.arange(seqlen, device=x.device)[None, :] + offsets  # (1 or B, S)
-    if int(positions.max()) >= cos.shape[0]:
-        raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: positions reach {int(positions.max())}, cos / sin "
-                         f"have {cos.shape[0]} rows")  # fmt: skip
-    c, s = cos[positions][:, :, None, :].float(), sin[positions][:, :, None, :].float()  # (1 or B, S, 1, R/2)
+    if positions.numel() and (int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0):
+        raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: positions span {int(positions.min())} to "
+                         f"{int(positions.max())}, cos / sin have {cos.shape[0]} rows")  # fmt: skip
+    c, s = cos[positions].float(), sin[positions].float()
     rot = x[..., : 2 * half].float()
     if interleaved:
         a, b = rot[..., 0::2], rot[..., 1::2]

@@ -226,3 +226,38 @@ def test_a_peers_flash_attn_code_runs_unchanged(monkeypatch):
     keep[1, 5:] = False  # the layout diffusers' varlen backend packs: padding at the end
     got = attention_dispatch._flash_varlen_attention(q, k, v, attn_mask=keep)
     assert rel_err(got, sdpa(keep[:, None, None, :])) <= 1e-5
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_emb_varlen_restarts_positions_per_sample(interleaved):
+    """Packed (total, H, D) with cu_seqlens: catches positions running on across samples instead
+    of restarting, per-sample offsets applied to the wrong sample, and an empty sample breaking
+    the packing; each sample must equal the dense call on it alone."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, shift = [4, 0, 6], torch.tensor([2, 5, 1])
+    x = torch.randn(sum(lengths), 3, 12, generator=gen)
+    angles = torch.randn(16, 4, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    cu = torch.tensor([0, 4, 4, 10], dtype=torch.int32)
+    got = flash_attn.apply_rotary_emb(x, cos, sin, interleaved, seqlen_offsets=shift, cu_seqlens=cu, max_seqlen=6)
+    for i, (start, n) in enumerate([(0, 4), (4, 0), (4, 6)]):
+        if n:
+            dense = flash_attn.apply_rotary_emb(x[None, start : start + n], cos, sin, interleaved,
+                                                seqlen_offsets=int(shift[i]))  # fmt: skip
+            assert torch.equal(got[start : start + n], dense[0])
+
+
+@pytest.mark.bad_input
+def test_apply_rotary_emb_bad_input_is_named():
+    """Catches positions past the cos / sin table read out of range (wrong rotation silently, or
+    an index error far from the cause), a short max_seqlen, and offsets of the wrong count."""
+    x, cos = torch.randn(1, 5, 2, 8), torch.ones(6, 4)
+    with pytest.raises(ValueError, match="cos / sin have 6 rows"):
+        flash_attn.apply_rotary_emb(x, cos, cos, seqlen_offsets=2)
+    packed, cu = torch.randn(7, 2, 8), torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen=3 is below"):
+        flash_attn.apply_rotary_emb(packed, cos, cos, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match="one offset per sample"):
+        flash_attn.apply_rotary_emb(packed, cos, cos, seqlen_offsets=torch.tensor([0, 1, 2]), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="rotary_dim 10 > head dim 8"):
+        flash_attn.apply_rotary_emb(x, torch.ones(9, 5), torch.ones(9, 5))
