@@ -242,28 +242,32 @@ def key_padding(attn_mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq
     return found.keys.expand(batch, seq_k), None
 
 
-def _padded_attention(query, key, value, keep, scale, backend):
+def _padded_attention(query, key, value, keep, scale, backend, with_lse=False):
     """Attention of every query over its sample's kept keys (``keep`` (B, Sk)), as one packed
-    varlen call: padded keys are skipped, not computed and masked. Samples with no kept key give 0
-    (what SDPA gives)."""
-    batch, seq_q, heads, _ = query.shape
-    counts = keep.sum(dim=1).tolist()  # the one host sync: cu_seqlens and the longest sample
-    live = [i for i, n in enumerate(counts) if n]
+    varlen call: padded keys are skipped, not computed and masked. A sample with no kept key gives
+    out 0 (what SDPA gives) and lse -inf. ``with_lse``: also return the (B, S, H) log-sum-exp."""
+    batch, seq_q, heads, dim = query.shape
+    live, lengths = _live_samples(keep)
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if not live:
+        out = query.new_zeros(batch, seq_q, heads, value.shape[-1])
+        return (out, query.new_full((batch, seq_q, heads), float("-inf"), dtype=lse_dtype)) if with_lse else out
     if len(live) < batch:  # samples without a kept key are left out of the call
-        if not live:
-            return query.new_zeros(batch, seq_q, heads, value.shape[-1])
-        query, key, value, keep = (t[live] for t in (query, key, value, keep))
-    lengths = [counts[i] for i in live]
+        index = torch.tensor(live, device=query.device)
+        query, key, value, keep = (t[index] for t in (query, key, value, keep))
     cu_q = torch.arange(0, (len(live) + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
     cu_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
-    packed = ops.varlen_attention(query.reshape(-1, heads, query.shape[-1]), key[keep], value[keep], cu_q, cu_k,
-                                  seq_q, max(lengths), softmax_scale=scale, backend=backend)  # fmt: skip
-    out = packed.reshape(len(live), seq_q, heads, -1)
-    if len(live) == batch:
-        return out
-    full = out.new_zeros(batch, *out.shape[1:])
-    full[live] = out
-    return full
+    with values_checked():  # cu_seqlens built here from host ints
+        packed, packed_lse = ops.varlen_attention(query.reshape(-1, heads, dim), key[keep], value[keep], cu_q, cu_k,
+                                                  seq_q, max(lengths), softmax_scale=scale, return_lse=True,
+                                                  backend=backend)  # fmt: skip
+    out = packed.view(len(live), seq_q, heads, -1)
+    lse = packed_lse.view(heads, len(live), seq_q).permute(1, 2, 0).to(lse_dtype)
+    if len(live) < batch:
+        full_out = out.new_zeros(batch, *out.shape[1:]).index_copy(0, index, out)
+        full_lse = lse.new_full((batch, seq_q, heads), float("-inf")).index_copy(0, index, lse)
+        out, lse = full_out, full_lse
+    return (out, lse) if with_lse else out
 
 
 # A mask whose rows differ is served when its packed keys (each group of equal rows gathers its own
@@ -488,7 +492,7 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     path returns the log-sum-exp for them to fall back on)."""
     keep = _check_lse_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, "return_lse=True")
     if keep is not None:
-        return _padded_with_lse(query, key, value, keep, scale, backend)
+        return _padded_attention(query, key, value, keep, scale, backend, with_lse=True)
     out, lse = ops.attention(query, key, value, softmax_scale=scale, causal=is_causal, return_lse=True,
                              backend=backend)  # fmt: skip
     return out, lse.transpose(1, 2)
@@ -535,30 +539,6 @@ def _live_samples(keep):
     return live, [counts[i] for i in live]
 
 
-def _padded_with_lse(query, key, value, keep, scale, backend):
-    """Key-padded attention with its (B, S, H) log-sum-exp: the varlen kernel over each sample's
-    kept keys; a sample with none gives out 0 and lse -inf."""
-    batch, seq_q, heads, dim = query.shape
-    live, lengths = _live_samples(keep)
-    out = query.new_zeros(batch, seq_q, heads, value.shape[-1])
-    lse = query.new_full((batch, seq_q, heads), float("-inf"), dtype=torch.float64 if query.dtype == torch.float64
-                         else torch.float32)  # fmt: skip
-    if not live:
-        return out, lse
-    index = torch.tensor(live, device=query.device)
-    kept = keep[index]
-    cu_q = torch.arange(0, (len(live) + 1) * seq_q, seq_q, dtype=torch.int32, device=query.device)
-    cu_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
-    with values_checked():  # cu_seqlens built here from host ints
-        packed, packed_lse = ops.varlen_attention(
-            query[index].reshape(-1, heads, dim), key[index][kept], value[index][kept], cu_q, cu_k, seq_q,
-            max(lengths), softmax_scale=scale, return_lse=True, backend=backend,
-        )  # fmt: skip
-    out[index] = packed.view(len(live), seq_q, heads, -1)
-    lse[index] = packed_lse.view(heads, len(live), seq_q).permute(1, 2, 0).to(lse.dtype)
-    return out, lse
-
-
 def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, *,
                    backend=None):  # fmt: skip
@@ -572,7 +552,7 @@ def _cp_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_cau
                                  backend=backend)  # fmt: skip
         lse = lse.transpose(1, 2)
     else:
-        out, lse = _padded_with_lse(query, key, value, keep, scale, backend)
+        out, lse = _padded_attention(query, key, value, keep, scale, backend, with_lse=True)
     if _save_ctx:
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.fastdit_scale, ctx.fastdit_causal, ctx.fastdit_backend = scale, is_causal, backend

@@ -95,14 +95,17 @@ def _rank(rank, world, port, configs, backend, queue):
             dist.destroy_process_group()
 
 
-def _world(world, configs, backend=None):
+def _spawn(target, world, *args) -> list:
+    """Run ``target(rank, world, port, *args, queue)`` on ``world`` ranks forked from one server
+    that imported torch, diffusers and fastdit once; returns each rank's result, raising with the
+    tracebacks of ranks that failed."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])  # torch, diffusers and fastdit imported once, forked per rank
+    ctx.set_forkserver_preload([__name__])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, configs, backend, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for proc in procs:
         proc.start()
     try:
@@ -115,6 +118,10 @@ def _world(world, configs, backend=None):
     failed = [f"rank {rank}:\n{status}" for rank, status, _ in replies if status != "ok"]
     assert not failed, "\n".join(failed)
     return [results for _, _, results in replies]
+
+
+def _world(world, configs, backend=None):
+    return _spawn(_rank, world, configs, backend)
 
 
 def _configs(*layouts):
@@ -181,20 +188,7 @@ def test_ulysses_on_other_transformers_with_a_diffusers_plan_equals_one_process(
     """LTX-Video (text-padding masks, per head, under Ulysses: each rank holds half the heads of
     a [B, H, 1, Sk] mask), MiniMax-H3, Flux, ChronoEdit: catches a mask refused or misread after
     the head split, and any model whose plan routes attention around fastdit."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_models_rank, args=(r, 2, port, ULYSSES_MODELS, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    replies = sorted(queue.get(timeout=300) for _ in range(2))
-    for proc in procs:
-        proc.join(timeout=30)
-    assert all(status == "ok" for _, status, _ in replies), [status for _, status, _ in replies]
-    for _, _, results in replies:
+    for results in _spawn(_models_rank, 2, ULYSSES_MODELS):
         for cls, (err, varlen, calls) in results.items():
             assert err <= 1e-5 and calls > 0, (cls, err, calls)
             assert (varlen > 0) == (cls == "LTXVideoTransformer3DModel"), (cls, varlen)
@@ -357,19 +351,6 @@ def test_para_attn_ulysses_with_the_fastdit_backend_equals_one_process(attn_func
     2 gloo ranks around a diffusers dispatcher call on the fastdit backend gives each rank its
     shard of full attention, served by fastdit when para-attn is given ``sdpa_on_fastdit``."""
     pytest.importorskip("para_attn", reason="para-attn is not installed")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_para_attn_rank, args=(r, 2, port, attn_func, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    replies = sorted(queue.get(timeout=300) for _ in range(2))
-    for proc in procs:
-        proc.join(timeout=30)
-    assert all(status == "ok" for _, status, _ in replies), [status for _, status, _ in replies]
-    for _, _, (err, log) in replies:
+    for err, log in _spawn(_para_attn_rank, 2, attn_func):
         assert err <= 1e-5
         assert (("attention", "torch") in log) == attn_func
