@@ -12,7 +12,7 @@ import fastdit
 from fastdit import settings
 from fastdit._extension import cuda_extension_missing
 from fastdit.kernels.launch import triton_missing
-from fastdit.ops import dispatch
+from fastdit.ops import attention_policy, dispatch
 
 
 def _dtype_names(dtypes) -> str:
@@ -43,8 +43,20 @@ def info_text() -> str:
     lines.append(f"switches: {' '.join(switches)}" if switches else "switches: none set (defaults)")
     for op, source in sorted(dispatch.shape_policies().items()):
         lines.append(f"shape policy: {op} ({source})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines.append(attention_policy.describe(device))
+    for op in attention_policy.OPS:
+        picks = []
+        for dtype in (torch.bfloat16, torch.float32):
+            try:
+                name = dispatch.device_choice(op, device, dtype)
+            except dispatch.BackendNotSupportedError:
+                name = "none"
+            picks.append(f"{str(dtype).replace('torch.', '')} -> {name}")
+        lines.append(f"auto {op} on {device.type}: {', '.join(picks)} (where no policy decides; the first "
+                     "provider of the priority list whose limits fit the call)")  # fmt: skip
     lines.append("")
-    lines.append("op                       backend    status")
+    lines.append("op                       backend        status")
     for op in dispatch.ops():
         table = dispatch.backends(op)
         for name in dispatch.priority(op):
@@ -59,7 +71,7 @@ def info_text() -> str:
                                                      for k, v in variant.items())  # fmt: skip
             else:
                 status = f"unavailable: {missing}"
-            lines.append(f"{op:<24} {name:<10} {status}")
+            lines.append(f"{op:<24} {name:<14} {status}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ FASTDIT_BACKEND            backend             force a backend: ``triton`` (ever
 FASTDIT_CHECK_INPUTS       check_inputs        ``0``: skip the value checks that read tensors
                                                back to the host (shape checks always run)
 FASTDIT_CONV_POLICY        conv_policy         a per-shape causal_conv3d policy JSON
+FASTDIT_ATTN_POLICY        attn_policy         a per-device attention policy JSON (instead of
+                                               the packaged file for this device, if any)
 FASTDIT_CONV_AUTOTUNE      conv_autotune       ``0``: the conv kernel's fixed tiles
 FASTDIT_CONV_TMA           conv_tma            ``1``: conv weight tiles by TMA
 FASTDIT_ATTN_AUTOTUNE      attn_autotune       ``0``: attention's fixed tiles
@@ -54,6 +56,7 @@ class Settings:
     backend: str = ""
     check_inputs: bool = True
     conv_policy: str = ""
+    attn_policy: str = ""
     conv_autotune: bool = True
     conv_tma: bool = False
     attn_autotune: bool = True

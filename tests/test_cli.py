@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -21,7 +22,21 @@ def test_info_lists_every_op_and_why_cuda_is_unavailable():
     for op in ("rope3d", "adaln_modulate", "gated_residual", "varlen_attention", "causal_conv3d"):
         assert op in text
     assert "fastdit._C" in text
-    assert "reference  available" in text
+    assert re.search(r"varlen_attention +reference +available", text)
+    # every attention provider is listed, installed or not, with the reason it cannot run here
+    for provider in ("sdpa_flash", "cudnn", "sdpa_efficient", "flash_attn", "xformers"):
+        assert re.search(rf"varlen_attention +{provider} +(available|unavailable: .+)", text), provider
+    assert "attention policy: " in text and "auto varlen_attention on " in text
+
+
+def test_info_names_the_attention_policy_file_and_a_missing_one(tmp_path):
+    """Catches: info printing a stale policy line (the setting's file ignored), or hiding that none exists."""
+    assert "attention policy: none for cpu" in info_text()
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"device_type": "cpu", "device": "cpu", "source": {"command": "test"},
+                                "choices": {"attention/float32-d16-s64-full": "reference"}}))  # fmt: skip
+    with settings.override(attn_policy=str(path)):
+        assert f"attention policy: {path} (1 measured shapes on cpu)" in info_text()
 
 
 def test_bench_tiny_writes_json_rows(tmp_path, capsys):

@@ -30,6 +30,10 @@ _VARLEN_BACKWARD = [("dout", _T), ("q", _T), ("k", _T), ("v", _T), ("out", _T), 
 _TRITON_VARIANT = [("autotune", bool, True), ("persistent", bool, False), ("tma", bool, False), ("ws", bool, False),
                    ("bwd_ws", bool, False)]  # fmt: skip
 _PAIR, _TRIPLE = tuple[_T, _T], tuple[_T, _T, _T]
+# The dense ops' signatures (the reference's and torch's ops declare them inline; the vendor
+# providers in attention_providers.py register theirs from these).
+_DENSE = [("q", _T), ("k", _T), ("v", _T), ("softmax_scale", float), ("causal", bool)]
+_DENSE_BACKWARD = [("dout", _T), ("q", _T), ("k", _T), ("v", _T), ("out", _T), ("lse", _T), *_DENSE[3:]]
 
 
 def _triton_variant(values) -> dict:
@@ -448,9 +452,17 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
 
 
-def _inputs(q: torch.Tensor, causal: bool) -> dict:
-    """What the dispatcher sees of an attention call (forward and backward alike)."""
-    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal)}
+def seq_bucket(length: int) -> int:
+    """The sequence-length bucket a measured policy is keyed on: the power of two >= ``length``."""
+    return 1 << max(int(length) - 1, 0).bit_length()
+
+
+def _inputs(q: torch.Tensor, causal: bool, square: bool, longest: int) -> dict:
+    """What the dispatcher sees of an attention call (forward and backward alike): ``square``
+    says every sample's query and key lengths are equal (a causal mask is then the same aligned
+    top-left or bottom-right), ``longest`` the longest query sample, bucketed for the policy."""
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal),
+            "square": bool(square), "seq_bucket": seq_bucket(longest)}  # fmt: skip
 
 
 def _scale(softmax_scale, head_dim):
@@ -496,7 +508,8 @@ def varlen_attention(
     _check_qkv(q, k, v, ndim=3)
     _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale(softmax_scale, q.shape[-1])
-    impl = choose("varlen_attention", _inputs(q, causal), backend)
+    inputs = _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q)
+    impl = choose("varlen_attention", inputs, backend)
     out, lse = impl.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return (out, lse) if return_lse else out
 
@@ -531,7 +544,8 @@ def attention(
     if q.shape[1] < 1 or k.shape[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     scale = _scale(softmax_scale, q.shape[-1])
-    out, lse = choose("attention", _inputs(q, causal), backend).forward(q, k, v, scale, bool(causal))
+    inputs = _inputs(q, causal, q.shape[1] == k.shape[1], q.shape[1])
+    out, lse = choose("attention", inputs, backend).forward(q, k, v, scale, bool(causal))
     return (out, lse) if return_lse else out
 
 
@@ -568,8 +582,14 @@ def varlen_attention_backward(
     check_tensor("lse", lse, ndims=(2,), dtypes=(torch.float32, torch.float64), device=q.device)
     if lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be (H, total_q) = ({q.shape[1]}, {q.shape[0]}), got {tuple(lse.shape)}")
-    impl = choose("varlen_attention", _inputs(q, causal), backend)
+    impl = choose("varlen_attention", _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q), backend)
     scale = _scale(softmax_scale, q.shape[-1])
     return impl.backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal)
     )
+
+
+# The vendor providers (torch's cuDNN / FlashAttention / memory-efficient kernels, flash-attn,
+# xformers) register after fastdit's own backends, with the priority list they share.
+from fastdit.ops import attention_providers  # noqa: E402, F401
+from fastdit.ops import attention_policy  # noqa: E402, F401

@@ -32,7 +32,8 @@ from fastdit import settings
 
 logger = logging.getLogger("fastdit")
 
-BACKEND_NAMES = ("cuda", "triton", "cudnn", "torch", "reference")
+BACKEND_NAMES = ("cuda", "triton", "cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "xformers", "torch",
+                 "reference")  # fmt: skip
 # Until an H100 benchmark decides per op, Triton (proven under the interpreter) goes before the
 # CUDA kernels (compiled in CI, not yet run on a GPU). ``torch`` (PyTorch's own fused ops: SDPA,
 # F.layer_norm / F.rms_norm, complex-multiply RoPE) is what a device without our kernels runs,
@@ -130,7 +131,7 @@ def set_priority(op: str, names: Sequence[str]) -> None:
 
 def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None, source: str = "set_shape_policy") -> None:
     """Let ``policy(inputs)`` name the backend for particular shapes of ``op`` (a benchmark's
-    per-shape winners); None from it, or a backend that cannot run the inputs, falls back to the
+    per-shape winners), as a name or as ``(name, where it was measured)``; None from it, or a backend that cannot run the inputs, falls back to the
     priority list. ``policy=None`` removes it. A forced backend still wins over the policy."""
     _CHOICES.clear()
     if policy is None:
@@ -201,13 +202,19 @@ def _log_fallback_once(op: str, chosen: str, device: str, message: str) -> None:
 
 def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend:
     """Pick the backend that runs ``op`` on ``inputs`` (see the module docstring)."""
-    chosen = _select(op, inputs, backend)
-    for log in _TRACES:
-        log.append((op, chosen.name))
+    chosen, source = _select(op, inputs, backend)
+    _record(op, chosen.name, source)
     return chosen
 
 
-def _select(op: str, inputs: dict, backend: str | None) -> Backend:
+def _record(op: str, name: str, source: str) -> None:
+    for log in _TRACES:
+        log.append((op, name))
+        log.sources[(op, name)] = source
+
+
+def _select(op: str, inputs: dict, backend: str | None) -> tuple[Backend, str]:
+    """The backend and what chose it: the forcing source, ``policy: <source>`` or ``priority``."""
     table = _BACKENDS.get(op)
     if not table:
         raise KeyError(f"no backend registered for op {op!r}")
@@ -223,12 +230,14 @@ def _select(op: str, inputs: dict, backend: str | None) -> Backend:
             raise BackendNotSupportedError(
                 f"fastdit.{op}: backend {name!r} (from {source}) cannot run these inputs: {'; '.join(reasons)}"
             )
-        return table[name]
+        return table[name], f"forced by {source}"
     policy = _SHAPE_POLICY.get(op)
     if policy is not None:
-        chosen = policy(inputs)
+        chosen, where = policy(inputs), _POLICY_SOURCE[op]
+        if isinstance(chosen, tuple):  # (name, the file it came from)
+            chosen, where = chosen
         if chosen in table and not table[chosen].not_supported_reasons(inputs):
-            return table[chosen]
+            return table[chosen], f"policy: {where}"
     rejected: dict[str, list[str]] = {}
     for candidate in priority(op):
         if not table[candidate].auto_selectable(inputs["device"]):
@@ -239,7 +248,7 @@ def _select(op: str, inputs: dict, backend: str | None) -> Backend:
                 # Never fall back silently on a GPU: say once which fast backend did not fit and why.
                 why = _format_reasons(rejected) if rejected else "no fast backend exists for this op yet"
                 _log_fallback_once(op, candidate, str(inputs["device"]), why)
-            return table[candidate]
+            return table[candidate], "priority"
         rejected[candidate] = reasons
     raise BackendNotSupportedError(f"fastdit.{op}: no backend can run these inputs: {_format_reasons(rejected)}")
 
@@ -299,6 +308,7 @@ class Choice:
 
     backend: Backend
     variant: dict = field(default_factory=dict)
+    source: str = ""  # what chose it: "forced by ...", "policy: <file>" or "priority"
 
     @property
     def name(self) -> str:
@@ -326,24 +336,25 @@ def choose(op: str, inputs: dict, backend: str | None = None) -> Choice:
     summary is all a choice depends on, so a model's thousands of op calls walk the priority list
     once per kind of call. Traced calls (torch.compile) choose afresh, once per graph."""
     if torch.compiler.is_compiling():
-        chosen = select_backend(op, inputs, backend)
-        return Choice(chosen, chosen.variant_args())
+        chosen, source = _select(op, inputs, backend)
+        _record(op, chosen.name, source)
+        return Choice(chosen, chosen.variant_args(), source)
     values = settings.get()
     key = (op, backend, id(values), *inputs.values())  # an op builds its inputs' keys in one order
     try:
         cached = _CHOICES.get(key)
     except TypeError:  # an unhashable summary value: choose without remembering
-        chosen = select_backend(op, inputs, backend)
-        return Choice(chosen, chosen.variant_args(values))
+        chosen, source = _select(op, inputs, backend)
+        _record(op, chosen.name, source)
+        return Choice(chosen, chosen.variant_args(values), source)
     if cached is None or cached[0] is not values:
-        chosen = _select(op, inputs, backend)
-        cached = (values, Choice(chosen, chosen.variant_args(values)))
+        chosen, source = _select(op, inputs, backend)
+        cached = (values, Choice(chosen, chosen.variant_args(values), source))
         if len(_CHOICES) >= _CHOICES_LIMIT:
             _CHOICES.clear()
         _CHOICES[key] = cached
     choice = cached[1]
-    for log in _TRACES:
-        log.append((op, choice.name))
+    _record(op, choice.name, choice.source)
     return choice
 
 
@@ -384,15 +395,25 @@ def fallbacks() -> dict[tuple[str, str, str], int]:
     return dict(_FALLBACKS)
 
 
+class TraceLog(list):
+    """The ``(op, backend)`` pairs a :func:`trace` block dispatched, in order; ``sources`` says
+    for each pair what made the last such choice (``"forced by backend= argument"``,
+    ``"policy: <file>"``, ``"priority"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources: dict[tuple[str, str], str] = {}
+
+
 # The open trace() logs; a plain list, so torch.compile traces the (usually empty) loop over it.
-_TRACES: list[list[tuple[str, str]]] = []
+_TRACES: list[TraceLog] = []
 
 
 @contextmanager
-def trace() -> Iterator[list[tuple[str, str]]]:
+def trace() -> Iterator[TraceLog]:
     """Record the ``(op, backend)`` of every dispatch made inside the block (eager calls; a
-    compiled graph dispatches once, while it is traced)."""
-    log: list[tuple[str, str]] = []
+    compiled graph dispatches once, while it is traced), and in ``log.sources`` what chose it."""
+    log = TraceLog()
     _TRACES.append(log)
     try:
         yield log
