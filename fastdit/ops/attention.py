@@ -591,5 +591,4 @@ def varlen_attention_backward(
 
 # The vendor providers (torch's cuDNN / FlashAttention / memory-efficient kernels, flash-attn,
 # xformers) register after fastdit's own backends, with the priority list they share.
-from fastdit.ops import attention_providers  # noqa: E402, F401
-from fastdit.ops import attention_policy  # noqa: E402, F401
+from fastdit.ops import attention_policy, attention_providers  # noqa: E402, F401, I001

@@ -74,7 +74,7 @@ def check_policy(policy, where: str) -> dict:
         raise AttentionPolicyError(f"{where}: an attention policy is a JSON object, got {type(policy).__name__}")
     for field in ("device_type", "device", "source", "choices"):
         if field not in policy:
-            raise AttentionPolicyError(f"{where}: an attention policy needs {field!r} (see fastdit.ops.attention_policy)")
+            raise AttentionPolicyError(f"{where}: an attention policy needs {field!r} (fastdit.ops.attention_policy)")
     choices = policy["choices"]
     if not isinstance(choices, dict):
         raise AttentionPolicyError(f"{where}: 'choices' must map shape keys to provider names")

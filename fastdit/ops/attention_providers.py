@@ -195,7 +195,8 @@ def _cudnn_lse_ndim() -> int:
     """The LSE rank the installed torch's cuDNN attention returns and takes back ((B, H, S) or
     (B, H, S, 1), by version), read from its meta kernel."""
     q = torch.empty(1, 1, 8, 8, device="meta", dtype=torch.float16)
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, False, False, scale=1.0)[1].dim()
+    lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, False, False, scale=1.0)[1]
+    return lse.dim()
 
 
 def _dense_cudnn(q, k, v, scale, causal):

@@ -131,7 +131,8 @@ def set_priority(op: str, names: Sequence[str]) -> None:
 
 def set_shape_policy(op: str, policy: Callable[[dict], str | None] | None, source: str = "set_shape_policy") -> None:
     """Let ``policy(inputs)`` name the backend for particular shapes of ``op`` (a benchmark's
-    per-shape winners), as a name or as ``(name, where it was measured)``; None from it, or a backend that cannot run the inputs, falls back to the
+    per-shape winners), as a name or as ``(name, where it was measured)``; None from it, or a
+    backend that cannot run the inputs, falls back to the
     priority list. ``policy=None`` removes it. A forced backend still wins over the policy."""
     _CHOICES.clear()
     if policy is None:
