@@ -3,7 +3,11 @@ serving, forward and backward, in (useful) TFLOP/s and % of the bf16 matmul rate
 
 Providers: SDPA with each backend forced (flash, cuDNN, efficient), FlexAttention (compiled; a
 document mask for the packed batch), torch's varlen_attn, a Python loop of per-sample cuDNN
-calls, padded + boolean mask (efficient kernel), and fastdit's backends. fastdit's triton backend
+calls, padded + boolean mask (efficient kernel), flash-attn and xformers called directly where
+installed, and every fastdit provider the dispatcher may pick here (``fastdit-<provider>``: the
+vendor kernels through fastdit's op, and fastdit's Triton kernel). ``--policy-out FILE`` writes the
+fastest fastdit provider per measured (op, dtype, head dim, length bucket) as the attention policy
+that ``auto`` follows on this device (fastdit.ops.attention_policy; forward time decides). fastdit's triton backend
 also runs its opt-in variants in the same run (the ``attn_*`` settings, FASTDIT_ATTN_* in the environment):
 ``fastdit-triton+tma``, ``+persistent``, ``+ws``, ``+ws+persistent`` change the forward and are
 timed forward only; ``+bwd-ws`` (warp-specialized backward) is timed both ways. One GPU call
@@ -64,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn-head-dims", default=None, help="attention: comma list of head dims (default 128,64)")
     parser.add_argument("--attn-heads", type=int, default=None, help="attention: heads (default 24)")
     parser.add_argument("--attn-no-backward", action="store_true", help="attention: forward only")
+    parser.add_argument("--policy-out", default=None,
+                        help="attention: write the fastest fastdit provider per measured shape as this device's "
+                        "attention policy (JSON; FASTDIT_ATTN_POLICY reads it)")  # fmt: skip
     parser.add_argument("--attn-mask-seqlen", type=int, default=None,
                         help="attention: tokens per sample of the key-padding-mask rows (30%% padded; default "
                         "16384, 2048 with --quick)")  # fmt: skip
@@ -111,8 +118,56 @@ def _providers_dense(device, quick, head_dim):
             providers[name] = lambda q, k, v, f=compiled: f(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             ).transpose(1, 2)
+    providers.update(_vendor_packages_dense(device))
     for backend in _fastdit_backends("attention", device, head_dim):
         providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.attention(q, k, v, backend=b)
+    return providers
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _vendor_packages_dense(device):
+    """flash-attn's and xformers' own dense calls, where installed (on CUDA)."""
+    providers = {}
+    if device.type != "cuda":
+        return providers
+    if _installed("flash_attn"):
+        from flash_attn import flash_attn_func
+
+        providers["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v)
+    else:
+        print("  attention: flash-attn skipped: not installed")
+    if _installed("xformers"):
+        from xformers.ops import memory_efficient_attention
+
+        providers["xformers"] = lambda q, k, v: memory_efficient_attention(q, k, v)
+    else:
+        print("  attention: xformers skipped: not installed")
+    return providers
+
+
+def _vendor_packages_packed(lengths, device):
+    """flash-attn's varlen call and xformers' block-diagonal mask over the packed batch, where installed."""
+    providers = {}
+    if device.type != "cuda":
+        return providers
+    cu, longest = _cu(lengths, device), max(lengths)
+    if _installed("flash_attn"):
+        from flash_attn import flash_attn_varlen_func
+
+        providers["flash-attn-varlen"] = lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+    if _installed("xformers"):
+        from xformers.ops import memory_efficient_attention
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+        mask = BlockDiagonalMask.from_seqlens(list(lengths))
+        providers["xformers-block-diagonal"] = lambda q, k, v: memory_efficient_attention(
+            q[None], k[None], v[None], attn_bias=mask
+        )[0]
     return providers
 
 
@@ -125,6 +180,8 @@ def _fastdit_backends(op, device, head_dim):
         "dtype": torch.bfloat16 if cuda else torch.float32,
         "head_dim": head_dim,
         "causal": False,
+        "square": True,
+        "seq_bucket": 1,
     }
     return selectable_backends(op, inputs)
 
@@ -180,6 +237,7 @@ def _providers_packed(lengths, heads, head_dim, device):
             return out.transpose(1, 2).reshape(batch * longest, heads, head_dim)[index]
 
         providers["padded-masked-sdpa"] = padded
+    providers.update(_vendor_packages_packed(lengths, device))
     for backend in _fastdit_backends("varlen_attention", device, head_dim):
         providers[f"fastdit-{backend}"] = lambda q, k, v, b=backend: ops.varlen_attention(
             q, k, v, cu, cu, longest, longest, backend=b
@@ -253,6 +311,40 @@ def _compare(report, shape, providers, tensors, flops, backward, reference, timi
     for name, row in rows.items():
         if row["status"] == "ok":
             print(f"  {name} {shape}: fwd {row['ms']:.3f} ms ({row['tflops']} TFLOP/s)", flush=True)
+    return rows
+
+
+def _fastdit_ms(rows: dict) -> dict:
+    """provider -> forward ms of the fastdit providers measured correct (variants are settings of
+    the triton provider, not providers a policy can name: left out)."""
+    return {name.removeprefix("fastdit-"): row["ms"] for name, row in rows.items()
+            if name.startswith("fastdit-") and "+" not in name and row["status"] == "ok"}  # fmt: skip
+
+
+def write_policy(path: str, measured: dict, device: torch.device) -> dict:
+    """The fastest provider per policy key, as the JSON fastdit.ops.attention_policy reads."""
+    import json
+    import os
+
+    from fastdit.benchmarks.harness import environment
+    from fastdit.ops import attention_policy
+
+    measured = {key: per for key, per in sorted(measured.items()) if per}
+    env = environment(device)
+    policy = {
+        "device_type": device.type,
+        "device": attention_policy.device_name(device),
+        "source": {key: env[key] for key in ("command", "torch", "cuda", "triton", "date", "versions")},
+        "ms": {key: {name: round(ms, 4) for name, ms in per.items()} for key, per in measured.items()},
+        "choices": {key: min(per, key=per.get) for key, per in measured.items()},
+    }
+    attention_policy.check_policy(policy, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(policy, f, indent=2)
+        f.write("\n")
+    print(f"  wrote the attention policy {path}: {policy['choices']}", flush=True)
+    return policy
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Report:
@@ -275,6 +367,10 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(backward)
 
+    from fastdit.ops.attention import seq_bucket
+    from fastdit.ops.attention_policy import policy_key
+
+    measured = {}  # policy key -> {fastdit provider: forward ms}, summed over the shapes of a key
     for head_dim in head_dims:
         providers = with_variants(_providers_dense(device, args.quick, head_dim))
         for seqlen in seqlens:
@@ -282,7 +378,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
             flops = _flops([seqlen], [seqlen], heads, head_dim)
             shape = f"dense S={seqlen} H={heads} D={head_dim}"
             reference = attention_reference(*tensors)
-            _compare(report, shape, providers, tensors, flops, backward, reference, timing)
+            rows = _compare(report, shape, providers, tensors, flops, backward, reference, timing)
+            _add_ms(measured, policy_key("attention", dtype, head_dim, seq_bucket(seqlen), False), rows)
             del tensors, reference
     lengths = list(MIXED) if cuda and not args.quick else ([16384, 4096, 1024] if cuda else [96, 17, 40])
     head_dim = head_dims[0]
@@ -291,10 +388,23 @@ def run(args: argparse.Namespace, device: torch.device) -> Report:
     shape = f"packed {'+'.join(map(str, lengths))} H={heads} D={head_dim}"
     reference = attention_reference(*tensors, lengths=lengths)
     providers = with_variants(_providers_packed(lengths, heads, head_dim, device))
-    _compare(report, shape, providers, tensors, flops, backward, reference, timing)
+    rows = _compare(report, shape, providers, tensors, flops, backward, reference, timing)
+    _add_ms(measured, policy_key("varlen_attention", dtype, head_dim, seq_bucket(max(lengths)), False), rows)
     del tensors, reference
     _compare_key_padding(report, args, device, dtype, heads, head_dim, gen, timing)
+    if args.policy_out:
+        write_policy(args.policy_out, measured, device)
     return report
+
+
+def _add_ms(measured: dict, key: str, rows: dict) -> None:
+    """Add one shape's forward times to its policy key (a provider must run every shape of a key)."""
+    ms = _fastdit_ms(rows)
+    per = measured.get(key)
+    if per is None:
+        measured[key] = ms
+    else:  # providers missing from one of the key's shapes drop out of it
+        measured[key] = {name: per[name] + ms[name] for name in per if name in ms}
 
 
 def _compare_key_padding(report, args, device, dtype, heads, head_dim, gen, timing):

@@ -17,7 +17,7 @@ def check(out_dir: str) -> list[str]:
     files = [f for f in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, f))]
     if len(files) > MAX_FILES:
         problems.append(f"{len(files)} files, more than the {MAX_FILES} the device machine returns: {sorted(files)}")
-    for required in ("gpu_check.json", "gpu_check.log", "causal_conv3d.json"):
+    for required in ("gpu_check.json", "gpu_check.log", "causal_conv3d.json", "attention_policy.json"):
         if required not in files:
             problems.append(f"{required} is missing")
     if problems:

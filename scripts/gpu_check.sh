@@ -19,7 +19,10 @@
 #   tests        one bf16 real-shape correctness test per Triton kernel and per opt-in attention
 #                variant (error budgets against float64, NaN-poisoned outputs, compile)
 #   attention    S = 16384 and 32760 at D = 128 (forward and backward), the six-sample packed batch:
-#                the opt-in variants (TMA, persistent, warp specialization) and the default
+#                every provider side by side (torch SDPA's flash / cuDNN / efficient kernels,
+#                FlexAttention, flash-attn and xformers where installed, fastdit's op on each vendor
+#                kernel and on its Triton kernel with the opt-in variants), and the measured
+#                attention policy for this device (OUT_DIR/attention_policy.json)
 #   tests_cuda   the csrc/ kernels against the reference, once fastdit._C is built
 #   memory_ops   RoPE / adaLN / gated residual at 32760 tokens x 3072: triton vs cuda per op
 #   vae_ops      the five VAE conv shapes: the conv policy (written to OUT_DIR/causal_conv3d.json)
@@ -29,7 +32,9 @@
 # tiles); torch.compile providers and the cold start (minutes of compiles) are left to a later call.
 #
 # Returned files (<= 8): gpu_check.json (every row, the steps, the targets), gpu_check.log,
-# gpu_check.png (when matplotlib is there), causal_conv3d.json (the measured conv policy).
+# gpu_check.png (when matplotlib is there), causal_conv3d.json (the measured conv policy),
+# attention_policy.json (the measured attention policy: fastdit/ops/policies/attention-<device>.json
+# once committed).
 # Wheels of missing packages (diffusers, matplotlib) may be put in .whl/: they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +115,7 @@ CHECK_TESTS="test_triton_cuda_bf16_real_shape_and_compile or test_fused_qk_norm_
 CHECK_TESTS+=" or test_triton_cuda_backward_bf16 or test_cuda_bf16_error_budget_and_compile"
 CHECK_TESTS+=" or test_cuda_opt_in_variants_keep_the_error_budget or test_fast_conv_cuda_bf16"
 CHECK_TESTS+=" or test_vae_bf16_480p_psnr_against_fp32_reference or test_dit_cuda_bf16_and_compile"
+CHECK_TESTS+=" or test_vendor_providers_cuda_bf16_parity or test_auto_runs_a_vendor_provider_on_the_gpu"
 CUDA_TESTS="test_rope3d_cuda_matches_reference or test_adaln_modulate_cuda_matches_reference"
 CUDA_TESTS+=" or test_gated_residual_cuda_backend"
 PYTEST=($PY -m pytest -q -rs -p no:cacheprovider -m gpu tests)
@@ -129,7 +135,8 @@ else
   VAE=(--vae-size 480x832x81)
   QUICK=()
 fi
-step attention 110 "${BENCH[@]}" --suite attention "${QUICK[@]}" "${ATTN[@]}"
+step attention 140 "${BENCH[@]}" --suite attention "${QUICK[@]}" "${ATTN[@]}" \
+  --policy-out "$OUT_DIR/attention_policy.json"
 
 wait_build() {  # the background build, for as long as the budget allows
   local left=$((BUDGET_S - (SECONDS - START) - RESERVE_S - 120))

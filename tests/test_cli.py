@@ -153,7 +153,9 @@ def test_bench_memory_ops_rows_for_every_provider(tmp_path):
 
 def test_bench_attention_rows(tmp_path):
     args = ["bench", "--suite", "attention", "--device", "cpu", "--quick", "--out", str(tmp_path)]
-    assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16", "--attn-mask-seqlen", "50"]) == 0
+    policy_path = str(tmp_path / "policy.json")
+    assert main(args + ["--attn-seqlens", "33", "--attn-head-dims", "16", "--attn-mask-seqlen", "50",
+                        "--policy-out", policy_path]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
     providers = {r["provider"] for r in rows}
     # no interpreter rows, no GPU-only variants, no oracle; the two mask forms' two providers
@@ -164,6 +166,23 @@ def test_bench_attention_rows(tmp_path):
     for form in ("key-padding", "valid_q & valid_k"):
         masked = {r["provider"]: r for r in rows if form in r["shape"]}
         assert masked["sdpa-masked"]["flops"] == masked["fastdit-varlen-from-mask"]["flops"]  # the same work counted
+    # the policy it wrote: the measured fastdit providers per key, read back by the dispatcher
+    # (catches writer and reader keys that disagree: a policy that never decides anything)
+    policy = json.loads(open(policy_path).read())
+    assert policy["choices"] == {
+        "attention/float32-d16-s64-full": "torch",
+        "varlen_attention/float32-d16-s128-full": "torch",
+    }
+    assert (
+        policy["ms"]["attention/float32-d16-s64-full"]["torch"] > 0 and policy["source"]["torch"] == torch.__version__
+    )
+    from fastdit import ops
+    from fastdit.ops import dispatch
+
+    q = torch.randn(1, 33, 2, 16)
+    with settings.override(attn_policy=policy_path), dispatch.trace() as log:
+        ops.attention(q, q, q)
+    assert log.sources[("attention", "torch")] == f"policy: {policy_path}"
 
 
 def test_attention_variant_environment_is_exact_and_restored(set_setting):

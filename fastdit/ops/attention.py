@@ -457,12 +457,17 @@ def seq_bucket(length: int) -> int:
     return 1 << max(int(length) - 1, 0).bit_length()
 
 
-def _inputs(q: torch.Tensor, causal: bool, square: bool, longest: int) -> dict:
+def _inputs(q: torch.Tensor, causal: bool, square: bool, longest: int, varlen: bool = False) -> dict:
     """What the dispatcher sees of an attention call (forward and backward alike): ``square``
     says every sample's query and key lengths are equal (a causal mask is then the same aligned
-    top-left or bottom-right), ``longest`` the longest query sample, bucketed for the policy."""
-    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal),
-            "square": bool(square), "seq_bucket": seq_bucket(longest)}  # fmt: skip
+    top-left or bottom-right), ``longest`` the longest query sample, bucketed for the policy; a
+    varlen call also says whether a CUDA graph is being captured (providers that read
+    ``cu_seqlens`` on the host cannot serve it)."""
+    inputs = {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "causal": bool(causal),
+              "square": bool(square), "seq_bucket": seq_bucket(longest)}  # fmt: skip
+    if varlen:
+        inputs["capturing"] = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    return inputs
 
 
 def _scale(softmax_scale, head_dim):
@@ -508,7 +513,7 @@ def varlen_attention(
     _check_qkv(q, k, v, ndim=3)
     _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale(softmax_scale, q.shape[-1])
-    inputs = _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q)
+    inputs = _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q, varlen=True)
     impl = choose("varlen_attention", inputs, backend)
     out, lse = impl.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return (out, lse) if return_lse else out
@@ -582,7 +587,8 @@ def varlen_attention_backward(
     check_tensor("lse", lse, ndims=(2,), dtypes=(torch.float32, torch.float64), device=q.device)
     if lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be (H, total_q) = ({q.shape[1]}, {q.shape[0]}), got {tuple(lse.shape)}")
-    impl = choose("varlen_attention", _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q), backend)
+    inputs = _inputs(q, causal, cu_seqlens_q is cu_seqlens_k, max_seqlen_q, varlen=True)
+    impl = choose("varlen_attention", inputs, backend)
     scale = _scale(softmax_scale, q.shape[-1])
     return impl.backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal)

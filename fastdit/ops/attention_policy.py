@@ -136,15 +136,21 @@ def _policy_path(device: torch.device) -> tuple[str, bool]:
 
 
 def _file_chooser(device: torch.device):
+    """The chooser of the file in force for ``device``: read again when the file changes (the
+    dispatcher remembers its choices per settings, so this runs once per kind of call)."""
     path, named = _policy_path(device)
-    if path not in _LOADED:
-        if torch.compiler.is_compiling():
-            return None
-        if not named and not os.path.exists(path):
-            _LOADED[path] = None
+    if torch.compiler.is_compiling():
+        return next((chooser for (p, _), chooser in _LOADED.items() if p == path), None)
+    try:
+        key = (path, os.stat(path).st_mtime_ns)
+    except OSError:
+        key = (path, None)
+    if key not in _LOADED:
+        if not named and key[1] is None:
+            _LOADED[key] = None
         else:  # a file the setting names must exist: no silent fallback to the priority list
-            _LOADED[path] = _chooser(load_policy(path), path)
-    return _LOADED[path]
+            _LOADED[key] = _chooser(load_policy(path), path)
+    return _LOADED[key]
 
 
 def _choose_for(op: str):

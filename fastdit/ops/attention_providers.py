@@ -69,9 +69,13 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _limits(inputs: dict, *, max_head_dim: int, min_sm: int = 80, aligned_causal: bool = False) -> list[str]:
-    """The reasons a torch kernel cannot run ``inputs`` (head dim, GPU generation, causal alignment)."""
+def _limits(inputs: dict, *, max_head_dim: int, min_sm: int = 80, aligned_causal: bool = False,
+            host_reads: bool = False) -> list[str]:  # fmt: skip
+    """The reasons a kernel cannot run ``inputs`` (head dim, GPU generation, causal alignment, and
+    for a varlen form that reads ``cu_seqlens`` on the host: a CUDA graph being captured)."""
     reasons = []
+    if host_reads and inputs.get("capturing"):
+        reasons.append("its varlen form reads cu_seqlens on the host, which a CUDA graph capture cannot")
     head_dim = inputs["head_dim"]
     if head_dim % 8 or head_dim > max_head_dim:
         reasons.append(f"head_dim {head_dim} is not a multiple of 8 up to {max_head_dim}")
@@ -420,12 +424,14 @@ SDPA_FLASH = _register(
 CUDNN = _register(
     "cudnn", dense=_dense_cudnn, dense_bwd=_dense_bwd_cudnn, varlen=_per_sample(_dense_cudnn),
     varlen_bwd=_per_sample_backward(_dense_bwd_cudnn), dtypes=HALF_DTYPES,
-    check=lambda i: _limits(i, max_head_dim=128, aligned_causal=True), unavailable=_cudnn_unavailable(),
+    check=lambda i: _limits(i, max_head_dim=128, aligned_causal=True, host_reads=True),
+    unavailable=_cudnn_unavailable(),
 )  # fmt: skip
 SDPA_EFFICIENT = _register(
     "sdpa_efficient", dense=_dense_efficient, dense_bwd=_dense_bwd_efficient, varlen=_per_sample(_dense_efficient),
     varlen_bwd=_per_sample_backward(_dense_bwd_efficient), dtypes=(*HALF_DTYPES, torch.float32),
-    check=lambda i: _limits(i, max_head_dim=256, min_sm=50, aligned_causal=True), unavailable=_no_cuda(),
+    check=lambda i: _limits(i, max_head_dim=256, min_sm=50, aligned_causal=True, host_reads=True),
+    unavailable=_no_cuda(),
 )  # fmt: skip
 FLASH_ATTN = _register(
     "flash_attn", dense=_fa_dense, dense_bwd=_fa_dense_bwd, varlen=_fa_varlen, varlen_bwd=_fa_varlen_bwd,
@@ -434,7 +440,8 @@ FLASH_ATTN = _register(
 )  # fmt: skip
 XFORMERS = _register(
     "xformers", dense=_xf_dense, dense_bwd=_xf_dense_bwd, varlen=_xf_varlen, varlen_bwd=_xf_varlen_bwd,
-    dtypes=(*HALF_DTYPES, torch.float32), check=lambda i: _limits(i, max_head_dim=256, min_sm=50, aligned_causal=True),
+    dtypes=(*HALF_DTYPES, torch.float32),
+    check=lambda i: _limits(i, max_head_dim=256, min_sm=50, aligned_causal=True, host_reads=True),
     unavailable=_package_unavailable("xformers", "xformers"),
 )  # fmt: skip
 
