@@ -18,7 +18,8 @@ validation, LSE and explicit backward as the others:
 - ``flash_attn``: the ``flash_attn`` package when installed (FA2's ``flash_attn_func`` /
   ``flash_attn_varlen_func`` with ``return_attn_probs=True`` for the LSE; the explicit backward
   through its ``_flash_attn_backward`` / ``_flash_attn_varlen_backward``, keyword by keyword as the
-  installed version names them).
+  installed version names them), or FlashAttention-3's ``flash_attn_interface`` (the Hopper
+  build) on sm_90, preferred there when installed.
 - ``xformers``: the ``xformers`` package when installed (``memory_efficient_attention_forward_requires_grad``
   and ``memory_efficient_attention_backward``; varlen as a ``BlockDiagonalMask``).
 
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from fastdit.ops import attention as _attn
 from fastdit.ops._common import last_dim_contiguous
 from fastdit.ops._registry import signature, typed
-from fastdit.ops.dispatch import Backend, register_backend, set_priority
+from fastdit.ops.dispatch import Backend, BackendNotSupportedError, register_backend, set_priority
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PROVIDERS = ("flash_attn", "sdpa_flash", "cudnn", "sdpa_efficient", "xformers")
@@ -253,15 +254,22 @@ def _package_missing(module: str, pip_name: str) -> str | None:
     return None
 
 
-def _flash_attn():
-    return importlib.import_module("flash_attn.flash_attn_interface")
+def _flash_attn(device: torch.device):
+    """(flash-attn's interface module, 3 or 2): FlashAttention-3's ``flash_attn_interface`` (the
+    Hopper build) on an sm_90 GPU where it is installed, else FlashAttention-2's."""
+    fa2 = importlib.util.find_spec("flash_attn") is not None
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        hopper = device.type == "cuda" and torch.cuda.is_available() and _capability(device.index)[0] == 9
+        if hopper or not fa2:
+            return importlib.import_module("flash_attn_interface"), 3
+    return importlib.import_module("flash_attn.flash_attn_interface"), 2
 
 
 def _call_by_name(fn, values: dict):
-    """Call ``fn`` with those of ``values`` that its installed version names (flash-attn's private
-    backward functions changed their parameters between 2.x releases: ``window_size`` became
-    ``window_size_left`` / ``_right``, ``softcap`` arrived); a parameter it needs that is not in
-    ``values`` raises a TypeError that names it."""
+    """Call ``fn`` with those of ``values`` that its installed version names (flash-attn's
+    functions changed their parameters between releases: ``window_size`` became
+    ``window_size_left`` / ``_right``, ``softcap`` arrived, FA3 has one backward for dense and
+    varlen); a parameter it needs that is not in ``values`` raises a TypeError that names it."""
     params = inspect.signature(fn).parameters
     return fn(**{name: values[name] for name in params if name in values})
 
@@ -269,37 +277,50 @@ def _call_by_name(fn, values: dict):
 def _fa_options(scale, causal) -> dict:
     return {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal, "window_size": (-1, -1),
             "window_size_left": -1, "window_size_right": -1, "softcap": 0.0, "alibi_slopes": None,
-            "deterministic": False, "rng_state": None}  # fmt: skip
+            "deterministic": False, "rng_state": None, "sm_margin": 0, "return_attn_probs": True,
+            "cu_seqlens_q": None, "cu_seqlens_k": None, "seqused_q": None, "seqused_k": None,
+            "sequed_q": None, "sequed_k": None, "max_seqlen_q": None, "max_seqlen_k": None}  # fmt: skip
+
+
+def _fa_forward(fn_name, q, k, v, scale, causal, extra=None):
+    module, _ = _flash_attn(q.device)
+    result = _call_by_name(getattr(module, fn_name), {"q": q, "k": k, "v": v, **_fa_options(scale, causal),
+                                                       **(extra or {})})  # fmt: skip
+    if not isinstance(result, tuple) or len(result) < 2:
+        raise BackendNotSupportedError(f"fastdit attention: {module.__name__}.{fn_name} returned no softmax LSE")
+    out, lse = result[:2]
+    return out, _empty_rows_to_minus_inf(lse)
 
 
 def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
-    out, lse, _ = _flash_attn().flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal, return_attn_probs=True
-    )
-    return out, _empty_rows_to_minus_inf(lse)
+    extra = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
+    return _fa_forward("flash_attn_varlen_func", q, k, v, scale, causal, extra)
 
 
 def _fa_dense(q, k, v, scale, causal):
-    out, lse, _ = _flash_attn().flash_attn_func(q, k, v, 0.0, scale, causal, return_attn_probs=True)
-    return out, _empty_rows_to_minus_inf(lse)
+    return _fa_forward("flash_attn_func", q, k, v, scale, causal)
 
 
-def _fa_backward(fn_name, dout, q, k, v, out, lse, extra, scale, causal):
+def _fa_backward(dout, q, k, v, out, lse, extra, scale, causal):
+    """The private backward of the installed flash-attn (FA2: ``_flash_attn_backward`` or
+    ``_flash_attn_varlen_backward``; FA3: ``_flash_attn_backward`` for both), which writes the
+    gradients into the buffers it is given, as ring-attention implementations call it."""
+    module, version = _flash_attn(q.device)
+    name = "_flash_attn_varlen_backward" if extra and version == 2 else "_flash_attn_backward"
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    values = {"dout": last_dim_contiguous(dout), "q": q, "k": k, "v": v, "out": out,
-              "softmax_lse": _empty_rows_to_plus_inf(lse), "dq": dq, "dk": dk, "dv": dv, **extra,
-              **_fa_options(scale, causal)}  # fmt: skip
-    _call_by_name(getattr(_flash_attn(), fn_name), values)
+    values = {**_fa_options(scale, causal), "dout": last_dim_contiguous(dout), "q": q, "k": k, "v": v, "out": out,
+              "softmax_lse": _empty_rows_to_plus_inf(lse), "dq": dq, "dk": dk, "dv": dv, **extra}  # fmt: skip
+    _call_by_name(getattr(module, name), values)
     return dq, dk, dv
 
 
 def _fa_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal):
     extra = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
-    return _fa_backward("_flash_attn_varlen_backward", dout, q, k, v, out, lse, extra, scale, causal)
+    return _fa_backward(dout, q, k, v, out, lse, extra, scale, causal)
 
 
 def _fa_dense_bwd(dout, q, k, v, out, lse, scale, causal):
-    return _fa_backward("_flash_attn_backward", dout, q, k, v, out, lse, {}, scale, causal)
+    return _fa_backward(dout, q, k, v, out, lse, {}, scale, causal)
 
 
 def _xformers_fmha():
@@ -411,6 +432,15 @@ def _cudnn_unavailable() -> str | None:
     return None
 
 
+def _flash_attn_unavailable() -> str | None:
+    missing = _package_missing("flash_attn", "flash-attn")
+    if missing and importlib.util.find_spec("flash_attn_interface") is None:
+        reasons = [f"{missing}, nor FlashAttention-3's flash_attn_interface (its hopper/ build)", _no_cuda()]
+    else:
+        reasons = [_no_cuda()]
+    return "; ".join(r for r in reasons if r) or None
+
+
 def _package_unavailable(module: str, pip_name: str) -> str | None:
     reasons = [r for r in (_package_missing(module, pip_name), _no_cuda()) if r]
     return "; ".join(reasons) or None
@@ -436,7 +466,7 @@ SDPA_EFFICIENT = _register(
 FLASH_ATTN = _register(
     "flash_attn", dense=_fa_dense, dense_bwd=_fa_dense_bwd, varlen=_fa_varlen, varlen_bwd=_fa_varlen_bwd,
     dtypes=HALF_DTYPES, check=lambda i: _limits(i, max_head_dim=256),
-    unavailable=_package_unavailable("flash_attn", "flash-attn"),
+    unavailable=_flash_attn_unavailable(),
 )  # fmt: skip
 XFORMERS = _register(
     "xformers", dense=_xf_dense, dense_bwd=_xf_dense_bwd, varlen=_xf_varlen, varlen_bwd=_xf_varlen_bwd,

@@ -6,6 +6,7 @@ LSE layouts, GQA folding), and the flash-attn / xformers adapters against stand-
 implement those packages' documented contracts in float64. The ``gpu`` tests run every provider
 that the GPU machine has for parity, forward and backward."""
 
+import importlib.machinery
 import sys
 import types
 
@@ -94,6 +95,13 @@ def test_unavailable_providers_say_why():
 # ---- flash-attn and xformers: stand-in packages with their documented contracts -------------------
 
 
+def _module(name: str) -> types.ModuleType:
+    """An importable-looking module (importlib.util.find_spec reads its __spec__)."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return module
+
+
 def _as_flash_lse(lse):
     return lse.masked_fill(torch.isneginf(lse), float("inf"))  # flash-attn: +inf for a row with no key
 
@@ -106,7 +114,7 @@ def _fake_flash_attn(version: str):
     """flash_attn.flash_attn_interface as of 2.6 (``window_size``) or 2.7 (``window_size_left`` /
     ``_right``, ``softcap``): forward functions with ``return_attn_probs`` and the private backward
     functions ring attention implementations call, in float64 through fastdit's reference."""
-    module = types.ModuleType("flash_attn.flash_attn_interface")
+    module = _module("flash_attn.flash_attn_interface")
     calls = []
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -176,12 +184,55 @@ def _fake_flash_attn(version: str):
     return module, calls
 
 
+def _fake_flash_attn3():
+    """FlashAttention-3's ``flash_attn_interface`` (hopper/ build): ``return_attn_probs`` gives
+    ``(out, lse)``, and one private ``_flash_attn_backward`` serves dense and varlen calls, its
+    ``cu_seqlens`` / ``sequed`` arguments None for dense ones."""
+    module = _module("flash_attn_interface")
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                               seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None,
+                               k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
+                               num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0,
+                               return_attn_probs=False):  # fmt: skip
+        out, lse = varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)
+        calls.append("varlen_fwd")
+        return (out, _as_flash_lse(lse)) if return_attn_probs else out
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                        pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # fmt: skip
+        out, lse = attention_ref(q, k, v, softmax_scale=softmax_scale, causal=causal)
+        calls.append("dense_fwd")
+        return (out, _as_flash_lse(lse)) if return_attn_probs else out
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k,
+                             max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, causal, window_size_left=-1,
+                             window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0):  # fmt: skip
+        assert sequed_q is None and sequed_k is None and softcap == 0.0
+        lse = _from_flash_lse(softmax_lse)
+        if cu_seqlens_q is None:
+            grads = attention_bwd_ref(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
+        else:
+            grads = varlen_attention_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             softmax_scale=softmax_scale, causal=causal)  # fmt: skip
+        for target, grad in zip((dq, dk, dv), grads):
+            target.copy_(grad)
+        calls.append("dense_bwd" if cu_seqlens_q is None else "varlen_bwd")
+        return dq, dk, dv
+
+    for fn in (flash_attn_varlen_func, flash_attn_func, _flash_attn_backward):
+        setattr(module, fn.__name__, fn)
+    return module, calls
+
+
 def _fake_xformers():
     """xformers.ops.fmha: memory_efficient_attention_forward_requires_grad / _backward in the BMHK
     layout with equal head counts, an LSE padded to 32 rows (as its CUTLASS kernel pads), and the
     two biases fastdit uses, in float64 through fastdit's reference."""
-    fmha = types.ModuleType("xformers.ops.fmha")
-    bias_module = types.ModuleType("xformers.ops.fmha.attn_bias")
+    fmha = _module("xformers.ops.fmha")
+    bias_module = _module("xformers.ops.fmha.attn_bias")
     calls = []
 
     class LowerTriangularFromBottomRightMask:
@@ -290,11 +341,37 @@ def test_flash_attn_provider_against_its_documented_contract(monkeypatch, versio
     backward keyword that one flash-attn release renamed (window_size -> window_size_left / _right)
     passed under the wrong name, or a gradient buffer left unwritten."""
     module, calls = _fake_flash_attn(version)
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn", _module("flash_attn"))
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     lengths_q, lengths_k, heads, heads_k, dim, causal = case
     _check_varlen_provider(providers.FLASH_ATTN, *_packed(lengths_q, lengths_k, heads, heads_k, dim), causal)
     assert calls == ["varlen_fwd", "varlen_bwd", "varlen_bwd"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flash_attn3_interface_is_served_where_flash_attn2_is_missing(monkeypatch, case):
+    """Catches FA3's interface (one backward for dense and varlen, (out, lse) returned) being
+    called like FA2's, or dense calls passing cu_seqlens it would read as varlen."""
+    module, calls = _fake_flash_attn3()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    monkeypatch.setattr(importlib.util, "find_spec", _specs_without("flash_attn"))
+    lengths_q, lengths_k, heads, heads_k, dim, causal = case
+    _check_varlen_provider(providers.FLASH_ATTN, *_packed(lengths_q, lengths_k, heads, heads_k, dim), causal)
+    q = torch.randn(2, 9, 4, 16, requires_grad=True)
+    out, lse = providers.FLASH_ATTN["attention"](q, q, q, 0.25, False)
+    want, _ = attention_ref(q.detach().double(), q.detach().double(), q.detach().double(), softmax_scale=0.25)
+    assert rel_err(out, want) <= 1e-5
+    out.sum().backward()
+    assert calls == ["varlen_fwd", "varlen_bwd", "varlen_bwd", "dense_fwd", "dense_bwd"]
+
+
+def _specs_without(missing: str):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == missing or name.startswith(missing + ".") else real(name, *args)
+
+    return find_spec
 
 
 @pytest.mark.parametrize("version", ["2.6", "2.7"])
@@ -302,7 +379,7 @@ def test_flash_attn_provider_dense_form(monkeypatch, version):
     """Catches the dense functions (flash_attn_func / _flash_attn_backward) being wired like the
     varlen ones (a cu_seqlens keyword the dense backward does not take)."""
     module, calls = _fake_flash_attn(version)
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn", _module("flash_attn"))
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 9, 4, 16, generator=gen, requires_grad=True)
@@ -323,8 +400,8 @@ def test_xformers_provider_against_its_documented_contract(monkeypatch, case):
     padded LSE rows kept, the block-diagonal mask built from the wrong lengths, causal not from
     the bottom right."""
     modules, calls = _fake_xformers()
-    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
-    monkeypatch.setitem(sys.modules, "xformers.ops", types.ModuleType("xformers.ops"))
+    monkeypatch.setitem(sys.modules, "xformers", _module("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", _module("xformers.ops"))
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     lengths_q, lengths_k, heads, heads_k, dim, causal = case
