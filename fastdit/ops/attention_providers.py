@@ -1,4 +1,4 @@
-"""Vendor attention providers under the one dispatch (docs/design.md, "Attention providers").
+"""Vendor attention providers under the one dispatch (docs/design.md, "Dispatch": attention providers).
 
 Beside fastdit's ``triton`` kernel, the CPU ``torch`` backend and the ``reference``, the
 ``attention`` and ``varlen_attention`` ops have these backends, each with the same signatures,

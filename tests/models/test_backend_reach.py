@@ -47,6 +47,13 @@ def check_reach(log: list[tuple[str, str]], backend: str, expect_ops) -> None:
             assert name == dispatch.device_choice(op, cpu, torch.float32) != "reference", (op, name)
 
 
+def _forced_where_it_cannot_run(backend: str) -> bool:
+    """``cudnn`` names torch's cuDNN attention as well as the conv: a CPU torch has no cuDNN
+    attention, and a model forced onto it there must say so, not run something else."""
+    impl = dispatch.backends("attention").get(backend)
+    return impl is not None and impl.unavailable is not None
+
+
 def tiny_dit(backend):
     model = DiT(preset("tiny"), backend=backend).eval()
     with torch.no_grad():
@@ -60,6 +67,10 @@ def test_dit_backend_reaches_every_op_forward_and_backward(on_cpu, backend):
     model = tiny_dit(on_cpu)
     latents = [torch.randn(16, 3, 4, 6), torch.randn(16, 1, 4, 4)]
     batch = PackedBatch.from_samples(latents, [10.0, 900.0], [torch.randn(4, 32), torch.randn(6, 32)])
+    if _forced_where_it_cannot_run(backend):
+        with pytest.raises(dispatch.BackendNotSupportedError, match=f"backend '{backend}'.*without CUDA"):
+            model.forward_packed(batch)
+        return
     with dispatch.trace() as log:
         out = model.forward_packed(batch)
         out.square().mean().backward()  # every backward runs the forward's backend (declared together)
@@ -92,6 +103,10 @@ def test_patch_backend_reaches_every_op(on_cpu, backend):
         expect = wan(x, t, text).sample
         fastdit.patch(wan, backend=on_cpu)
         try:
+            if _forced_where_it_cannot_run(backend):
+                with pytest.raises(dispatch.BackendNotSupportedError, match=f"backend '{backend}'.*without CUDA"):
+                    wan(x, t, text)
+                return
             with dispatch.trace() as log:
                 got = wan(x, t, text).sample
         finally:
