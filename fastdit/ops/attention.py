@@ -209,12 +209,22 @@ def _sdpa_forward(q, k, v, scale, causal):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale
         )
-        return out.transpose(1, 2), lse
+        return _nan_query_rows(q, out.transpose(1, 2), lse)
     out = q.new_zeros((batch, len_q, heads, v.shape[-1]))
     lse = q.new_full((batch, heads, len_q), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
     if skip < len_q:
         seen, seen_lse = _sdpa_forward(q[:, skip:], k, v, scale, causal)
         out[:, skip:], lse[:, :, skip:] = seen, seen_lse
+    return out, lse
+
+
+def _nan_query_rows(q, out, lse):
+    """NaN for the rows whose query holds a NaN, as in the reference: torch's CPU kernel (2.13)
+    returns them finite (its running max skips NaN scores), a wrong result without an error."""
+    bad = q.isnan().any(-1)  # (B, L, H)
+    if bad.any():
+        out = out.masked_fill(bad[..., None], float("nan"))
+        lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
     return out, lse
 
 

@@ -449,3 +449,18 @@ def test_auto_runs_a_vendor_provider_on_the_gpu_without_a_policy():
     (pair,) = log
     assert pair[1] in providers.PROVIDERS, log
     assert log.sources[pair] in ("priority",) or log.sources[pair].startswith("policy: ")
+
+
+@pytest.mark.gpu
+def test_vendor_providers_propagate_a_nan_query_row():
+    """A NaN in one query row gives that row NaN (the reference's result) and leaves the others
+    finite. Catches a kernel whose running max skips NaN scores (torch's CPU flash kernel does:
+    fastdit's torch backend restores the NaN) returning a finite, wrong row."""
+    device = torch.device("cuda")
+    q, k, v, cu_q, cu_k = (t.detach().to(device) for t in _packed([64, 80], [64, 80], 4, 4, 64))
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q[70, 2, 5] = float("nan")
+    for name in _available("varlen_attention"):
+        out = ops.varlen_attention(q, k, v, cu_q, cu_k, 80, 80, backend=name)
+        assert out[70, 2].isnan().all(), name
+        assert torch.isfinite(out[:70]).all() and torch.isfinite(out[71:]).all() and torch.isfinite(out[70, :2]).all()

@@ -261,3 +261,46 @@ def test_apply_rotary_emb_bad_input_is_named():
         flash_attn.apply_rotary_emb(packed, cos, cos, seqlen_offsets=torch.tensor([0, 1, 2]), cu_seqlens=cu)
     with pytest.raises(ValueError, match="rotary_dim 10 > head dim 8"):
         flash_attn.apply_rotary_emb(x, torch.ones(9, 5), torch.ones(9, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_varlen_func_at_input_scales_against_float64(backend, scale):
+    """Inputs at 1e-3 (near-uniform softmax), 1 and 1e3 (logits ~1e6: one key takes all), with a
+    non-default softmax_scale. Catches a max not subtracted before exp (overflow at 1e3), an LSE
+    computed in a lower precision than the output needs, or the scale applied twice."""
+    lens = [9, 4, 13]
+    gen = torch.Generator().manual_seed(7)
+    q = (torch.randn(sum(lens), 4, 24, generator=gen) * scale).requires_grad_()
+    k, v = ((torch.randn(sum(lens), 2, 24, generator=gen) * scale).requires_grad_() for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    softmax_scale = 0.11
+    out, lse, _ = flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, 13, 13, softmax_scale=softmax_scale,
+                                                    return_attn_probs=True, backend=backend)  # fmt: skip
+    outs, lses = zip(*(_reference(q[a:b], k[a:b], v[a:b], softmax_scale, False)
+                       for a, b in zip(cu.tolist(), cu.tolist()[1:])))  # fmt: skip
+    want, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
+    assert rel_err(out, want) <= 1e-5 and rel_err(lse, want_lse) <= 1e-5
+    if scale <= 1.0:  # at 1e3 the softmax is one-hot: its gradients are ~0 against rounding noise
+        _check_grads(out, want, [q, k, v], tolerance=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison, where", [(float("nan"), "q"), (float("nan"), "k"), (float("inf"), "v"),
+                                           (float("-inf"), "k")])  # fmt: skip
+def test_varlen_func_nan_and_inf_propagate_as_in_the_reference(backend, poison, where):
+    """One poisoned element in sample 1: its NaN / inf reaches exactly the outputs the float64
+    reference gives non-finite values, and sample 0 stays finite. Catches a kernel that zeroes
+    NaN (a masked max of -inf rows) or lets one sample's NaN leak into another's rows."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(12, 2, 16, generator=gen)
+    k, v = (torch.randn(12, 2, 16, generator=gen) for _ in range(2))
+    target = {"q": q, "k": k, "v": v}[where]
+    target[8, 1, 3] = poison
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    out = flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, backend=backend)
+    want = torch.cat([_reference(q[a:b], k[a:b], v[a:b], 0.25, False)[0] for a, b in ((0, 5), (5, 12))])
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.equal(torch.isinf(out), torch.isinf(want))
+    assert torch.isfinite(out[:5]).all() and not torch.isfinite(want[5:]).all()
+    finite = torch.isfinite(want)
+    assert rel_err(out[finite], want[finite]) <= 1e-5
