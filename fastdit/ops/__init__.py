@@ -14,6 +14,7 @@ from fastdit.ops.gated_residual import gated_residual, gated_residual_modulate
 from fastdit.ops.rms_norm import rms_norm
 from fastdit.ops.rms_norm_silu import rms_norm_silu
 from fastdit.ops.rope3d import rope3d, rope3d_qk
+from fastdit.ops.rotary import rotary, rotary_qk, rotary_tables
 
 __all__ = [
     "BackendNotSupportedError",
@@ -28,6 +29,9 @@ __all__ = [
     "rms_norm_silu",
     "rope3d",
     "rope3d_qk",
+    "rotary",
+    "rotary_qk",
+    "rotary_tables",
     "select_backend",
     "set_priority",
     "varlen_attention",

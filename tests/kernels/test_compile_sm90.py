@@ -22,7 +22,7 @@ compiles = pytest.mark.skipif(interpreting(), reason="run by test_compile_in_sub
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastdit.kernels import attention, modulation, rope3d  # noqa: E402
+from fastdit.kernels import attention, modulation, rope3d, rotary  # noqa: E402
 from fastdit.kernels import causal_conv3d as conv3d  # noqa: E402
 from fastdit.kernels import rms_norm_silu as norm_silu  # noqa: E402
 
@@ -91,6 +91,21 @@ def test_rope3d_kernel_compiles(dtype, interleaved, norm):
     used = resources(compiled)
     # the only stack is the float64 sin/cos call frame; 32 heads at once used to spill 944 bytes
     assert used["stack"] <= 64, used
+
+
+@compiles
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("rest", [0, 32])
+def test_rotary_kernel_compiles(dtype, interleaved, rest):
+    """The table-driven rotation at HunyuanVideo's head (128 features, 24 heads a program at most),
+    with and without pass-through features: no spills."""
+    pointers = {"X": dtype, "OUT": dtype, "COS": "fp32", "SIN": "fp32"}
+    constexprs = dict(SIGN=1, PAIRS=(128 - rest) // 2, DIM=128, BLOCK_P=64, BLOCK_REST=rest, BLOCK_H=32,
+                      INTERLEAVED=interleaved)  # fmt: skip
+    kernel = rotary.rotary_kernel
+    compiled = compile_for_h100(kernel, pointers, {}, constexprs, divisible=strides_and_sizes(kernel))
+    assert resources(compiled)["stack"] == 0
 
 
 @compiles
