@@ -205,16 +205,13 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     if positions.numel() and (int(positions.max()) >= cos.shape[0] or int(positions.min()) < 0):
         raise ValueError(f"fastdit.flash_attn.apply_rotary_emb: positions span {int(positions.min())} to "
                          f"{int(positions.max())}, cos / sin have {cos.shape[0]} rows")  # fmt: skip
-    c, s = cos[positions].float(), sin[positions].float()
-    rot = x[..., : 2 * half].float()
-    if interleaved:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        turned = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-    else:
-        a, b = rot[..., :half], rot[..., half:]
-        turned = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
-    turned = turned.to(x.dtype)
+    # Tables gathered per position (cos / sin get no gradient, as in flash-attn), rotated by the
+    # fused rotary op: features past rotary_dim pass through.
+    rows = positions[..., 0] if cu_seqlens is None else positions[:, 0]  # (1 or B, S), or (total,)
+    if cu_seqlens is None and rows.shape[0] == 1:
+        rows = rows[0]  # one table of S rows, shared by every sample
+    c, s = cos.detach()[rows.reshape(-1)], sin.detach()[rows.reshape(-1)]
+    out = ops.rotary(x, c, s, interleaved=bool(interleaved))
     if inplace:
-        x[..., : 2 * half] = turned
-        return x
-    return torch.cat([turned, x[..., 2 * half :]], dim=-1)
+        return x.copy_(out)
+    return out
