@@ -16,7 +16,7 @@ from fastdit.ops._common import cast, compute_dtype, last_dim_contiguous
 from fastdit.ops._registry import interpreter_fake, register_torch_backend, register_triton_backend, signature, typed
 from fastdit.ops.dispatch import Backend, choose, register_backend
 from fastdit.ops.validation import FLOAT_DTYPES, check_tensor
-from fastdit.reference.rotary import rotary_ref, rotary_tables_ref
+from fastdit.reference.rotary import rotary_ref, rotary_tables_ref, rotate_pairs
 
 _SIGNATURE = signature([("x", torch.Tensor), ("cos", torch.Tensor), ("sin", torch.Tensor), ("interleaved", bool),
                         ("conjugate", bool)], torch.Tensor)  # fmt: skip
@@ -62,19 +62,12 @@ register_backend(Backend("rotary", "reference", rotary_reference, devices=None, 
 def _rotary_torch(x, cos, sin, interleaved, conjugate):
     acc = compute_dtype(x.dtype)
     n, heads, dim = x.shape
-    rows, _, pairs = cos.shape
+    rows = cos.shape[0]
     c, s = cast(cos, acc), cast(sin, acc)
     if conjugate:
         s = -s
-    xf = cast(x, acc).unflatten(0, (n // rows, rows)) if rows else cast(x, acc)[None]
-    if interleaved:
-        a, b = xf[..., 0 : 2 * pairs : 2], xf[..., 1 : 2 * pairs : 2]
-        turned = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-    else:
-        a, b = xf[..., :pairs], xf[..., pairs : 2 * pairs]
-        turned = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
-    out = turned if 2 * pairs == dim else torch.cat([turned, xf[..., 2 * pairs :]], dim=-1)
-    return cast(out.reshape(n, heads, dim), x.dtype)
+    xf = cast(x, acc).unflatten(0, (n // rows, rows)) if rows else cast(x, acc)[None]  # tables broadcast
+    return cast(rotate_pairs(xf, c, s, interleaved).reshape(n, heads, dim), x.dtype)
 
 
 register_torch_backend("rotary", _rotary_torch)

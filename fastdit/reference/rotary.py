@@ -43,11 +43,17 @@ def rotary_ref(
     s = sin.to(acc)[rows].expand(n, heads, pairs)
     if conjugate:
         s = -s
-    xf = x.to(acc)
+    return rotate_pairs(x.to(acc), c, s, interleaved).to(x.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``x (..., D)`` with its first ``2P`` features rotated by ``cos, sin (..., P)`` (broadcast),
+    in x's dtype; the rest of each row passes through."""
+    pairs = cos.shape[-1]
     if interleaved:
-        a, b = xf[..., 0 : 2 * pairs : 2], xf[..., 1 : 2 * pairs : 2]
-        turned = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+        a, b = x[..., 0 : 2 * pairs : 2], x[..., 1 : 2 * pairs : 2]
+        turned = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
     else:
-        a, b = xf[..., :pairs], xf[..., pairs : 2 * pairs]
-        turned = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
-    return torch.cat([turned, xf[..., 2 * pairs :]], dim=-1).to(x.dtype)
+        a, b = x[..., :pairs], x[..., pairs : 2 * pairs]
+        turned = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return turned if 2 * pairs == x.shape[-1] else torch.cat([turned, x[..., 2 * pairs :]], dim=-1)

@@ -136,9 +136,20 @@ def _fake_flash_attn(version: str):
         assert dropout_p == 0.0 and tuple(window) == (-1, -1) and softcap == 0.0 and alibi_slopes is None
         assert deterministic is False
 
-    def write(grads, dq, dk, dv):
+    def varlen_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+        assert not torch.isneginf(softmax_lse).any()
+        grads = varlen_attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), cu_seqlens_q,
+                                         cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)  # fmt: skip
         for target, grad in zip((dq, dk, dv), grads):
             target.copy_(grad)
+        calls.append("varlen_bwd")
+
+    def dense_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal):
+        grads = attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), softmax_scale=softmax_scale,
+                                  causal=causal)  # fmt: skip
+        for target, grad in zip((dq, dk, dv), grads):
+            target.copy_(grad)
+        calls.append("dense_bwd")
 
     if version == "2.6":
 
@@ -146,18 +157,12 @@ def _fake_flash_attn(version: str):
                                         max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                         softcap, alibi_slopes, deterministic, rng_state=None):  # fmt: skip
             check_options(dropout_p, window_size, softcap, alibi_slopes, deterministic)
-            assert not torch.isneginf(softmax_lse).any()
-            grads = varlen_attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), cu_seqlens_q,
-                                             cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)  # fmt: skip
-            write(grads, dq, dk, dv)
-            calls.append("varlen_bwd")
+            varlen_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 
         def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                                  window_size, softcap, alibi_slopes, deterministic, rng_state=None):  # fmt: skip
             check_options(dropout_p, window_size, softcap, alibi_slopes, deterministic)
-            write(attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), softmax_scale=softmax_scale,
-                                    causal=causal), dq, dk, dv)  # fmt: skip
-            calls.append("dense_bwd")
+            dense_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
     else:
 
         def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
@@ -165,19 +170,13 @@ def _fake_flash_attn(version: str):
                                         window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                                         rng_state=None, zero_tensors=False):  # fmt: skip
             check_options(dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes, deterministic)
-            assert not torch.isneginf(softmax_lse).any()
-            grads = varlen_attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), cu_seqlens_q,
-                                             cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)  # fmt: skip
-            write(grads, dq, dk, dv)
-            calls.append("varlen_bwd")
+            varlen_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 
         def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                                  window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                                  rng_state=None):  # fmt: skip
             check_options(dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes, deterministic)
-            write(attention_bwd_ref(dout, q, k, v, out, _from_flash_lse(softmax_lse), softmax_scale=softmax_scale,
-                                    causal=causal), dq, dk, dv)  # fmt: skip
-            calls.append("dense_bwd")
+            dense_grads(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
 
     for fn in (flash_attn_varlen_func, flash_attn_func, _flash_attn_varlen_backward, _flash_attn_backward):
         setattr(module, fn.__name__, fn)
