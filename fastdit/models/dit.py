@@ -217,11 +217,14 @@ class DiT(nn.Module):
         return cls(preset(name), backend=backend)
 
     @classmethod
-    def from_diffusers(cls, source, *, config: DiTConfig | None = None, backend: str | None = None) -> "DiT":
-        """Load Wan 2.1 weights in diffusers format; see :func:`fastdit.models.weights.load_diffusers_dit`."""
+    def from_diffusers(cls, source, *, config: DiTConfig | None = None, backend: str | None = None,
+                       dtype: torch.dtype | None = None, device=None) -> "DiT":  # fmt: skip
+        """Load Wan 2.1 weights in diffusers format, in place (built on the meta device, each
+        weight read into its own storage in ``dtype`` on ``device``); see
+        :func:`fastdit.models.weights.load_diffusers_dit`."""
         from fastdit.models.weights import load_diffusers_dit
 
-        return load_diffusers_dit(cls, source, config=config, backend=backend)
+        return load_diffusers_dit(cls, source, config=config, backend=backend, dtype=dtype, device=device)
 
     def load_lora(self, source, scale: float = 1.0, name: str | None = None) -> str:
         """Fuse a LoRA into the weights (no step-time cost); returns its name for :meth:`unload_lora`.

@@ -55,6 +55,92 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise WeightLoadError(f"{path}: not a valid safetensors file ({err})") from err
 
 
+# safetensors' dtype names (the format's spec) -> torch dtypes
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class TensorEntry:
+    """One tensor of a safetensors file, not read yet: its file, dtype, shape and byte range."""
+
+    __slots__ = ("path", "name", "dtype", "shape", "start", "end")
+
+    def __init__(self, path, name, dtype, shape, start, end):
+        self.path, self.name, self.dtype, self.shape, self.start, self.end = path, name, dtype, shape, start, end
+
+    def meta(self) -> torch.Tensor:
+        """A meta tensor of this shape and dtype: what config inference and the shape check read."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+def safetensors_entries(path: str) -> dict[str, TensorEntry]:
+    """The tensors a ``.safetensors`` file holds, from its header alone (no tensor is read): the
+    same refusals as :func:`read_safetensors`, plus any entry whose byte range is outside the
+    file, overlaps another or does not hold its shape x dtype."""
+    if not os.path.isfile(path):
+        raise WeightLoadError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = f.read(9)
+        head = start[:8]
+        if start[8:9] != b"{" and head.startswith(_PICKLE_MAGICS):
+            read_safetensors(path)  # raises the pickle message
+        if size < 8:
+            raise WeightLoadError(f"{path}: {size} bytes is too short for a safetensors file (an 8-byte header length)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise WeightLoadError(f"{path}: its header claims {header_len} bytes but the file has {size}: truncated "
+                                  "or not a safetensors file")  # fmt: skip
+        f.seek(8)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightLoadError(f"{path}: not a valid safetensors file (header: {err})") from err
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
+    data_start, entries, ranges = 8 + header_len, {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise WeightLoadError(f"{path}: not a valid safetensors file (tensor {name!r}: {err!r})") from err
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes or data_start + end > size:
+            raise WeightLoadError(f"{path}: not a valid safetensors file (tensor {name!r}, {info.get('dtype')} "
+                                  f"{list(shape)}, claims bytes [{begin}, {end}) of a {size - data_start}-byte data "
+                                  "section)")  # fmt: skip
+        entries[name] = TensorEntry(path, name, dtype, shape, data_start + begin, data_start + end)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            raise WeightLoadError(f"{path}: not a valid safetensors file (tensors {a!r} and {b!r} overlap)")
+    return entries
+
+
+def read_entry(f, entry: TensorEntry, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """``entry``'s tensor read from the open file ``f`` straight into its own storage (no
+    memory map, no second copy), then cast to ``dtype`` / moved to ``device`` if given: the host
+    holds at most this one tensor twice while it converts."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    if out.numel():
+        f.seek(entry.start)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if f.readinto(view) != entry.end - entry.start:
+            raise WeightLoadError(f"{entry.path}: tensor {entry.name!r} is cut short (the file changed while read?)")
+    return out.to(device=device, dtype=dtype) if (dtype or device) is not None else out
+
+
 def read_json(path: str) -> dict:
     """A JSON object from ``path``, or a :class:`WeightLoadError` naming the file and the problem."""
     try:
@@ -172,9 +258,7 @@ def convert_diffusers_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[d
         if new is None:
             unknown.append(key)
             continue
-        if new == "patch_embed.weight" and value.dim() == 5:
-            value = value.reshape(value.shape[0], -1)  # Conv3d(kernel = stride = patch) -> Linear
-        converted[new] = value
+        converted[new] = _fit(new, value)
     return converted, unknown
 
 
@@ -262,7 +346,9 @@ def _infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
     )
 
 
-def _read_directory(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_directory(path: str) -> tuple[dict[str, TensorEntry], dict | None]:
+    """The tensors of a diffusers model directory (single file or sharded index) as header
+    entries, not read yet, and its config.json (None when absent)."""
     config = None
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
@@ -273,51 +359,108 @@ def _read_directory(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightLoadError(f"{index}: needs a non-empty 'weight_map' object (tensor name -> shard file)")
-        state_dict = {}
+        entries = {}
         for shard in sorted({shard_path(path, name, index) for name in weight_map.values()}):
-            state_dict.update(read_safetensors(shard))
-        return state_dict, config
+            for name, entry in safetensors_entries(shard).items():
+                if name in entries:
+                    raise WeightLoadError(f"{index}: tensor {name!r} is in two shards ({entries[name].path}, {shard})")
+                entries[name] = entry
+        return entries, config
     if os.path.exists(single):
-        return read_safetensors(single), config
+        return safetensors_entries(single), config
     raise WeightLoadError(
         f"{path} has neither diffusion_pytorch_model.safetensors nor its .index.json "
         "(only safetensors are loaded, never pickled .bin files)"
     )
 
 
-def load_diffusers_dit(cls, source, *, config: DiTConfig | None = None, backend: str | None = None):
-    """Build ``cls`` (a DiT) from diffusers-format weights; raises WeightLoadError on any mismatch."""
+def _checkpoint_dtype(tensors: dict) -> torch.dtype:
+    """The dtype a checkpoint is loaded in by default: its floating dtype holding the most bytes."""
+    totals: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.dtype.is_floating_point:
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
+def _fit(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A renamed checkpoint tensor in the module's shape (the patch Conv3d, kernel = stride =
+    patch, as a Linear)."""
+    if name == "patch_embed.weight" and value.dim() == 5:
+        return value.reshape(value.shape[0], -1)
+    return value
+
+
+def load_diffusers_dit(cls, source, *, config: DiTConfig | None = None, backend: str | None = None,
+                       dtype: torch.dtype | None = None, device=None):  # fmt: skip
+    """Build ``cls`` (a DiT) from diffusers-format weights, in place; raises WeightLoadError on
+    any mismatch before a weight is read.
+
+    The model is built on the meta device and every parameter is the checkpoint's tensor itself,
+    read from disk straight into its storage one at a time (files) or copied from the given
+    tensors (a module or state dict), cast to ``dtype`` (default: the checkpoint's floating dtype
+    with the most bytes) and placed on ``device`` (default CPU). No random initialisation, no
+    float32 copy: host memory peaks at the model's bytes plus one tensor being converted.
+    """
+    entries: dict | None = None  # file sources: header entries, read later
     diffusers_config = None
     if isinstance(source, torch.nn.Module):
         diffusers_config = dict(getattr(source, "config", {}) or {})
-        state_dict = source.state_dict()
+        tensors = source.state_dict()
     elif isinstance(source, dict):
-        state_dict = source
+        tensors = source
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            state_dict, diffusers_config = _read_directory(path)
+            entries, diffusers_config = _read_directory(path)
         elif path.endswith(".safetensors"):
-            state_dict = read_safetensors(path)
+            entries = safetensors_entries(path)
         else:
             raise WeightLoadError(f"{path} is neither a diffusers model directory nor a .safetensors file")
+        tensors = {name: entry.meta() for name, entry in entries.items()}
     else:
         raise TypeError(f"source must be a module, a state dict or a path, got {type(source).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
 
     if config is None:
-        config = config_from_diffusers(diffusers_config) if diffusers_config else _infer_config(state_dict)
-    if not state_dict:
+        config = config_from_diffusers(diffusers_config) if diffusers_config else _infer_config(tensors)
+    if not tensors:
         raise WeightLoadError("the checkpoint holds no tensors")
-    converted, unknown = convert_diffusers_state_dict(state_dict)
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    converted, unknown = convert_diffusers_state_dict(tensors)
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
     if len(blocks) != config.num_layers:  # before building: a config's num_layers of 1e9 builds nothing
         raise WeightLoadError(
             f"the config says num_layers={config.num_layers}; the checkpoint has {len(blocks)} blocks"
         )
     with torch.device("meta"):  # every shape compared before a byte is allocated (huge dims included)
-        expected = {k: v.shape for k, v in cls(config, backend=backend).state_dict().items()}
-    shapes_must_match("checkpoint does not match the DiT config", expected, converted, unknown)
-    dtype = next(iter(converted.values())).dtype
-    model = cls(config, backend=backend)
-    model.load_state_dict(converted, strict=True)
-    return model.to(dtype)
+        model = cls(config, backend=backend)
+    shapes_must_match("checkpoint does not match the DiT config", {k: v.shape for k, v in model.state_dict().items()},
+                      converted, unknown)  # fmt: skip
+    dtype = dtype or _checkpoint_dtype(tensors)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if entries is None:  # tensors in memory: copied, so the model never shares storage with the source
+        parts = [{name: value.to(device=device, dtype=dtype, copy=True) for name, value in converted.items()}]
+        model.load_state_dict(parts[0], strict=True, assign=True)
+    else:
+        _assign_from_files(model, entries, dtype, device)
+    left = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if left:
+        raise WeightLoadError(f"the checkpoint left {len(left)} tensors unloaded: {left[:20]}")
+    return model
+
+
+def _assign_from_files(model, entries: dict[str, TensorEntry], dtype, device) -> None:
+    """Read every entry (shard by shard, in file order) into the meta-built model's parameters."""
+    by_file: dict[str, list[TensorEntry]] = {}
+    for entry in entries.values():
+        by_file.setdefault(entry.path, []).append(entry)
+    for path, shard in sorted(by_file.items()):
+        with open(path, "rb") as f:
+            for entry in sorted(shard, key=lambda e: e.start):
+                name = diffusers_key_to_fastdit(entry.name)
+                module_name, _, leaf = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                old = getattr(module, leaf)
+                setattr(module, leaf, torch.nn.Parameter(_fit(name, read_entry(f, entry, dtype, device)),
+                                                         requires_grad=old.requires_grad))  # fmt: skip

@@ -314,9 +314,10 @@ def _offload_experts(choice: str, device: torch.device, dit, dit_2, dtype: torch
     if device.type != "cuda":
         return False
     size = torch.finfo(dtype).bits // 8
-    weights = sum(p.numel() for m in (dit, dit_2) for p in m.parameters()) * size
+    per_model = [sum(p.numel() for p in m.parameters()) * size for m in (dit, dit_2)]
+    resident = sum(n for m, n in zip((dit, dit_2), per_model) if next(m.parameters()).is_cuda)  # loaded there
     free, _ = torch.cuda.mem_get_info(device)
-    return weights > 0.75 * free
+    return sum(per_model) > 0.75 * (free + resident)
 
 
 def _vae_spatial(args) -> int:
@@ -495,14 +496,15 @@ def run(args) -> dict:
         timings["encode_image"] = time.perf_counter() - start
     start = time.perf_counter()
     if args.weights:
-        dit = DiT.from_diffusers(os.path.join(args.weights, "transformer"))
+        # in place, in the run's dtype, straight onto the device: no fp32 (or second) copy on the host
+        dit = DiT.from_diffusers(os.path.join(args.weights, "transformer"), dtype=dtype, device=device)
         vae = CausalVAE.from_diffusers(os.path.join(args.weights, "vae"))
     else:
         torch.manual_seed(args.seed)
         dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
     dit_2 = None
     if plan.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert
-        dit_2 = DiT.from_diffusers(os.path.join(args.weights, "transformer_2")).to(dtype).eval()
+        dit_2 = DiT.from_diffusers(os.path.join(args.weights, "transformer_2"), dtype=dtype).eval()  # host first
     offload = dit_2 is not None and _offload_experts(args.offload_experts, device, dit, dit_2, dtype)
     # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
