@@ -7,9 +7,11 @@ state dict, a ``.safetensors`` file, or a diffusers model directory (``config.js
 pickle is ever loaded.
 """
 
+import functools
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors import SafetensorError
@@ -61,6 +63,9 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+
+
+READ_THREADS = 4  # concurrent tensor reads while loading a checkpoint
 
 
 class TensorEntry:
@@ -128,16 +133,18 @@ def safetensors_entries(path: str) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_entry(f, entry: TensorEntry, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-    """``entry``'s tensor read from the open file ``f`` straight into its own storage (no
-    memory map, no second copy), then cast to ``dtype`` / moved to ``device`` if given: the host
-    holds at most this one tensor twice while it converts."""
+def read_entry(fd: int, entry: TensorEntry, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """``entry``'s tensor read from the file descriptor ``fd`` (positional reads: threads may
+    share it) straight into its own storage (no memory map, no second copy), then cast to
+    ``dtype`` / moved to ``device`` if given: the host holds this one tensor twice at most while
+    it converts."""
     out = torch.empty(entry.shape, dtype=entry.dtype)
-    if out.numel():
-        f.seek(entry.start)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        if f.readinto(view) != entry.end - entry.start:
+    view, offset = memoryview(out.view(-1).view(torch.uint8).numpy()), entry.start
+    while len(view):
+        count = os.preadv(fd, [view], offset)
+        if count <= 0:
             raise WeightLoadError(f"{entry.path}: tensor {entry.name!r} is cut short (the file changed while read?)")
+        view, offset = view[count:], offset + count
     return out.to(device=device, dtype=dtype) if (dtype or device) is not None else out
 
 
@@ -456,11 +463,16 @@ def _assign_from_files(model, entries: dict[str, TensorEntry], dtype, device) ->
     for entry in entries.values():
         by_file.setdefault(entry.path, []).append(entry)
     for path, shard in sorted(by_file.items()):
-        with open(path, "rb") as f:
-            for entry in sorted(shard, key=lambda e: e.start):
-                name = diffusers_key_to_fastdit(entry.name)
-                module_name, _, leaf = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                old = getattr(module, leaf)
-                setattr(module, leaf, torch.nn.Parameter(_fit(name, read_entry(f, entry, dtype, device)),
-                                                         requires_grad=old.requires_grad))  # fmt: skip
+        fd = os.open(path, os.O_RDONLY)
+        try:  # reads release the GIL: a few threads keep the disk (or page cache copy) busy
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                shard = sorted(shard, key=lambda e: e.start)
+                read = functools.partial(read_entry, fd, dtype=dtype, device=device)
+                for entry, value in zip(shard, pool.map(read, shard)):
+                    name = diffusers_key_to_fastdit(entry.name)
+                    module_name, _, leaf = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    old = getattr(module, leaf)
+                    setattr(module, leaf, torch.nn.Parameter(_fit(name, value), requires_grad=old.requires_grad))
+        finally:
+            os.close(fd)
