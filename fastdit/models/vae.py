@@ -556,23 +556,34 @@ class CausalVAE(nn.Module):
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         height, width = z.shape[-2:]
-        if self.config.patch_size != 1:
-            ratio = self.config.spatial_ratio
-            if tiling is not None and (height > tiling.min_height // ratio or width > tiling.min_width // ratio):
-                raise NotImplementedError("tiled encode / decode of the Wan 2.2 (patchified) VAE is not written yet")
-            video = unpatchify(self._decode_frames(z, chunk_frames), self.config.patch_size)
-            return video.clamp_(-1.0, 1.0).contiguous()
-        if tiling is not None and (height > tiling.min_height // 8 or width > tiling.min_width // 8):
-            video = _tiled(
-                lambda tile: self._decode_frames(tile, chunk_frames), z,
-                (tiling.min_height // 8, tiling.min_width // 8), (tiling.stride_height // 8, tiling.stride_width // 8),
-                8, (height * 8, width * 8),
-            )  # fmt: skip
+        tile_in, stride_in, scale = self.decode_tiles(tiling) if tiling is not None else (None, None, None)
+        if tiling is not None and (height > tile_in[0] or width > tile_in[1]):
+            video = _tiled(lambda tile: self.decode_patchified(tile, chunk_frames), z, tile_in, stride_in, scale,
+                           (height * scale, width * scale))  # fmt: skip
         else:
-            video = self._decode_frames(z, chunk_frames)
+            video = self.decode_patchified(z, chunk_frames)
+        if self.config.patch_size != 1:  # Wan 2.2: tiles blend in the patchified picture, as diffusers' do
+            video = unpatchify(video, self.config.patch_size)
         return video.clamp_(-1.0, 1.0).contiguous()
 
-    def _decode_frames(self, z: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    def decode_tiles(self, tiling: SpatialTiling) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """``(tile, stride)`` of ``tiling`` in latent rows and columns, and the decoder's scale from
+        a latent row to a row of :meth:`decode_patchified`'s output (8 for Wan 2.1 and 2.2: 2.2's
+        16 pixels per latent row are 8 rows of 2x2 patches). Tiles must be whole latent rows."""
+        ratio = self.config.spatial_ratio
+        sizes = (tiling.min_height, tiling.min_width, tiling.stride_height, tiling.stride_width)
+        if any(size % ratio for size in sizes):
+            raise ValueError(f"tiles of this VAE must be multiples of its {ratio} pixels per latent, got {tiling}")
+        return (
+            (sizes[0] // ratio, sizes[1] // ratio),
+            (sizes[2] // ratio, sizes[3] // ratio),
+            ratio // self.config.patch_size,
+        )
+
+    def decode_patchified(self, z: torch.Tensor, chunk_frames: int = 1) -> torch.Tensor:
+        """The decoder's output for latent ``z`` before Wan 2.2's unpatchify and the clamp:
+        ``(B, config.pixel_channels, 1 + 4 (T - 1), 8 H, 8 W)`` (what tiles are blended in).
+        Decodes the first latent frame alone, then ``chunk_frames`` at a time."""
         x = self.post_quant_conv(self._channels_last(z))
         stream = StreamCache()
         bounds = [0, 1, *range(1 + chunk_frames, x.shape[2], chunk_frames), x.shape[2]]

@@ -583,24 +583,23 @@ def parallel_vae_decode(vae, z: torch.Tensor, tiling=None, group=None, chunk_fra
     rank passes the same ``z``. ``tiling`` defaults to ``SpatialTiling()``; a latent no larger
     than one tile is decoded whole on every rank.
     """
-    from fastdit.models.vae import SpatialTiling, blend_tiles, tile_starts
+    from fastdit.models.vae import SpatialTiling, blend_tiles, tile_starts, unpatchify
 
     tiling = tiling or SpatialTiling()
     height, width = z.shape[-2:]
-    tile_in = (tiling.min_height // 8, tiling.min_width // 8)
-    stride_in = (tiling.stride_height // 8, tiling.stride_width // 8)
+    tile_in, stride_in, scale = vae.decode_tiles(tiling)  # every size from the VAE's own config
     if height <= tile_in[0] and width <= tile_in[1]:
         return vae.decode(z, chunk_frames=chunk_frames)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     tops, lefts = tile_starts(height, width, stride_in)
     tiles = [(i, j) for i in tops for j in lefts]
     frames = 1 + 4 * (z.shape[2] - 1)
-    full = (8 * min(tile_in[0], height), 8 * min(tile_in[1], width))
+    full = (scale * min(tile_in[0], height), scale * min(tile_in[1], width))
     per_rank = -(-len(tiles) // world)
-    send = z.new_zeros((per_rank, z.shape[0], 3, frames, *full))
+    send = z.new_zeros((per_rank, z.shape[0], vae.config.pixel_channels, frames, *full))
     for slot, n in enumerate(range(rank, len(tiles), world)):
         i, j = tiles[n]
-        tile = vae._decode_frames(z[..., i : i + tile_in[0], j : j + tile_in[1]], chunk_frames)
+        tile = vae.decode_patchified(z[..., i : i + tile_in[0], j : j + tile_in[1]], chunk_frames)
         send[slot, ..., : tile.shape[-2], : tile.shape[-1]] = tile
     gathered = [torch.empty_like(send) for _ in range(world)]
     dist.all_gather(gathered, send, group=group)
@@ -609,9 +608,11 @@ def parallel_vae_decode(vae, z: torch.Tensor, tiling=None, group=None, chunk_fra
         row = []
         for j in lefts:
             n = tiles.index((i, j))
-            h, w = 8 * min(tile_in[0], height - i), 8 * min(tile_in[1], width - j)
+            h, w = scale * min(tile_in[0], height - i), scale * min(tile_in[1], width - j)
             row.append(gathered[n % world][n // world][..., :h, :w])
         rows.append(row)
-    video = blend_tiles(rows, (8 * tile_in[0], 8 * tile_in[1]), (8 * stride_in[0], 8 * stride_in[1]),
-                        (8 * height, 8 * width))  # fmt: skip
+    video = blend_tiles(rows, (scale * tile_in[0], scale * tile_in[1]), (scale * stride_in[0], scale * stride_in[1]),
+                        (scale * height, scale * width))  # fmt: skip
+    if vae.config.patch_size != 1:
+        video = unpatchify(video, vae.config.patch_size)
     return video.clamp_(-1.0, 1.0).contiguous()

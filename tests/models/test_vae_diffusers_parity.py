@@ -116,3 +116,36 @@ def test_wan22_vae_refuses_what_it_does_not_run():
         vae.encode(torch.zeros(1, 3, 1, 32, 288), tiling=SpatialTiling())
     with pytest.raises(ValueError, match="fastdit runs RGB videos"):
         CausalVAE.from_diffusers(make_wan(**{**WAN22, "in_channels": 16}))
+
+
+@pytest.mark.parametrize("height, width", [(3, 5), (4, 4)])
+def test_wan22_tiled_decode_matches_diffusers(height, width):
+    """Wan 2.2's VAE tiles in its patchified picture (16 pixels per latent, 8 rows of 2x2 patches)
+    and unpatchifies after blending, as diffusers' tiled_decode: catches tiles cut at 8 pixels per
+    latent (Wan 2.1's), seams blended after unpatchify, or the 12-channel output taken for RGB."""
+    from fastdit.models.vae import SpatialTiling
+
+    wan = make_wan(**WAN22)
+    wan.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
+                      tile_sample_stride_width=16)  # fmt: skip
+    vae = CausalVAE.from_diffusers(wan).eval()
+    tiling = SpatialTiling(min_height=32, min_width=32, stride_height=16, stride_width=16)
+    z = torch.randn(1, 12, 2, height, width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = wan.decode(z).sample
+        got = vae.decode(z, tiling=tiling)
+        untiled = vae.decode(z)
+    assert got.shape == expect.shape == (1, 3, 5, 16 * height, 16 * width)
+    assert rel_err(got, expect) <= 1e-5
+    assert rel_err(got, untiled) > 1e-4  # the tiles did blend
+
+
+@pytest.mark.bad_input
+def test_wan22_tiles_must_be_whole_latents():
+    """Catches a tile of 24 pixels (1.5 latents of Wan 2.2) silently rounded down."""
+    from fastdit.models.vae import SpatialTiling
+
+    vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
+    with pytest.raises(ValueError, match="multiples of its 16 pixels per latent"):
+        vae.decode(torch.zeros(1, 12, 1, 4, 4), tiling=SpatialTiling(min_height=32, min_width=32, stride_height=24,
+                                                                      stride_width=16))  # fmt: skip

@@ -427,9 +427,34 @@ def _vae_split(rank, world):
     return "ok"
 
 
+def _vae22_split(rank, world):
+    """Wan 2.2's VAE (16 pixels per latent, 12 patchified channels) over the ranks."""
+    from fastdit.models.vae import CausalVAE, SpatialTiling
+    from fastdit.runtime.parallel import parallel_vae_decode
+    from tests.models.test_vae_diffusers_parity import WAN22, make_wan
+
+    vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
+    tiling = SpatialTiling(min_height=32, min_width=32, stride_height=16, stride_width=16)
+    z = torch.randn(1, 12, 2, 3, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expect = vae.decode(z, tiling=tiling)
+        got = parallel_vae_decode(vae, z, tiling)
+    assert got.shape == expect.shape == (1, 3, 5, 48, 80)
+    assert torch.equal(got, expect), (got - expect).abs().max()
+    return "ok"
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_vae_decode_split_over_ranks_equals_the_tiled_decode(ranks, world):
     assert ranks(world).run("vae_split", world) == ["ok"] * world
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_wan22_vae_decode_split_over_ranks_equals_the_tiled_decode(ranks, world):
+    """Catches the 8x / 3-channel assumptions of Wan 2.1 in the split decode (a Wan 2.2 latent
+    failed with ``expanded size (3) must match (12)``)."""
+    pytest.importorskip("diffusers", reason="the Wan 2.2 VAE is built from diffusers' AutoencoderKLWan here")
+    assert ranks(world).run("vae22_split", world) == ["ok"] * world
 
 
 def _timed_steps(rank):
@@ -462,4 +487,10 @@ def test_sp_scaling_ranks_time_the_same_number_of_steps(ranks):
     assert 10 <= ms0 < 100 and 10 <= ms1 < 100  # the median step, not the first (late) one
 
 
-SCENARIOS = {"parity": _parity, "mismatch": _mismatch, "vae_split": _vae_split, "timed_steps": _timed_steps}
+SCENARIOS = {
+    "parity": _parity,
+    "mismatch": _mismatch,
+    "vae_split": _vae_split,
+    "vae22_split": _vae22_split,
+    "timed_steps": _timed_steps,
+}
