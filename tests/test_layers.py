@@ -58,3 +58,35 @@ def test_kernels_know_nothing_of_ops_models_or_settings(path):
     banned = ("fastdit.ops", "fastdit.models", "fastdit.settings", "fastdit.runtime", "fastdit.integrations")
     assert not {n for n in imports(path) if n.startswith(banned) or n == "fastdit.settings"}
     assert "os.environ" not in path.read_text(encoding="utf-8") or path.name == "launch.py"
+
+
+def _private_names(folder: str) -> set[str]:
+    """Names a package keeps to itself: its functions, classes and attributes starting with one ``_``."""
+    names = set()
+    for path in modules(folder):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+OUTSIDE_MODELS = [p for p in sorted(ROOT.glob("fastdit/**/*.py")) if "models" not in p.parts] + modules("benchmarks")
+
+
+@pytest.mark.parametrize("path", OUTSIDE_MODELS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_outside_the_models_uses_their_private_names(path):
+    """The runtime, export, integrations and benchmarks call models through documented methods
+    (``forward_validated``, ``attention_hook``, ``decode_patchified``, ...), never a ``_private``
+    one: a model's internals can then change without breaking them. ``self._x`` (the caller's own
+    attribute of the same name) is not a use."""
+    private = _private_names("fastdit/models")
+    used = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                used.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastdit.models"):
+            used += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not used, used

@@ -8,6 +8,7 @@ every op on the plain-PyTorch reference and is the parity oracle for the fast ba
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +79,8 @@ class Attention(nn.Module):
             self.add_k = nn.Linear(config.added_kv_proj_dim, hidden)
             self.add_v = nn.Linear(config.added_kv_proj_dim, hidden)
             self.add_k_norm = nn.Parameter(torch.ones(hidden))
-        # Self-attention over a sequence sharded across ranks (fastdit.runtime.parallel sets it):
-        # fn(q, k, v, batch, backend) -> out, q / k / v being this rank's tokens, all heads; None when
-        # called outside a sequence-parallel step (the model used on its own runs plain attention).
+        # Self-attention routed elsewhere while DiT.attention_hook(fn) is active (a sequence-parallel
+        # step): fn(q, k, v, batch, backend) -> out, or None for plain attention.
         self.sequence_parallel = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,13 +293,13 @@ class DiT(nn.Module):
         checks (no host sync per layer); under torch.compile no value check runs at all.
         """
         if torch.compiler.is_compiling():
-            return self._forward_packed(batch, text_kv)
+            return self.forward_validated(batch, text_kv)
         batch.validate()
         self.check_batch(batch)
         if text_kv is not None and len(text_kv) != len(self.blocks):
             raise ValueError(f"text_kv has {len(text_kv)} entries; the model has {len(self.blocks)} blocks")
         with values_checked():
-            return self._forward_packed(batch, text_kv)
+            return self.forward_validated(batch, text_kv)
 
     def check_batch(self, batch: PackedBatch) -> None:
         """A ``ValueError`` naming the field when a (validated) batch does not fit this model."""
@@ -331,7 +331,27 @@ class DiT(nn.Module):
                 f"got {tuple(image.shape)}"
             )
 
-    def _forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
+    @contextmanager
+    def attention_hook(self, fn):
+        """Route every block's self-attention through ``fn(q, k, v, batch, backend) -> out | None``
+        inside the block (q / k / v: this call's tokens, all heads; None from fn: plain attention),
+        and remove it on leaving, whatever happened: how a sequence-parallel wrapper runs its own
+        attention without owning the model's modules. Hooks do not nest."""
+        blocks = [block.self_attn for block in self.blocks]
+        if any(attn.sequence_parallel is not None for attn in blocks):
+            raise RuntimeError("an attention hook is already installed on this DiT (hooks do not nest)")
+        for attn in blocks:
+            attn.sequence_parallel = fn
+        try:
+            yield self
+        finally:
+            for attn in blocks:
+                attn.sequence_parallel = None
+
+    def forward_validated(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
+        """:meth:`forward_packed` without its checks: for callers that validated ``batch``
+        (``batch.validate()``, :meth:`check_batch`) and run it under ``values_checked()`` (a
+        sequence-parallel step on its local shard, a CUDA graph capture, which must not sync)."""
         x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
         temb, mod = self.embed_conditions(batch.timestep)
         if text_kv is None:

@@ -70,11 +70,11 @@ class GraphedDiT:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad(), values_checked():
             for _ in range(self.warmup):
-                self.model._forward_packed(static, text_kv)
+                self.model.forward_validated(static, text_kv)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), values_checked(), torch.cuda.graph(graph):
-            out = self.model._forward_packed(static, text_kv)
+            out = self.model.forward_validated(static, text_kv)
         self.captures += 1
         return graph, static, out
 

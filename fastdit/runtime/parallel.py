@@ -382,8 +382,6 @@ class SequenceParallelDiT(torch.nn.Module):
                     dist.new_group(ranks, timeout=group_timeout(group)) if layout.ulysses > 1 else None
                 )
         self._step = None
-        for block in model.blocks:
-            block.self_attn.sequence_parallel = self._attention
 
     def forward(self, latents, timestep: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
         """``sp(batch)``: :meth:`forward_packed`; ``sp(latents, timestep, text)``: ``DiT.forward``'s
@@ -416,9 +414,9 @@ class SequenceParallelDiT(torch.nn.Module):
             )
         local, _ = local_batch(batch, cu, cu_text, *plan.sub[layout.coords])
         self._step = plan
-        try:
-            with values_checked():
-                out = self.model._forward_packed(local)
+        try:  # the hook lives for this call only: the model on its own runs plain attention
+            with values_checked(), self.model.attention_hook(self._attention):
+                out = self.model.forward_validated(local)
         finally:
             self._step = None
         return _GatherTokens.apply(out, counts, layout.rank, self.group)
@@ -527,7 +525,7 @@ def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, 
     Returns:
         A module whose ``forward_packed(batch)`` every rank calls with the same batch, returning
         the whole packed output on every rank. The model's self-attention is re-routed in place
-        (``block.self_attn.sequence_parallel``); weights are shared, not copied.
+        (through ``DiT.attention_hook`` during each call); weights are shared, not copied.
 
     Raises on every rank (never hangs) when the ranks disagree on the degrees or the model.
     """
