@@ -154,9 +154,9 @@ def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     return f"; did you mean {' / '.join(close)}?" if close else ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fastdit.benchmarks.suite import SUITE
-
+def build_parser(bench: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``bench=False`` leaves out the benchmark suites' flags (and their
+    imports), which only ``fastdit bench`` needs."""
     parser = _Parser(prog="fastdit", description="fastdit: fast kernels and runtime for video diffusion transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.set_defaults(_subcommands=sub.choices)
@@ -169,11 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     from fastdit.export import cli as export_cli
 
     export_cli.add_arguments(sub.add_parser("export", help="export ONNX graphs and TensorRT engines"))
-    bench = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
+    bench_parser = sub.add_parser("bench", help="run benchmarks; results as JSON + PNG under --out")
+    if bench:
+        _add_bench_arguments(bench_parser)
+    return parser
+
+
+def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from fastdit.benchmarks.harness import default_out_dir
+    from fastdit.benchmarks.suite import SUITE
+
     bench.add_argument("--suite", default="all", choices=["all", *SUITE], help="which benchmark to run")
     bench.add_argument("--quick", action="store_true", help="smaller shapes and ceilings, for smoke runs")
-    from fastdit.benchmarks.harness import default_out_dir
-
     bench.add_argument("--out", default=default_out_dir(), help="directory for the JSON and PNG results")
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     bench.add_argument(
@@ -183,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     for module in SUITE.values():
         module.add_arguments(bench)
-    return parser
 
 
 def main(argv=None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `fastdit generate` / `info` / `export` import nothing of the benchmark suites
+    args, extra = build_parser(bench=bool(argv) and argv[0] == "bench").parse_known_args(argv)
     commands = vars(args).pop("_subcommands")
     if extra:  # said by the sub-command, whose flags the suggestion comes from
         commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")

@@ -252,3 +252,20 @@ def test_bench_writes_outside_the_checkout_by_default_and_names_a_missing_matplo
     assert "no PNG plots: matplotlib is not installed" in capsys.readouterr().err
     assert (tmp_path / "cache" / "fastdit" / "bench" / "dit_step_cpu.json").exists()
     assert harness.matplotlib_missing() is not None
+
+
+def test_commands_other_than_bench_import_no_benchmark_code():
+    """Catches `fastdit generate` / `info` / `export` importing the whole benchmark suite (and its
+    plotting and harness code) just to build the parser."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fastdit.cli import build_parser, main; build_parser(bench=False); main(['info']); "
+        "print('LOADED', sorted(m for m in sys.modules if m.startswith('fastdit.benchmarks')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout, out.stdout[-500:]
+    with pytest.raises(SystemExit):  # and `fastdit bench` still has its suites' flags
+        main(["bench", "--suite", "nope"])
