@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdit.models import DiT, WeightLoadError, preset
+from fastdit.models.checkpoint import WanCheckpoint
 from fastdit.models.image_encoder import ImageEncoder
 from fastdit.models.lora import check_lora_file
 from fastdit.models.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.vae import CausalVAE, SpatialTiling
-from fastdit.models.weights import config_int, read_json, read_safetensors
+from fastdit.models.weights import read_safetensors
 from fastdit.runtime import modes
 from fastdit.runtime.sampler import EXPERT_FIELDS, FlowMatchSampler, explicit_sigmas
 from fastdit.sizes import SIZE_SYNTAX, parse_size
@@ -124,6 +125,7 @@ class Plan:
     loras: list[tuple[str, float]] = field(default_factory=list)  # --lora FILE[:SCALE], the files exist
     loras_2: list[tuple[str, float]] = field(default_factory=list)  # --lora-2, for transformer_2
     boundary_ratio: float | None = None  # Wan 2.2 A14B: model_index.json's, with transformer_2/
+    checkpoint: WanCheckpoint | None = None  # --weights, its files read once
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -157,7 +159,8 @@ def validate(args) -> Plan:
         raise UsageError(f"--{err}") from err
     if size_frames is not None and args.frames not in (None, size_frames):
         raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
-    factor = _vae_spatial(args) * 2  # the VAE's 8x (Wan 2.2: 16x) and the DiT's 2x2 patches
+    checkpoint = _checkpoint(args)
+    factor = (checkpoint.vae_spatial if checkpoint else SPATIAL) * 2  # the VAE's 8x (Wan 2.2: 16x), 2x2 patches
     if args.vae_tiling and factor > SPATIAL * 2:
         raise UsageError("--vae-tiling: tiled encode / decode of the Wan 2.2 VAE is not written yet; drop the flag")
     if height % factor or width % factor or height <= 0 or width <= 0:
@@ -195,18 +198,11 @@ def validate(args) -> Plan:
     needed = {"i2v": 1, "extend": 1, "connect": 2, "v2v": 1}.get(args.mode, 0)
     if len(args.input) != needed:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
-    if args.weights and not os.path.isdir(args.weights):
-        raise UsageError(
-            f"--weights {args.weights}: no such directory (a local diffusers-format folder; Hub ids are not "
-            "downloaded: e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR)"
-        )
-    if args.weights and not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
-        raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
-    conditioned, clip = _i2v_kind(args)
+    conditioned, clip = _i2v_kind(checkpoint)
     if conditioned and args.mode != "i2v":
         raise UsageError(f"--weights {args.weights} is an image-to-video checkpoint: use --mode i2v with --input IMAGE")
     clip_folders = ("image_encoder", "image_processor")
-    if clip and not all(os.path.isdir(os.path.join(args.weights, d)) for d in clip_folders):
+    if clip and not checkpoint.has(*clip_folders):
         raise UsageError(
             f"--weights {args.weights}: a Wan 2.1 I2V checkpoint needs image_encoder/ and image_processor/"
         )
@@ -221,30 +217,28 @@ def validate(args) -> Plan:
         missing = transformers_missing()
         if missing:
             raise UsageError(f"--prompt: {missing}")
-        if args.weights and not all(
-            os.path.isdir(os.path.join(args.weights, d)) for d in ("text_encoder", "tokenizer")
-        ):
+        if checkpoint and not checkpoint.has("text_encoder", "tokenizer"):
             raise UsageError(f"--prompt with --weights {args.weights}: it must hold text_encoder/ and tokenizer/")
-    two_experts = bool(args.weights) and os.path.isdir(os.path.join(args.weights, "transformer_2"))
+    two_experts = bool(checkpoint) and checkpoint.two_experts
     if (args.lora_2 or args.guidance_2 is not None) and not two_experts:
         raise UsageError("--lora-2 / --guidance-2 are for two-expert checkpoints (Wan 2.2 A14B: transformer_2/)")
     if args.guidance_2 is not None and args.guidance_2 < 0:
         raise UsageError(f"--guidance-2 must be >= 0, got {args.guidance_2}")
     boundary = None
     if two_experts:
-        index = os.path.join(args.weights, "model_index.json")
         try:
-            boundary = read_json(index).get("boundary_ratio") if os.path.exists(index) else None
+            boundary = checkpoint.boundary_ratio
         except WeightLoadError as err:
-            raise UsageError(f"--weights: {err}") from err
-        if not isinstance(boundary, (int, float)) or isinstance(boundary, bool) or not 0 < boundary <= 1:
-            raise UsageError(f"--weights {args.weights}: transformer_2/ needs a boundary_ratio in (0, 1] in "
-                             f"model_index.json, got {boundary!r}")  # fmt: skip
-        _check_experts_agree(args.weights)
+            raise UsageError(f"--weights {err}") from err
+        differ = checkpoint.expert_differences(EXPERT_FIELDS)
+        if differ:  # compared before either expert is loaded, not three steps in when the second runs
+            raise UsageError(f"--weights {args.weights}: transformer/ and transformer_2/ cannot take turns on the same "
+                             f"latents: {', '.join(differ)}")  # fmt: skip
     plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora],
-                loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary)  # fmt: skip
+                loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
+                checkpoint=checkpoint)  # fmt: skip
     if args.prompt_embeds:
-        plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args))
+        plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args, checkpoint))
     plan.inputs = [_read_video(path, height, width) for path in args.input]
     if args.mode == "v2v" and plan.inputs[0].shape[1] == 1:
         raise UsageError(f"--mode v2v restyles a video and --input {args.input[0]} is one image: use --mode i2v")
@@ -261,20 +255,24 @@ def validate(args) -> Plan:
     return plan
 
 
-def _check_experts_agree(weights: str) -> None:
-    """transformer/ and transformer_2/ must sample the same latents with the same text: their
-    configs are compared before either is loaded (not three steps in, when the second one runs)."""
-    try:
-        first, second = (
-            read_json(os.path.join(weights, part, "config.json")) for part in ("transformer", "transformer_2")
+def _checkpoint(args) -> WanCheckpoint | None:
+    """``--weights`` read once (None without it): every later check and step asks it."""
+    if not args.weights:
+        return None
+    if not os.path.isdir(args.weights):
+        raise UsageError(
+            f"--weights {args.weights}: no such directory (a local diffusers-format folder; Hub ids are not "
+            "downloaded: e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR)"
         )
+    if not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
+        raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
+    try:
+        checkpoint = WanCheckpoint.open(args.weights)
+        for fact in ("vae_spatial", "text_dim", "image_conditioned"):  # every number read and checked here
+            getattr(checkpoint, fact)
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
-    # DiTConfig's field names are the diffusers config's keys
-    differ = [f"{f} {first.get(f)} vs {second.get(f)}" for f in EXPERT_FIELDS if first.get(f) != second.get(f)]
-    if differ:
-        raise UsageError(f"--weights {weights}: transformer/ and transformer_2/ cannot take turns on the same "
-                         f"latents: {', '.join(differ)}")  # fmt: skip
+    return checkpoint
 
 
 def _check_out(path: str, frames: int) -> None:
@@ -320,54 +318,17 @@ def _offload_experts(choice: str, device: torch.device, dit, dit_2, dtype: torch
     return sum(per_model) > 0.75 * (free + resident)
 
 
-def _vae_spatial(args) -> int:
-    """The VAE's spatial compression, read before any model is built: 8, or 16 for Wan 2.2's
-    patchified VAE (``patch_size`` 2 in ``vae/config.json``)."""
-    if not args.weights or not os.path.isdir(os.path.join(args.weights, "vae")):
-        return SPATIAL
-    try:
-        config = read_json(os.path.join(args.weights, "vae", "config.json"))
-        patch = config_int(config, "patch_size", 1, "vae/config.json", maximum=16) if config.get("patch_size") else 1
-    except WeightLoadError as err:
-        raise UsageError(f"--weights: {err}") from err
-    return SPATIAL * patch
-
-
-def _expand_timesteps(args) -> bool:
-    """Wan 2.2 TI2V (``expand_timesteps`` in model_index.json): image-to-video keeps the image as a
-    clean first frame with its tokens at timestep 0."""
-    index = os.path.join(args.weights, "model_index.json") if args.weights else ""
-    try:
-        return bool(index and os.path.exists(index) and read_json(index).get("expand_timesteps"))
-    except WeightLoadError as err:
-        raise UsageError(f"--weights: {err}") from err
-
-
-def _i2v_kind(args) -> tuple[bool, bool]:
+def _i2v_kind(checkpoint: WanCheckpoint | None) -> tuple[bool, bool]:
     """(the transformer takes its own image conditioning: more input than output channels, the mask
     and image latent of Wan 2.1 / 2.2 I2V; it also reads CLIP image states: ``image_dim``, Wan 2.1)."""
-    if not args.weights:
+    if checkpoint is None:
         return False, False
-    try:
-        config = read_json(os.path.join(args.weights, "transformer", "config.json"))
-        in_channels = config_int(config, "in_channels", 16, "transformer/config.json")
-        out_channels = in_channels
-        if config.get("out_channels") is not None:
-            out_channels = config_int(config, "out_channels", None, "transformer/config.json")
-    except WeightLoadError as err:
-        raise UsageError(f"--weights: {err}") from err
-    return in_channels != out_channels, config.get("image_dim") is not None
+    return checkpoint.image_conditioned, checkpoint.clip
 
 
-def _text_dim(args) -> int:
-    """The DiT's text width, read before any model is built (its config.json with --weights)."""
-    if not args.weights:
-        return preset(args.preset).text_dim
-    path = os.path.join(args.weights, "transformer", "config.json")
-    try:
-        return config_int(read_json(path), "text_dim", 4096, "transformer/config.json")
-    except WeightLoadError as err:
-        raise UsageError(f"--weights: {err}") from err
+def _text_dim(args, checkpoint: WanCheckpoint | None) -> int:
+    """The DiT's text width, known before any model is built (the checkpoint's, else the preset's)."""
+    return checkpoint.text_dim if checkpoint else preset(args.preset).text_dim
 
 
 def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -441,7 +402,8 @@ def _read_frames(path: str):
     return np.ascontiguousarray(frames[..., :3])  # RGBA: the alpha channel is dropped
 
 
-def encode_prompts(args, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompts(args, device: torch.device, dtype: torch.dtype,
+                   checkpoint: WanCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``(prompt (512, text_dim), negative or None)`` with the checkpoint's UMT5 (the tiny preset's
     random one without ``--weights``), as ``WanPipeline.encode_prompt``; the negative prompt
     (empty when not given, as diffusers) is encoded only when guidance needs it. The encoder is
@@ -454,7 +416,7 @@ def encode_prompts(args, device: torch.device, dtype: torch.dtype) -> tuple[torc
     if args.guidance != 1.0:
         prompts.append(args.negative_prompt or "")
     embeds = encoder.encode(prompts).float().cpu()
-    width = _text_dim(args)
+    width = _text_dim(args, checkpoint)
     del encoder
     if embeds.shape[-1] != width:
         raise UsageError(f"--prompt: the text encoder makes {embeds.shape[-1]}-wide states; the DiT takes {width}")
@@ -482,10 +444,10 @@ def run(args) -> dict:
     timings = {}
     if args.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
         start = time.perf_counter()
-        plan.text, plan.negative = encode_prompts(args, device, dtype)
+        plan.text, plan.negative = encode_prompts(args, device, dtype, plan.checkpoint)
         timings["encode_prompt"] = time.perf_counter() - start
     image_embeds = None
-    conditioned, clip = _i2v_kind(args)
+    conditioned, clip = _i2v_kind(plan.checkpoint)
     if clip:  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
         start = time.perf_counter()
         encoder = ImageEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
@@ -548,7 +510,8 @@ def run(args) -> dict:
         request = modes.wan_image_to_video(image_latent, image_embeds, text, channels=dit.config.out_channels,
                                            **common)  # fmt: skip
     elif args.mode == "i2v":  # a T2V model: the image is the known first latent frame (TI2V-5B: clean, at t = 0)
-        request = modes.image_to_video(latents[0][:, :1], text, frames=t, clean=_expand_timesteps(args), **common)
+        clean_first = plan.checkpoint is not None and plan.checkpoint.expand_timesteps
+        request = modes.image_to_video(latents[0][:, :1], text, frames=t, clean=clean_first, **common)
     elif args.mode == "extend":  # --frames is the total length (validate() checked it leaves room)
         request = modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)
     elif args.mode == "connect":
