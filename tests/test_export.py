@@ -200,3 +200,26 @@ def test_tensorrt_engine_matches_pytorch(dit_onnx, tmp_path):
         assert rel(runner(x, t, text).cpu(), model(x, t, text).cpu()) <= 1e-3
         step = euler_cfg_step(runner, x[:1], 0.9, 0.7, text[:1], text[1:], 5.0)
         assert rel(step.cpu(), euler_cfg_step(model, x[:1], 0.9, 0.7, text[:1], text[1:], 5.0).cpu()) <= 1e-3
+
+
+def test_profiles_follow_the_checkpoints_vae():
+    """Catches Wan 2.1's 8x VAE assumed for Wan 2.2's 16x one (a 480x832 bucket's latent is then
+    60x104 where the graph gets 30x52), and frames checked against a fixed 4."""
+    wan22 = Profile.parse("480x832x81", spatial=16, temporal=4)
+    assert wan22.latent(48) == (48, 21, 30, 52)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Profile.parse("480x816x81", spatial=16)  # 816 = 16 x 51: whole latents, but not whole 2x2 patches
+    assert Profile.parse("480x832x81").latent(16) == (16, 21, 60, 104)  # Wan 2.1 by default
+
+
+def test_cli_tensorrt_sizes_profiles_from_the_checkpoint(tmp_path, capsys):
+    """Catches `--weights` ignored: a Wan 2.2 checkpoint's VAE (16x) decides what a bucket must divide."""
+    pytest.importorskip("diffusers", reason="writing a diffusers checkpoint needs `pip install -e .[diffusers]`")
+    from tests.models.test_checkpoint import _write
+
+    weights = _write(tmp_path / "w", wan22_vae=True)
+    args = ["export", "tensorrt", "--onnx", "x.onnx", "--out", "x.engine", "--weights", str(weights)]
+    assert main([*args, "--profile", "480x816x81"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
+    assert main([*args[:-2], "--weights", str(tmp_path), "--profile", "480x832x81"]) == 2
+    assert "must hold transformer/ and vae/" in capsys.readouterr().err

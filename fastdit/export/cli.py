@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16", "fp8"], help="engine precision")
     trt.add_argument("--text-len", type=int, default=512, help="text tokens per sample")
     trt.add_argument("--text-dim", type=int, default=4096, help="text encoder width (UMT5-XXL: 4096)")
-    trt.add_argument("--channels", type=int, default=16, help="latent channels")
+    trt.add_argument("--channels", type=int, default=None, help="latent channels (default: the graph's own)")
+    trt.add_argument("--weights", default=None,
+                     help="the diffusers Wan directory the graph came from: its VAE's ratios size the profiles "
+                     "(default: Wan 2.1's 8x spatial, 4x temporal)")  # fmt: skip
     trt.add_argument("--max-batch", type=int, default=2, help="2: a CFG pair")
 
 
@@ -61,8 +64,19 @@ def run(args) -> str:
         return path
     from fastdit.export.tensorrt import Profile, build_engine, tensorrt_missing
 
+    spatial, temporal = None, None
+    if args.weights:
+        from fastdit.models.checkpoint import WanCheckpoint
+        from fastdit.models.weights import WeightLoadError
+
+        try:
+            checkpoint = WanCheckpoint.open(args.weights)
+            spatial, temporal = checkpoint.vae_spatial, checkpoint.vae_temporal
+        except WeightLoadError as err:
+            raise UsageError(f"--weights: {err}") from None
     try:
-        profiles = [Profile.parse(p) for p in args.profile]
+        facts = {} if spatial is None else {"spatial": spatial, "temporal": temporal}
+        profiles = [Profile.parse(p, **facts) for p in args.profile]
     except ValueError as err:
         raise UsageError(f"--profile: {err}") from None
     missing = tensorrt_missing()

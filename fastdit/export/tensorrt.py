@@ -17,6 +17,7 @@ import torch
 from fastdit.sizes import parse_size
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+# Wan 2.1's VAE, the default; a checkpoint's own (WanCheckpoint: Wan 2.2's VAE is 16x) replace them.
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
@@ -31,27 +32,33 @@ def tensorrt_missing() -> str | None:
 
 @dataclass(frozen=True)
 class Profile:
-    """A size bucket of video pixels: ``HEIGHTxWIDTHxFRAMES`` (``480x832x81``)."""
+    """A size bucket of video pixels: ``HEIGHTxWIDTHxFRAMES`` (``480x832x81``), for a VAE of
+    ``spatial`` pixels per latent row and ``temporal`` frames per latent frame (a checkpoint's
+    ``WanCheckpoint.vae_spatial`` / ``vae_temporal``; Wan 2.1's 8 and 4 by default)."""
 
     height: int
     width: int
     frames: int
+    spatial: int = VAE_SPATIAL
+    temporal: int = VAE_TEMPORAL
 
     @classmethod
-    def parse(cls, text: str) -> "Profile":
+    def parse(cls, text: str, spatial: int = VAE_SPATIAL, temporal: int = VAE_TEMPORAL) -> "Profile":
         try:
             height, width, frames = parse_size(text, frames="required")
         except ValueError as err:
             raise ValueError(f"profile {err}") from None
-        if height % 16 or width % 16 or height < 16 or width < 16:
-            raise ValueError(f"profile {text}: height and width must be positive multiples of 16")
-        if frames < 1 or (frames - 1) % VAE_TEMPORAL:
-            raise ValueError(f"profile {text}: frames must be 1 + 4k")
-        return cls(height, width, frames)
+        step = 2 * spatial  # the VAE's ratio times the DiT's 2x2 patches
+        if height % step or width % step or height < step or width < step:
+            raise ValueError(f"profile {text}: height and width must be positive multiples of {step}")
+        if frames < 1 or (frames - 1) % temporal:
+            raise ValueError(f"profile {text}: frames must be 1 + {temporal}k")
+        return cls(height, width, frames, spatial, temporal)
 
     def latent(self, channels: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of this bucket's latent."""
-        return (channels, 1 + (self.frames - 1) // VAE_TEMPORAL, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+        return (channels, 1 + (self.frames - 1) // self.temporal, self.height // self.spatial,
+                self.width // self.spatial)  # fmt: skip
 
 
 def build_engine(
@@ -60,7 +67,7 @@ def build_engine(
     profiles: list[Profile],
     *,
     precision: str = "bf16",
-    latent_channels: int = 16,
+    latent_channels: int | None = None,
     text_dim: int = 4096,
     text_len: int = 512,
     max_batch: int = 2,
@@ -69,7 +76,8 @@ def build_engine(
     """Parse a DiT ONNX graph (from :func:`fastdit.export.to_onnx`) and serialise an engine.
 
     One optimization profile per size bucket: the latent's shape fixed to the bucket, the batch
-    from 1 to ``max_batch`` (a CFG pair), the text from 1 to ``text_len`` tokens.
+    from 1 to ``max_batch`` (a CFG pair), the text from 1 to ``text_len`` tokens. The latent's
+    channels are the graph's own (its ``latents`` input); ``latent_channels``, when given, must agree.
     ``fp8`` needs a graph carrying Q/DQ nodes (an explicitly quantized ONNX, e.g. from NVIDIA
     ModelOpt); a plain graph is refused rather than silently built in higher precision.
     """
@@ -90,6 +98,15 @@ def build_engine(
         if not parser.parse(f.read()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if "latents" not in inputs:
+        raise ValueError(f"{onnx_path}: no 'latents' input (inputs: {sorted(inputs)}): not a fastdit DiT graph")
+    graph_channels = inputs["latents"].shape[1]
+    if graph_channels > 0 and latent_channels not in (None, graph_channels):
+        raise ValueError(f"latent_channels={latent_channels}, but {onnx_path} takes {graph_channels}-channel latents")
+    if graph_channels <= 0 and latent_channels is None:
+        raise ValueError(f"{onnx_path} leaves the latent channels dynamic: pass latent_channels")
+    latent_channels = graph_channels if graph_channels > 0 else latent_channels
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if precision == "fp16":
