@@ -28,9 +28,9 @@ class WeightLoadError(ValueError):
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle stream
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file, or a :class:`WeightLoadError` that names the file
-    and what is wrong with it (missing, too short, truncated, a pickle, a corrupt header)."""
+def _header_length(path: str) -> int:
+    """The JSON header's length of the safetensors file at ``path``, or a :class:`WeightLoadError`
+    that names the file and what is wrong with it (missing, too short, truncated, a pickle)."""
     if not os.path.isfile(path):
         raise WeightLoadError(f"{path}: no such file")
     size = os.path.getsize(path)
@@ -51,6 +51,13 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise WeightLoadError(
             f"{path}: its header claims {header_len} bytes but the file has {size}: truncated or not a safetensors file"
         )
+    return header_len
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or a :class:`WeightLoadError` that names the file
+    and what is wrong with it (missing, too short, truncated, a pickle, a corrupt header)."""
+    _header_length(path)
     try:
         return load_file(path)
     except (SafetensorError, ValueError, OSError) as err:
@@ -85,20 +92,8 @@ def safetensors_entries(path: str) -> dict[str, TensorEntry]:
     """The tensors a ``.safetensors`` file holds, from its header alone (no tensor is read): the
     same refusals as :func:`read_safetensors`, plus any entry whose byte range is outside the
     file, overlaps another or does not hold its shape x dtype."""
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"{path}: no such file")
-    size = os.path.getsize(path)
+    header_len, size = _header_length(path), os.path.getsize(path)
     with open(path, "rb") as f:
-        start = f.read(9)
-        head = start[:8]
-        if start[8:9] != b"{" and head.startswith(_PICKLE_MAGICS):
-            read_safetensors(path)  # raises the pickle message
-        if size < 8:
-            raise WeightLoadError(f"{path}: {size} bytes is too short for a safetensors file (an 8-byte header length)")
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            raise WeightLoadError(f"{path}: its header claims {header_len} bytes but the file has {size}: truncated "
-                                  "or not a safetensors file")  # fmt: skip
         f.seek(8)
         try:
             header = json.loads(f.read(header_len))
