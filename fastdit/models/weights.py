@@ -442,8 +442,8 @@ def load_diffusers_dit(cls, source, *, config: DiTConfig | None = None, backend:
     dtype = dtype or _checkpoint_dtype(tensors)
     device = torch.device("cpu") if device is None else torch.device(device)
     if entries is None:  # tensors in memory: copied, so the model never shares storage with the source
-        parts = [{name: value.to(device=device, dtype=dtype, copy=True) for name, value in converted.items()}]
-        model.load_state_dict(parts[0], strict=True, assign=True)
+        copies = {name: value.to(device=device, dtype=dtype, copy=True) for name, value in converted.items()}
+        model.load_state_dict(copies, strict=True, assign=True)
     else:
         _assign_from_files(model, entries, dtype, device)
     left = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]

@@ -193,9 +193,54 @@ def _sdpa_plan(len_q: int, len_k: int, causal: bool, like: torch.Tensor) -> tupl
     return 0, False, like.new_zeros((len_q, len_k)).masked_fill_(hidden, float("-inf"))
 
 
-def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, Hk, D) -> (B, L, H, D), each KV head repeated for its group of query heads (GQA)."""
-    return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
+def expand_heads(t: torch.Tensor, heads: int, dim: int = 2) -> torch.Tensor:
+    """K / V with each of its heads (axis ``dim``) repeated for its group of query heads (GQA / MQA)."""
+    return t if t.shape[dim] == heads else t.repeat_interleave(heads // t.shape[dim], dim=dim)
+
+
+def fold_heads(grad: torch.Tensor, kv_heads: int, dim: int = 2) -> torch.Tensor:
+    """The gradient of :func:`expand_heads`: each group's heads summed back onto its K / V head."""
+    if grad.shape[dim] == kv_heads:
+        return grad
+    return grad.unflatten(dim, (kv_heads, grad.shape[dim] // kv_heads)).sum(dim + 1)
+
+
+def per_sample(dense_forward):
+    """A varlen forward ``(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)`` as one call of
+    ``dense_forward(q, k, v, scale, causal)`` per sample (the host reads ``cu_seqlens``); one
+    sample runs without copies in or out."""
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        if len(bounds_q) == 2:
+            out, lse = dense_forward(q[None], k[None], v[None], scale, causal)
+            return out[0], lse[0]
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32))
+        for b in range(len(bounds_q) - 1):
+            rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+            out_b, lse_b = dense_forward(q[None, rows], k[None, keys], v[None, keys], scale, causal)
+            out[rows], lse[:, rows] = out_b[0], lse_b[0]
+        return out, lse
+
+    return forward
+
+
+def per_sample_backward(dense_backward):
+    """The backward of :func:`per_sample`'s forward, from ``dense_backward(dout, q, k, v, out, lse,
+    scale, causal)`` per sample."""
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal):
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b in range(len(bounds_q) - 1):
+            rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
+            grads = dense_backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
+                                   lse[None, :, rows], scale, causal)  # fmt: skip
+            dq[rows], dk[keys], dv[keys] = (g[0] for g in grads)
+        return dq, dk, dv
+
+    return backward
 
 
 def _sdpa_forward(q, k, v, scale, causal):
@@ -204,7 +249,7 @@ def _sdpa_forward(q, k, v, scale, causal):
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     batch, len_q, heads, _ = q.shape
     skip, is_causal, mask = _sdpa_plan(len_q, k.shape[1], causal, q)
-    k, v = _expand_heads(k, heads), _expand_heads(v, heads)
+    k, v = expand_heads(k, heads), expand_heads(v, heads)
     if skip == 0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale
@@ -242,7 +287,7 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal):
         rows = slice(skip, len_q)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(t[:, rows].transpose(1, 2) for t in (dout, q)),
-            *(_expand_heads(t, heads).transpose(1, 2) for t in (k, v)),
+            *(expand_heads(t, heads).transpose(1, 2) for t in (k, v)),
             out[:, rows].transpose(1, 2),
             lse[:, :, rows].contiguous(),
             0.0,
@@ -252,34 +297,12 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal):
         )
         dq[:, rows] = grads[0].transpose(1, 2)
         dk, dv = grads[1].transpose(1, 2), grads[2].transpose(1, 2)
-    if heads != kv_heads:  # fold the repeated heads' gradients back onto each KV head
-        dk, dv = (g.unflatten(2, (kv_heads, heads // kv_heads)).sum(3) for g in (dk, dv))
+    dk, dv = fold_heads(dk, kv_heads), fold_heads(dv, kv_heads)  # the repeated heads' gradients, summed
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-    if len(bounds_q) == 2:  # one sample: no copies in or out
-        out, lse = _sdpa_forward(q[None], k[None], v[None], softmax_scale, causal)
-        return out[0], lse[0]
-    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32))
-    for b in range(len(bounds_q) - 1):
-        rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-        out_b, lse_b = _sdpa_forward(q[None, rows], k[None, keys], v[None, keys], softmax_scale, causal)
-        out[rows], lse[:, rows] = out_b[0], lse_b[0]
-    return out, lse
-
-
-def _varlen_bwd_torch(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for b in range(len(bounds_q) - 1):
-        rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-        dq_b, dk_b, dv_b = _sdpa_backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys],
-                                          out[None, rows], lse[None, :, rows], softmax_scale, causal)  # fmt: skip
-        dq[rows], dk[keys], dv[keys] = dq_b[0], dk_b[0], dv_b[0]
-    return dq, dk, dv
+_varlen_torch = per_sample(_sdpa_forward)
+_varlen_bwd_torch = per_sample_backward(_sdpa_backward)
 
 
 def _contiguous(impl):

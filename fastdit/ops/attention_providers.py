@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from fastdit.ops import attention as _attn
 from fastdit.ops._common import last_dim_contiguous
 from fastdit.ops._registry import signature, typed
+from fastdit.ops.attention import expand_heads, fold_heads, per_sample, per_sample_backward
 from fastdit.ops.dispatch import Backend, BackendNotSupportedError, register_backend, set_priority
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -90,18 +91,6 @@ def _limits(inputs: dict, *, max_head_dim: int, min_sm: int = 80, aligned_causal
     return reasons
 
 
-def _repeat_heads(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    """K / V with each head repeated for its group of query heads (GQA / MQA)."""
-    return t if t.shape[dim] == heads else t.repeat_interleave(heads // t.shape[dim], dim=dim)
-
-
-def _fold_heads(grad: torch.Tensor, kv_heads: int, dim: int) -> torch.Tensor:
-    """The gradient of :func:`_repeat_heads`: each group's heads summed back onto its K / V head."""
-    if grad.shape[dim] == kv_heads:
-        return grad
-    return grad.unflatten(dim, (kv_heads, grad.shape[dim] // kv_heads)).sum(dim + 1)
-
-
 def _empty_rows_to_minus_inf(lse: torch.Tensor) -> torch.Tensor:
     """FlashAttention's ``+inf`` LSE of a row that sees no key, as fastdit's ``-inf``."""
     return lse.masked_fill(lse == float("inf"), float("-inf"))
@@ -110,36 +99,6 @@ def _empty_rows_to_minus_inf(lse: torch.Tensor) -> torch.Tensor:
 def _empty_rows_to_plus_inf(lse: torch.Tensor) -> torch.Tensor:
     """Back to FlashAttention's ``+inf`` for its backward (``exp(s - lse)`` is then 0, not NaN)."""
     return lse.float().masked_fill(lse == float("-inf"), float("inf")).contiguous()
-
-
-def _per_sample(dense_forward):
-    """A varlen forward as one dense call per sample (the host reads ``cu_seqlens``)."""
-
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
-        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-        for b in range(len(bounds_q) - 1):
-            rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-            out_b, lse_b = dense_forward(q[None, rows], k[None, keys], v[None, keys], scale, causal)
-            out[rows], lse[:, rows] = out_b[0], lse_b[0]
-        return out, lse
-
-    return forward
-
-
-def _per_sample_backward(dense_backward):
-    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal):
-        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for b in range(len(bounds_q) - 1):
-            rows, keys = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-            grads = dense_backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
-                                   lse[None, :, rows], scale, causal)  # fmt: skip
-            dq[rows], dk[keys], dv[keys] = (g[0] for g in grads)
-        return dq, dk, dv
-
-    return backward
 
 
 # ---- torch's FlashAttention-2: aten::_flash_attention_forward / _backward ----------------------------
@@ -161,7 +120,7 @@ def _flash_dummy_rng(device):
 
 def _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     heads, dim = q.shape[-2], q.dim() - 2
-    k, v = (last_dim_contiguous(_repeat_heads(t, heads, dim)) for t in (k, v))
+    k, v = (last_dim_contiguous(expand_heads(t, heads, dim)) for t in (k, v))
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         last_dim_contiguous(q), k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )
@@ -172,12 +131,12 @@ def _flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, ca
     heads, kv_heads, dim = q.shape[-2], k.shape[-2], q.dim() - 2
     rng, unused = _flash_dummy_rng(q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        last_dim_contiguous(dout), last_dim_contiguous(q), *(last_dim_contiguous(_repeat_heads(t, heads, dim))
+        last_dim_contiguous(dout), last_dim_contiguous(q), *(last_dim_contiguous(expand_heads(t, heads, dim))
                                                              for t in (k, v)),
         last_dim_contiguous(out), _empty_rows_to_plus_inf(lse), cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
         scale=scale,
     )  # fmt: skip
-    return dq, _fold_heads(dk, kv_heads, dim), _fold_heads(dv, kv_heads, dim)
+    return dq, fold_heads(dk, kv_heads, dim), fold_heads(dv, kv_heads, dim)
 
 
 def _dense_sdpa_flash(q, k, v, scale, causal):
@@ -207,7 +166,7 @@ def _cudnn_lse_ndim() -> int:
 def _dense_cudnn(q, k, v, scale, causal):
     heads = q.shape[2]
     out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhsd(q), *(_bhsd(_repeat_heads(t, heads, 2)) for t in (k, v)), None, True, 0.0, causal, False, scale=scale
+        _bhsd(q), *(_bhsd(expand_heads(t, heads, 2)) for t in (k, v)), None, True, 0.0, causal, False, scale=scale
     )
     return out.transpose(1, 2), lse.reshape(q.shape[0], heads, q.shape[1])
 
@@ -215,34 +174,34 @@ def _dense_cudnn(q, k, v, scale, causal):
 def _dense_bwd_cudnn(dout, q, k, v, out, lse, scale, causal):
     batch, len_q, heads, _ = q.shape
     kv_heads = k.shape[2]
-    k, v = (_repeat_heads(t, heads, 2) for t in (k, v))
+    k, v = (expand_heads(t, heads, 2) for t in (k, v))
     stats = lse.float().reshape(batch, heads, len_q, *([1] * (_cudnn_lse_ndim() - 3))).contiguous()
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), stats, seed, seed, None, None, None, len_q, k.shape[1],
         0.0, causal, scale=scale,
     )  # fmt: skip
-    return dq.transpose(1, 2), *(_fold_heads(g.transpose(1, 2), kv_heads, 2) for g in (dk, dv))
+    return dq.transpose(1, 2), *(fold_heads(g.transpose(1, 2), kv_heads, 2) for g in (dk, dv))
 
 
 def _dense_efficient(q, k, v, scale, causal):
     heads = q.shape[2]
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        _bhsd(q), *(_bhsd(_repeat_heads(t, heads, 2)) for t in (k, v)), None, True, 0.0, causal, scale=scale
+        _bhsd(q), *(_bhsd(expand_heads(t, heads, 2)) for t in (k, v)), None, True, 0.0, causal, scale=scale
     )
     return out.transpose(1, 2), lse[:, :, : q.shape[1]]  # the kernel pads the LSE's rows to a multiple of 32
 
 
 def _dense_bwd_efficient(dout, q, k, v, out, lse, scale, causal):
     len_q, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
-    k, v = (_repeat_heads(t, heads, 2) for t in (k, v))
+    k, v = (expand_heads(t, heads, 2) for t in (k, v))
     padded = F.pad(lse.float(), (0, -len_q % 32)).contiguous()
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), None, _bhsd(out), padded, seed, seed, 0.0,
         [True, True, True, False], causal, scale=scale,
     )  # fmt: skip
-    return dq.transpose(1, 2), *(_fold_heads(g.transpose(1, 2), kv_heads, 2) for g in (dk, dv))
+    return dq.transpose(1, 2), *(fold_heads(g.transpose(1, 2), kv_heads, 2) for g in (dk, dv))
 
 
 # ---- the flash_attn and xformers packages, when installed -----------------------------------------
@@ -342,18 +301,18 @@ def _xf_bias(fmha, len_q, len_k, causal, cu_q=None, cu_k=None):
 def _xf_forward(q, k, v, bias, scale):
     """(B, M, H, D) in; out (B, M, H, D), lse (B, H, M) (xformers may pad the LSE's rows)."""
     heads = q.shape[2]
-    k, v = (_repeat_heads(t, heads, 2) for t in (k, v))
+    k, v = (expand_heads(t, heads, 2) for t in (k, v))
     out, lse = _xformers_fmha().memory_efficient_attention_forward_requires_grad(q, k, v, attn_bias=bias, scale=scale)
     return out, lse[:, :, : q.shape[1]].float()
 
 
 def _xf_backward(dout, q, k, v, out, lse, bias, scale):
     heads, kv_heads = q.shape[2], k.shape[2]
-    k, v = (_repeat_heads(t, heads, 2) for t in (k, v))
+    k, v = (expand_heads(t, heads, 2) for t in (k, v))
     dq, dk, dv = _xformers_fmha().memory_efficient_attention_backward(
         dout, out, lse.float().contiguous(), q, k, v, attn_bias=bias, scale=scale
     )
-    return dq, _fold_heads(dk, kv_heads, 2), _fold_heads(dv, kv_heads, 2)
+    return dq, fold_heads(dk, kv_heads, 2), fold_heads(dv, kv_heads, 2)
 
 
 def _xf_dense(q, k, v, scale, causal):
@@ -452,14 +411,14 @@ SDPA_FLASH = _register(
     unavailable=_flash_unavailable(),
 )  # fmt: skip
 CUDNN = _register(
-    "cudnn", dense=_dense_cudnn, dense_bwd=_dense_bwd_cudnn, varlen=_per_sample(_dense_cudnn),
-    varlen_bwd=_per_sample_backward(_dense_bwd_cudnn), dtypes=HALF_DTYPES,
+    "cudnn", dense=_dense_cudnn, dense_bwd=_dense_bwd_cudnn, varlen=per_sample(_dense_cudnn),
+    varlen_bwd=per_sample_backward(_dense_bwd_cudnn), dtypes=HALF_DTYPES,
     check=lambda i: _limits(i, max_head_dim=128, aligned_causal=True, host_reads=True),
     unavailable=_cudnn_unavailable(),
 )  # fmt: skip
 SDPA_EFFICIENT = _register(
-    "sdpa_efficient", dense=_dense_efficient, dense_bwd=_dense_bwd_efficient, varlen=_per_sample(_dense_efficient),
-    varlen_bwd=_per_sample_backward(_dense_bwd_efficient), dtypes=(*HALF_DTYPES, torch.float32),
+    "sdpa_efficient", dense=_dense_efficient, dense_bwd=_dense_bwd_efficient, varlen=per_sample(_dense_efficient),
+    varlen_bwd=per_sample_backward(_dense_bwd_efficient), dtypes=(*HALF_DTYPES, torch.float32),
     check=lambda i: _limits(i, max_head_dim=256, min_sm=50, aligned_causal=True, host_reads=True),
     unavailable=_no_cuda(),
 )  # fmt: skip
