@@ -201,6 +201,12 @@ def _log_fallback_once(op: str, chosen: str, device: str, message: str) -> None:
     logger.warning("fastdit.%s on %s runs the %s backend: %s", op, device, chosen, message)
 
 
+@lru_cache(maxsize=256)
+def _log_policy_unfit_once(op: str, chosen: str, where: str, reasons: str) -> None:
+    logger.warning("fastdit.%s: the policy (%s) names %s, which cannot run this call (%s); the priority list "
+                   "decides", op, where, chosen, reasons)  # fmt: skip
+
+
 def select_backend(op: str, inputs: dict, backend: str | None = None) -> Backend:
     """Pick the backend that runs ``op`` on ``inputs`` (see the module docstring)."""
     chosen, source = _select(op, inputs, backend)
@@ -237,8 +243,11 @@ def _select(op: str, inputs: dict, backend: str | None) -> tuple[Backend, str]:
         chosen, where = policy(inputs), _POLICY_SOURCE[op]
         if isinstance(chosen, tuple):  # (name, the file it came from)
             chosen, where = chosen
-        if chosen in table and not table[chosen].not_supported_reasons(inputs):
-            return table[chosen], f"policy: {where}"
+        if chosen is not None:
+            reasons = table[chosen].not_supported_reasons(inputs) if chosen in table else ["not a backend of this op"]
+            if not reasons:
+                return table[chosen], f"policy: {where}"
+            _log_policy_unfit_once(op, chosen, where, "; ".join(reasons))
     rejected: dict[str, list[str]] = {}
     for candidate in priority(op):
         if not table[candidate].auto_selectable(inputs["device"]):

@@ -80,12 +80,16 @@ def test_a_policy_measured_on_another_device_is_not_used(policy_file, caplog):
     assert "measured on another cpu" in caplog.text
 
 
-def test_a_provider_the_policy_names_that_cannot_run_goes_to_the_priority_list(policy_file):
-    """Catches a policy naming a provider missing here (flash-attn not installed) breaking the call."""
+def test_a_provider_the_policy_names_that_cannot_run_goes_to_the_priority_list(policy_file, caplog):
+    """Catches a policy naming a provider missing here (flash-attn not installed) breaking the
+    call, or being passed over without a word."""
     key = policy_key("attention", torch.float32, 16, 64, False)
-    with settings.override(attn_policy=policy_file(_policy({key: "flash_attn"}))), dispatch.trace() as log:
+    path = policy_file(_policy({key: "flash_attn"}))
+    with settings.override(attn_policy=path), dispatch.trace() as log, caplog.at_level(logging.WARNING, "fastdit"):
         out = ops.attention(*_qkv(40))
     assert list(log) == [("attention", "torch")] and torch.isfinite(out).all()
+    assert log.sources[("attention", "torch")] == "priority"
+    assert f"the policy ({path}) names flash_attn, which cannot run this call" in caplog.text
 
 
 @pytest.mark.bad_input

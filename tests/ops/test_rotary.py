@@ -59,13 +59,17 @@ def test_rotary_matches_float64_oracle(backend, interleaved, layout, scale, pois
     assert rel_err(out.reshape(flat.shape), want) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+DTYPE_CASES = [
+    *(pytest.param(b, torch.float16, marks=pytest.mark.triton_cpu) if b == "triton" else (b, torch.float16)
+      for b in CPU_BACKENDS),
+    *((b, torch.float64) for b in ("reference", "torch")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, dtype", DTYPE_CASES)  # the triton backend takes fp16 / bf16 / fp32
 def test_rotary_dtypes_round_once(backend, dtype):
     """fp16 rounds once at the end (math in float32: error within fp16's half ulp); fp64 stays
     fp64 (catches a silent float32 pass). Catches a result cast before the rotation."""
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the triton backend takes fp16 / bf16 / fp32")
     x = torch.randn(7, 2, 8, dtype=dtype)
     cos, sin = _angles(7, 1, 4)
     if dtype == torch.float64:
@@ -109,6 +113,23 @@ def test_rotary_nan_and_inf_stay_in_their_pair(backend):
     assert out[3, :, 2:4].isnan().all() and not out[3, :, 6:].isnan().any()
     finite = want.isfinite()
     assert rel_err(out[finite], want[finite]) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_takes_strided_and_offset_views(backend, poison_outputs):
+    """x as q of a fused (N, 3, H, D) qkv (offset, token stride 3HD), and as every other feature
+    of a wider row (last-dim stride 2); tables as strided views (every other pair of a wider
+    table, as a repeat-interleaved family table is read). Catches a kernel indexing x or the
+    tables as if contiguous."""
+    qkv = torch.randn(9, 3, 2, 12)
+    wide = torch.randn(9, 2, 24)
+    angle = torch.rand(9, 1, 12, dtype=torch.float64) * 6
+    cos, sin = angle.cos().float()[..., ::2], angle.sin().float()[..., ::2]  # (9, 1, 6), last-dim stride 2
+    for x in (qkv[:, 1], wide[..., ::2]):
+        assert not x.is_contiguous()
+        for interleaved in (True, False):
+            out = ops.rotary(x, cos, sin, interleaved=interleaved, backend=backend)
+            assert rel_err(out, oracle(x, cos, sin, interleaved)) <= 1e-6
 
 
 def test_rotary_qk_rotates_both_with_one_table():
