@@ -14,9 +14,10 @@ The dispatcher consults it for every attention call (:func:`fastdit.ops.dispatch
 - the ``attn_policy`` setting (``FASTDIT_ATTN_POLICY``) names a file, else the packaged
   ``fastdit/ops/policies/attention-<device>.json`` for this device's name is used when one exists;
 - a policy measured on another device than the one a call runs on is not used (reported once);
-- a shape it does not cover goes to the priority list, and so does a provider it names that
-  cannot run the call (said once per op, provider, file and reason) (:data:`fastdit.ops.attention_providers.ATTENTION_PRIORITY`): the vendor kernels
-  first, then fastdit's Triton kernel.
+- a shape it does not cover goes to the priority list
+  (:data:`fastdit.ops.attention_providers.ATTENTION_PRIORITY`: the vendor kernels first, then
+  fastdit's Triton kernel), and so does a provider it names that cannot run the call (said once
+  per op, provider, file and reason).
 
 Only a real GPU run may ship a policy: the packaged files carry their run's ``source``, and a test
 refuses one without it. ``fastdit info`` prints the policy in force, and :func:`fastdit.ops.dispatch.trace`
