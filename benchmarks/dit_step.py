@@ -124,7 +124,7 @@ def _weights(config: DiTConfig) -> dict:
 
 def _to_diffusers(weights: dict, model) -> dict:
     """fastdit's state dict under diffusers' names (the inverse of fastdit's weight loader)."""
-    from fastdit.models.weights import diffusers_key_to_fastdit
+    from fastdit.models.wan.weights import diffusers_key_to_fastdit
 
     state = {}
     for key, value in model.state_dict().items():

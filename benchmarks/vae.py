@@ -17,7 +17,7 @@ import gc
 import torch
 
 from fastdit.benchmarks.harness import Candidate, Report, measure_ceilings, peak_memory_gib, reset_peak_memory
-from fastdit.models.vae import VAE_PRESETS, CausalVAE
+from fastdit.models.wan.vae import VAE_PRESETS, CausalVAE
 from fastdit.sizes import parse_size
 
 PROVIDERS = ("fastdit-eager", "fastdit-triton", "fastdit-compile", "diffusers-eager", "diffusers-compile")

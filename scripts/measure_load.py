@@ -67,7 +67,7 @@ def write_checkpoint(directory: str, preset: str, shards: int, layers: int | Non
     import torch
     from safetensors.torch import save_file
 
-    from fastdit.models.config import preset as get_preset
+    from fastdit.models.wan.config import preset as get_preset
 
     cfg = get_preset(preset)
     if layers is not None:  # a smaller model of the same widths (tests)

@@ -60,10 +60,10 @@ def test_kernels_know_nothing_of_ops_models_or_settings(path):
     assert "os.environ" not in path.read_text(encoding="utf-8") or path.name == "launch.py"
 
 
-def _private_names(folder: str) -> set[str]:
-    """Names a package keeps to itself: its functions, classes and attributes starting with one ``_``."""
+def _private_names(paths) -> set[str]:
+    """Names modules keep to themselves: their functions, classes and attributes starting with one ``_``."""
     names = set()
-    for path in modules(folder):
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 names.add(node.name)
@@ -72,21 +72,61 @@ def _private_names(folder: str) -> set[str]:
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
-OUTSIDE_MODELS = [p for p in sorted(ROOT.glob("fastdit/**/*.py")) if "models" not in p.parts] + modules("benchmarks")
+MODELS = ROOT / "fastdit" / "models"
+FAMILIES = sorted(p.parent for p in MODELS.glob("*/__init__.py"))  # fastdit/models/wan, ...
+SHARED_MODELS = modules("fastdit/models")  # the family interface, packing, weights
 
 
-@pytest.mark.parametrize("path", OUTSIDE_MODELS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_nothing_outside_the_models_uses_their_private_names(path):
-    """The runtime, export, integrations and benchmarks call models through documented methods
-    (``forward_validated``, ``attention_hook``, ``decode_patchified``, ...), never a ``_private``
-    one: a model's internals can then change without breaking them. ``self._x`` (the caller's own
-    attribute of the same name) is not a use."""
-    private = _private_names("fastdit/models")
+def _owners(path: pathlib.Path) -> list[pathlib.Path]:
+    """The model packages whose private names ``path`` may use: its own family, or the shared
+    models modules for a module among them."""
+    return [f for f in FAMILIES if f in path.parents] or ([MODELS] if path.parent == MODELS else [])
+
+
+def _package_of(module: str) -> pathlib.Path:
+    """The family package a ``fastdit.models...`` module name is in (else the shared models)."""
+    dotted = {f: str(f.relative_to(ROOT)).replace("/", ".") for f in FAMILIES}
+    return next((f for f, name in dotted.items() if module == name or module.startswith(name + ".")), MODELS)
+
+
+ALL_MODULES = sorted(ROOT.glob("fastdit/**/*.py")) + modules("benchmarks")
+
+
+@pytest.mark.parametrize("path", ALL_MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_outside_a_model_family_uses_its_private_names(path):
+    """The runtime, export, integrations, benchmarks, the shared models modules and other families
+    call a family's models through documented methods (``forward_validated``, ``attention_hook``,
+    ``decode_patchified``, ...), never a ``_private`` one: a model's internals can then change
+    without breaking them. ``self._x`` (the caller's own attribute of the same name) is not a use."""
+    owners = _owners(path)
+    foreign = [f for f in [*FAMILIES, MODELS] if f not in owners]
+    private = _private_names(p for f in foreign for p in (f.rglob("*.py") if f != MODELS else SHARED_MODELS))
+    private -= _private_names([path])  # the module's own names of the same spelling
     used = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Attribute) and node.attr in private:
             if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 used.append(f"line {node.lineno}: .{node.attr}")
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastdit.models"):
-            used += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
+            if _package_of(node.module) not in owners:
+                used += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
     assert not used, used
+
+
+@pytest.mark.parametrize("path", [p for p in SHARED_MODELS if p.name != "__init__.py"], ids=lambda p: p.name)
+def test_the_shared_models_modules_know_no_family(path):
+    """The family interface, packing and weights serve every family: importing one (say
+    ``fastdit.models.wan``) from them would make a second family a branch in shared code. (The
+    package's ``__init__`` re-exports the first family's classes.)"""
+    families = [str(f.relative_to(ROOT)).replace("/", ".") for f in FAMILIES]
+    found = sorted(m for m in imports(path) if any(m == f or m.startswith(f + ".") for f in families))
+    assert not found, found
+
+
+def test_every_family_is_registered_and_found_by_the_registry():
+    """Catches a family package that never calls register_family (its checkpoints would be
+    "unknown"), and the layering tests above silently checking no family at all."""
+    from fastdit.models import families
+
+    assert FAMILIES, "no model family package found under fastdit/models"
+    assert sorted(families()) == sorted(f.name for f in FAMILIES)

@@ -48,7 +48,7 @@ def run(args) -> str:
             )
         from fastdit.export.onnx import to_onnx
         from fastdit.models import DiT
-        from fastdit.models.vae import CausalVAE
+        from fastdit.models.wan.vae import CausalVAE
 
         if args.weights:
             folder = os.path.join(args.weights, "vae" if args.vae else "transformer")
@@ -66,12 +66,11 @@ def run(args) -> str:
 
     spatial, temporal = None, None
     if args.weights:
-        from fastdit.models.checkpoint import WanCheckpoint
-        from fastdit.models.weights import WeightLoadError
+        from fastdit.models import WeightLoadError, open_checkpoint
 
         try:
-            checkpoint = WanCheckpoint.open(args.weights)
-            spatial, temporal = checkpoint.vae_spatial, checkpoint.vae_temporal
+            facts = open_checkpoint(args.weights).vae_facts
+            spatial, temporal = facts.spatial, facts.temporal
         except WeightLoadError as err:
             raise UsageError(f"--weights: {err}") from None
     try:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdit.models.dit import DiT
-from fastdit.models.vae import CausalVAE
-from fastdit.models.wan_block import block_modulation, head_modulation, wan_block
+from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
+from fastdit.models.wan.dit import DiT
+from fastdit.models.wan.vae import CausalVAE
 from fastdit.reference.rope3d import wan_axes_dim
 
 DEFAULT_OPSET = 18
@@ -82,7 +82,7 @@ def _attention(q, k, v, scale):
 
 
 class _OnnxLayers:
-    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) in standard
+    """The Wan block's primitives (:class:`fastdit.models.wan.block.WanBlockLayers`) in standard
     ONNX operators on dense ``(B, S, C)`` tensors, over the block's own parameters."""
 
     def __init__(self, block, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -155,7 +155,7 @@ class ExportDiT(nn.Module):
 
 
 def _causal_conv(conv, x, residual=None):
-    """fastdit.models.vae.CausalConv3d over the whole clip: kt - 1 zero frames in front."""
+    """fastdit.models.wan.vae.CausalConv3d over the whole clip: kt - 1 zero frames in front."""
     kt = conv.weight.shape[2]
     ph, pw = conv.spatial_padding
     x = F.pad(x, (pw, pw, ph, ph, kt - 1, 0))
@@ -183,7 +183,7 @@ class ExportVAEDecoder(nn.Module):
         self.vae = vae
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from fastdit.models.vae import AttentionBlock, ResidualBlock
+        from fastdit.models.wan.vae import AttentionBlock, ResidualBlock
 
         decoder = self.vae.decoder
         x = _causal_conv(self.vae.post_quant_conv, z)

@@ -17,7 +17,7 @@ import torch
 from fastdit.sizes import parse_size
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-# Wan 2.1's VAE, the default; a checkpoint's own (WanCheckpoint: Wan 2.2's VAE is 16x) replace them.
+# Wan 2.1's VAE, the default; a checkpoint's own (its VAEFacts: Wan 2.2's VAE is 16x) replace them.
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
@@ -34,7 +34,7 @@ def tensorrt_missing() -> str | None:
 class Profile:
     """A size bucket of video pixels: ``HEIGHTxWIDTHxFRAMES`` (``480x832x81``), for a VAE of
     ``spatial`` pixels per latent row and ``temporal`` frames per latent frame (a checkpoint's
-    ``WanCheckpoint.vae_spatial`` / ``vae_temporal``; Wan 2.1's 8 and 4 by default)."""
+    ``open_checkpoint(path).vae_facts``; Wan 2.1's 8 and 4 by default)."""
 
     height: int
     width: int

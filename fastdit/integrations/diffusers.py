@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from fastdit import ops
 from fastdit.integrations import _diffusers_registry as _registry
-from fastdit.models.wan_block import block_modulation, wan_block
+from fastdit.models.wan.block import block_modulation, wan_block
 from fastdit.ops import dispatch
 from fastdit.ops.dispatch import backends_for, device_choice
 from fastdit.ops.validation import values_checked
@@ -856,7 +856,7 @@ def _patch_rope(model, prefix: str, backends: dict) -> list[_Change]:
 
 
 class _DiffusersLayers:
-    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) over a
+    """The Wan block's primitives (:class:`fastdit.models.wan.block.WanBlockLayers`) over a
     diffusers ``WanTransformerBlock``: its own attention modules, norms and FFN, fastdit's
     modulation and residual ops on dense ``(B, S, C)`` tensors."""
 
@@ -928,7 +928,7 @@ class _SharedVAE:
     """
 
     def __init__(self, vae, backend: str | None):
-        from fastdit.models.vae import CausalVAE
+        from fastdit.models.wan.vae import CausalVAE
 
         self.vae = vae
         self.fast = CausalVAE.from_diffusers(vae, share_weights=True).set_backend(backend)
@@ -957,7 +957,7 @@ def _log_once(message: str) -> None:
 def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
     from diffusers.models.autoencoders.vae import DecoderOutput
 
-    from fastdit.models.vae import SpatialTiling
+    from fastdit.models.wan.vae import SpatialTiling
 
     config = dict(vae.config)
     patchified = (config.get("patch_size") or 1) != 1  # Wan 2.2's VAE: fastdit has no tiling for it yet

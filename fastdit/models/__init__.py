@@ -1,21 +1,42 @@
-"""Models built on fastdit.ops: the Wan 2.1 DiT and causal VAE, configs and presets, packed batches, weights."""
+"""Models built on fastdit.ops, one package per family (``fastdit.models.wan``), and what every
+family shares: the packed batch (``packing``), checkpoint reading and loading in place
+(``weights``), and the family interface and registry (``family``: :func:`open_checkpoint`).
 
-from fastdit.models.config import PRESETS, DiTConfig, preset
-from fastdit.models.dit import DiT
+The Wan family's classes are re-exported here (``fastdit.models.DiT`` is Wan's DiT)."""
+
+from fastdit.models.family import (
+    FamilyCheckpoint,
+    ModelFamily,
+    SequenceParallelPlan,
+    UnknownCheckpointError,
+    VAEFacts,
+    families,
+    open_checkpoint,
+    register_family,
+)
 from fastdit.models.packing import PackedBatch, patchify, unpatchify
-from fastdit.models.vae import CausalVAE, SpatialTiling, VAEConfig
+from fastdit.models.wan import PRESETS, CausalVAE, DiT, DiTConfig, SpatialTiling, VAEConfig, WanCheckpoint, preset
 from fastdit.models.weights import WeightLoadError
 
 __all__ = [
+    "PRESETS",
     "CausalVAE",
-    "SpatialTiling",
     "DiT",
     "DiTConfig",
-    "PRESETS",
+    "FamilyCheckpoint",
+    "ModelFamily",
     "PackedBatch",
+    "SequenceParallelPlan",
+    "SpatialTiling",
+    "UnknownCheckpointError",
     "VAEConfig",
+    "VAEFacts",
+    "WanCheckpoint",
     "WeightLoadError",
+    "families",
+    "open_checkpoint",
     "patchify",
     "preset",
+    "register_family",
     "unpatchify",
 ]

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdit.models import DiT, WeightLoadError, preset
-from fastdit.models.checkpoint import WanCheckpoint
-from fastdit.models.image_encoder import ImageEncoder
-from fastdit.models.lora import check_lora_file
-from fastdit.models.text_encoder import PromptEncoder, transformers_missing
-from fastdit.models.vae import CausalVAE, SpatialTiling
+from fastdit.models import FamilyCheckpoint, VAEFacts, WeightLoadError, open_checkpoint
+from fastdit.models.wan import VAE_PRESETS, CausalVAE, DiT, SpatialTiling, preset
+from fastdit.models.wan.image_encoder import ImageEncoder
+from fastdit.models.wan.lora import check_lora_file
+from fastdit.models.wan.text_encoder import PromptEncoder, transformers_missing
 from fastdit.models.weights import read_safetensors
 from fastdit.runtime import modes
 from fastdit.runtime.sampler import EXPERT_FIELDS, FlowMatchSampler, explicit_sigmas
@@ -30,7 +29,6 @@ from fastdit.sizes import SIZE_SYNTAX, parse_size
 
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "loop", "v2v")
 VAE_FOR_DIT = {"tiny": "tiny", "wan2.1-1.3b": "wan2.1", "wan2.1-14b": "wan2.1"}
-SPATIAL, TEMPORAL = 8, 4  # the Wan 2.1 VAE's compression (Wan 2.2's: 16 in space)
 DEFAULT_FRAMES = 9
 
 
@@ -113,11 +111,32 @@ VIDEO_SUFFIXES, IMAGE_SUFFIXES = (".mp4",), (".png",)
 
 
 @dataclass
-class Plan:
-    height: int
+class GenerationRequest:
+    """One ``fastdit generate`` run, parsed and validated once by :func:`validate`; everything after
+    (loading, encoding, sampling, decoding) trusts it and reads no flag again. Field names follow
+    the flags'."""
+
+    mode: str
+    height: int  # pixels, a multiple of size_multiple
     width: int
-    frames: int
+    frames: int  # 1 + temporal k (the VAE's own temporal ratio)
     device: torch.device
+    vae_facts: VAEFacts  # the checkpoint's VAE, or the preset's
+    steps: int
+    guidance: float
+    shift: float
+    seed: int
+    strength: float
+    out: str
+    preset: str
+    offload_experts: str
+    vae_tiling: bool
+    guidance_2: float | None = None
+    weights: str | None = None  # --weights, read once into checkpoint
+    checkpoint: FamilyCheckpoint | None = None
+    prompt: str | None = None  # encoded by the checkpoint's text encoder at run time
+    negative_prompt: str | None = None
+    input_paths: list[str] = field(default_factory=list)
     inputs: list[torch.Tensor] = field(default_factory=list)  # (3, T, H, W) in [-1, 1], read and checked
     text: torch.Tensor | None = None  # (L, text_dim) prompt embeddings from --prompt-embeds
     negative: torch.Tensor | None = None
@@ -125,7 +144,11 @@ class Plan:
     loras: list[tuple[str, float]] = field(default_factory=list)  # --lora FILE[:SCALE], the files exist
     loras_2: list[tuple[str, float]] = field(default_factory=list)  # --lora-2, for transformer_2
     boundary_ratio: float | None = None  # Wan 2.2 A14B: model_index.json's, with transformer_2/
-    checkpoint: WanCheckpoint | None = None  # --weights, its files read once
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, T', H', W')`` of the latent this request samples."""
+        return self.vae_facts.latent_shape(self.frames, self.height, self.width)
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -150,9 +173,10 @@ def _lora_arg(value: str) -> tuple[str, float]:
     return path, scale
 
 
-def validate(args) -> Plan:
-    """Every check that needs no model: sizes, frame counts, steps, the output path, the device,
-    the input files (decoded here) and the prompt embeddings; a :class:`UsageError` naming the flag."""
+def validate(args) -> GenerationRequest:
+    """The one place a run's flags are checked, before any model is built: sizes and frame counts
+    (against the checkpoint's own VAE and patch), steps, the output path, the device, the input
+    files (decoded here), the prompt embeddings; a :class:`UsageError` naming the flag."""
     try:
         height, width, size_frames = parse_size(args.size)
     except ValueError as err:
@@ -160,19 +184,22 @@ def validate(args) -> Plan:
     if size_frames is not None and args.frames not in (None, size_frames):
         raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
     checkpoint = _checkpoint(args)
-    factor = (checkpoint.vae_spatial if checkpoint else SPATIAL) * 2  # the VAE's 8x (Wan 2.2: 16x), 2x2 patches
-    if args.vae_tiling and factor > SPATIAL * 2:
+    facts = checkpoint.vae_facts if checkpoint else VAE_PRESETS[VAE_FOR_DIT[args.preset]].facts
+    patch = checkpoint.patch_size if checkpoint else preset(args.preset).patch_size
+    factor = facts.spatial * max(patch[1:])  # pixels per DiT token row (Wan 2.1: 8 x 2, Wan 2.2 TI2V: 16 x 2)
+    if args.vae_tiling and facts.patch != 1:
         raise UsageError("--vae-tiling: tiled encode / decode of the Wan 2.2 VAE is not written yet; drop the flag")
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
+    temporal = facts.temporal
     if args.mode == "t2i" and args.frames not in (None, 1):
         raise UsageError(f"--frames {args.frames} with --mode t2i: an image has one frame; drop --frames or use t2v")
     frames = args.frames if args.frames is not None else size_frames
     if args.mode == "t2i" and frames not in (None, 1):
         raise UsageError(f"--size {args.size} with --mode t2i: an image has one frame; use HEIGHTxWIDTH")
     frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if frames is None else frames)
-    if frames < 1 or (frames - 1) % TEMPORAL:
-        raise UsageError(f"--frames {frames}: must be 1 + 4k (the VAE keeps the first frame alone)")
+    if frames < 1 or (frames - 1) % temporal:
+        raise UsageError(f"--frames {frames}: must be 1 + {temporal}k (the VAE keeps the first frame alone)")
     if args.sigmas is None and args.steps < 1:  # with --sigmas, --steps is ignored
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     for flag in ("guidance", "guidance_2", "shift", "strength"):
@@ -234,28 +261,35 @@ def validate(args) -> Plan:
         if differ:  # compared before either expert is loaded, not three steps in when the second runs
             raise UsageError(f"--weights {args.weights}: transformer/ and transformer_2/ cannot take turns on the same "
                              f"latents: {', '.join(differ)}")  # fmt: skip
-    plan = Plan(height, width, frames, device, sigmas=sigmas, loras=[_lora_arg(a) for a in args.lora],
-                loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
-                checkpoint=checkpoint)  # fmt: skip
+    request = GenerationRequest(
+        mode=args.mode, height=height, width=width, frames=frames, device=device, vae_facts=facts, steps=args.steps,
+        guidance=args.guidance, shift=args.shift, seed=args.seed, strength=args.strength, out=args.out,
+        preset=args.preset, offload_experts=args.offload_experts, vae_tiling=args.vae_tiling,
+        guidance_2=args.guidance_2, weights=args.weights, checkpoint=checkpoint, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, input_paths=list(args.input), sigmas=sigmas,
+        loras=[_lora_arg(a) for a in args.lora], loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
+    )  # fmt: skip
     if args.prompt_embeds:
-        plan.text, plan.negative = _read_embeds(args.prompt_embeds, _text_dim(args, checkpoint))
-    plan.inputs = [_read_video(path, height, width) for path in args.input]
-    if args.mode == "v2v" and plan.inputs[0].shape[1] == 1:
+        request.text, request.negative = _read_embeds(args.prompt_embeds, _text_dim(args, checkpoint))
+    request.inputs = [_read_video(path, height, width, temporal) for path in args.input]
+    if args.mode == "v2v" and request.inputs[0].shape[1] == 1:
         raise UsageError(f"--mode v2v restyles a video and --input {args.input[0]} is one image: use --mode i2v")
-    latent_frames = [1 + (v.shape[1] - 1) // TEMPORAL for v in plan.inputs]
+    latent_frames = [1 + (v.shape[1] - 1) // temporal for v in request.inputs]
     if args.mode in ("extend", "connect") and args.frames is None and size_frames is None:
         # by default two latent frames (8 video frames) more than the inputs hold
-        frames = plan.frames = 1 + TEMPORAL * (sum(latent_frames) + 1)
-    total = 1 + (frames - 1) // TEMPORAL
+        frames = request.frames = 1 + temporal * (sum(latent_frames) + 1)
+    total = 1 + (frames - 1) // temporal
     if args.mode == "extend" and total - latent_frames[0] < 1:
-        raise UsageError(f"--frames {frames}: extending needs more frames than the input's {plan.inputs[0].shape[1]}")
+        raise UsageError(
+            f"--frames {frames}: extending needs more frames than the input's {request.inputs[0].shape[1]}"
+        )
     if args.mode == "connect" and total - sum(latent_frames) < 1:
-        need = 1 + TEMPORAL * sum(latent_frames)
+        need = 1 + temporal * sum(latent_frames)
         raise UsageError(f"--frames {frames}: connecting these inputs needs at least {need} frames")
-    return plan
+    return request
 
 
-def _checkpoint(args) -> WanCheckpoint | None:
+def _checkpoint(args) -> FamilyCheckpoint | None:
     """``--weights`` read once (None without it): every later check and step asks it."""
     if not args.weights:
         return None
@@ -267,8 +301,8 @@ def _checkpoint(args) -> WanCheckpoint | None:
     if not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
         raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
     try:
-        checkpoint = WanCheckpoint.open(args.weights)
-        for fact in ("vae_spatial", "text_dim", "image_conditioned"):  # every number read and checked here
+        checkpoint = open_checkpoint(args.weights)
+        for fact in ("vae_facts", "patch_size", "text_dim", "image_conditioned"):  # every number read and checked here
             getattr(checkpoint, fact)
     except WeightLoadError as err:
         raise UsageError(f"--weights: {err}") from err
@@ -318,7 +352,7 @@ def _offload_experts(choice: str, device: torch.device, dit, dit_2, dtype: torch
     return sum(per_model) > 0.75 * (free + resident)
 
 
-def _i2v_kind(checkpoint: WanCheckpoint | None) -> tuple[bool, bool]:
+def _i2v_kind(checkpoint: FamilyCheckpoint | None) -> tuple[bool, bool]:
     """(the transformer takes its own image conditioning: more input than output channels, the mask
     and image latent of Wan 2.1 / 2.2 I2V; it also reads CLIP image states: ``image_dim``, Wan 2.1)."""
     if checkpoint is None:
@@ -326,7 +360,7 @@ def _i2v_kind(checkpoint: WanCheckpoint | None) -> tuple[bool, bool]:
     return checkpoint.image_conditioned, checkpoint.clip
 
 
-def _text_dim(args, checkpoint: WanCheckpoint | None) -> int:
+def _text_dim(args, checkpoint: FamilyCheckpoint | None) -> int:
     """The DiT's text width, known before any model is built (the checkpoint's, else the preset's)."""
     return checkpoint.text_dim if checkpoint else preset(args.preset).text_dim
 
@@ -358,7 +392,7 @@ def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor |
     return out[0], out[1]
 
 
-def _read_video(path: str, height: int, width: int) -> torch.Tensor:
+def _read_video(path: str, height: int, width: int, temporal: int) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1], resized to H x W (said once on stderr, with both sizes); grayscale
     and RGBA inputs are converted to RGB."""
     frames = _read_frames(path)
@@ -368,7 +402,7 @@ def _read_video(path: str, height: int, width: int) -> torch.Tensor:
               f"{height}x{width}", file=sys.stderr)  # fmt: skip
         video = torch.nn.functional.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear")
         video = video.transpose(0, 1)
-    keep = 1 + (video.shape[1] - 1) // TEMPORAL * TEMPORAL  # the VAE needs 1 + 4k frames
+    keep = 1 + (video.shape[1] - 1) // temporal * temporal  # the VAE needs 1 + temporal k frames
     return video[:, :keep]
 
 
@@ -403,7 +437,7 @@ def _read_frames(path: str):
 
 
 def encode_prompts(args, device: torch.device, dtype: torch.dtype,
-                   checkpoint: WanCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+                   checkpoint: FamilyCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``(prompt (512, text_dim), negative or None)`` with the checkpoint's UMT5 (the tiny preset's
     random one without ``--weights``), as ``WanPipeline.encode_prompt``; the negative prompt
     (empty when not given, as diffusers) is encoded only when guidance needs it. The encoder is
@@ -438,103 +472,135 @@ def _write(path: str, video: torch.Tensor, fps: int = 16) -> None:
 
 
 def run(args) -> dict:
-    plan = validate(args)
-    device = plan.device
+    """``fastdit generate``: the flags validated once (:func:`validate`), then :func:`generate`."""
+    return generate(validate(args))
+
+
+@dataclass
+class Models:
+    """What :func:`load_models` built for a request: the DiT (and Wan 2.2 A14B's low-noise expert,
+    on the host while offloaded), the VAE, and whether the experts take turns on the device."""
+
+    dit: DiT
+    vae: CausalVAE
+    dit_2: DiT | None = None
+    offload: bool = False
+
+
+def generate(request: GenerationRequest) -> dict:
+    """Run a validated request: text (and image) encoders, the models, the diffusion request, the
+    sampler, the VAE decode and the file. Returns the video, the latent and the stage timings."""
+    device = request.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timings = {}
-    if args.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
+    if request.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
         start = time.perf_counter()
-        plan.text, plan.negative = encode_prompts(args, device, dtype, plan.checkpoint)
+        request.text, request.negative = encode_prompts(request, device, dtype, request.checkpoint)
         timings["encode_prompt"] = time.perf_counter() - start
     image_embeds = None
-    conditioned, clip = _i2v_kind(plan.checkpoint)
-    if clip:  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
+    if _i2v_kind(request.checkpoint)[1]:  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
         start = time.perf_counter()
-        encoder = ImageEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
-        image_embeds = encoder.encode(_read_frames(args.input[0])[0]).float().cpu()[0]
+        encoder = ImageEncoder.from_pretrained(request.weights, dtype=dtype, device=device)
+        image_embeds = encoder.encode(_read_frames(request.input_paths[0])[0]).float().cpu()[0]
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
         timings["encode_image"] = time.perf_counter() - start
     start = time.perf_counter()
-    if args.weights:
-        # in place, in the run's dtype, straight onto the device: no fp32 (or second) copy on the host
-        dit = DiT.from_diffusers(os.path.join(args.weights, "transformer"), dtype=dtype, device=device)
-        vae = CausalVAE.from_diffusers(os.path.join(args.weights, "vae"))
+    models = load_models(request, dtype)
+    if request.text is not None:
+        text, negative = request.text, request.negative
     else:
-        torch.manual_seed(args.seed)
-        dit, vae = DiT.from_preset(args.preset), CausalVAE.from_preset(VAE_FOR_DIT[args.preset])
+        gen = torch.Generator().manual_seed(request.seed)
+        text = torch.randn(16 if request.preset == "tiny" else 512, models.dit.config.text_dim, generator=gen)
+        negative = None
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    diffusion = _diffusion_request(request, models, text, negative, image_embeds, dtype)
+    timings["encode_inputs"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sampler = FlowMatchSampler(models.dit, num_steps=request.steps, shift=request.shift, guidance=request.guidance,
+                               progress=True, sigmas=request.sigmas, model_2=models.dit_2,
+                               boundary_ratio=request.boundary_ratio, guidance_2=request.guidance_2,
+                               offload_experts=models.offload)  # fmt: skip
+    (latent,) = sampler([diffusion])
+    timings["sample"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    vae = models.vae
+    with torch.no_grad():
+        video = vae.decode(vae.denormalize(latent.to(device)[None].float()).to(dtype), tiling=_tiling(request))
+    video = video[0].float()
+    timings["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    _write(request.out, video)
+    timings["write"] = time.perf_counter() - start
+    print(f"wrote {request.out}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    return {"video": video, "latent": latent, "timings": timings}
+
+
+def load_models(request: GenerationRequest, dtype: torch.dtype) -> Models:
+    """The request's DiT(s) and VAE in ``dtype`` on its device, LoRAs fused: from the checkpoint, in
+    place (no fp32 or second copy on the host), or the preset's random weights (seeded)."""
+    device, checkpoint = request.device, request.checkpoint
+    if checkpoint is not None:
+        dit = checkpoint.load_dit("transformer", dtype=dtype, device=device)
+        # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
+        vae = checkpoint.load_vae(dtype=dtype, device=device)
+    else:
+        torch.manual_seed(request.seed)
+        dit, vae = DiT.from_preset(request.preset), CausalVAE.from_preset(VAE_FOR_DIT[request.preset])
     dit_2 = None
-    if plan.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert
-        dit_2 = DiT.from_diffusers(os.path.join(args.weights, "transformer_2"), dtype=dtype).eval()  # host first
-    offload = dit_2 is not None and _offload_experts(args.offload_experts, device, dit, dit_2, dtype)
-    # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
+    if request.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert, on the host first
+        dit_2 = checkpoint.load_dit("transformer_2", dtype=dtype).eval()
+    offload = dit_2 is not None and _offload_experts(request.offload_experts, device, dit, dit_2, dtype)
     dit, vae = dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
     if dit_2 is not None and not offload:
         dit_2 = dit_2.to(device)
-    for model, loras, flag in ((dit, plan.loras, "--lora"), (dit_2, plan.loras_2, "--lora-2")):
+    for model, loras, flag in ((dit, request.loras, "--lora"), (dit_2, request.loras_2, "--lora-2")):
         for path, scale in loras:
             try:
                 model.load_lora(path, scale=scale, name=os.path.basename(path) + f"#{len(model.loras)}")
             except WeightLoadError as err:
                 raise UsageError(f"{flag} {path}: {err}") from err
-    tiling = SpatialTiling() if args.vae_tiling else None
-    text_dim = dit.config.text_dim
-    if plan.text is not None:
-        text, negative = plan.text, plan.negative
-    else:
-        gen = torch.Generator().manual_seed(args.seed)
-        text = torch.randn(16 if args.preset == "tiny" else 512, text_dim, generator=gen)
-        negative = None
-    timings["load"] = time.perf_counter() - start
+    return Models(dit, vae, dit_2, offload)
 
-    start = time.perf_counter()
-    ratio = vae.config.spatial_ratio
-    latent_shape = (vae.config.z_dim, 1 + (plan.frames - 1) // TEMPORAL, plan.height // ratio, plan.width // ratio)
-    inputs = [v.to(device) for v in plan.inputs]
+
+def _tiling(request: GenerationRequest) -> SpatialTiling | None:
+    return SpatialTiling() if request.vae_tiling else None
+
+
+def _diffusion_request(request: GenerationRequest, models: Models, text, negative, image_embeds, dtype):
+    """The sampler's request for the run's mode: its input videos encoded to normalized latents."""
+    vae, device, tiling = models.vae, request.device, _tiling(request)
+    c, t, h, w = request.latent_shape
+    inputs = [v.to(device) for v in request.inputs]
     with torch.no_grad():
         latents = [vae.normalize(vae.encode(v[None].to(dtype), tiling=tiling).float())[0].cpu() for v in inputs]
-    common = dict(seed=args.seed, negative_text=negative)
-    c, t, h, w = latent_shape
-    if args.mode == "t2v":
-        request = modes.text_to_video(text, c, t, h, w, **common)
-    elif args.mode == "t2i":
-        request = modes.text_to_image(text, c, h, w, **common)
-    elif args.mode == "loop":
-        request = modes.loop(text, c, t, h, w, **common)
-    elif args.mode == "i2v" and conditioned:  # the I2V model's own conditioning, as diffusers
+    common = dict(seed=request.seed, negative_text=negative)
+    mode = request.mode
+    if mode == "t2v":
+        return modes.text_to_video(text, c, t, h, w, **common)
+    if mode == "t2i":
+        return modes.text_to_image(text, c, h, w, **common)
+    if mode == "loop":
+        return modes.loop(text, c, t, h, w, **common)
+    if mode == "i2v" and _i2v_kind(request.checkpoint)[0]:  # the I2V model's own conditioning, as diffusers
         first = inputs[0][:, :1]
-        video = torch.cat([first, torch.zeros_like(first).expand(-1, plan.frames - 1, -1, -1)], dim=1)
+        video = torch.cat([first, torch.zeros_like(first).expand(-1, request.frames - 1, -1, -1)], dim=1)
         with torch.no_grad():
             image_latent = vae.normalize(vae.encode(video[None].to(dtype), tiling=tiling).float())[0].cpu()
-        request = modes.wan_image_to_video(image_latent, image_embeds, text, channels=dit.config.out_channels,
-                                           **common)  # fmt: skip
-    elif args.mode == "i2v":  # a T2V model: the image is the known first latent frame (TI2V-5B: clean, at t = 0)
-        clean_first = plan.checkpoint is not None and plan.checkpoint.expand_timesteps
-        request = modes.image_to_video(latents[0][:, :1], text, frames=t, clean=clean_first, **common)
-    elif args.mode == "extend":  # --frames is the total length (validate() checked it leaves room)
-        request = modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)
-    elif args.mode == "connect":
+        return modes.wan_image_to_video(image_latent, image_embeds, text, channels=models.dit.config.out_channels,
+                                        **common)  # fmt: skip
+    if mode == "i2v":  # a T2V model: the image is the known first latent frame (TI2V-5B: clean, at t = 0)
+        clean_first = request.checkpoint is not None and request.checkpoint.expand_timesteps
+        return modes.image_to_video(latents[0][:, :1], text, frames=t, clean=clean_first, **common)
+    if mode == "extend":  # the frames are the total length (validate() checked they leave room)
+        return modes.extend(latents[0], text, extra_frames=t - latents[0].shape[1], **common)
+    if mode == "connect":
         gap = t - latents[0].shape[1] - latents[1].shape[1]
-        request = modes.connect(latents[0], latents[1], text, gap_frames=gap, **common)
-    else:  # v2v
-        request = modes.sdedit(latents[0], text, args.strength, **common)
-    timings["encode_inputs"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    sampler = FlowMatchSampler(dit, num_steps=args.steps, shift=args.shift, guidance=args.guidance, progress=True,
-                               sigmas=plan.sigmas, model_2=dit_2, boundary_ratio=plan.boundary_ratio,
-                               guidance_2=args.guidance_2, offload_experts=offload)  # fmt: skip
-    (latent,) = sampler([request])
-    timings["sample"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        video = vae.decode(vae.denormalize(latent.to(device)[None].float()).to(dtype), tiling=tiling)[0].float()
-    timings["decode"] = time.perf_counter() - start
-    start = time.perf_counter()
-    _write(args.out, video)
-    timings["write"] = time.perf_counter() - start
-    print(f"wrote {args.out}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
-    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return {"video": video, "latent": latent, "timings": timings}
+        return modes.connect(latents[0], latents[1], text, gap_frames=gap, **common)
+    return modes.sdedit(latents[0], text, request.strength, **common)  # v2v

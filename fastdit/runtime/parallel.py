@@ -373,6 +373,7 @@ class SequenceParallelDiT(torch.nn.Module):
         self.group = group
         self.layout = layout
         self.config = model.config
+        self.plan = model.sequence_parallel_plan()
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else list(range(layout.size))
         self._ulysses_groups = {}
         for c in range(layout.cfg):  # every rank creates every subgroup, in the same order
@@ -428,6 +429,8 @@ class SequenceParallelDiT(torch.nn.Module):
         layout = self.layout
         c, j, u = layout.coords
         heads = q.shape[1]
+        if heads != self.plan.heads:
+            raise RuntimeError(f"the model's attention hook passed {heads} heads; its plan declares {self.plan.heads}")
         scale = q.shape[-1] ** -0.5
         ulysses_group = self._ulysses_groups[(c, j)]
         if layout.ulysses > 1:
@@ -531,6 +534,9 @@ def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, 
     """
     if not dist.is_initialized():
         raise RuntimeError("apply_sequence_parallel needs torch.distributed.init_process_group(...) first")
+    if not callable(getattr(model, "sequence_parallel_plan", None)):
+        raise TypeError(f"{type(model).__name__} declares no sequence_parallel_plan(): only a model family's DiT "
+                        "(fastdit.models.family) runs sequence-parallel")  # fmt: skip
     for name, value in (("ulysses", ulysses), ("ring", ring), ("cfg", cfg)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -581,7 +587,7 @@ def parallel_vae_decode(vae, z: torch.Tensor, tiling=None, group=None, chunk_fra
     rank passes the same ``z``. ``tiling`` defaults to ``SpatialTiling()``; a latent no larger
     than one tile is decoded whole on every rank.
     """
-    from fastdit.models.vae import SpatialTiling, blend_tiles, tile_starts, unpatchify
+    from fastdit.models.wan.vae import SpatialTiling, blend_tiles, tile_starts, unpatchify
 
     tiling = tiling or SpatialTiling()
     height, width = z.shape[-2:]

@@ -7,8 +7,8 @@ import torch
 
 import fastdit
 from fastdit.models import DiT, PackedBatch, preset
-from fastdit.models.dit import MODEL_OPS
-from fastdit.models.vae import CausalVAE
+from fastdit.models.wan.dit import MODEL_OPS
+from fastdit.models.wan.vae import CausalVAE
 from fastdit.ops import dispatch
 from tests import cuda_emulation
 from tests.conftest import TRITON_ON_CPU

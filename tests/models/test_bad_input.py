@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastdit.models import DiT, PackedBatch, WeightLoadError, preset
-from fastdit.models.vae import CausalVAE
+from fastdit.models.wan.vae import CausalVAE
 from fastdit.models.weights import read_safetensors
 
 pytestmark = pytest.mark.bad_input

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastdit.models.checkpoint import UnknownCheckpointError, WanCheckpoint
+from fastdit.models.wan.checkpoint import UnknownCheckpointError, WanCheckpoint
 from fastdit.models.weights import WeightLoadError
 
 pytest.importorskip("diffusers", reason="writing diffusers checkpoints needs `pip install -e .[diffusers]`")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdit.models import DiT, WeightLoadError
-from fastdit.models.vae import CausalVAE
+from fastdit.models.wan.vae import CausalVAE
 
 pytest.importorskip("diffusers", reason="writing diffusers checkpoints needs `pip install -e .[diffusers]`")
 

@@ -206,7 +206,7 @@ def test_i2v_inputs_and_configs_are_checked():
         DiT.from_diffusers(make_wan(**I2V, pos_embed_seq_len=10))
     config = dict(make_wan(**I2V).config)
     with pytest.raises(WeightLoadError, match="go together"):
-        from fastdit.models.weights import config_from_diffusers
+        from fastdit.models.wan.weights import config_from_diffusers
 
         config_from_diffusers({**config, "added_kv_proj_dim": None})
     with pytest.raises(WeightLoadError, match="added_kv_proj_dim must equal the hidden size"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the image encoder needs `pip install -e .[text]`")
-from fastdit.models.image_encoder import ImageEncoder  # noqa: E402
+from fastdit.models.wan.image_encoder import ImageEncoder  # noqa: E402
 
 
 def tiny_clip(image_dim: int = 8, seed: int = 0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="prompt encoding needs `pip install -e .[text]`")
-from fastdit.models.text_encoder import MAX_LENGTH, PromptEncoder, clean_prompt  # noqa: E402
+from fastdit.models.wan.text_encoder import MAX_LENGTH, PromptEncoder, clean_prompt  # noqa: E402
 
 PROMPTS = ["a red fox running through snow", "  two   cats &amp;amp; a dog\n\tat dusk ", "x" * 700, ""]
 

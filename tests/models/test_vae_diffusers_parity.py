@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastdit.models.vae import CausalVAE
+from fastdit.models.wan.vae import CausalVAE
 from tests.conftest import rel_err
 
 pytest.importorskip("diffusers", reason="the parity oracle needs `pip install -e .[diffusers]`")
@@ -107,7 +107,7 @@ def test_wan22_vae_chunking_batch_and_directory(tmp_path):
 
 @pytest.mark.bad_input
 def test_wan22_vae_refuses_what_it_does_not_run():
-    from fastdit.models.vae import SpatialTiling
+    from fastdit.models.wan.vae import SpatialTiling
 
     vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
     with pytest.raises(ValueError, match="multiples of the VAE's patch size 2"):
@@ -123,7 +123,7 @@ def test_wan22_tiled_decode_matches_diffusers(height, width):
     """Wan 2.2's VAE tiles in its patchified picture (16 pixels per latent, 8 rows of 2x2 patches)
     and unpatchifies after blending, as diffusers' tiled_decode: catches tiles cut at 8 pixels per
     latent (Wan 2.1's), seams blended after unpatchify, or the 12-channel output taken for RGB."""
-    from fastdit.models.vae import SpatialTiling
+    from fastdit.models.wan.vae import SpatialTiling
 
     wan = make_wan(**WAN22)
     wan.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
@@ -143,7 +143,7 @@ def test_wan22_tiled_decode_matches_diffusers(height, width):
 @pytest.mark.bad_input
 def test_wan22_tiles_must_be_whole_latents():
     """Catches a tile of 24 pixels (1.5 latents of Wan 2.2) silently rounded down."""
-    from fastdit.models.vae import SpatialTiling
+    from fastdit.models.wan.vae import SpatialTiling
 
     vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
     with pytest.raises(ValueError, match="multiples of its 16 pixels per latent"):

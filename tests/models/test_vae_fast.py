@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastdit.models.vae import CausalVAE, SpatialTiling
+from fastdit.models.wan.vae import CausalVAE, SpatialTiling
 from fastdit.ops import dispatch
 from tests.conftest import CPU_BACKENDS, rel_err
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastdit.models import DiT, WeightLoadError
-from fastdit.models.weights import convert_diffusers_state_dict, safetensors_entries
+from fastdit.models.wan.weights import convert_diffusers_state_dict
+from fastdit.models.weights import safetensors_entries
 
 pytest.importorskip("diffusers", reason="writing diffusers checkpoints needs `pip install -e .[diffusers]`")
 

@@ -163,7 +163,7 @@ def test_weight_tma_path_matches_oracle(set_setting, backend, dtype, cin, case, 
 
 
 def test_vae_conv_weights_are_stored_cin_innermost():
-    from fastdit.models.vae import CausalConv3d, CausalVAE
+    from fastdit.models.wan.vae import CausalConv3d, CausalVAE
 
     vae = CausalVAE.from_preset("tiny")
     copy = CausalVAE(vae.config)

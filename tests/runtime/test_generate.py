@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from fastdit.cli import main
 from fastdit.models import DiT
-from fastdit.models.vae import CausalVAE
+from fastdit.models.wan.vae import CausalVAE
 from tests.conftest import rel_err
 
 iio = pytest.importorskip("imageio.v3", reason="reading and writing videos needs imageio (`pip install -e .[test]`)")
@@ -218,7 +218,7 @@ def test_prompt_on_the_tiny_preset_is_not_taken_for_prompt_embeds(tmp_path):
 
 
 def test_prompts_are_encoded_once_and_guidance_one_encodes_no_negative(monkeypatch):
-    from fastdit.models.text_encoder import PromptEncoder
+    from fastdit.models.wan.text_encoder import PromptEncoder
     from fastdit.runtime import generate as gen
 
     calls = []
@@ -236,7 +236,7 @@ def tiny_checkpoint(weights, i2v: bool = False):
     """A diffusers-format Wan directory of tiny random parts (transformer, vae, text encoder,
     tokenizer; for I2V the CLIP image encoder and processor too)."""
     pytest.importorskip("diffusers", reason="writing a diffusers checkpoint needs `pip install -e .[diffusers]`")
-    from fastdit.models.text_encoder import PromptEncoder
+    from fastdit.models.wan.text_encoder import PromptEncoder
     from tests.integrations.test_diffusers_patch import make_vae
     from tests.models.test_dit_diffusers_parity import I2V, make_wan
     from tests.models.test_image_encoder import tiny_clip

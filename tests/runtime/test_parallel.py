@@ -410,7 +410,7 @@ def test_degree_one_on_the_gpu_with_nccl():
 
 
 def _vae_split(rank, world):
-    from fastdit.models.vae import SpatialTiling
+    from fastdit.models.wan.vae import SpatialTiling
     from fastdit.runtime.parallel import parallel_vae_decode
     from tests.models.test_vae_fast import random_vae
 
@@ -429,7 +429,7 @@ def _vae_split(rank, world):
 
 def _vae22_split(rank, world):
     """Wan 2.2's VAE (16 pixels per latent, 12 patchified channels) over the ranks."""
-    from fastdit.models.vae import CausalVAE, SpatialTiling
+    from fastdit.models.wan.vae import CausalVAE, SpatialTiling
     from fastdit.runtime.parallel import parallel_vae_decode
     from tests.models.test_vae_diffusers_parity import WAN22, make_wan
 

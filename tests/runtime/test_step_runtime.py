@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastdit.models import DiT, PackedBatch, preset
-from fastdit.models.dit import MODEL_OPS
+from fastdit.models.wan.dit import MODEL_OPS
 from fastdit.ops.dispatch import backends_for
 from fastdit.runtime import FlowMatchSampler, GraphedDiT, text_to_image, text_to_video
 from tests.conftest import rel_err

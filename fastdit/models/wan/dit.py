@@ -1,6 +1,6 @@
 """The DiT of Wan 2.1 (Sora-style: a transformer over spacetime patches) on fastdit.ops.
 
-Semantics are docs/design.md's reference: the block of :mod:`fastdit.models.wan_block`
+Semantics are docs/design.md's reference: the block of :mod:`fastdit.models.wan.block`
 (adaLN-modulated self-attention with q/k RMSNorm across heads and 3D RoPE, cross-attention to the
 text, an adaLN-modulated GELU(tanh) FFN, gated residuals) on fastdit's ops; a modulated head. Every sample of a
 packed batch keeps its own size, timestep and text. ``DiT(config, backend="reference")`` runs
@@ -16,9 +16,10 @@ from einops import rearrange
 from torch import nn
 
 from fastdit import ops
-from fastdit.models.config import DiTConfig, preset
+from fastdit.models.family import SequenceParallelPlan
 from fastdit.models.packing import PackedBatch, check_timestep
-from fastdit.models.wan_block import block_modulation, head_modulation, wan_block
+from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
+from fastdit.models.wan.config import DiTConfig, preset
 from fastdit.ops.dispatch import backends_for
 from fastdit.ops.validation import check_tensor, values_checked
 
@@ -152,7 +153,7 @@ class DiTBlock(nn.Module):
 
 
 class _PackedLayers:
-    """The Wan block's primitives (:class:`fastdit.models.wan_block.WanBlockLayers`) on fastdit's
+    """The Wan block's primitives (:class:`fastdit.models.wan.block.WanBlockLayers`) on fastdit's
     ops over a packed batch, each op on the backend the model chose for it."""
 
     def __init__(self, block: DiTBlock, text_kv, batch: PackedBatch, backends: dict):
@@ -222,7 +223,7 @@ class DiT(nn.Module):
         """Load Wan 2.1 weights in diffusers format, in place (built on the meta device, each
         weight read into its own storage in ``dtype`` on ``device``); see
         :func:`fastdit.models.weights.load_diffusers_dit`."""
-        from fastdit.models.weights import load_diffusers_dit
+        from fastdit.models.wan.weights import load_diffusers_dit
 
         return load_diffusers_dit(cls, source, config=config, backend=backend, dtype=dtype, device=device)
 
@@ -231,12 +232,12 @@ class DiT(nn.Module):
 
         ``source``: a ``.safetensors`` path or a state dict, in diffusers / PEFT keys or any layout
         diffusers' Wan LoRA loader converts (original Wan ``diffusion_model.*.lora_down / lora_up /
-        alpha``); see :mod:`fastdit.models.lora`. ``scale`` multiplies the update (diffusers'
+        alpha``); see :mod:`fastdit.models.wan.lora`. ``scale`` multiplies the update (diffusers'
         ``set_adapters(weights=...)``). Several LoRAs add up. A ``WeightLoadError`` names the keys
         that fit no module of this model, before any weight changes.
         """
         if not hasattr(self, "_lora_stack"):
-            from fastdit.models.lora import LoraStack
+            from fastdit.models.wan.lora import LoraStack
 
             self._lora_stack = LoraStack()
         return self._lora_stack.load(self, source, scale, name)
@@ -330,6 +331,12 @@ class DiT(nn.Module):
                 f"{image_name} must be (total_image, image_dim) = (total_image, {cfg.image_dim}), "
                 f"got {tuple(image.shape)}"
             )
+
+    def sequence_parallel_plan(self) -> SequenceParallelPlan:
+        """What sequence parallelism needs from this DiT (:class:`fastdit.models.family.SequenceParallelPlan`):
+        every op but self-attention is token-wise, text and image states are replicated, and
+        Ulysses splits ``num_heads`` heads."""
+        return SequenceParallelPlan(heads=self.config.num_heads)
 
     @contextmanager
     def attention_hook(self, fn):

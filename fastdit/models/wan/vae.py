@@ -20,7 +20,15 @@ from einops import rearrange
 from torch import nn
 
 from fastdit import ops
-from fastdit.models.weights import WeightLoadError, config_int, read_json, read_safetensors, shapes_must_match
+from fastdit.models.family import VAEFacts
+from fastdit.models.weights import (
+    WeightLoadError,
+    assign_from_files,
+    checkpoint_dtype,
+    config_int,
+    read_directory,
+    shapes_must_match,
+)
 from fastdit.ops.dispatch import backends_for
 
 
@@ -48,6 +56,16 @@ class VAEConfig:
     def pixel_channels(self) -> int:
         """Channels the encoder takes and the decoder returns: RGB, times the patch's pixels."""
         return 3 * self.patch_size**2
+
+    @property
+    def temporal_ratio(self) -> int:
+        """Frames per latent frame after the first: 2 per temporal downsampling stage (4 for Wan)."""
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def facts(self) -> VAEFacts:
+        return VAEFacts(spatial=self.spatial_ratio, temporal=self.temporal_ratio, latent_channels=self.z_dim,
+                        patch=self.patch_size)  # fmt: skip
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -625,69 +643,99 @@ class CausalVAE(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=latent.dtype, device=latent.device).view(shape)
         return mean, std
 
+    @property
+    def facts(self) -> VAEFacts:
+        """This VAE's geometry (ratios and channels), as :class:`fastdit.models.family.VAEFacts`."""
+        return self.config.facts
+
     @classmethod
-    def from_diffusers(cls, source, config: VAEConfig | None = None, share_weights: bool = False) -> "CausalVAE":
-        """Load diffusers ``AutoencoderKLWan`` weights: a module, a diffusers directory (config.json +
-        safetensors, never pickle), or a state dict with its ``config`` (default: Wan 2.1's).
-        ``share_weights=True`` (a module) uses the module's parameter tensors themselves, no copy."""
+    def from_diffusers(cls, source, config: VAEConfig | None = None, share_weights: bool = False, *,
+                       dtype: torch.dtype | None = None, device=None,
+                       backend: str | None = None) -> "CausalVAE":  # fmt: skip
+        """Load diffusers ``AutoencoderKLWan`` weights, in place: a module, a diffusers directory
+        (config.json + safetensors, single or sharded, never pickle), or a state dict with its
+        ``config`` (default: Wan 2.1's). The VAE is built on the meta device, every shape compared
+        before a byte is read, and each tensor read from its file straight into its own storage
+        (or copied from the given tensors) in ``dtype`` (default: the checkpoint's floating dtype
+        with the most bytes) on ``device`` (default CPU); no random initialisation, no float32
+        copy. ``share_weights=True`` (a module) uses the module's parameter tensors themselves.
+        ``backend`` as in the constructor."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if share_weights and not isinstance(source, nn.Module):
+            raise ValueError("share_weights=True needs an AutoencoderKLWan module as the source")
+        entries = None  # file sources: header entries, read after the shape check
         if isinstance(source, nn.Module):
-            cfg, state = dict(source.config), source.state_dict()
+            config, tensors = vae_config_from_diffusers(dict(source.config)), source.state_dict(keep_vars=share_weights)
         elif isinstance(source, dict):
-            model = cls(config or VAE_PRESETS["wan2.1"])
-            missing, unexpected = model.load_state_dict(source, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"VAE checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-            return model.to(next(iter(source.values())).dtype)
-        else:
+            config, tensors = config or VAE_PRESETS["wan2.1"], source
+        elif isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if not os.path.isdir(path):
                 raise WeightLoadError(f"{path} is not a diffusers AutoencoderKLWan directory")
-            cfg = read_json(os.path.join(path, "config.json"))
-            state = read_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"))
-        where = "vae config.json"
-        patch = config_int(cfg, "patch_size", 1, where, maximum=16) if cfg.get("patch_size") is not None else 1
-        # list-valued keys: (element type, its name, the longest list; latents_mean / std hold z_dim
-        # numbers: 16 for Wan 2.1, 48 for Wan 2.2)
-        lists = {"dim_mult": (int, "ints", 16), "attn_scales": ((int, float), "numbers", 16),
-                 "temperal_downsample": (bool, "booleans", 16), "latents_mean": ((int, float), "numbers", 1024),
-                 "latents_std": ((int, float), "numbers", 1024)}  # fmt: skip
-        for key, (kinds, kind, longest) in lists.items():
-            value = cfg.get(key, [])
-            ok = isinstance(value, (list, tuple)) and len(value) <= longest
-            ok = ok and all(isinstance(v, kinds) and (kinds is bool or not isinstance(v, bool)) for v in value)
-            if not ok or (key == "dim_mult" and not all(1 <= v <= 64 for v in value)):
-                raise WeightLoadError(f"{where}: {key} must be a list of {kind} (at most {longest}), got {value!r}")
-        for key, expect in (("in_channels", 3 * patch**2), ("out_channels", 3 * patch**2)):
-            if cfg.get(key, expect) != expect:
-                raise ValueError(
-                    f"VAE config: {key}={cfg[key]} with patch_size {patch}; fastdit runs RGB videos ({expect})"
-                )
-        decoder_base_dim = cfg.get("decoder_base_dim")
-        config = VAEConfig(
-            base_dim=config_int(cfg, "base_dim", 96, where),
-            z_dim=config_int(cfg, "z_dim", 16, where),
-            dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
-            num_res_blocks=config_int(cfg, "num_res_blocks", 2, where, maximum=64),
-            attn_scales=tuple(cfg.get("attn_scales", ())),
-            temporal_downsample=tuple(cfg.get("temperal_downsample", (False, True, True))),
-            latents_mean=tuple(cfg.get("latents_mean", ())),
-            latents_std=tuple(cfg.get("latents_std", ())),
-            is_residual=bool(cfg.get("is_residual", False)),
-            patch_size=patch,
-            decoder_base_dim=None if decoder_base_dim is None else config_int(cfg, "decoder_base_dim", None, where),
-        )
-        if share_weights:
-            if not isinstance(source, nn.Module):
-                raise ValueError("share_weights=True needs an AutoencoderKLWan module as the source")
-            with torch.device("meta"):
-                model = cls(config)
-            missing, unexpected = model.load_state_dict(source.state_dict(keep_vars=True), strict=False, assign=True)
+            entries, cfg = read_directory(path)
+            if cfg is None:
+                raise WeightLoadError(f"{path}: no config.json (an AutoencoderKLWan directory has one)")
+            config = vae_config_from_diffusers(cfg)
+            tensors = {name: entry.meta() for name, entry in entries.items()}
         else:
-            with torch.device("meta"):  # every shape compared before a byte is allocated
-                expected = {k: v.shape for k, v in cls(config).state_dict().items()}
-            shapes_must_match("the VAE checkpoint does not match its config", expected, state)
-            model = cls(config)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"VAE checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        return model if share_weights else model.to(next(iter(state.values())).dtype)
+            raise TypeError(f"source must be a module, a state dict or a path, got {type(source).__name__}")
+        if not tensors:
+            raise WeightLoadError("the VAE checkpoint holds no tensors")
+        with torch.device("meta"):  # every shape compared before a byte is allocated
+            model = cls(config, backend=backend)
+        shapes_must_match("the VAE checkpoint does not match its config",
+                          {k: v.shape for k, v in model.state_dict().items()}, tensors)  # fmt: skip
+        if share_weights:
+            model.load_state_dict(tensors, strict=True, assign=True)
+            return model
+        dtype = dtype or checkpoint_dtype(tensors)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if entries is None:  # tensors in memory: copied, so the VAE never shares storage with the source
+            copies = {k: v.detach().to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                      for k, v in tensors.items()}  # fmt: skip
+            model.load_state_dict(copies, strict=True, assign=True)
+        else:
+            assign_from_files(model, entries, dtype, device)
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise WeightLoadError(f"the VAE checkpoint left {len(left)} tensors unloaded: {left[:20]}")
+        model._conv_weights_channels_last()
+        return model
+
+
+def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+    """:class:`VAEConfig` from an ``AutoencoderKLWan`` config.json; a WeightLoadError for a value
+    of the wrong type or size, a ValueError for a VAE that is not RGB."""
+    where = "vae config.json"
+    patch = config_int(cfg, "patch_size", 1, where, maximum=16) if cfg.get("patch_size") is not None else 1
+    # list-valued keys: (element type, its name, the longest list; latents_mean / std hold z_dim
+    # numbers: 16 for Wan 2.1, 48 for Wan 2.2)
+    lists = {"dim_mult": (int, "ints", 16), "attn_scales": ((int, float), "numbers", 16),
+             "temperal_downsample": (bool, "booleans", 16), "latents_mean": ((int, float), "numbers", 1024),
+             "latents_std": ((int, float), "numbers", 1024)}  # fmt: skip
+    for key, (kinds, kind, longest) in lists.items():
+        value = cfg.get(key, [])
+        ok = isinstance(value, (list, tuple)) and len(value) <= longest
+        ok = ok and all(isinstance(v, kinds) and (kinds is bool or not isinstance(v, bool)) for v in value)
+        if not ok or (key == "dim_mult" and not all(1 <= v <= 64 for v in value)):
+            raise WeightLoadError(f"{where}: {key} must be a list of {kind} (at most {longest}), got {value!r}")
+    for key, expect in (("in_channels", 3 * patch**2), ("out_channels", 3 * patch**2)):
+        if cfg.get(key, expect) != expect:
+            raise ValueError(
+                f"VAE config: {key}={cfg[key]} with patch_size {patch}; fastdit runs RGB videos ({expect})"
+            )
+    decoder_base_dim = cfg.get("decoder_base_dim")
+    return VAEConfig(
+        base_dim=config_int(cfg, "base_dim", 96, where),
+        z_dim=config_int(cfg, "z_dim", 16, where),
+        dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
+        num_res_blocks=config_int(cfg, "num_res_blocks", 2, where, maximum=64),
+        attn_scales=tuple(cfg.get("attn_scales", ())),
+        temporal_downsample=tuple(cfg.get("temperal_downsample", (False, True, True))),
+        latents_mean=tuple(cfg.get("latents_mean", ())),
+        latents_std=tuple(cfg.get("latents_std", ())),
+        is_residual=bool(cfg.get("is_residual", False)),
+        patch_size=patch,
+        decoder_base_dim=None if decoder_base_dim is None else config_int(cfg, "decoder_base_dim", None, where),
+    )

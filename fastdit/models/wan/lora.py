@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdit.models.weights import WeightLoadError, diffusers_key_to_fastdit, read_safetensors
+from fastdit.models.wan.weights import diffusers_key_to_fastdit
+from fastdit.models.weights import WeightLoadError, read_safetensors
 
 _PREFIXES = ("transformer.", "base_model.model.", "unet.")
 _PART = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_down\.weight|"

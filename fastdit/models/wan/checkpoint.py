@@ -5,24 +5,25 @@
 ask it (the VAE's spatial and temporal ratios and latent channels, the DiT's text width and
 image conditioning, the two-expert boundary) instead of re-reading files or assuming Wan 2.1's
 numbers. A directory that is not a Wan checkpoint in diffusers format gets a named error listing
-what fastdit runs.
+what fastdit runs. It is the Wan family's :class:`fastdit.models.family.FamilyCheckpoint`.
 """
 
 import os
 from dataclasses import dataclass, field
 
+from fastdit.models.family import FamilyCheckpoint, UnknownCheckpointError, VAEFacts
 from fastdit.models.weights import WeightLoadError, config_int, read_json
 
 SUPPORTED = "Wan 2.1 / 2.2 in diffusers format (transformer/ WanTransformer3DModel, vae/ AutoencoderKLWan)"
 PARTS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+CLASS_NAMES = {"transformer": "WanTransformer3DModel", "transformer_2": "WanTransformer3DModel",
+               "vae": "AutoencoderKLWan"}  # fmt: skip
 
-
-class UnknownCheckpointError(WeightLoadError):
-    """A directory whose model fastdit does not run; the message lists the supported families."""
+__all__ = ["CLASS_NAMES", "PARTS", "SUPPORTED", "UnknownCheckpointError", "WanCheckpoint"]
 
 
 @dataclass(frozen=True)
-class WanCheckpoint:
+class WanCheckpoint(FamilyCheckpoint):
     path: str
     parts: tuple[str, ...]  # the sub-folders present, of PARTS
     transformer: dict  # transformer/config.json
@@ -42,8 +43,7 @@ class WanCheckpoint:
         second = os.path.join(path, "transformer_2", "config.json")
         if "transformer_2" in parts:  # its config is read when needed (a missing one is named then)
             configs["transformer_2"] = read_json(second) if os.path.exists(second) else {}
-        for part, expected in (("transformer", "WanTransformer3DModel"), ("transformer_2", "WanTransformer3DModel"),
-                               ("vae", "AutoencoderKLWan")):  # fmt: skip
+        for part, expected in CLASS_NAMES.items():
             found = configs.get(part, {}).get("_class_name")
             if found is not None and found != expected:
                 raise UnknownCheckpointError(f"{path}/{part} is a {found}, not a {expected}: fastdit runs {SUPPORTED}")
@@ -51,13 +51,28 @@ class WanCheckpoint:
         return cls(path, parts, configs["transformer"], configs["vae"], configs.get("transformer_2"),
                    read_json(index) if os.path.exists(index) else {})  # fmt: skip
 
-    def has(self, *parts: str) -> bool:
-        return all(p in self.parts for p in parts)
+    @property
+    def family(self):
+        from fastdit.models.wan import WAN
+
+        return WAN
 
     # ---- the DiT -----------------------------------------------------------------------------------
 
     def _dit_int(self, key: str, default):
         return config_int(self.transformer, key, default, "transformer/config.json")
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The DiT's (time, height, width) patch in latent cells (Wan: 1 x 2 x 2)."""
+        value = self.transformer.get("patch_size", [1, 2, 2])
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16 for v in value)
+        ):
+            raise WeightLoadError(f"transformer/config.json: patch_size must be three ints in [1, 16], got {value!r}")
+        return tuple(value)
 
     @property
     def text_dim(self) -> int:
@@ -136,3 +151,24 @@ class WanCheckpoint:
     @property
     def latent_channels(self) -> int:
         return config_int(self.vae, "z_dim", 16, "vae/config.json")
+
+    @property
+    def vae_facts(self) -> VAEFacts:
+        return VAEFacts(spatial=self.vae_spatial, temporal=self.vae_temporal, latent_channels=self.latent_channels,
+                        patch=self.vae_patch)  # fmt: skip
+
+    # ---- loading -----------------------------------------------------------------------------------
+
+    def load_dit(self, part: str = "transformer", *, dtype=None, device=None, backend: str | None = None):
+        """``part`` (``transformer``, or Wan 2.2 A14B's ``transformer_2``) as a DiT, in place."""
+        from fastdit.models.wan.dit import DiT
+
+        if part not in ("transformer", "transformer_2") or part not in self.parts:
+            raise WeightLoadError(f"{self.path}: no DiT part {part!r} (it has {', '.join(self.parts)})")
+        return DiT.from_diffusers(os.path.join(self.path, part), dtype=dtype, device=device, backend=backend)
+
+    def load_vae(self, *, dtype=None, device=None, backend: str | None = None):
+        """``vae/`` as a :class:`fastdit.models.wan.CausalVAE`, in place."""
+        from fastdit.models.wan.vae import CausalVAE
+
+        return CausalVAE.from_diffusers(os.path.join(self.path, "vae"), dtype=dtype, device=device, backend=backend)

@@ -7,7 +7,7 @@ plus the timestep's projection, per sample ``(B, 6, C)`` or per token ``(B, S, 6
 
 Three layers run it, each with the primitives it must use:
 
-- :class:`fastdit.models.dit.DiTBlock`: fastdit's ops on packed batches;
+- :class:`fastdit.models.wan.dit.DiTBlock`: fastdit's ops on packed batches;
 - ``fastdit.export.onnx``: standard ONNX operators on dense tensors;
 - ``fastdit.integrations.diffusers``: diffusers' own modules and weights, with fastdit's ops.
 

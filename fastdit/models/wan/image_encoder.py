@@ -8,7 +8,7 @@ image_dim)``, which the I2V DiT's cross-attention reads (``DiT.forward(..., imag
 
 import torch
 
-from fastdit.models.text_encoder import checkpoint_folders
+from fastdit.models.wan.text_encoder import checkpoint_folders
 
 
 class ImageEncoder:
