@@ -115,3 +115,18 @@ def test_cuda_arch_flags_and_jobs():
         "-gencode=arch=compute_100a,code=sm_100a",
     ]
     assert 1 <= setup._default_max_jobs() <= (os.cpu_count() or 1)
+
+
+def test_every_package_of_the_tree_is_in_the_wheel():
+    """Catches a new sub-package (``fastdit/models/wan``) missing from pyproject's explicit package
+    list: an editable install imports it from the checkout, a wheel would not contain it."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {
+        os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        for folder, _, files in os.walk(os.path.join(ROOT, "fastdit"))
+        if "__init__.py" in files and "__pycache__" not in folder
+    }
+    assert found - listed == set(), sorted(found - listed)
