@@ -64,7 +64,7 @@ from fastdit import ops
 from fastdit.integrations import _diffusers_registry as _registry
 from fastdit.models.wan.block import block_modulation, wan_block
 from fastdit.ops import dispatch
-from fastdit.ops.dispatch import backends_for, device_choice
+from fastdit.ops.dispatch import backends_for, device_choice, model_backend
 from fastdit.ops.validation import values_checked
 
 logger = logging.getLogger("fastdit")
@@ -72,6 +72,7 @@ logger = logging.getLogger("fastdit")
 BACKEND_NAME = "fastdit"
 _PATCHES_ATTR = "_fastdit_patches"
 # The fastdit ops a patched transformer and VAE call (patch(backend=...) is applied to each).
+PATCH_OWNER = "fastdit.patch"  # how traces name a patched model's choice
 PATCH_OPS = ("attention", "rope3d_qk", "rope3d_qk_norm", "adaln_modulate", "gated_residual", "gated_residual_modulate")
 # diffusers (major, minor) releases patch() is tested with: [first, past the last)
 SUPPORTED_DIFFUSERS = ((0, 36), (0, 43))
@@ -119,10 +120,13 @@ def _log_native_once(op: str, device: str) -> None:
                 "(PyTorch's ops, the dispatcher's 'torch' choice)", op, device)  # fmt: skip
 
 
-def _runs_native(op: str, x: torch.Tensor, forced: str | None) -> bool:
-    """True where the dispatcher would run ``op`` on PyTorch's own ops (no forced backend, and no
-    fastdit kernel for x's device and dtype): diffusers' code is then the same math, without
-    fastdit's wrappers. The choice is recorded in open traces."""
+def _runs_native(op: str, x: torch.Tensor, forced: str | None = None) -> bool:
+    """True where the dispatcher would run ``op`` on PyTorch's own ops (no backend forced: by
+    ``forced``, the enclosing ``model_backend`` block or the settings; and no fastdit kernel for
+    x's device and dtype): diffusers' code is then the same math, without fastdit's wrappers. The
+    choice is recorded in open traces."""
+    if forced is None:
+        forced, _ = dispatch.forced_backend(op, None)
     if forced is not None or device_choice(op, x.device, x.dtype) != "torch":
         return False
     _log_native_once(op, x.device.type)
@@ -686,11 +690,12 @@ def _code_calls_attention(function) -> bool:
 def _route_forward(module, backend: str | None, member):
     """``module.forward`` with its attention calls on fastdit: torch SDPA calls through
     :class:`SDPAOnFastdit`, and diffusers dispatcher calls that name no backend (processors without
-    ``_attention_backend``, as Cosmos') through the fastdit backend made the default for the call."""
+    ``_attention_backend``, as Cosmos') through the fastdit backend made the default for the call;
+    ``patch(backend=...)`` reaches the ops as a ``model_backend`` block around the call."""
     inner = module.forward  # the class's, or an instance attribute another hook set (accelerate)
 
     def forward(*args, **kwargs):
-        with SDPAOnFastdit(backend), _registry.default(member):
+        with model_backend(backend, PATCH_OWNER), SDPAOnFastdit(), _registry.default(member):
             return inner(*args, **kwargs)
 
     return forward
@@ -710,10 +715,10 @@ _NEEDS_THEIR_BACKEND = {
 _PARALLEL_PACKAGES = ("xfuser",)
 
 
-def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change], list[str]]:
+def _patch_attention(model, prefix: str, backend: str | None) -> tuple[list[_Change], list[str]]:
     """Point every dispatching processor at the fastdit backend and route the SDPA calls of the
     modules that bypass the dispatcher; returns (changes, what was left and why)."""
-    member = register_attention_backend(backends["attention"])
+    member = register_attention_backend(backends_for(backend, ("attention",))["attention"])
     attention_modules = _attention_modules(model)
     dispatching, routed, left, needs, parallel = [], {}, {}, {}, {}
     for module in attention_modules:
@@ -738,7 +743,7 @@ def _patch_attention(model, prefix: str, backends: dict) -> tuple[list[_Change],
         changes[0].description = (f"{prefix}: {len(dispatching)} attention processors -> diffusers backend "
                                   f"'{member.value}'")  # fmt: skip
     for kind, modules in routed.items():
-        group = [_set_attr(m, "forward", _route_forward(m, backends["attention"], member), "") for m in modules]
+        group = [_set_attr(m, "forward", _route_forward(m, backend, member), "") for m in modules]
         group[0].description = (f"{prefix}: {len(modules)} {kind} (calls torch SDPA or the dispatcher's default "
                                 "itself) -> fastdit attention")  # fmt: skip
         changes += group
@@ -760,11 +765,13 @@ class WanRopeGrid:
         self.grid_thw, self.theta, self.axes_dim = grid_thw, theta, axes_dim
 
 
-def _rope_forward(rope_module, theta: float, forced: str | None):
+def _rope_forward(rope_module, theta: float, backend: str | None):
     axes = (rope_module.t_dim, rope_module.h_dim, rope_module.w_dim)
 
     def forward(hidden_states):
-        if _runs_native("rope3d_qk_norm", hidden_states, forced):  # diffusers' cos / sin tables
+        with model_backend(backend, PATCH_OWNER):
+            native = _runs_native("rope3d_qk_norm", hidden_states)
+        if native:  # diffusers' cos / sin tables
             return type(rope_module).forward(rope_module, hidden_states)
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = rope_module.patch_size
@@ -787,10 +794,10 @@ class FastditWanAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, original, backends: dict):
+    def __init__(self, original, backend: str | None = None):
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
-        self.backends = backends
+        self.backend = backend  # patch(backend=...): the model_backend its ops run in
         # diffusers' processor, for calls whose rope module returned its own cos / sin tables (no
         # fastdit kernel on that device); a copy, so unpatch restores the original untouched.
         self.diffusers_processor = copy.copy(original)
@@ -812,7 +819,7 @@ class FastditWanAttnProcessor:
         rope = dict(theta=rotary_emb.theta, axes_dim=rotary_emb.axes_dim)
         # The grid was built (and checked) from the latent shape by the patched rope module: the
         # op's value checks would only add a host sync per layer.
-        with values_checked():
+        with values_checked(), model_backend(self.backend, PATCH_OWNER):
             # The fused op reads the norms' weights itself; under accelerate's per-module hooks
             # (sequential offload) those exist only inside the norm modules' own calls.
             norms = (attn.norm_q, attn.norm_k)
@@ -820,12 +827,12 @@ class FastditWanAttnProcessor:
                 eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
                 query, key = ops.rope3d_qk(
                     query, key, rotary_emb.grid_thw, q_norm_weight=attn.norm_q.weight,
-                    k_norm_weight=attn.norm_k.weight, norm_eps=eps, backend=self.backends["rope3d_qk_norm"], **rope,
+                    k_norm_weight=attn.norm_k.weight, norm_eps=eps, **rope,
                 )  # fmt: skip
             else:
                 query = attn.norm_q(query.flatten(2)).unflatten(2, (attn.heads, -1))
                 key = attn.norm_k(key.flatten(2)).unflatten(2, (attn.heads, -1))
-                query, key = ops.rope3d_qk(query, key, rotary_emb.grid_thw, backend=self.backends["rope3d_qk"], **rope)
+                query, key = ops.rope3d_qk(query, key, rotary_emb.grid_thw, **rope)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,
@@ -834,19 +841,19 @@ class FastditWanAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _patch_rope(model, prefix: str, backends: dict) -> list[_Change]:
+def _patch_rope(model, prefix: str, backend: str | None) -> list[_Change]:
     rope_module = getattr(model, "rope", None)
     if rope_module is None or not all(hasattr(rope_module, a) for a in ("t_dim", "h_dim", "w_dim", "patch_size")):
         raise ValueError(f"{prefix}: no Wan rotary embedding module (.rope) to patch; pass rope=False")
     theta = 10000.0  # WanRotaryPosEmbed's default; diffusers' Wan transformer never passes another
-    forward = _rope_forward(rope_module, theta, backends["rope3d_qk_norm"])
+    forward = _rope_forward(rope_module, theta, backend)
     changes = [_set_attr(rope_module, "forward", forward, f"{prefix}.rope -> grid only")]
     count = 0
     for block in getattr(model, "blocks", []):
         attn = getattr(block, "attn1", None)
         if attn is None:
             continue
-        changes.append(_set_attr(attn, "processor", FastditWanAttnProcessor(attn.processor, backends), ""))
+        changes.append(_set_attr(attn, "processor", FastditWanAttnProcessor(attn.processor, backend), ""))
         count += 1
     changes[-1].description = f"{prefix}: {count} self-attention processors -> fused q/k RMSNorm + 3D RoPE"
     return changes
@@ -860,18 +867,17 @@ class _DiffusersLayers:
     diffusers ``WanTransformerBlock``: its own attention modules, norms and FFN, fastdit's
     modulation and residual ops on dense ``(B, S, C)`` tensors."""
 
-    def __init__(self, block, encoder_hidden_states, rotary_emb, backends: dict):
-        self.block, self.text, self.rotary_emb, self.backends = block, encoder_hidden_states, rotary_emb, backends
+    def __init__(self, block, encoder_hidden_states, rotary_emb):
+        self.block, self.text, self.rotary_emb = block, encoder_hidden_states, rotary_emb
 
     def modulate(self, x, shift, scale):
-        eps = self.block.norm1.eps
-        return ops.adaln_modulate(x, shift, scale, norm="layer", eps=eps, backend=self.backends["adaln_modulate"])
+        return ops.adaln_modulate(x, shift, scale, norm="layer", eps=self.block.norm1.eps)
 
     def self_attention(self, h):
         return self.block.attn1(h, None, None, self.rotary_emb)
 
     def gated_residual(self, x, y, gate):
-        return ops.gated_residual(x, y, gate, backend=self.backends["gated_residual"])
+        return ops.gated_residual(x, y, gate)
 
     def cross_norm(self, x):
         return self.block.norm2(x.float()).type_as(x)
@@ -882,31 +888,31 @@ class _DiffusersLayers:
     def residual_modulate(self, x, y, shift, scale):
         # x + attn2 (a gate of ones) and the FFN's modulation of the sum, in one pass.
         return ops.gated_residual_modulate(x, y, torch.ones_like(shift), shift, scale, norm="layer",
-                                           eps=self.block.norm3.eps,
-                                           backend=self.backends["gated_residual_modulate"])  # fmt: skip
+                                           eps=self.block.norm3.eps)  # fmt: skip
 
     def ffn(self, h):
         return self.block.ffn(h)
 
 
-def _block_forward(backends: dict):
+def _block_forward(backend: str | None):
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        if _runs_native("adaln_modulate", hidden_states, backends["adaln_modulate"]):
-            return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
-        # Dense inputs whose sample boundaries the ops derive themselves: their value checks (a
-        # host sync each, five per block) have nothing to find.
-        with values_checked():
-            layers = _DiffusersLayers(self, encoder_hidden_states, rotary_emb, backends)
-            return wan_block(layers, hidden_states, block_modulation(self.scale_shift_table, temb))
+        with model_backend(backend, PATCH_OWNER):
+            if _runs_native("adaln_modulate", hidden_states):
+                return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+            # Dense inputs whose sample boundaries the ops derive themselves: their value checks (a
+            # host sync each, five per block) have nothing to find.
+            with values_checked():
+                layers = _DiffusersLayers(self, encoder_hidden_states, rotary_emb)
+                return wan_block(layers, hidden_states, block_modulation(self.scale_shift_table, temb))
 
     return forward
 
 
-def _patch_blocks(model, prefix: str, backends: dict) -> list[_Change]:
+def _patch_blocks(model, prefix: str, backend: str | None) -> list[_Change]:
     blocks = [b for b in getattr(model, "blocks", []) if hasattr(b, "scale_shift_table") and hasattr(b, "norm3")]
     if not blocks:
         raise ValueError(f"{prefix}: no Wan transformer blocks to patch; pass adaln=False")
-    forward = _block_forward(backends)
+    forward = _block_forward(backend)
     changes = [_set_attr(b, "forward", types.MethodType(forward, b), "") for b in blocks]
     changes[-1].description = f"{prefix}: {len(blocks)} blocks -> fused adaLN modulation and gated residuals"
     return changes
@@ -1055,20 +1061,20 @@ def patch(target, attention: bool = True, rope: bool = True, adaln: bool = True,
     if getattr(target, _PATCHES_ATTR, None):
         raise RuntimeError("this object is already patched by fastdit; call fastdit.unpatch(...) first")
     _warn_if_untested_diffusers()
-    backends = backends_for(backend, PATCH_OPS)
+    backends_for(backend, PATCH_OPS)  # checks the name before anything changes
     transformers, vaes, notes = _components(target)
     changes: list[_Change] = []
     try:
         for name, model in transformers:
             wan = type(model) is WanTransformer3DModel
             if rope and wan:
-                changes += _patch_rope(model, name, backends)
+                changes += _patch_rope(model, name, backend)
             if attention:
-                made, left = _patch_attention(model, name, backends)
+                made, left = _patch_attention(model, name, backend)
                 changes += made
                 notes += left
             if adaln and wan:
-                changes += _patch_blocks(model, name, backends)
+                changes += _patch_blocks(model, name, backend)
             if (rope or adaln) and not wan:
                 notes.append(f"{name}: left {type(model).__name__}'s RoPE and adaLN: fastdit's fused ones serve "
                              "WanTransformer3DModel's blocks (diffusers' code runs them)")  # fmt: skip

@@ -19,7 +19,9 @@ called through it. Per-shape policies (a benchmark's measured winners) take part
 choice. The rules are in docs/design.md, "Dispatch".
 """
 
+import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,9 +182,14 @@ def _parse_env(value: str) -> tuple[str | None, dict[str, str]]:
 
 
 def forced_backend(op: str, backend: str | None) -> tuple[str | None, str]:
-    """The backend forced for ``op`` (argument first, then the ``backend`` setting) and where it came from."""
+    """The backend forced for ``op`` and where it came from: the ``backend=`` argument, else the
+    enclosing :class:`model_backend` block (where the op has that backend), else the ``backend``
+    setting."""
     if backend is not None:
         return backend, "backend= argument"
+    scope = getattr(_SCOPE, "value", None)
+    if scope is not None and scope[0] in _BACKENDS.get(op, {}):
+        return scope[0], f"{scope[1]}(backend={scope[0]!r})"
     value = settings.get().backend
     global_name, per_op = _parse_env(value)
     if op in per_op:
@@ -265,12 +272,12 @@ def _select(op: str, inputs: dict, backend: str | None) -> tuple[Backend, str]:
 
 def device_choice(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
     """The backend ``op`` runs on for tensors of ``device`` and ``dtype``, before any check of
-    their shapes: the forced one (argument, else the ``backend`` setting), else the first backend of
+    their shapes: the forced one (:func:`forced_backend`), else the first backend of
     the priority list that is available and selectable there. Callers that wrap other code
     (``fastdit.patch``) use it to see whether a device has any fastdit kernel at all; it is recorded
     in open traces like a dispatch."""
     values = settings.get()
-    key = ("device_choice", op, backend, id(values), device, dtype)
+    key = ("device_choice", op, backend, getattr(_SCOPE, "value", None), id(values), device, dtype)
     cached = _CHOICES.get(key)
     if cached is not None and cached[0] is values:
         for log in _TRACES:
@@ -309,6 +316,58 @@ def backends_for(name: str | None, op_names) -> dict[str, str | None]:
     if name is not None and name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
     return {op: name if name in _BACKENDS.get(op, {}) else None for op in op_names}
+
+
+# ---- a model-wide choice: the backend a model runs every op on, for the calls it makes --------------
+
+# The model_backend() block running on this thread: (name, owner) or None. Thread-local, so two
+# models called from two threads keep their own choice; torch.compile traces reads and writes of it.
+_SCOPE = threading.local()
+
+
+class model_backend:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Run a block with ``name`` forced on every op called in it without ``backend=`` that has such
+    a backend (the others keep the dispatcher's choice, as :func:`backends_for` says): the one way
+    a model-wide choice (``DiT(backend=...)``, ``CausalVAE(backend=...)``, ``fastdit.patch(...,
+    backend=...)``) reaches every op its modules call. An explicit ``backend=`` argument still wins;
+    the choice comes before the ``FASTDIT_BACKEND`` setting. ``None`` leaves the enclosing choice
+    in force; blocks nest; the choice is per thread. Traces name the owner
+    (``forced by DiT(backend='triton')``). An unknown name raises ValueError on entry."""
+
+    def __init__(self, name: str | None, owner: str = "model_backend"):
+        if name is not None and name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
+        self.name, self.owner = name, owner
+
+    def __enter__(self):
+        self.previous = getattr(_SCOPE, "value", None)
+        if self.name is not None:
+            _SCOPE.value = (self.name, self.owner)
+        return self
+
+    def __exit__(self, *exc):
+        _SCOPE.value = self.previous
+        return False
+
+
+def on_model_backend(method):
+    """Decorate a model's method so it runs inside ``model_backend(self.backend, <class name>)``:
+    every op it calls, however deep in the model's modules, sees the model's choice."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with model_backend(self.backend, type(self).__name__):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def scoped_backend(op: str) -> str | None:
+    """The backend the enclosing :class:`model_backend` block forces on ``op``: its name when the
+    op has such a backend, else None (also outside any block). For code that must pass the choice
+    on to a call made later, outside the block (an autograd backward)."""
+    scope = getattr(_SCOPE, "value", None)
+    return scope[0] if scope is not None and scope[0] in _BACKENDS.get(op, {}) else None
 
 
 @dataclass(frozen=True)
@@ -350,7 +409,8 @@ def choose(op: str, inputs: dict, backend: str | None = None) -> Choice:
         _record(op, chosen.name, source)
         return Choice(chosen, chosen.variant_args(), source)
     values = settings.get()
-    key = (op, backend, id(values), *inputs.values())  # an op builds its inputs' keys in one order
+    # an op builds its inputs' keys in one order
+    key = (op, backend, getattr(_SCOPE, "value", None), id(values), *inputs.values())
     try:
         cached = _CHOICES.get(key)
     except TypeError:  # an unhashable summary value: choose without remembering

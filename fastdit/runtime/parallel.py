@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from fastdit import ops
 from fastdit.models.packing import PackedBatch, cu_seqlens_of
+from fastdit.ops import dispatch
 from fastdit.ops.validation import values_checked
 
 # ---- the shard plan ---------------------------------------------------------------------------------
@@ -422,7 +423,7 @@ class SequenceParallelDiT(torch.nn.Module):
             self._step = None
         return _GatherTokens.apply(out, counts, layout.rank, self.group)
 
-    def _attention(self, q, k, v, local: PackedBatch, backend):
+    def _attention(self, q, k, v, local: PackedBatch):
         plan = self._step
         if plan is None:  # the wrapped model called on its own, outside forward_packed: plain attention
             return None
@@ -443,12 +444,14 @@ class SequenceParallelDiT(torch.nn.Module):
             # slice) has none; the all-to-alls still ran, so the collectives stay matched.
             out = q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # keeps every backward collective
         elif layout.ring > 1:
+            # the model's backend, named for the ring's backward (which runs outside its forward)
+            backend = dispatch.scoped_backend("varlen_attention")
             out = _RingAttention.apply(q, k, v, self._ring(ring_parts, c, u, scale, backend))
         else:
             parts = ring_parts[0]
             cu = cu_seqlens_of([p.end - p.start for p in parts], q.device)
             longest = max(p.end - p.start for p in parts)
-            out = ops.varlen_attention(q, k, v, cu, cu, longest, longest, softmax_scale=scale, backend=backend)
+            out = ops.varlen_attention(q, k, v, cu, cu, longest, longest, softmax_scale=scale)
         if layout.ulysses > 1:
             out = _HeadsToSeq.apply(out, token_counts, head_counts, u, ulysses_group)
         return out

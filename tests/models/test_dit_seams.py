@@ -21,7 +21,7 @@ def test_attention_hook_routes_self_attention_and_is_removed_by_its_owner():
     batch = _batch(model)
     seen = []
 
-    def hook(q, k, v, local, backend):
+    def hook(q, k, v, local):
         seen.append(q.shape)
         return None  # plain attention
 

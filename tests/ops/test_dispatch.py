@@ -122,3 +122,97 @@ def test_cuda_backend_reports_missing_extension_on_cpu():
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown backend names"):
         set_priority("rope3d", ["fastest"])
+
+
+# ---- model_backend: a model-wide choice reaching every op called inside it -------------------------
+
+
+def _rms_norm_backend(backend=None) -> str:
+    with dispatch.trace() as log:
+        ops.rms_norm(torch.randn(3, 8), torch.ones(8), eps=1e-5, backend=backend)
+    return log[-1][1]
+
+
+def test_model_backend_forces_ops_called_without_backend_and_restores():
+    """Catches the block's choice ignored, kept after the block (a later model silently on the
+    reference), or a stale eager choice cache (the cache key must include the block)."""
+    assert _rms_norm_backend() == "torch"  # the CPU default
+    with dispatch.trace() as log, dispatch.model_backend("reference", "MyModel"):
+        ops.rms_norm(torch.randn(3, 8), torch.ones(8), eps=1e-5)
+    assert log == [("rms_norm", "reference")]
+    assert log.sources[("rms_norm", "reference")] == "forced by MyModel(backend='reference')"
+    assert _rms_norm_backend() == "torch"
+    with dispatch.model_backend("reference"):
+        assert _rms_norm_backend("torch") == "torch"  # an explicit backend= still wins
+        with dispatch.model_backend(None):  # None leaves the enclosing choice
+            assert _rms_norm_backend() == "reference"
+        with dispatch.model_backend("torch"):  # nests
+            assert _rms_norm_backend() == "torch"
+        assert _rms_norm_backend() == "reference"
+        assert dispatch.scoped_backend("rms_norm") == "reference"
+    assert dispatch.scoped_backend("rms_norm") is None
+
+
+def test_model_backend_is_restored_after_an_exception_and_skips_ops_without_that_backend():
+    """Catches a choice leaked by an exception inside the block, and a name forced onto an op that
+    lacks it (``cudnn`` names the conv's and attention's backends, not rms_norm's)."""
+    with pytest.raises(ZeroDivisionError), dispatch.model_backend("reference"):
+        _ = 1 / 0
+    assert _rms_norm_backend() == "torch"
+    assert "cudnn" not in dispatch.backends("rms_norm")
+    with dispatch.model_backend("cudnn"):
+        assert _rms_norm_backend() == "torch" and dispatch.scoped_backend("rms_norm") is None
+
+
+def test_model_backend_wins_over_the_setting(set_setting):
+    """Catches FASTDIT_BACKEND overriding a model's explicit choice (as it never overrode backend=)."""
+    set_setting(backend="torch")
+    with dispatch.model_backend("reference"):
+        assert _rms_norm_backend() == "reference"
+    assert _rms_norm_backend() == "torch"
+
+
+def test_model_backend_is_per_thread():
+    """Catches a process-wide choice: a model on one thread would force its backend on another
+    thread's model (the server runs models from worker threads)."""
+    import threading
+
+    inside, seen = threading.Event(), {}
+
+    def other():
+        inside.wait(timeout=30)
+        seen["other"] = dispatch.forced_backend("rms_norm", None)[0]
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with dispatch.model_backend("reference"):
+        inside.set()
+        thread.join(timeout=30)
+        seen["mine"] = dispatch.forced_backend("rms_norm", None)[0]
+    assert seen == {"other": None, "mine": "reference"}
+
+
+@pytest.mark.bad_input
+def test_model_backend_refuses_an_unknown_name():
+    """Catches a typo taken for "no choice" (the model would run on the defaults, silently)."""
+    with pytest.raises(ValueError, match="unknown backend 'tritn'"):
+        dispatch.model_backend("tritn")
+
+
+def test_model_backend_traces_under_torch_compile():
+    """Catches a choice torch.compile cannot trace (a graph break per model call, or the
+    block's choice lost inside a compiled region): compiled with fullgraph on the eager backend."""
+    from fastdit.models import DiT, PackedBatch
+
+    torch.manual_seed(0)
+    model = DiT.from_preset("tiny", backend="reference").eval()
+    batch = PackedBatch.from_samples([torch.randn(16, 1, 4, 4)], [500.0], [torch.randn(3, 32)])
+    batch.validate()
+    model.check_batch(batch)
+    with torch.no_grad():
+        eager = model.forward_validated(batch)
+        compiled = torch.compile(model.forward_validated, fullgraph=True, backend="eager")
+        with dispatch.trace() as log:
+            out = compiled(batch)
+    assert torch.equal(out, eager)
+    assert log and {name for _, name in log} == {"reference"}

@@ -4,8 +4,6 @@ import pytest
 import torch
 
 from fastdit.models import DiT, PackedBatch, preset
-from fastdit.models.wan.dit import MODEL_OPS
-from fastdit.ops.dispatch import backends_for
 from fastdit.runtime import FlowMatchSampler, GraphedDiT, text_to_image, text_to_video
 from tests.conftest import rel_err
 
@@ -93,7 +91,7 @@ def test_fast_step_allocates_no_more_than_the_reference():
     peaks = {}
     with torch.no_grad():
         for backend in ("reference", None):
-            model.op_backends = backends_for(backend, MODEL_OPS)
+            model.set_backend(backend)
             model.forward_packed(batch)  # warm up (Triton compiles, autotunes)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

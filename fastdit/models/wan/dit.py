@@ -20,7 +20,7 @@ from fastdit.models.family import SequenceParallelPlan
 from fastdit.models.packing import PackedBatch, check_timestep
 from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
 from fastdit.models.wan.config import DiTConfig, preset
-from fastdit.ops.dispatch import backends_for
+from fastdit.ops.dispatch import backends_for, model_backend
 from fastdit.ops.validation import check_tensor, values_checked
 
 # The fastdit ops the DiT calls.
@@ -81,13 +81,13 @@ class Attention(nn.Module):
             self.add_v = nn.Linear(config.added_kv_proj_dim, hidden)
             self.add_k_norm = nn.Parameter(torch.ones(hidden))
         # Self-attention routed elsewhere while DiT.attention_hook(fn) is active (a sequence-parallel
-        # step): fn(q, k, v, batch, backend) -> out, or None for plain attention.
+        # step): fn(q, k, v, batch) -> out, or None for plain attention.
         self.sequence_parallel = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
-    def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig, backends: dict):
+    def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig):
         # q/k RMSNorm across heads and 3D RoPE in one op (one kernel on the Triton backend).
         q, k = ops.rope3d_qk(
             self._heads(self.q(x)),
@@ -101,36 +101,33 @@ class Attention(nn.Module):
             q_norm_weight=self.q_norm,
             k_norm_weight=self.k_norm,
             norm_eps=self.eps,
-            backend=backends["rope3d_qk_norm"],
         )
         v = self._heads(self.v(x))
         cu, n = batch.cu_seqlens, batch.max_seqlen
         out = None
         if self.sequence_parallel is not None:  # None outside a sequence-parallel step: plain attention
-            out = self.sequence_parallel(q, k, v, batch, backends["varlen_attention"])
+            out = self.sequence_parallel(q, k, v, batch)
         if out is None:
-            out = ops.varlen_attention(q, k, v, cu, cu, n, n, backend=backends["varlen_attention"])
+            out = ops.varlen_attention(q, k, v, cu, cu, n, n)
         return self.o(out.flatten(1))
 
-    def text_kv(self, context: torch.Tensor, backends: dict, image_context: torch.Tensor | None = None) -> tuple:
+    def text_kv(self, context: torch.Tensor, image_context: torch.Tensor | None = None) -> tuple:
         """Cross-attention keys (RMS-normed) and values of the text tokens, (total_text, H, D) each;
         then, for the I2V model, those of the image tokens (its added projections and norm)."""
-        k = ops.rms_norm(self.k(context), self.k_norm, eps=self.eps, backend=backends["rms_norm"])
+        k = ops.rms_norm(self.k(context), self.k_norm, eps=self.eps)
         kv = (self._heads(k), self._heads(self.v(context)))
         if image_context is None:
             return kv
-        k_img = ops.rms_norm(self.add_k(image_context), self.add_k_norm, eps=self.eps, backend=backends["rms_norm"])
+        k_img = ops.rms_norm(self.add_k(image_context), self.add_k_norm, eps=self.eps)
         return kv + (self._heads(k_img), self._heads(self.add_v(image_context)))
 
-    def forward_cross(self, x: torch.Tensor, kv: tuple, batch: PackedBatch, backends: dict):
+    def forward_cross(self, x: torch.Tensor, kv: tuple, batch: PackedBatch):
         # q's RMSNorm across heads, with its weight, in one pass (one kernel on the Triton backend)
-        q = self._heads(ops.rms_norm(self.q(x), self.q_norm, eps=self.eps, backend=backends["rms_norm"]))
+        q = self._heads(ops.rms_norm(self.q(x), self.q_norm, eps=self.eps))
         cu, n = batch.cu_seqlens, batch.max_seqlen
-        attn = backends["varlen_attention"]
-        out = ops.varlen_attention(q, kv[0], kv[1], cu, batch.cu_seqlens_text, n, batch.max_seqlen_text, backend=attn)
+        out = ops.varlen_attention(q, kv[0], kv[1], cu, batch.cu_seqlens_text, n, batch.max_seqlen_text)
         if len(kv) == 4:  # I2V: attention to the image tokens, added (diffusers: text + image, then to_out)
-            image = ops.varlen_attention(q, kv[2], kv[3], cu, batch.cu_seqlens_image, n, batch.max_seqlen_image,
-                                         backend=attn)  # fmt: skip
+            image = ops.varlen_attention(q, kv[2], kv[3], cu, batch.cu_seqlens_image, n, batch.max_seqlen_image)
             out = out + image
         return self.o(out.flatten(1))
 
@@ -148,26 +145,28 @@ class DiTBlock(nn.Module):
         # (shift, scale, gate) of self-attention, then of the FFN; added to the per-sample projection.
         self.modulation = nn.Parameter(torch.randn(1, 6, hidden) / hidden**0.5)
 
-    def forward(self, x, text_kv, mod, batch: PackedBatch, backends: dict):
-        return wan_block(_PackedLayers(self, text_kv, batch, backends), x, block_modulation(self.modulation, mod))
+    def forward(self, x, text_kv, mod, batch: PackedBatch):
+        """One block over a packed batch; its ops run on the backend of the enclosing
+        :class:`fastdit.ops.dispatch.model_backend` block (the DiT's own, in :meth:`DiT.forward_validated`)."""
+        return wan_block(_PackedLayers(self, text_kv, batch), x, block_modulation(self.modulation, mod))
 
 
 class _PackedLayers:
     """The Wan block's primitives (:class:`fastdit.models.wan.block.WanBlockLayers`) on fastdit's
-    ops over a packed batch, each op on the backend the model chose for it."""
+    ops over a packed batch."""
 
-    def __init__(self, block: DiTBlock, text_kv, batch: PackedBatch, backends: dict):
-        self.block, self.text_kv, self.batch, self.backends = block, text_kv, batch, backends
+    def __init__(self, block: DiTBlock, text_kv, batch: PackedBatch):
+        self.block, self.text_kv, self.batch = block, text_kv, batch
 
     def modulate(self, x, shift, scale):
         eps, cu = self.block.config.eps, self.batch.cu_seqlens
-        return ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=eps, backend=self.backends["adaln_modulate"])
+        return ops.adaln_modulate(x, shift, scale, cu, norm="layer", eps=eps)
 
     def self_attention(self, h):
-        return self.block.self_attn.forward_self(h, self.batch, self.block.config, self.backends)
+        return self.block.self_attn.forward_self(h, self.batch, self.block.config)
 
     def gated_residual(self, x, y, gate):
-        return ops.gated_residual(x, y, gate, self.batch.cu_seqlens, backend=self.backends["gated_residual"])
+        return ops.gated_residual(x, y, gate, self.batch.cu_seqlens)
 
     def cross_norm(self, x):
         norm = self.block.cross_norm
@@ -176,7 +175,7 @@ class _PackedLayers:
         return F.layer_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
 
     def cross_attention(self, h):
-        return self.block.cross_attn.forward_cross(h, self.text_kv, self.batch, self.backends)
+        return self.block.cross_attn.forward_cross(h, self.text_kv, self.batch)
 
     def residual_modulate(self, x, y, shift, scale):
         x = x + y
@@ -191,14 +190,16 @@ class DiT(nn.Module):
 
     ``backend``: None lets the dispatcher choose per op (the fast kernels on a GPU);
     ``"reference"`` runs every op on the plain-PyTorch oracle; ``"triton"`` / ``"cuda"`` force
-    that backend on every op that has one (the others keep the dispatcher's choice).
+    that backend on every op that has one (the others keep the dispatcher's choice). It reaches
+    the ops one way: every public method that computes runs inside
+    ``dispatch.model_backend(self.backend)`` (docs/design.md, "Dispatch"); :meth:`set_backend`
+    changes it.
     """
 
     def __init__(self, config: DiTConfig, backend: str | None = None):
         super().__init__()
         self.config = config
-        self.backend = backend
-        self.op_backends = backends_for(backend, MODEL_OPS)
+        self.set_backend(backend)
         hidden = config.hidden
         # Conv3d with kernel = stride = patch is a Linear over each flattened patch (c, pt, ph, pw).
         self.patch_embed = nn.Linear(config.in_channels * config.patch_volume, hidden)
@@ -211,6 +212,18 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head_modulation = nn.Parameter(torch.randn(1, 2, hidden) / hidden**0.5)
         self.head_proj = nn.Linear(hidden, config.out_channels * config.patch_volume)
+
+    def set_backend(self, backend: str | None) -> "DiT":
+        """Run every op that has ``backend`` on it from now on (None: the dispatcher's choice);
+        a ValueError for a name no op has."""
+        backends_for(backend, MODEL_OPS)  # checks the name
+        self.backend = backend
+        return self
+
+    @property
+    def op_backends(self) -> dict[str, str | None]:
+        """The backend each op the DiT calls is forced onto (None: the dispatcher's choice)."""
+        return backends_for(self.backend, MODEL_OPS)
 
     @classmethod
     def from_preset(cls, name: str, backend: str | None = None) -> "DiT":
@@ -280,7 +293,8 @@ class DiT(nn.Module):
         self._check_conditioning(text, image, "text", "image")
         context = self.text_context(text)
         image_context = None if image is None else self.image_embed(image)
-        return [block.cross_attn.text_kv(context, self.op_backends, image_context) for block in self.blocks]
+        with model_backend(self.backend, "DiT"):
+            return [block.cross_attn.text_kv(context, image_context) for block in self.blocks]
 
     def text_context(self, text: torch.Tensor) -> torch.Tensor:
         """The text MLP: ``(..., text_dim)`` encoder states -> ``(..., hidden)`` cross-attention context."""
@@ -340,7 +354,7 @@ class DiT(nn.Module):
 
     @contextmanager
     def attention_hook(self, fn):
-        """Route every block's self-attention through ``fn(q, k, v, batch, backend) -> out | None``
+        """Route every block's self-attention through ``fn(q, k, v, batch) -> out | None``
         inside the block (q / k / v: this call's tokens, all heads; None from fn: plain attention),
         and remove it on leaving, whatever happened: how a sequence-parallel wrapper runs its own
         attention without owning the model's modules. Hooks do not nest."""
@@ -358,24 +372,18 @@ class DiT(nn.Module):
     def forward_validated(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         """:meth:`forward_packed` without its checks: for callers that validated ``batch``
         (``batch.validate()``, :meth:`check_batch`) and run it under ``values_checked()`` (a
-        sequence-parallel step on its local shard, a CUDA graph capture, which must not sync)."""
-        x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
-        temb, mod = self.embed_conditions(batch.timestep)
-        if text_kv is None:
-            text_kv = self.text_kv(batch.text, batch.image)
-        for block, kv in zip(self.blocks, text_kv):
-            x = block(x, kv, mod, batch, self.op_backends)
-        shift, scale = head_modulation(self.head_modulation, temb)
-        x = ops.adaln_modulate(
-            x,
-            shift,
-            scale,
-            batch.cu_seqlens,
-            norm="layer",
-            eps=self.config.eps,
-            backend=self.op_backends["adaln_modulate"],
-        )
-        return self.head_proj(x)
+        sequence-parallel step on its local shard, a CUDA graph capture, which must not sync).
+        Every op runs inside ``model_backend(self.backend)``."""
+        with model_backend(self.backend, "DiT"):
+            x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
+            temb, mod = self.embed_conditions(batch.timestep)
+            if text_kv is None:
+                text_kv = self.text_kv(batch.text, batch.image)
+            for block, kv in zip(self.blocks, text_kv):
+                x = block(x, kv, mod, batch)
+            shift, scale = head_modulation(self.head_modulation, temb)
+            x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps)
+            return self.head_proj(x)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

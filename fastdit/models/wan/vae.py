@@ -29,7 +29,9 @@ from fastdit.models.weights import (
     read_directory,
     shapes_must_match,
 )
-from fastdit.ops.dispatch import backends_for
+from fastdit.ops.dispatch import backends_for, on_model_backend
+
+VAE_OPS = ("causal_conv3d", "rms_norm_silu")  # the fastdit ops the VAE calls
 
 
 @dataclass(frozen=True)
@@ -142,13 +144,11 @@ class CausalConv3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cout))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.spatial_padding = padding[1:]
-        self.backend: str | None = None  # set by CausalVAE.set_backend
 
     def forward(self, x, stream: StreamCache | None = None, residual=None):
         cache = None if stream is None else stream.get()
         y, new_cache = ops.causal_conv3d(
             x, self.weight, self.bias, padding=self.spatial_padding, cache=cache, residual=residual,
-            backend=self.backend,
         )  # fmt: skip
         if stream is not None and self.weight.shape[2] > 1:
             stream.put(new_cache)
@@ -162,10 +162,9 @@ class RMSNorm(nn.Module):
     def __init__(self, dim, images=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
-        self.backend: str | None = None
 
     def forward(self, x, silu=False):
-        return ops.rms_norm_silu(x, self.gamma, silu=silu, backend=self.backend)
+        return ops.rms_norm_silu(x, self.gamma, silu=silu)
 
 
 class ResidualBlock(nn.Module):
@@ -226,7 +225,6 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1))  # stride 2 in time, applied below
-        self.backend: str | None = None
 
     def forward(self, x, stream=None):
         b, c, t, h, w = x.shape
@@ -238,20 +236,16 @@ class Resample(nn.Module):
                 stream.put("first")
             else:
                 cache = None if isinstance(slot, str) else slot
-                y, new_cache = ops.causal_conv3d(
-                    x, self.time_conv.weight, self.time_conv.bias, cache=cache, backend=self.backend
-                )
+                y, new_cache = ops.causal_conv3d(x, self.time_conv.weight, self.time_conv.bias, cache=cache)
                 stream.put(new_cache)
                 # Channels [0, c) are frame 2i, [c, 2c) frame 2i + 1.
                 x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, t * 2, h, w)
                 x = x.contiguous(memory_format=torch.channels_last_3d)
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
-            x, _ = ops.causal_conv3d(x, conv.weight[:, :, None], conv.bias, padding=(1, 1), upsample=2,
-                                     backend=self.backend)  # fmt: skip
+            x, _ = ops.causal_conv3d(x, conv.weight[:, :, None], conv.bias, padding=(1, 1), upsample=2)
         else:
-            x, _ = ops.causal_conv3d(x, conv.weight[:, :, None], conv.bias, stride=(1, 2, 2), padding=(0, 1, 0, 1),
-                                     backend=self.backend)  # fmt: skip
+            x, _ = ops.causal_conv3d(x, conv.weight[:, :, None], conv.bias, stride=(1, 2, 2), padding=(0, 1, 0, 1))
         if self.mode == "downsample3d" and stream is not None:
             # One cache slot: the last frame of the previous chunk; the first chunk is not
             # downsampled in time; later chunks are, with that frame in front and no padding.
@@ -261,7 +255,7 @@ class Resample(nn.Module):
             else:
                 x, last = ops.causal_conv3d(
                     x, self.time_conv.weight, self.time_conv.bias, stride=(2, 1, 1), time_padding=1,
-                    cache=previous, backend=self.backend,
+                    cache=previous,
                 )  # fmt: skip
                 stream.put(last)
         return x
@@ -466,7 +460,9 @@ class CausalVAE(nn.Module):
 
     Every conv and norm runs on fastdit.ops (``backend`` forces one for all of them, else the
     dispatcher picks: on GPUs cuDNN or Triton convs and the fused Triton norm + SiLU; on CPUs the
-    reference). Activations are channels-last-3d throughout, and so are the conv weights (Cin
+    reference); ``encode``, ``decode`` and ``decode_patchified`` run inside
+    ``dispatch.model_backend(self.backend)``, the one way the choice reaches the modules.
+    Activations are channels-last-3d throughout, and so are the conv weights (Cin
     innermost; ``load_state_dict`` and ``.to()`` keep that layout; safetensors wants contiguous
     tensors, so save ``{k: v.contiguous() for k, v in vae.state_dict().items()}``); bf16 / fp16
     weights run in bf16 / fp16 with fp32 statistics and accumulation.
@@ -496,19 +492,20 @@ class CausalVAE(nn.Module):
     def set_backend(self, backend: str | None) -> "CausalVAE":
         """Run every conv (causal_conv3d) and norm (rms_norm_silu) on ``backend`` where that op
         has it, else on the dispatcher's choice; None: the dispatcher's choice everywhere."""
-        choice = backends_for(backend, ("causal_conv3d", "rms_norm_silu"))
+        backends_for(backend, VAE_OPS)  # checks the name
         self.backend = backend
-        for module in self.modules():
-            if isinstance(module, CausalConv3d | Resample):
-                module.backend = choice["causal_conv3d"]
-            elif isinstance(module, RMSNorm):
-                module.backend = choice["rms_norm_silu"]
         return self
+
+    @property
+    def op_backends(self) -> dict[str, str | None]:
+        """The backend each op the VAE calls is forced onto (None: the dispatcher's choice)."""
+        return backends_for(self.backend, VAE_OPS)
 
     @staticmethod
     def _channels_last(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last_3d)
 
+    @on_model_backend
     def encode(
         self, video: torch.Tensor, chunk_frames: int = 4, tiling: SpatialTiling | None = None, moments: bool = False
     ) -> torch.Tensor:
@@ -564,6 +561,7 @@ class CausalVAE(nn.Module):
                 out[:, :, first : first + chunk.shape[2]] = chunk
         return out
 
+    @on_model_backend
     def decode(self, z: torch.Tensor, chunk_frames: int = 1, tiling: SpatialTiling | None = None) -> torch.Tensor:
         """Decode the first latent frame alone, then ``chunk_frames`` latent frames at a time
         (Wan: one at a time, the least memory); every chunking gives the same video. The video is
@@ -598,6 +596,7 @@ class CausalVAE(nn.Module):
             ratio // self.config.patch_size,
         )
 
+    @on_model_backend
     def decode_patchified(self, z: torch.Tensor, chunk_frames: int = 1) -> torch.Tensor:
         """The decoder's output for latent ``z`` before Wan 2.2's unpatchify and the clamp:
         ``(B, config.pixel_channels, 1 + 4 (T - 1), 8 H, 8 W)`` (what tiles are blended in).
