@@ -965,8 +965,6 @@ def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
 
     from fastdit.models.wan.vae import SpatialTiling
 
-    config = dict(vae.config)
-    patchified = (config.get("patch_size") or 1) != 1  # Wan 2.2's VAE: fastdit has no tiling for it yet
     shared = _SharedVAE(vae, backend)
     original_encode, original_decode = vae._encode, vae._decode
 
@@ -976,20 +974,12 @@ def _patch_vae(vae, prefix: str, backend: str | None) -> list[_Change]:
         return SpatialTiling(vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
                              vae.tile_sample_stride_width)  # fmt: skip
 
-    def current():
-        if patchified and vae.use_tiling:
-            _log_once(
-                f"{prefix}: tiled Wan 2.2 VAE encode / decode runs diffusers' code (fastdit's is not written yet)"
-            )
-            return None
-        return shared.current()
-
     def _encode(x):
-        fast = current()
+        fast = shared.current()
         return original_encode(x) if fast is None else fast.encode(x, tiling=tiling(), moments=True)
 
     def _decode(z, return_dict=True):
-        fast = current()
+        fast = shared.current()
         if fast is None:
             return original_decode(z, return_dict=return_dict)
         out = fast.decode(z, tiling=tiling())

@@ -495,25 +495,35 @@ def test_patched_two_expert_pipeline_equals_unpatched():
     assert torch.equal(run(), expect)
 
 
-def test_patched_wan22_vae_equals_unpatched_and_tiling_falls_back():
+def test_patched_wan22_vae_equals_unpatched_tiled_too():
+    """Catches the patched Wan 2.2 VAE handing tiled calls back to diffusers (or tiling them at Wan
+    2.1's sizes): with diffusers' tiling on, fastdit's tiled encode and decode serve them and equal
+    diffusers' own."""
     from tests.models.test_vae_diffusers_parity import WAN22
 
     vae = make_vae(**WAN22, latents_mean=[0.0] * 12, latents_std=[1.0] * 12)
     video = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    tiles = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                 tile_sample_stride_width=8)  # fmt: skip
     with torch.no_grad():
         latent = vae.encode(video).latent_dist.mean
         expect = vae.decode(latent).sample
+        vae.enable_tiling(**tiles)
+        tiled_latent = vae.encode(video).latent_dist.mean  # diffusers' own tiled encode and decode
+        vae.enable_tiling(**{k: 2 * v for k, v in tiles.items()})  # decode tiles: whole latents (16 px)
+        tiled = vae.decode(latent).sample
+        vae.disable_tiling()
         changes = fastdit.patch(vae)
         assert any("fastdit CausalVAE" in c for c in changes)
         try:
             assert rel_err(vae.encode(video).latent_dist.mean, latent) <= 1e-5
             assert rel_err(vae.decode(latent).sample, expect) <= 1e-5
-            vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
-                              tile_sample_stride_width=16)  # fmt: skip
-            tiled = vae.decode(latent).sample  # diffusers' own tiled decode (fastdit's is not written yet)
-            vae.disable_tiling()
+            with dispatch.trace() as log:
+                vae.enable_tiling(**tiles)
+                assert rel_err(vae.encode(video).latent_dist.mean, tiled_latent) <= 1e-5
+                vae.enable_tiling(**{k: 2 * v for k, v in tiles.items()})
+                assert rel_err(vae.decode(latent).sample, tiled) <= 1e-5
+            assert {op for op, _ in log} >= {"causal_conv3d", "rms_norm_silu"}  # fastdit's ops ran
+            assert rel_err(tiled_latent, latent) > 1e-4 and rel_err(tiled, expect) > 1e-4  # tiles did blend
         finally:
             fastdit.unpatch(vae)
-        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
-                          tile_sample_stride_width=16)  # fmt: skip
-        assert torch.equal(tiled, vae.decode(latent).sample)

@@ -112,8 +112,8 @@ def test_wan22_vae_refuses_what_it_does_not_run():
     vae = CausalVAE.from_diffusers(make_wan(**WAN22)).eval()
     with pytest.raises(ValueError, match="multiples of the VAE's patch size 2"):
         vae.encode(torch.zeros(1, 3, 1, 33, 32))
-    with pytest.raises(NotImplementedError, match="tiled"):
-        vae.encode(torch.zeros(1, 3, 1, 32, 288), tiling=SpatialTiling())
+    with pytest.raises(ValueError, match="positive multiple of 8 pixels"):  # tiles the encoder cannot cut
+        vae.encode(torch.zeros(1, 3, 1, 32, 288), tiling=SpatialTiling(min_height=20))
     with pytest.raises(ValueError, match="fastdit runs RGB videos"):
         CausalVAE.from_diffusers(make_wan(**{**WAN22, "in_channels": 16}))
 
@@ -136,6 +136,28 @@ def test_wan22_tiled_decode_matches_diffusers(height, width):
         got = vae.decode(z, tiling=tiling)
         untiled = vae.decode(z)
     assert got.shape == expect.shape == (1, 3, 5, 16 * height, 16 * width)
+    assert rel_err(got, expect) <= 1e-5
+    assert rel_err(got, untiled) > 1e-4  # the tiles did blend
+
+
+@pytest.mark.parametrize("height, width", [(48, 80), (64, 64)])
+def test_wan22_tiled_encode_matches_diffusers(height, width):
+    """Wan 2.2's encoder tiles its 2x2-folded input, as diffusers' tiled_encode (each tile twice
+    the video pixels): catches tiles cut from the unfolded video, blended at Wan 2.1's 8 pixels
+    per latent in the video, or the tiling condition read from the folded size."""
+    from fastdit.models.wan.vae import SpatialTiling
+
+    wan = make_wan(**WAN22)
+    wan.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=8,
+                      tile_sample_stride_width=8)  # fmt: skip
+    vae = CausalVAE.from_diffusers(wan).eval()
+    tiling = SpatialTiling(min_height=16, min_width=16, stride_height=8, stride_width=8)
+    video = torch.rand(1, 3, 5, height, width, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expect = wan.encode(video).latent_dist.mean
+        got = vae.encode(video, tiling=tiling)
+        untiled = vae.encode(video)
+    assert got.shape == expect.shape == (1, 12, 2, height // 16, width // 16)
     assert rel_err(got, expect) <= 1e-5
     assert rel_err(got, untiled) > 1e-4  # the tiles did blend
 

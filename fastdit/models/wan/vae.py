@@ -513,7 +513,8 @@ class CausalVAE(nn.Module):
 
         Wan encodes [1, 4, 4, ...]; every chunking gives the same latent (the convs are causal
         and carry their context in the stream caches), larger chunks trade memory for fewer
-        steps. ``tiling`` encodes overlapping spatial tiles when the video is larger than one.
+        steps. ``tiling`` encodes overlapping spatial tiles when the video is larger than one (Wan 2.2:
+        tiles of the 2x2-folded picture, as diffusers', so each covers twice the pixels).
         ``moments=True`` returns the posterior's mean and log-variance ``(B, 2z, ...)`` (diffusers'
         ``_encode``) instead of the mean.
         """
@@ -531,17 +532,19 @@ class CausalVAE(nn.Module):
             raise ValueError(
                 f"video height and width must be multiples of the VAE's patch size {p}, got {height}x{width}"
             )
-        if p != 1:
-            if tiling is not None and (height > tiling.min_height or width > tiling.min_width):
-                raise NotImplementedError("tiled encode / decode of the Wan 2.2 (patchified) VAE is not written yet")
-            moments = self._encode_moments(patchify(self._channels_last(video), p).contiguous(), chunk_frames)
-            return moments.contiguous() if want_moments else moments[:, : self.config.z_dim].contiguous()
+        if p != 1:  # Wan 2.2: 2x2 pixels folded into 12 channels before the encoder
+            video = patchify(self._channels_last(video), p).contiguous()
         if tiling is not None and (height > tiling.min_height or width > tiling.min_width):
-            moments = _tiled(
-                lambda tile: self._encode_moments(tile, chunk_frames), video,
-                (tiling.min_height, tiling.min_width), (tiling.stride_height, tiling.stride_width), 1 / 8,
-                (height // 8, width // 8),
-            )  # fmt: skip
+            # As diffusers' tiled_encode: tiles of the tiling's sizes cut from the encoder's input
+            # (for Wan 2.2 the folded picture, so p times as wide in the video), blended in the
+            # latent, ``spatial_ratio / p`` (8 for both VAEs) rows per latent row.
+            ratio = self.config.spatial_ratio // p
+            sizes = (tiling.min_height, tiling.min_width, tiling.stride_height, tiling.stride_width)
+            if any(size % ratio for size in sizes):
+                raise ValueError(f"tiles of this VAE's encoder must be multiples of {ratio} pixels, got {tiling}")
+            rows, cols = video.shape[-2:]
+            moments = _tiled(lambda tile: self._encode_moments(tile, chunk_frames), video, sizes[:2], sizes[2:],
+                             1 / ratio, (rows // ratio, cols // ratio))  # fmt: skip
         else:
             moments = self._encode_moments(video, chunk_frames)
         return moments.contiguous() if want_moments else moments[:, : self.config.z_dim].contiguous()
