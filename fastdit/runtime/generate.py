@@ -178,8 +178,29 @@ def _lora_arg(value: str) -> tuple[str, float]:
 
 def validate(args) -> GenerationRequest:
     """The one place a run's flags are checked, before any model is built: sizes and frame counts
-    (against the checkpoint's own VAE and patch), steps, the output path, the device, the input
-    files (decoded here), the prompt embeddings; a :class:`UsageError` naming the flag."""
+    (against the checkpoint's own VAE and patch), sampling, the output path, the device, what the
+    checkpoint and mode need, the input files (decoded here) and the prompt embeddings; a
+    :class:`UsageError` naming the flag."""
+    checkpoint, facts, height, width, frames, size_frames = _validate_size(args)
+    sigmas = _validate_sampling(args)
+    _check_out(args.out, frames)
+    device = _device(args.device)
+    boundary = _validate_model_inputs(args, checkpoint)
+    request = GenerationRequest(
+        mode=args.mode, height=height, width=width, frames=frames, device=device, vae_facts=facts, steps=args.steps,
+        guidance=args.guidance, shift=args.shift, seed=args.seed, strength=args.strength, out=args.out,
+        preset=args.preset, offload_experts=args.offload_experts, vae_tiling=args.vae_tiling,
+        guidance_2=args.guidance_2, weights=args.weights, checkpoint=checkpoint, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, input_paths=list(args.input), sigmas=sigmas,
+        loras=[_lora_arg(a) for a in args.lora], loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
+    )  # fmt: skip
+    _read_inputs(request, args, size_frames)
+    return request
+
+
+def _validate_size(args):
+    """``(checkpoint, VAE facts, height, width, frames, frames given by --size)``: --size and
+    --frames against the VAE's ratios and the DiT's patch."""
     try:
         height, width, size_frames = parse_size(args.size)
     except ValueError as err:
@@ -192,15 +213,19 @@ def validate(args) -> GenerationRequest:
     factor = facts.spatial * max(patch[1:])  # pixels per DiT token row (Wan 2.1: 8 x 2, Wan 2.2 TI2V: 16 x 2)
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"--size {height}x{width}: height and width must be positive multiples of {factor}")
-    temporal = facts.temporal
     if args.mode == "t2i" and args.frames not in (None, 1):
         raise UsageError(f"--frames {args.frames} with --mode t2i: an image has one frame; drop --frames or use t2v")
     frames = args.frames if args.frames is not None else size_frames
     if args.mode == "t2i" and frames not in (None, 1):
         raise UsageError(f"--size {args.size} with --mode t2i: an image has one frame; use HEIGHTxWIDTH")
     frames = 1 if args.mode == "t2i" else (DEFAULT_FRAMES if frames is None else frames)
-    if frames < 1 or (frames - 1) % temporal:
-        raise UsageError(f"--frames {frames}: must be 1 + {temporal}k (the VAE keeps the first frame alone)")
+    if frames < 1 or (frames - 1) % facts.temporal:
+        raise UsageError(f"--frames {frames}: must be 1 + {facts.temporal}k (the VAE keeps the first frame alone)")
+    return checkpoint, facts, height, width, frames, size_frames
+
+
+def _validate_sampling(args) -> torch.Tensor | None:
+    """Steps, guidance, shift, seed, strength; ``--sigmas`` parsed (None without it)."""
     if args.sigmas is None and args.steps < 1:  # with --sigmas, --steps is ignored
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     for flag in ("guidance", "guidance_2", "shift", "strength"):
@@ -221,8 +246,12 @@ def validate(args) -> GenerationRequest:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     if not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
-    _check_out(args.out, frames)
-    device = _device(args.device)
+    return sigmas
+
+
+def _validate_model_inputs(args, checkpoint: FamilyCheckpoint | None) -> float | None:
+    """What the mode and the checkpoint need: input files, the I2V kind, the prompt flags, a second
+    expert's boundary (returned; None without one)."""
     needed = {"i2v": 1, "extend": 1, "connect": 2, "v2v": 1}.get(args.mode, 0)
     if len(args.input) != needed:
         raise UsageError(f"--mode {args.mode} takes {needed} --input file(s), got {len(args.input)}")
@@ -262,16 +291,16 @@ def validate(args) -> GenerationRequest:
         if differ:  # compared before either expert is loaded, not three steps in when the second runs
             raise UsageError(f"--weights {args.weights}: transformer/ and transformer_2/ cannot take turns on the same "
                              f"latents: {', '.join(differ)}")  # fmt: skip
-    request = GenerationRequest(
-        mode=args.mode, height=height, width=width, frames=frames, device=device, vae_facts=facts, steps=args.steps,
-        guidance=args.guidance, shift=args.shift, seed=args.seed, strength=args.strength, out=args.out,
-        preset=args.preset, offload_experts=args.offload_experts, vae_tiling=args.vae_tiling,
-        guidance_2=args.guidance_2, weights=args.weights, checkpoint=checkpoint, prompt=args.prompt,
-        negative_prompt=args.negative_prompt, input_paths=list(args.input), sigmas=sigmas,
-        loras=[_lora_arg(a) for a in args.lora], loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
-    )  # fmt: skip
+    return boundary
+
+
+def _read_inputs(request: GenerationRequest, args, size_frames: int | None) -> None:
+    """The prompt embeddings and input videos read into ``request``; the frame count of extend /
+    connect checked against (or, by default, derived from) the inputs'."""
+    height, width, temporal = request.height, request.width, request.vae_facts.temporal
+    frames = request.frames
     if args.prompt_embeds:
-        request.text, request.negative = _read_embeds(args.prompt_embeds, _text_dim(args, checkpoint))
+        request.text, request.negative = _read_embeds(args.prompt_embeds, _text_dim(args, request.checkpoint))
     request.inputs = [_read_video(path, height, width, temporal) for path in args.input]
     if args.mode == "v2v" and request.inputs[0].shape[1] == 1:
         raise UsageError(f"--mode v2v restyles a video and --input {args.input[0]} is one image: use --mode i2v")
@@ -287,7 +316,6 @@ def validate(args) -> GenerationRequest:
     if args.mode == "connect" and total - sum(latent_frames) < 1:
         need = 1 + temporal * sum(latent_frames)
         raise UsageError(f"--frames {frames}: connecting these inputs needs at least {need} frames")
-    return request
 
 
 def _checkpoint(args) -> FamilyCheckpoint | None:
