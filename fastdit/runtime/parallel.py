@@ -368,7 +368,7 @@ class SequenceParallelDiT(torch.nn.Module):
     """A DiT whose ``forward_packed`` runs sequence-parallel over ``group``; built by
     :func:`apply_sequence_parallel`. Every rank passes the same batch and gets the whole output."""
 
-    def __init__(self, model, group, layout: Layout):
+    def __init__(self, model, group, layout: Layout, timeout: timedelta | None = None):
         super().__init__()
         self.model = model
         self.group = group
@@ -377,12 +377,12 @@ class SequenceParallelDiT(torch.nn.Module):
         self.plan = model.sequence_parallel_plan()
         self.global_ranks = dist.get_process_group_ranks(group) if group is not None else list(range(layout.size))
         self._ulysses_groups = {}
+        if timeout is None and layout.ulysses > 1:
+            timeout = group_timeout(group)
         for c in range(layout.cfg):  # every rank creates every subgroup, in the same order
             for j in range(layout.ring):
                 ranks = [self.global_ranks[layout.group_rank(c, j, u)] for u in range(layout.ulysses)]
-                self._ulysses_groups[(c, j)] = (
-                    dist.new_group(ranks, timeout=group_timeout(group)) if layout.ulysses > 1 else None
-                )
+                self._ulysses_groups[(c, j)] = dist.new_group(ranks, timeout=timeout) if layout.ulysses > 1 else None
         self._step = None
 
     def forward(self, latents, timestep: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
@@ -506,8 +506,11 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def group_timeout(group) -> timedelta | None:
     """The timeout ``group`` (default: the world) was created with, for the subgroups fastdit
-    creates: ``dist.new_group`` without one gets torch's default (30 minutes), so a hung rank
-    would block a subgroup's collective far past ``init_process_group(timeout=...)``."""
+    creates when ``apply_sequence_parallel(timeout=)`` is not given: ``dist.new_group`` without one
+    gets torch's default (30 minutes), so a hung rank would block a subgroup's collective far past
+    ``init_process_group(timeout=...)``. torch has no public getter for it: this reads its
+    backend's options, the one private read of the module, and None (torch's default) where that
+    fails; pass ``timeout=`` to skip it."""
     pg = group if group is not None else dist.group.WORLD
     for device in getattr(pg, "_device_types", []):
         try:
@@ -517,7 +520,8 @@ def group_timeout(group) -> timedelta | None:
     return None
 
 
-def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, cfg: int = 1) -> SequenceParallelDiT:
+def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, cfg: int = 1,
+                            timeout: timedelta | None = None) -> SequenceParallelDiT:  # fmt: skip
     """Run ``model`` (a :class:`fastdit.models.DiT`) sequence-parallel over ``group``.
 
     Args:
@@ -527,6 +531,8 @@ def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, 
         ulysses: ranks that split attention heads (all-to-all); need not divide the head count.
         ring: ranks that pass key / value shards around a ring.
         cfg: rank groups that split the batch's samples (2: the CFG branches).
+        timeout: how long a collective of the Ulysses subgroups created here may wait (a hung rank
+            then raises on the others); default: ``group``'s own timeout (:func:`group_timeout`).
 
     Returns:
         A module whose ``forward_packed(batch)`` every rank calls with the same batch, returning
@@ -544,6 +550,8 @@ def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, 
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     size = dist.get_world_size(group)
+    if timeout is not None and (not isinstance(timeout, timedelta) or timeout <= timedelta(0)):
+        raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}")
     if size != cfg * ulysses * ring:
         raise ValueError(f"the group has {size} ranks but cfg * ulysses * ring = {cfg} * {ulysses} * {ring}")
     mine = (ulysses, ring, cfg, repr(model.config), sum(p.numel() for p in model.parameters()))
@@ -554,7 +562,7 @@ def apply_sequence_parallel(model, group=None, ulysses: int = 1, ring: int = 1, 
                             for r, e in enumerate(everyone))  # fmt: skip
         raise RuntimeError(f"sequence parallel configuration differs across ranks: {details}")
     layout = Layout(cfg, ulysses, ring, dist.get_rank(group))
-    return SequenceParallelDiT(model, group, layout)
+    return SequenceParallelDiT(model, group, layout, timeout)
 
 
 def all_reduce_gradients(model, group=None) -> None:

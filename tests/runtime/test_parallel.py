@@ -245,13 +245,15 @@ def _dying_worker(rank, world, port, queue):
 HUNG_TIMEOUT_S = 5
 
 
-def _hung_worker(rank, world, port, ulysses, ring, queue):
+def _hung_worker(rank, world, port, ulysses, ring, explicit, queue):
     """Rank 1 stays alive but stops taking part after the batch check: its first all-to-all or
-    ring shift never starts. The others must fail within the group timeout, not torch's 30 min."""
+    ring shift never starts. The others must fail within the group timeout, not torch's 30 min
+    (``explicit``: the world waits 30x longer, apply_sequence_parallel(timeout=) is the bound)."""
     from fastdit.runtime import parallel
 
-    _init(rank, world, port, timeout_s=HUNG_TIMEOUT_S)
-    sp = apply_sequence_parallel(make_model(), ulysses=ulysses, ring=ring)
+    _init(rank, world, port, timeout_s=HUNG_TIMEOUT_S * (30 if explicit else 1))
+    timeout = timedelta(seconds=HUNG_TIMEOUT_S) if explicit else None
+    sp = apply_sequence_parallel(make_model(), ulysses=ulysses, ring=ring, timeout=timeout)
     if rank == 1:
 
         def hang(*args, **kwargs):
@@ -326,14 +328,19 @@ def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang():
     assert rank == 0 and message != "no error" and elapsed < 60, results
 
 
-HUNG_LAYOUTS = {"ulysses": (2, 2, 1), "ring": (2, 1, 2), "usp": (4, 2, 2)}  # world, ulysses, ring
+# world, ulysses, ring, the timeout given to apply_sequence_parallel (not the world's)
+HUNG_LAYOUTS = {"ulysses": (2, 2, 1, False), "ring": (2, 1, 2, False), "usp": (4, 2, 2, False),
+                "ulysses, timeout=": (2, 2, 1, True)}  # fmt: skip
 
 
 @pytest.mark.bad_input
 def test_a_hung_rank_ends_the_others_within_the_timeout():
-    """Ulysses, Ring and USP (side by side: each waits out its group timeout)."""
-    worlds = [(_hung_worker, world, (ulysses, ring), world - 1) for world, ulysses, ring in HUNG_LAYOUTS.values()]
-    for (name, (world, _, _)), results in zip(HUNG_LAYOUTS.items(), _run_worlds(worlds, join_timeout=2)):
+    """Ulysses, Ring and USP (side by side: each waits out its group timeout), and Ulysses bounded by
+    apply_sequence_parallel(timeout=) rather than the world's: catches the argument not reaching
+    the subgroups."""
+    worlds = [(_hung_worker, world, (ulysses, ring, explicit), world - 1)
+              for world, ulysses, ring, explicit in HUNG_LAYOUTS.values()]  # fmt: skip
+    for (name, (world, *_)), results in zip(HUNG_LAYOUTS.items(), _run_worlds(worlds, join_timeout=2)):
         assert len(results) == world - 1, (name, results)
         for rank, message, elapsed in results:
             assert rank != 1 and message != "no error", (name, results)
