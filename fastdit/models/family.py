@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from fastdit.models.weights import WeightLoadError
+from fastdit.ops.dispatch import backends_for
 
 
 class UnknownCheckpointError(WeightLoadError):
@@ -63,6 +64,29 @@ class SequenceParallelPlan:
     states) is replicated on every rank."""
 
     heads: int
+
+
+class BackendChoice:
+    """What every family's models share for a model-wide backend: ``backend`` (None: the
+    dispatcher's choice per op), :meth:`set_backend` and the :attr:`op_backends` view over the ops
+    the model calls (``BACKEND_OPS``). The model runs its public methods inside
+    ``dispatch.model_backend(self.backend)`` (``@dispatch.on_model_backend``)."""
+
+    BACKEND_OPS: tuple[str, ...] = ()
+    backend: str | None = None
+
+    def set_backend(self, backend: str | None):
+        """Run every op of ``BACKEND_OPS`` that has ``backend`` on it from now on, the others on the
+        dispatcher's choice (None: the dispatcher's choice everywhere); a ValueError for a name no
+        backend has. Returns the model."""
+        backends_for(backend, self.BACKEND_OPS)  # checks the name
+        self.backend = backend
+        return self
+
+    @property
+    def op_backends(self) -> dict[str, str | None]:
+        """The backend each op the model calls is forced onto (None: the dispatcher's choice)."""
+        return backends_for(self.backend, self.BACKEND_OPS)
 
 
 class FamilyCheckpoint(abc.ABC):

@@ -16,11 +16,11 @@ from einops import rearrange
 from torch import nn
 
 from fastdit import ops
-from fastdit.models.family import SequenceParallelPlan
+from fastdit.models.family import BackendChoice, SequenceParallelPlan
 from fastdit.models.packing import PackedBatch, check_timestep
 from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
 from fastdit.models.wan.config import DiTConfig, preset
-from fastdit.ops.dispatch import backends_for, model_backend
+from fastdit.ops.dispatch import model_backend
 from fastdit.ops.validation import check_tensor, values_checked
 
 # The fastdit ops the DiT calls.
@@ -185,7 +185,7 @@ class _PackedLayers:
         return self.block.ffn_out(F.gelu(self.block.ffn_in(h), approximate="tanh"))
 
 
-class DiT(nn.Module):
+class DiT(BackendChoice, nn.Module):
     """Wan 2.1 DiT. Build with ``DiT(config)``, ``DiT.from_preset(name)`` or ``DiT.from_diffusers(...)``.
 
     ``backend``: None lets the dispatcher choose per op (the fast kernels on a GPU);
@@ -195,6 +195,8 @@ class DiT(nn.Module):
     ``dispatch.model_backend(self.backend)`` (docs/design.md, "Dispatch"); :meth:`set_backend`
     changes it.
     """
+
+    BACKEND_OPS = MODEL_OPS
 
     def __init__(self, config: DiTConfig, backend: str | None = None):
         super().__init__()
@@ -212,18 +214,6 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.head_modulation = nn.Parameter(torch.randn(1, 2, hidden) / hidden**0.5)
         self.head_proj = nn.Linear(hidden, config.out_channels * config.patch_volume)
-
-    def set_backend(self, backend: str | None) -> "DiT":
-        """Run every op that has ``backend`` on it from now on (None: the dispatcher's choice);
-        a ValueError for a name no op has."""
-        backends_for(backend, MODEL_OPS)  # checks the name
-        self.backend = backend
-        return self
-
-    @property
-    def op_backends(self) -> dict[str, str | None]:
-        """The backend each op the DiT calls is forced onto (None: the dispatcher's choice)."""
-        return backends_for(self.backend, MODEL_OPS)
 
     @classmethod
     def from_preset(cls, name: str, backend: str | None = None) -> "DiT":

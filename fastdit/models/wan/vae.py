@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from fastdit import ops
-from fastdit.models.family import VAEFacts
+from fastdit.models.family import BackendChoice, VAEFacts
 from fastdit.models.weights import (
     WeightLoadError,
     assign_from_files,
@@ -29,7 +29,7 @@ from fastdit.models.weights import (
     read_directory,
     shapes_must_match,
 )
-from fastdit.ops.dispatch import backends_for, on_model_backend
+from fastdit.ops.dispatch import on_model_backend
 
 VAE_OPS = ("causal_conv3d", "rms_norm_silu")  # the fastdit ops the VAE calls
 
@@ -454,7 +454,7 @@ def _tiled(fn, x: torch.Tensor, tile_in: tuple[int, int], stride_in: tuple[int, 
     return blend_tiles(rows, tile_out, stride_out, out_hw)
 
 
-class CausalVAE(nn.Module):
+class CausalVAE(BackendChoice, nn.Module):
     """Wan 2.1's causal video VAE. ``encode`` (B, 3, T, H, W) -> latent mean (B, z, 1 + (T-1)/4, H/8, W/8);
     ``decode`` (B, z, T', H', W') -> video (B, 3, 1 + 4 (T'-1), 8 H', 8 W') in [-1, 1].
 
@@ -467,6 +467,8 @@ class CausalVAE(nn.Module):
     tensors, so save ``{k: v.contiguous() for k, v in vae.state_dict().items()}``); bf16 / fp16
     weights run in bf16 / fp16 with fp32 statistics and accumulation.
     """
+
+    BACKEND_OPS = VAE_OPS
 
     def __init__(self, config: VAEConfig, backend: str | None = None):
         super().__init__()
@@ -488,18 +490,6 @@ class CausalVAE(nn.Module):
             if isinstance(module, CausalConv3d | nn.Conv2d):
                 layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
-
-    def set_backend(self, backend: str | None) -> "CausalVAE":
-        """Run every conv (causal_conv3d) and norm (rms_norm_silu) on ``backend`` where that op
-        has it, else on the dispatcher's choice; None: the dispatcher's choice everywhere."""
-        backends_for(backend, VAE_OPS)  # checks the name
-        self.backend = backend
-        return self
-
-    @property
-    def op_backends(self) -> dict[str, str | None]:
-        """The backend each op the VAE calls is forced onto (None: the dispatcher's choice)."""
-        return backends_for(self.backend, VAE_OPS)
 
     @staticmethod
     def _channels_last(x: torch.Tensor) -> torch.Tensor:
