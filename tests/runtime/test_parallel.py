@@ -328,16 +328,16 @@ def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang():
     assert rank == 0 and message != "no error" and elapsed < 60, results
 
 
-# world, ulysses, ring, the timeout given to apply_sequence_parallel (not the world's)
-HUNG_LAYOUTS = {"ulysses": (2, 2, 1, False), "ring": (2, 1, 2, False), "usp": (4, 2, 2, False),
-                "ulysses, timeout=": (2, 2, 1, True)}  # fmt: skip
+# world, ulysses, ring, whether the bound is apply_sequence_parallel(timeout=) (else the world's,
+# inherited by USP's Ulysses subgroups)
+HUNG_LAYOUTS = {"ulysses, timeout=": (2, 2, 1, True), "ring": (2, 1, 2, False), "usp": (4, 2, 2, False)}
 
 
 @pytest.mark.bad_input
 def test_a_hung_rank_ends_the_others_within_the_timeout():
-    """Ulysses, Ring and USP (side by side: each waits out its group timeout), and Ulysses bounded by
-    apply_sequence_parallel(timeout=) rather than the world's: catches the argument not reaching
-    the subgroups."""
+    """Ulysses (bounded by apply_sequence_parallel(timeout=), not its world's 30x longer one: catches
+    the argument not reaching the subgroups), Ring and USP (the group's own timeout, inherited by
+    its Ulysses subgroups), side by side: each waits out its timeout."""
     worlds = [(_hung_worker, world, (ulysses, ring, explicit), world - 1)
               for world, ulysses, ring, explicit in HUNG_LAYOUTS.values()]  # fmt: skip
     for (name, (world, *_)), results in zip(HUNG_LAYOUTS.items(), _run_worlds(worlds, join_timeout=2)):
