@@ -25,6 +25,9 @@ FASTDIT_ATTN_WS            attn_ws             ``1``: warp-specialized attention
 FASTDIT_ATTN_BWD_WS        attn_bwd_ws         ``1``: warp-specialized attention backward
 FASTDIT_STRICT             strict              ``1``: a call no fastdit path can serve raises
                                                instead of being reported and run elsewhere
+FASTDIT_BATCH_INVARIANT    batch_invariant     ``0``: models run each matmul over the whole
+                                               packed batch (faster, but a sample's result
+                                               then depends on its batch mates by rounding)
 =========================  ==================  ===============================================
 
 Booleans are ``0`` or ``1`` (also ``false`` / ``true``, ``off`` / ``on``, any case). A bad value
@@ -65,6 +68,7 @@ class Settings:
     attn_ws: bool = False
     attn_bwd_ws: bool = False
     strict: bool = False
+    batch_invariant: bool = True
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -117,6 +117,7 @@ CHECK_TESTS+=" or test_cuda_opt_in_variants_keep_the_error_budget or test_fast_c
 CHECK_TESTS+=" or test_vae_bf16_480p_psnr_against_fp32_reference or test_dit_cuda_bf16_and_compile"
 CHECK_TESTS+=" or test_vendor_providers_cuda_bf16_parity or test_auto_runs_a_vendor_provider_on_the_gpu"
 CHECK_TESTS+=" or test_vendor_providers_propagate_a_nan_query_row or test_rotary_triton_cuda_bf16_real_shape"
+CHECK_TESTS+=" or test_batch_invariance_on_the_gpu"
 CUDA_TESTS="test_rope3d_cuda_matches_reference or test_adaln_modulate_cuda_matches_reference"
 CUDA_TESTS+=" or test_gated_residual_cuda_backend"
 PYTEST=($PY -m pytest -q -rs -p no:cacheprovider -m gpu tests)

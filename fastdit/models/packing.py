@@ -2,12 +2,20 @@
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
 
-from fastdit.ops.validation import check_cu_seqlens, check_grid_thw, check_max_seqlen, check_tensor, check_token_offset
+from fastdit import settings
+from fastdit.ops.validation import (
+    check_cu_seqlens,
+    check_grid_thw,
+    check_max_seqlen,
+    check_tensor,
+    check_token_offset,
+    check_values_enabled,
+)
 
 
 def patchify(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -67,10 +75,33 @@ class PackedBatch:
     image: torch.Tensor | None = None
     cu_seqlens_image: torch.Tensor | None = None
     max_seqlen_image: int = 0
+    # The boundaries as host ints, by kind ("tokens", "text", "image"), when the builder knew them
+    # (from_samples, from_dense): what bounds() returns without reading the device tensors back.
+    host_bounds: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.cu_seqlens.shape[0] - 1
+
+    def bounds(self, kind: str = "tokens") -> tuple[int, ...]:
+        """The ``(B+1,)`` boundaries of ``kind`` (``"tokens"``, ``"text"``, ``"image"``) as host ints:
+        the builder's copy, else read back from the device once (a sync; refused inside a CUDA
+        graph capture, where the builder's copy must exist)."""
+        if kind not in ("tokens", "text", "image"):
+            raise ValueError(f"kind must be 'tokens', 'text' or 'image', got {kind!r}")
+        known = (self.host_bounds or {}).get(kind)
+        if known is not None:
+            return known
+        cu = {"tokens": self.cu_seqlens, "text": self.cu_seqlens_text, "image": self.cu_seqlens_image}[kind]
+        if cu is None:
+            raise ValueError(f"this batch has no {kind} boundaries")
+        if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"PackedBatch.bounds({kind!r}) would read cu_seqlens back during a CUDA graph "
+                               "capture: build the batch with from_samples / from_dense (they keep them on the "
+                               "host)")  # fmt: skip
+        bounds = tuple(int(v) for v in cu.tolist())
+        self.host_bounds = {**(self.host_bounds or {}), kind: bounds}
+        return bounds
 
     @classmethod
     def from_samples(
@@ -133,7 +164,11 @@ class PackedBatch:
             raise ValueError(
                 f"timesteps must be per sample ({len(latents)},) or per token ({total},), got {tuple(timestep.shape)}"
             )
+        host = {"tokens": _running(lengths), "text": _running(text_lengths)}
+        if images is not None:
+            host["image"] = _running(image_lengths)
         return cls(
+            host_bounds=host,
             tokens=torch.cat(token_lists),
             cu_seqlens=cu_seqlens_of(lengths, device),
             max_seqlen=max(lengths),
@@ -175,7 +210,12 @@ class PackedBatch:
             cu_image = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device=device)
             image_fields = dict(image=image.reshape(batch * n, image.shape[-1]), cu_seqlens_image=cu_image,
                                 max_seqlen_image=n)  # fmt: skip
+        host = {"tokens": tuple(range(0, (batch + 1) * seqlen, seqlen)),
+                "text": tuple(range(0, (batch + 1) * text_len, text_len))}  # fmt: skip
+        if image is not None:
+            host["image"] = tuple(range(0, (batch + 1) * image.shape[1], image.shape[1]))
         return cls(
+            host_bounds=host,
             tokens=tokens,
             cu_seqlens=torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device),
             max_seqlen=seqlen,
@@ -216,6 +256,12 @@ class PackedBatch:
                     f"cu_seqlens_image describes {self.cu_seqlens_image.shape[0] - 1} samples, tokens {batch}"
                 )
             check_max_seqlen("max_seqlen_image", self.max_seqlen_image, self.cu_seqlens_image)
+        if self.host_bounds and check_values_enabled(self.cu_seqlens):  # the builder's host copy must be the boundaries
+            for kind, cu in (("tokens", self.cu_seqlens), ("text", self.cu_seqlens_text),
+                             ("image", self.cu_seqlens_image)):  # fmt: skip
+                known = self.host_bounds.get(kind)
+                if known is not None and cu is not None and tuple(cu.tolist()) != tuple(known):
+                    raise ValueError(f"host_bounds[{kind!r}] = {tuple(known)} disagrees with the batch's boundaries")
         check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
         check_timestep("timestep", self.timestep)
         if self.timestep.shape[0] not in (batch, total):
@@ -245,6 +291,27 @@ class PackedBatch:
             unpatchify(out[bounds[i] : bounds[i + 1]], grids[i], self.patch_size, channels)
             for i in range(self.batch_size)
         ]
+
+
+def _running(lengths: Sequence[int]) -> tuple[int, ...]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return tuple(out)
+
+
+def per_sample(fn, x: torch.Tensor, bounds: Sequence[int] | None) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (a Linear, an MLP) computed sample by sample when the
+    ``batch_invariant`` setting is on (the default): each sample's rows ``x[bounds[i]:bounds[i+1]]``
+    are their own call, so a sample's result is bitwise what it would be alone, whatever else is
+    in the batch (a matmul's rounding otherwise depends on how many rows it is given and where a
+    row sits among them). ``bounds`` None or one sample: one call. See docs/design.md, "Batch
+    invariance"."""
+    if bounds is None or len(bounds) <= 2 or not settings.get().batch_invariant:
+        return fn(x)
+    if bounds[0] != 0 or bounds[-1] != x.shape[0]:
+        raise ValueError(f"bounds must run from 0 to x's {x.shape[0]} rows, got {bounds[0]}..{bounds[-1]}")
+    return torch.cat([fn(x[start:end]) for start, end in zip(bounds[:-1], bounds[1:])])
 
 
 def cu_seqlens_of(lengths: Sequence[int], device: torch.device) -> torch.Tensor:

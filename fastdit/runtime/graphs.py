@@ -18,6 +18,7 @@ from dataclasses import fields, replace
 
 import torch
 
+from fastdit import settings
 from fastdit.models.packing import PackedBatch
 from fastdit.ops.validation import values_checked
 
@@ -61,6 +62,8 @@ class GraphedDiT:
             tuple(batch.timestep.shape),
             None if batch.image is None else (tuple(batch.image.shape), batch.max_seqlen_image),
             None if text_kv is None else id(text_kv),
+            # batch-invariant models run per-sample matmuls: one graph per set of sample boundaries
+            (batch.bounds("tokens"), batch.bounds("text")) if settings.get().batch_invariant else None,
         )
 
     def _capture(self, batch: PackedBatch, text_kv):

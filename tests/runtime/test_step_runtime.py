@@ -38,7 +38,8 @@ def test_precomputed_text_kv_gives_the_same_prediction():
 
 
 @pytest.mark.parametrize("cache_text", [True, False])
-def test_sampler_computes_the_text_once_per_run(cache_text):
+def test_sampler_computes_the_text_once_per_run(cache_text, set_setting):
+    set_setting(batch_invariant=False)  # one text MLP call per batch (per sample when batch-invariant)
     model = tiny()
     calls = []
     model.text_in.register_forward_hook(lambda *a: calls.append(1))

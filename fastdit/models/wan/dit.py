@@ -17,7 +17,7 @@ from torch import nn
 
 from fastdit import ops
 from fastdit.models.family import BackendChoice, SequenceParallelPlan
-from fastdit.models.packing import PackedBatch, check_timestep
+from fastdit.models.packing import PackedBatch, check_timestep, per_sample
 from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
 from fastdit.models.wan.config import DiTConfig, preset
 from fastdit.ops.dispatch import model_backend
@@ -61,6 +61,10 @@ class ImageEmbedding(nn.Module):
         x = self._norm(self.norm1, image.to(self.ff_in.weight.dtype))
         return self._norm(self.norm2, self.ff_out(F.gelu(self.ff_in(x))))
 
+    def mlp(self, image: torch.Tensor, bounds=None) -> torch.Tensor:
+        """:meth:`forward` sample by sample (:func:`per_sample`) over ``bounds``."""
+        return per_sample(self, image, bounds)
+
 
 class Attention(nn.Module):
     """Multi-head attention with q/k RMSNorm across heads; self (with 3D RoPE) or cross (with the
@@ -88,10 +92,11 @@ class Attention(nn.Module):
         return x.view(x.shape[0], self.num_heads, self.head_dim)
 
     def forward_self(self, x: torch.Tensor, batch: PackedBatch, config: DiTConfig):
+        rows = batch.bounds("tokens")
         # q/k RMSNorm across heads and 3D RoPE in one op (one kernel on the Triton backend).
         q, k = ops.rope3d_qk(
-            self._heads(self.q(x)),
-            self._heads(self.k(x)),
+            self._heads(per_sample(self.q, x, rows)),
+            self._heads(per_sample(self.k, x, rows)),
             batch.grid_thw,
             batch.cu_seqlens,
             theta=config.rope_theta,
@@ -102,34 +107,37 @@ class Attention(nn.Module):
             k_norm_weight=self.k_norm,
             norm_eps=self.eps,
         )
-        v = self._heads(self.v(x))
+        v = self._heads(per_sample(self.v, x, rows))
         cu, n = batch.cu_seqlens, batch.max_seqlen
         out = None
         if self.sequence_parallel is not None:  # None outside a sequence-parallel step: plain attention
             out = self.sequence_parallel(q, k, v, batch)
         if out is None:
             out = ops.varlen_attention(q, k, v, cu, cu, n, n)
-        return self.o(out.flatten(1))
+        return per_sample(self.o, out.flatten(1), rows)
 
-    def text_kv(self, context: torch.Tensor, image_context: torch.Tensor | None = None) -> tuple:
+    def text_kv(self, context: torch.Tensor, image_context: torch.Tensor | None = None, text_bounds=None,
+                image_bounds=None) -> tuple:  # fmt: skip
         """Cross-attention keys (RMS-normed) and values of the text tokens, (total_text, H, D) each;
-        then, for the I2V model, those of the image tokens (its added projections and norm)."""
-        k = ops.rms_norm(self.k(context), self.k_norm, eps=self.eps)
-        kv = (self._heads(k), self._heads(self.v(context)))
+        then, for the I2V model, those of the image tokens (its added projections and norm).
+        Projections sample by sample over the bounds (:func:`per_sample`)."""
+        k = ops.rms_norm(per_sample(self.k, context, text_bounds), self.k_norm, eps=self.eps)
+        kv = (self._heads(k), self._heads(per_sample(self.v, context, text_bounds)))
         if image_context is None:
             return kv
-        k_img = ops.rms_norm(self.add_k(image_context), self.add_k_norm, eps=self.eps)
-        return kv + (self._heads(k_img), self._heads(self.add_v(image_context)))
+        k_img = ops.rms_norm(per_sample(self.add_k, image_context, image_bounds), self.add_k_norm, eps=self.eps)
+        return kv + (self._heads(k_img), self._heads(per_sample(self.add_v, image_context, image_bounds)))
 
     def forward_cross(self, x: torch.Tensor, kv: tuple, batch: PackedBatch):
         # q's RMSNorm across heads, with its weight, in one pass (one kernel on the Triton backend)
-        q = self._heads(ops.rms_norm(self.q(x), self.q_norm, eps=self.eps))
+        rows = batch.bounds("tokens")
+        q = self._heads(ops.rms_norm(per_sample(self.q, x, rows), self.q_norm, eps=self.eps))
         cu, n = batch.cu_seqlens, batch.max_seqlen
         out = ops.varlen_attention(q, kv[0], kv[1], cu, batch.cu_seqlens_text, n, batch.max_seqlen_text)
         if len(kv) == 4:  # I2V: attention to the image tokens, added (diffusers: text + image, then to_out)
             image = ops.varlen_attention(q, kv[2], kv[3], cu, batch.cu_seqlens_image, n, batch.max_seqlen_image)
             out = out + image
-        return self.o(out.flatten(1))
+        return per_sample(self.o, out.flatten(1), rows)
 
 
 class DiTBlock(nn.Module):
@@ -182,7 +190,9 @@ class _PackedLayers:
         return x, self.modulate(x, shift, scale)
 
     def ffn(self, h):
-        return self.block.ffn_out(F.gelu(self.block.ffn_in(h), approximate="tanh"))
+        block = self.block
+        return per_sample(lambda x: block.ffn_out(F.gelu(block.ffn_in(x), approximate="tanh")), h,
+                          self.batch.bounds("tokens"))  # fmt: skip
 
 
 class DiT(BackendChoice, nn.Module):
@@ -261,30 +271,47 @@ class DiT(BackendChoice, nn.Module):
         stack = getattr(self, "_lora_stack", None)
         return {} if stack is None else {name: scale for name, (scale, _) in stack.adapters.items()}
 
-    def embed_conditions(self, timestep: torch.Tensor):
+    def embed_conditions(self, timestep: torch.Tensor, bounds=None):
         """(temb (N, C), block modulation (N, 6, C) float32) for ``timestep (N,)``, per sample or per
-        token (then every op takes its rows per token): once per step, shared by every block."""
+        token (then every op takes its rows per token): once per step, shared by every block.
+        ``bounds``: the rows' sample boundaries (per-sample timesteps: every row its own; per-token:
+        the token boundaries), run sample by sample (:func:`per_sample`); None: one call."""
         dtype = self.time_in.weight.dtype
-        temb = self.time_out(F.silu(self.time_in(timestep_features(timestep, self.config.freq_dim).to(dtype))))
-        return temb, self.time_proj(F.silu(temb)).float().unflatten(1, (6, -1))
 
-    def text_kv(self, text: torch.Tensor, image: torch.Tensor | None = None) -> list[tuple]:
+        def mlp(t):
+            temb = self.time_out(F.silu(self.time_in(timestep_features(t, self.config.freq_dim).to(dtype))))
+            return torch.cat([temb, self.time_proj(F.silu(temb))], dim=1)
+
+        out = per_sample(mlp, timestep, bounds)
+        hidden = self.config.hidden
+        return out[:, :hidden], out[:, hidden:].float().unflatten(1, (6, -1))
+
+    def text_kv(self, text: torch.Tensor, image: torch.Tensor | None = None, *, text_bounds=None,
+                image_bounds=None) -> list[tuple]:  # fmt: skip
         """Every block's cross-attention (keys, values) for packed text ``(total_text, text_dim)``,
         and for the I2V model's packed image states ``image (total_image, image_dim)`` also the
         image (keys, values): ``(k, v)`` or ``(k, v, k_image, v_image)`` per block.
 
         They depend on the text (and image) only, not on the step: a sampler computes them once per
         run and passes them to each :meth:`forward_packed` (``text_kv=``), saving the text MLP and
-        two ``L x C x C`` projections per block per step.
+        two ``L x C x C`` projections per block per step. ``text_bounds`` / ``image_bounds``: the
+        samples' boundaries (:meth:`conditioning_bounds`), for batch-invariant projections.
         """
         check_tensor("text", text, ndims=(2,))
         if image is not None:
             check_tensor("image", image, ndims=(2,), device=text.device)
         self._check_conditioning(text, image, "text", "image")
-        context = self.text_context(text)
-        image_context = None if image is None else self.image_embed(image)
+        context = per_sample(self.text_context, text, text_bounds)
+        image_context = None if image is None else self.image_embed.mlp(image, image_bounds)
         with model_backend(self.backend, "DiT"):
-            return [block.cross_attn.text_kv(context, image_context) for block in self.blocks]
+            return [block.cross_attn.text_kv(context, image_context, text_bounds, image_bounds)
+                    for block in self.blocks]  # fmt: skip
+
+    @staticmethod
+    def conditioning_bounds(batch: PackedBatch) -> dict:
+        """``text_bounds`` / ``image_bounds`` of ``batch`` for :meth:`text_kv`."""
+        return {"text_bounds": batch.bounds("text"),
+                "image_bounds": None if batch.image is None else batch.bounds("image")}  # fmt: skip
 
     def text_context(self, text: torch.Tensor) -> torch.Tensor:
         """The text MLP: ``(..., text_dim)`` encoder states -> ``(..., hidden)`` cross-attention context."""
@@ -365,15 +392,17 @@ class DiT(BackendChoice, nn.Module):
         sequence-parallel step on its local shard, a CUDA graph capture, which must not sync).
         Every op runs inside ``model_backend(self.backend)``."""
         with model_backend(self.backend, "DiT"):
-            x = self.patch_embed(batch.tokens.to(self.patch_embed.weight.dtype))
-            temb, mod = self.embed_conditions(batch.timestep)
+            rows = batch.bounds("tokens")
+            x = per_sample(self.patch_embed, batch.tokens.to(self.patch_embed.weight.dtype), rows)
+            per_row = batch.timestep.shape[0] == batch.batch_size  # per-sample timesteps: a row each
+            temb, mod = self.embed_conditions(batch.timestep, tuple(range(batch.batch_size + 1)) if per_row else rows)
             if text_kv is None:
-                text_kv = self.text_kv(batch.text, batch.image)
+                text_kv = self.text_kv(batch.text, batch.image, **self.conditioning_bounds(batch))
             for block, kv in zip(self.blocks, text_kv):
                 x = block(x, kv, mod, batch)
             shift, scale = head_modulation(self.head_modulation, temb)
             x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps)
-            return self.head_proj(x)
+            return per_sample(self.head_proj, x, rows)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
