@@ -1,5 +1,7 @@
-"""Runtime: sampling over the models (flow matching, CFG, the Sora-report generation modes)."""
+"""Runtime: sampling over the models (flow matching, CFG, the Sora-report generation modes), step-level
+batching of many jobs (StepBatcher), CUDA graphs, sequence parallelism."""
 
+from fastdit.runtime.batcher import Job, StepBatcher
 from fastdit.runtime.graphs import GraphedDiT
 from fastdit.runtime.modes import (
     connect,
@@ -17,8 +19,10 @@ from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, explicit_si
 __all__ = [
     "FlowMatchSampler",
     "GraphedDiT",
+    "Job",
     "SampleRequest",
     "SequenceParallelDiT",
+    "StepBatcher",
     "all_reduce_gradients",
     "apply_sequence_parallel",
     "connect",
