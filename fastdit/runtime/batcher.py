@@ -117,9 +117,6 @@ class StepBatcher:
             )
         if (request.image is not None) != bool(getattr(config, "image_conditioned", False)):
             raise ValueError("an image-conditioned model needs request.image, and only such a model takes one")
-        if request.clean_known:
-            raise NotImplementedError("clean known frames (per-token timesteps, Wan 2.2 TI2V i2v) are not batched "
-                                      "yet: run them with FlowMatchSampler")  # fmt: skip
         tokens = (frames // pt) * (height // ph) * (width // pw) * (2 if guidance != 1.0 else 1)
         if tokens > self.max_batch_tokens:
             raise ValueError(f"this job needs {tokens} tokens per forward; max_batch_tokens is {self.max_batch_tokens}")
@@ -205,9 +202,13 @@ class StepBatcher:
             images += image or []
             inputs += [x] * len(pair)
             texts += pair
-            timesteps += [sigma * 1000.0] * len(pair)
+            tokens = FlowMatchSampler._token_timesteps(request, job.latent.shape, model.config.patch_size, sigma)
+            timesteps += [tokens] * len(pair)  # per token; per sample below when no job has clean frames
             kvs.append(job.kv)
-        timestep = torch.tensor(timesteps, device=device)
+        if any(job.request.clean_known for job in jobs):  # Wan 2.2 TI2V: a clean frame's tokens at 0
+            timestep = torch.cat(timesteps).to(device)
+        else:
+            timestep = torch.tensor([float(t[0]) for t in timesteps], device=device)
         batch = PackedBatch.from_samples([x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts],
                                          model.config.patch_size, images=images or None)  # fmt: skip
         # every block's (k, v[, k_image, v_image]): the jobs' own rows, in the batch's order

@@ -50,6 +50,21 @@ def test_image_states_and_per_token_timesteps_are_batch_invariant_too():
     assert torch.equal(both[: first.shape[0]], first)
 
 
+def test_per_token_timesteps_of_one_value_equal_a_per_sample_timestep(set_setting):
+    """Catches the per-token time MLP run over all tokens at once: a sample then gets other rounding
+    when a batch mate's clean frames turn the whole step's timesteps per token."""
+    torch.manual_seed(0)
+    model = DiT.from_preset("tiny").eval()
+    x, text = torch.randn(16, 1, 4, 4), torch.randn(3, 32)
+    with torch.no_grad():
+        per_sample = model.forward_packed(PackedBatch.from_samples([x], [500.0], [text]))
+        per_token = model.forward_packed(PackedBatch.from_samples([x], torch.full((4,), 500.0), [text]))
+        assert torch.equal(per_sample, per_token)
+        set_setting(batch_invariant=False)
+        assert not torch.equal(model.forward_packed(PackedBatch.from_samples([x], torch.full((4,), 500.0), [text])),
+                               per_sample)  # fmt: skip
+
+
 def test_per_sample_runs_each_sample_alone_and_checks_its_bounds(set_setting):
     """Catches bounds that do not cover the rows (a sample silently dropped or read twice)."""
     calls = []

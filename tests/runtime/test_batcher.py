@@ -94,6 +94,23 @@ def test_cancelled_jobs_stop_at_the_next_step_and_the_others_are_untouched(model
     assert batcher.cancel(queued.id) and batcher.idle
 
 
+def test_clean_frame_jobs_batch_with_the_others_and_equal_alone(model):
+    """Wan 2.2 TI2V's image-to-video (a clean first frame whose tokens see timestep 0): the step's
+    timesteps become per token for every job; catches any job's result changing with that (the time
+    MLP must give a value the same embedding per token as per sample)."""
+    texts = _texts(4, 5, seed=4)
+    image = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(8))
+    requests = [
+        image_to_video(image, texts[0], frames=3, clean=True, seed=1),
+        text_to_video(texts[1], 16, 2, 4, 6, seed=2),
+    ]
+    batcher = StepBatcher(model)
+    jobs = [batcher.submit(r, num_steps=3, guidance=2.5) for r in requests]
+    batcher.run()
+    for job, request in zip(jobs, requests):
+        assert torch.equal(job.latent, _alone(model, request, num_steps=3, guidance=2.5))
+
+
 def test_image_conditioned_jobs_equal_alone():
     """Wan 2.1 I2V's image states: catches their keys / values missing from the batched text_kv."""
     torch.manual_seed(0)
@@ -125,8 +142,6 @@ def test_bad_jobs_are_refused_when_submitted(model):
     for request, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             batcher.submit(request, **kwargs)
-    with pytest.raises(NotImplementedError, match="per-token timesteps"):
-        batcher.submit(image_to_video(torch.randn(16, 1, 2, 2), text, frames=2, clean=True))
     with pytest.raises(ValueError, match="max_batch_tokens must be a positive int"):
         StepBatcher(model, max_batch_tokens=0)
     assert batcher.idle and not batcher.jobs

@@ -95,7 +95,8 @@ def _files(tmp_path):
     files["text"] = tmp_path / "notes.mp4"
     files["text"].write_text("not a video at all\n" * 20)
     files["pickle"] = tmp_path / "embeds.safetensors"
-    files["pickle"].write_bytes(b"PK\x03\x04" + os.urandom(100))
+    # a zip's local header (torch.save's format): byte 8 is the compression method, never a "{"
+    files["pickle"].write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x00\x00" + bytes(range(94)))
     files["no_key"] = tmp_path / "no_key.safetensors"
     save_file({"embeds": torch.randn(3, 32)}, str(files["no_key"]))
     files["empty"] = tmp_path / "empty.safetensors"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from fastdit import ops
+from fastdit import ops, settings
 from fastdit.models.family import BackendChoice, SequenceParallelPlan
 from fastdit.models.packing import PackedBatch, check_timestep, per_sample
 from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
@@ -271,18 +271,27 @@ class DiT(BackendChoice, nn.Module):
         stack = getattr(self, "_lora_stack", None)
         return {} if stack is None else {name: scale for name, (scale, _) in stack.adapters.items()}
 
-    def embed_conditions(self, timestep: torch.Tensor, bounds=None):
+    def embed_conditions(self, timestep: torch.Tensor, bounds=None, *, by_value: bool = False):
         """(temb (N, C), block modulation (N, 6, C) float32) for ``timestep (N,)``, per sample or per
         token (then every op takes its rows per token): once per step, shared by every block.
         ``bounds``: the rows' sample boundaries (per-sample timesteps: every row its own; per-token:
-        the token boundaries), run sample by sample (:func:`per_sample`); None: one call."""
+        the token boundaries), run sample by sample (:func:`per_sample`); None: one call.
+        ``by_value`` (per-token timesteps, batch-invariant): the MLP runs once per distinct value,
+        alone, and rows take their value's result, so a row's embedding is bitwise the one a
+        per-sample timestep of that value gets (eager only: under torch.compile or a CUDA graph
+        capture, which cannot read the values back, ``bounds`` apply)."""
         dtype = self.time_in.weight.dtype
 
         def mlp(t):
             temb = self.time_out(F.silu(self.time_in(timestep_features(t, self.config.freq_dim).to(dtype))))
             return torch.cat([temb, self.time_proj(F.silu(temb))], dim=1)
 
-        out = per_sample(mlp, timestep, bounds)
+        capturing = timestep.is_cuda and torch.cuda.is_current_stream_capturing()
+        if by_value and settings.get().batch_invariant and not torch.compiler.is_compiling() and not capturing:
+            values, inverse = torch.unique(timestep, return_inverse=True)
+            out = per_sample(mlp, values, tuple(range(values.shape[0] + 1)))[inverse]
+        else:
+            out = per_sample(mlp, timestep, bounds)
         hidden = self.config.hidden
         return out[:, :hidden], out[:, hidden:].float().unflatten(1, (6, -1))
 
@@ -395,7 +404,10 @@ class DiT(BackendChoice, nn.Module):
             rows = batch.bounds("tokens")
             x = per_sample(self.patch_embed, batch.tokens.to(self.patch_embed.weight.dtype), rows)
             per_row = batch.timestep.shape[0] == batch.batch_size  # per-sample timesteps: a row each
-            temb, mod = self.embed_conditions(batch.timestep, tuple(range(batch.batch_size + 1)) if per_row else rows)
+            if per_row:
+                temb, mod = self.embed_conditions(batch.timestep, tuple(range(batch.batch_size + 1)))
+            else:
+                temb, mod = self.embed_conditions(batch.timestep, rows, by_value=True)
             if text_kv is None:
                 text_kv = self.text_kv(batch.text, batch.image, **self.conditioning_bounds(batch))
             for block, kv in zip(self.blocks, text_kv):
