@@ -144,15 +144,22 @@ class StepBatcher:
 
     # ---- running ----------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Job]:
+        """Drop ended jobs from the active set, start what fits; returns the jobs that ended as they
+        started (SDEdit at strength 0: nothing to denoise)."""
+        ended = []
         with self._lock:
+            for job in self.active:
+                if job.status != "in_progress":
+                    job.kv = None  # cancelled: its text keys / values are not needed again
             self.active = [j for j in self.active if j.status == "in_progress"]
             used = sum(j.tokens for j in self.active)
             while self.queue and used + self.queue[0].tokens <= self.max_batch_tokens:
                 job = self.queue.popleft()
                 used += job.tokens
                 self._start(job)
-                self.active.append(job)
+                (self.active if job.status == "in_progress" else ended).append(job)
+        return ended
 
     def _start(self, job: Job) -> None:
         """Noise, the SDEdit start and the known frames, as FlowMatchSampler does."""
@@ -177,12 +184,11 @@ class StepBatcher:
     @torch.no_grad()
     def step(self) -> list[Job]:
         """Admit what fits, run one packed forward over every active job, advance each one step;
-        returns the jobs that completed in this step."""
-        self._admit()
-        jobs = [j for j in self.active if j.status == "in_progress"]
+        returns the jobs that completed in this step. Should the forward raise, every job in it is
+        marked ``failed`` with the error, and the error propagates."""
+        done = self._admit()
+        jobs = list(self.active)
         if not jobs:
-            done = [j for j in self.active if j.status == "completed"]
-            self.active = []
             return done
         model = self.model
         param = next(model.parameters())
@@ -213,11 +219,18 @@ class StepBatcher:
                                          model.config.patch_size, images=images or None)  # fmt: skip
         # every block's (k, v[, k_image, v_image]): the jobs' own rows, in the batch's order
         text_kv = [tuple(torch.cat(parts) for parts in zip(*(kv[block] for kv in kvs))) for block in range(len(kvs[0]))]
-        out = batch.unpack(model.forward_packed(batch, text_kv=text_kv).float(), model.config.out_channels)
+        try:
+            out = batch.unpack(model.forward_packed(batch, text_kv=text_kv).float(), model.config.out_channels)
+        except Exception as err:
+            with self._lock:
+                for job in jobs:
+                    job.status, job.error, job.kv = "failed", f"{type(err).__name__}: {err}", None
+                self.active = []
+            raise
         self.forwards += 1
         self.samples_per_forward.append(len(inputs))
         self.tokens_per_forward.append(batch.tokens.shape[0])
-        done, index = [], 0
+        index = 0
         for job in jobs:
             if job.cfg:
                 cond, uncond = out[index], out[index + 1]
@@ -239,7 +252,7 @@ class StepBatcher:
 
     def run(self, max_steps: int | None = None) -> None:
         """Step until every job ended (or ``max_steps`` steps ran)."""
-        for _ in range(max_steps) if max_steps is not None else iter(int, 1):
+        for _ in range(max_steps) if max_steps is not None else itertools.count():
             if self.idle:
                 return
             self.step()

@@ -127,6 +127,29 @@ def test_image_conditioned_jobs_equal_alone():
         assert torch.equal(job.latent, _alone(model, request, num_steps=3, guidance=2.0))
 
 
+def test_a_job_with_nothing_to_denoise_ends_as_it_starts_and_a_failed_forward_fails_its_jobs(model):
+    """Catches an SDEdit job at strength 0 never reported done (it holds no step), and jobs left
+    in progress forever when their shared forward raised."""
+    texts = _texts(3, 4, seed=6)
+    video = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    batcher = StepBatcher(model)
+    still = batcher.submit(sdedit(video, texts[0], 0.0), num_steps=2)
+    moving = batcher.submit(text_to_image(texts[1], 16, 2, 2), num_steps=2)
+    assert batcher.step() == [still] and still.status == "completed" and torch.equal(still.latent, video)
+    assert moving.status == "in_progress"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model.forward_packed = broken  # an instance attribute over the method, removed below
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batcher.step()
+    finally:
+        del model.forward_packed
+    assert moving.status == "failed" and "out of memory" in moving.error and batcher.idle
+
+
 @pytest.mark.bad_input
 def test_bad_jobs_are_refused_when_submitted(model):
     """Catches a job that would fail inside a shared forward (taking every other job down with it)."""
