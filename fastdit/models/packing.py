@@ -257,11 +257,15 @@ class PackedBatch:
                 )
             check_max_seqlen("max_seqlen_image", self.max_seqlen_image, self.cu_seqlens_image)
         if self.host_bounds and check_values_enabled(self.cu_seqlens):  # the builder's host copy must be the boundaries
-            for kind, cu in (("tokens", self.cu_seqlens), ("text", self.cu_seqlens_text),
-                             ("image", self.cu_seqlens_image)):  # fmt: skip
-                known = self.host_bounds.get(kind)
-                if known is not None and cu is not None and tuple(cu.tolist()) != tuple(known):
-                    raise ValueError(f"host_bounds[{kind!r}] = {tuple(known)} disagrees with the batch's boundaries")
+            kinds = [(k, cu) for k, cu in (("tokens", self.cu_seqlens), ("text", self.cu_seqlens_text),
+                                           ("image", self.cu_seqlens_image))
+                     if cu is not None and self.host_bounds.get(k) is not None]  # fmt: skip
+            read = torch.cat([cu.to(torch.int64) for _, cu in kinds]).tolist() if kinds else []  # one sync for all
+            for kind, cu in kinds:
+                device_bounds, read = tuple(read[: cu.shape[0]]), read[cu.shape[0] :]
+                if device_bounds != tuple(self.host_bounds[kind]):
+                    raise ValueError(f"host_bounds[{kind!r}] = {tuple(self.host_bounds[kind])} disagrees with the "
+                                     "batch's boundaries")  # fmt: skip
         check_tensor("timestep", self.timestep, ndims=(1,), dtypes=None, device=device)
         check_timestep("timestep", self.timestep)
         if self.timestep.shape[0] not in (batch, total):

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdit.models.packing import PackedBatch
-from fastdit.runtime.sampler import FlowMatchSampler, SampleRequest, explicit_sigmas, flow_shift_sigmas
+from fastdit.runtime.sampler import (
+    FlowMatchSampler,
+    SampleRequest,
+    explicit_sigmas,
+    flow_shift_sigmas,
+    start_state,
+)
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 
@@ -163,20 +169,7 @@ class StepBatcher:
 
     def _start(self, job: Job) -> None:
         """Noise, the SDEdit start and the known frames, as FlowMatchSampler does."""
-        param = next(self.model.parameters())
-        request = job.request
-        gen = torch.Generator(device="cpu").manual_seed(int(request.seed))
-        job.noise = torch.randn(request.shape, generator=gen, dtype=torch.float32).to(param.device)
-        if request.init is not None:
-            below = (job.sigmas <= request.strength + 1e-12).nonzero()
-            job.step = int(below[0].item())
-        sigma = float(job.sigmas[job.step])
-        x = (
-            job.noise
-            if request.init is None
-            else (1 - sigma) * request.init.to(param.device).float() + sigma * job.noise
-        )
-        job.latent = FlowMatchSampler._impose(request, x, job.noise, sigma)
+        job.noise, job.latent, job.step = start_state(job.request, job.sigmas, next(self.model.parameters()).device)
         job.status = "in_progress"
         if job.step >= job.steps:  # strength 0: nothing to denoise
             job.status = "completed"
@@ -193,6 +186,7 @@ class StepBatcher:
         model = self.model
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
+        per_token = any(job.request.clean_known for job in jobs)  # Wan 2.2 TI2V: a clean frame's tokens at 0
         inputs, texts, images, timesteps, kvs = [], [], [], [], []
         for job in jobs:
             request, sigma = job.request, float(job.sigmas[job.step])
@@ -208,13 +202,13 @@ class StepBatcher:
             images += image or []
             inputs += [x] * len(pair)
             texts += pair
-            tokens = FlowMatchSampler._token_timesteps(request, job.latent.shape, model.config.patch_size, sigma)
-            timesteps += [tokens] * len(pair)  # per token; per sample below when no job has clean frames
+            if per_token:  # then every job's tokens get theirs, so one batch holds one timestep layout
+                timesteps += [FlowMatchSampler._token_timesteps(request, job.latent.shape, model.config.patch_size,
+                                                                sigma)] * len(pair)  # fmt: skip
+            else:
+                timesteps += [sigma * 1000.0] * len(pair)
             kvs.append(job.kv)
-        if any(job.request.clean_known for job in jobs):  # Wan 2.2 TI2V: a clean frame's tokens at 0
-            timestep = torch.cat(timesteps).to(device)
-        else:
-            timestep = torch.tensor([float(t[0]) for t in timesteps], device=device)
+        timestep = torch.cat(timesteps).to(device) if per_token else torch.tensor(timesteps, device=device)
         batch = PackedBatch.from_samples([x.to(dtype) for x in inputs], timestep, [t.to(device, dtype) for t in texts],
                                          model.config.patch_size, images=images or None)  # fmt: skip
         # every block's (k, v[, k_image, v_image]): the jobs' own rows, in the batch's order

@@ -114,6 +114,18 @@ class SampleRequest:
             )
 
 
+def start_state(request: SampleRequest, sigmas: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(noise, latent, first step)`` of a request on a schedule: its seeded noise, the latent it
+    starts from (SDEdit: its input noised to the first sigma <= its strength) with the known frames
+    imposed, and that step's index (0 from pure noise). The sampler and the step batcher share it."""
+    gen = torch.Generator(device="cpu").manual_seed(int(request.seed))
+    eps = torch.randn(request.shape, generator=gen, dtype=torch.float32).to(device)
+    start = 0 if request.init is None else int((sigmas <= request.strength + 1e-12).nonzero()[0].item())
+    sigma = float(sigmas[start])
+    x = eps if request.init is None else (1 - sigma) * request.init.to(device).float() + sigma * eps
+    return eps, FlowMatchSampler._impose(request, x, eps, sigma), start
+
+
 # What two experts must agree on to take turns on the same latents and text (Wan 2.2 A14B).
 EXPERT_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
 
@@ -201,13 +213,6 @@ class FlowMatchSampler:
                 m.to("cpu")
         self.experts[index].to(device)
 
-    def _start_step(self, request: SampleRequest) -> int:
-        """First step whose sigma is <= the request's strength (all of them from pure noise)."""
-        if request.init is None:
-            return 0
-        below = (self.sigmas <= request.strength + 1e-12).nonzero()
-        return int(below[0].item())
-
     @torch.no_grad()
     def __call__(self, requests: Sequence[SampleRequest]) -> list[torch.Tensor]:
         if not requests:
@@ -223,13 +228,9 @@ class FlowMatchSampler:
         steps = len(self.sigmas) - 1
         noise, latents, starts = [], [], []
         for request in requests:
-            gen = torch.Generator(device="cpu").manual_seed(int(request.seed))
-            eps = torch.randn(request.shape, generator=gen, dtype=torch.float32).to(device)
-            start = self._start_step(request)
-            sigma = float(self.sigmas[start])
-            x = eps if request.init is None else (1 - sigma) * request.init.to(device).float() + sigma * eps
+            eps, x, start = start_state(request, self.sigmas, device)
             noise.append(eps)
-            latents.append(self._impose(request, x, eps, sigma))
+            latents.append(x)
             starts.append(start)
 
         self._resident = None

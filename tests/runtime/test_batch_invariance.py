@@ -71,6 +71,8 @@ def test_per_sample_runs_each_sample_alone_and_checks_its_bounds(set_setting):
     x = torch.arange(12.0).view(6, 2)
     out = per_sample(lambda t: calls.append(t.shape[0]) or t * 2, x, (0, 1, 4, 6))
     assert torch.equal(out, x * 2) and calls == [1, 3, 2]
+    view = torch.arange(24.0).view(2, 12)[:, 1::2].t()  # (6, 2), strided and offset
+    assert torch.equal(per_sample(lambda t: t * 2, view, (0, 1, 4, 6)), view * 2)
     for bad in ((0, 2, 5), (1, 3, 6)):
         with pytest.raises(ValueError, match="bounds must run from 0 to x's 6 rows"):
             per_sample(lambda t: t, x, bad)

@@ -20,7 +20,7 @@ from fastdit.models.family import BackendChoice, SequenceParallelPlan
 from fastdit.models.packing import PackedBatch, check_timestep, per_sample
 from fastdit.models.wan.block import block_modulation, head_modulation, wan_block
 from fastdit.models.wan.config import DiTConfig, preset
-from fastdit.ops.dispatch import model_backend
+from fastdit.ops.dispatch import on_model_backend
 from fastdit.ops.validation import check_tensor, values_checked
 
 # The fastdit ops the DiT calls.
@@ -295,6 +295,7 @@ class DiT(BackendChoice, nn.Module):
         hidden = self.config.hidden
         return out[:, :hidden], out[:, hidden:].float().unflatten(1, (6, -1))
 
+    @on_model_backend
     def text_kv(self, text: torch.Tensor, image: torch.Tensor | None = None, *, text_bounds=None,
                 image_bounds=None) -> list[tuple]:  # fmt: skip
         """Every block's cross-attention (keys, values) for packed text ``(total_text, text_dim)``,
@@ -312,9 +313,7 @@ class DiT(BackendChoice, nn.Module):
         self._check_conditioning(text, image, "text", "image")
         context = per_sample(self.text_context, text, text_bounds)
         image_context = None if image is None else self.image_embed.mlp(image, image_bounds)
-        with model_backend(self.backend, "DiT"):
-            return [block.cross_attn.text_kv(context, image_context, text_bounds, image_bounds)
-                    for block in self.blocks]  # fmt: skip
+        return [block.cross_attn.text_kv(context, image_context, text_bounds, image_bounds) for block in self.blocks]
 
     @staticmethod
     def conditioning_bounds(batch: PackedBatch) -> dict:
@@ -395,26 +394,26 @@ class DiT(BackendChoice, nn.Module):
             for attn in blocks:
                 attn.sequence_parallel = None
 
+    @on_model_backend
     def forward_validated(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
         """:meth:`forward_packed` without its checks: for callers that validated ``batch``
         (``batch.validate()``, :meth:`check_batch`) and run it under ``values_checked()`` (a
         sequence-parallel step on its local shard, a CUDA graph capture, which must not sync).
-        Every op runs inside ``model_backend(self.backend)``."""
-        with model_backend(self.backend, "DiT"):
-            rows = batch.bounds("tokens")
-            x = per_sample(self.patch_embed, batch.tokens.to(self.patch_embed.weight.dtype), rows)
-            per_row = batch.timestep.shape[0] == batch.batch_size  # per-sample timesteps: a row each
-            if per_row:
-                temb, mod = self.embed_conditions(batch.timestep, tuple(range(batch.batch_size + 1)))
-            else:
-                temb, mod = self.embed_conditions(batch.timestep, rows, by_value=True)
-            if text_kv is None:
-                text_kv = self.text_kv(batch.text, batch.image, **self.conditioning_bounds(batch))
-            for block, kv in zip(self.blocks, text_kv):
-                x = block(x, kv, mod, batch)
-            shift, scale = head_modulation(self.head_modulation, temb)
-            x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps)
-            return per_sample(self.head_proj, x, rows)
+        Every op runs inside ``model_backend(self.backend)`` (``@on_model_backend``)."""
+        rows = batch.bounds("tokens")
+        x = per_sample(self.patch_embed, batch.tokens.to(self.patch_embed.weight.dtype), rows)
+        per_row = batch.timestep.shape[0] == batch.batch_size  # per-sample timesteps: a row each
+        if per_row:
+            temb, mod = self.embed_conditions(batch.timestep, tuple(range(batch.batch_size + 1)))
+        else:
+            temb, mod = self.embed_conditions(batch.timestep, rows, by_value=True)
+        if text_kv is None:
+            text_kv = self.text_kv(batch.text, batch.image, **self.conditioning_bounds(batch))
+        for block, kv in zip(self.blocks, text_kv):
+            x = block(x, kv, mod, batch)
+        shift, scale = head_modulation(self.head_modulation, temb)
+        x = ops.adaln_modulate(x, shift, scale, batch.cu_seqlens, norm="layer", eps=self.config.eps)
+        return per_sample(self.head_proj, x, rows)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
