@@ -1,4 +1,4 @@
-"""``fastdit`` command line: ``info``, ``generate``, ``bench`` and ``export``."""
+"""``fastdit`` command line: ``info``, ``generate``, ``serve``, ``bench`` and ``export``."""
 
 import argparse
 import difflib
@@ -166,6 +166,11 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     generate.add_arguments(
         sub.add_parser("generate", help="generate a video or image with a DiT + causal VAE (modes t2v ... v2v)")
     )
+    from fastdit.serve import cli as serve_cli
+
+    serve_cli.add_arguments(
+        sub.add_parser("serve", help="an OpenAI Videos API server: one packed forward per step for all its requests")
+    )
     from fastdit.export import cli as export_cli
 
     export_cli.add_arguments(sub.add_parser("export", help="export ONNX graphs and TensorRT engines"))
@@ -210,6 +215,11 @@ def main(argv=None) -> int:
             from fastdit.runtime import generate
 
             generate.run(args)
+            return 0
+        if args.command == "serve":
+            from fastdit.serve import cli as serve_cli
+
+            serve_cli.run(args)
             return 0
         if args.command == "export":
             from fastdit.export import cli as export_cli

@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the schedule (Wan: 3 at 480p)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise (and the tiny preset's weights)")
+    parser.add_argument("--model-seed", type=int, default=None,
+                        help="seeds the tiny preset's random weights (DiT, VAE, text encoder) apart from the noise; "
+                        "None: --seed ('fastdit serve --preset tiny' builds its models with 0)")  # fmt: skip
     parser.add_argument("--mode", default="t2v", choices=MODES, help="what to generate from what")
     parser.add_argument(
         "--input", nargs="*", default=[], metavar="FILE", help="image / video files for i2v, extend, connect (two), v2v"
@@ -147,6 +150,12 @@ class GenerationRequest:
     loras: list[tuple[str, float]] = field(default_factory=list)  # --lora FILE[:SCALE], the files exist
     loras_2: list[tuple[str, float]] = field(default_factory=list)  # --lora-2, for transformer_2
     boundary_ratio: float | None = None  # Wan 2.2 A14B: model_index.json's, with transformer_2/
+    model_seed: int | None = None  # the tiny preset's weights (None: seed)
+
+    @property
+    def weights_seed(self) -> int:
+        """What seeds the tiny preset's random weights: ``model_seed``, else ``seed``."""
+        return self.seed if self.model_seed is None else self.model_seed
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -184,7 +193,7 @@ def validate(args) -> GenerationRequest:
     checkpoint, facts, height, width, frames, size_frames = _validate_size(args)
     sigmas = _validate_sampling(args)
     _check_out(args.out, frames)
-    device = _device(args.device)
+    device = device_of(args.device)
     boundary = _validate_model_inputs(args, checkpoint)
     request = GenerationRequest(
         mode=args.mode, height=height, width=width, frames=frames, device=device, vae_facts=facts, steps=args.steps,
@@ -193,6 +202,7 @@ def validate(args) -> GenerationRequest:
         guidance_2=args.guidance_2, weights=args.weights, checkpoint=checkpoint, prompt=args.prompt,
         negative_prompt=args.negative_prompt, input_paths=list(args.input), sigmas=sigmas,
         loras=[_lora_arg(a) for a in args.lora], loras_2=[_lora_arg(a) for a in args.lora_2], boundary_ratio=boundary,
+        model_seed=args.model_seed,
     )  # fmt: skip
     _read_inputs(request, args, size_frames)
     return request
@@ -207,7 +217,7 @@ def _validate_size(args):
         raise UsageError(f"--{err}") from err
     if size_frames is not None and args.frames not in (None, size_frames):
         raise UsageError(f"--size {args.size} says {size_frames} frames and --frames {args.frames}: give one")
-    checkpoint = _checkpoint(args)
+    checkpoint = open_weights(args.weights)
     facts = checkpoint.vae_facts if checkpoint else VAE_PRESETS[VAE_FOR_DIT[args.preset]].facts
     patch = checkpoint.patch_size if checkpoint else preset(args.preset).patch_size
     factor = facts.spatial * max(patch[1:])  # pixels per DiT token row (Wan 2.1: 8 x 2, Wan 2.2 TI2V: 16 x 2)
@@ -232,8 +242,10 @@ def _validate_sampling(args) -> torch.Tensor | None:
         value = getattr(args, flag)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= args.seed < 2**64:
-        raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
+    for flag in ("seed", "model_seed"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value < 2**64:
+            raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 2**64), got {value}")
     if args.shift <= 0:
         raise UsageError(f"--shift must be > 0, got {args.shift}")
     sigmas = None
@@ -301,7 +313,7 @@ def _read_inputs(request: GenerationRequest, args, size_frames: int | None) -> N
     frames = request.frames
     if args.prompt_embeds:
         request.text, request.negative = _read_embeds(args.prompt_embeds, _text_dim(args, request.checkpoint))
-    request.inputs = [_read_video(path, height, width, temporal) for path in args.input]
+    request.inputs = [read_video(path, height, width, temporal) for path in args.input]
     if args.mode == "v2v" and request.inputs[0].shape[1] == 1:
         raise UsageError(f"--mode v2v restyles a video and --input {args.input[0]} is one image: use --mode i2v")
     latent_frames = [1 + (v.shape[1] - 1) // temporal for v in request.inputs]
@@ -318,19 +330,20 @@ def _read_inputs(request: GenerationRequest, args, size_frames: int | None) -> N
         raise UsageError(f"--frames {frames}: connecting these inputs needs at least {need} frames")
 
 
-def _checkpoint(args) -> FamilyCheckpoint | None:
-    """``--weights`` read once (None without it): every later check and step asks it."""
-    if not args.weights:
+def open_weights(weights: str | None) -> FamilyCheckpoint | None:
+    """``--weights DIR`` read once (None without it): every later check and step asks it; a
+    :class:`UsageError` for a directory fastdit cannot run."""
+    if not weights:
         return None
-    if not os.path.isdir(args.weights):
+    if not os.path.isdir(weights):
         raise UsageError(
-            f"--weights {args.weights}: no such directory (a local diffusers-format folder; Hub ids are not "
+            f"--weights {weights}: no such directory (a local diffusers-format folder; Hub ids are not "
             "downloaded: e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR)"
         )
-    if not all(os.path.isdir(os.path.join(args.weights, d)) for d in ("transformer", "vae")):
-        raise UsageError(f"--weights {args.weights} must hold transformer/ and vae/ (diffusers format)")
+    if not all(os.path.isdir(os.path.join(weights, d)) for d in ("transformer", "vae")):
+        raise UsageError(f"--weights {weights} must hold transformer/ and vae/ (diffusers format)")
     try:
-        checkpoint = open_checkpoint(args.weights)
+        checkpoint = open_checkpoint(weights)
         for fact in ("vae_facts", "patch_size", "text_dim", "image_conditioned"):  # every number read and checked here
             getattr(checkpoint, fact)
     except WeightLoadError as err:
@@ -351,7 +364,8 @@ def _check_out(path: str, frames: int) -> None:
         raise UsageError(f"--out {path}: the directory {folder} does not exist")
 
 
-def _device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
+    """``--device``: auto (CUDA when there is one), cpu, cuda, cuda:N; a :class:`UsageError` otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -363,7 +377,7 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: fastdit generate runs on cpu or cuda")
+        raise UsageError(f"--device {name}: fastdit runs on cpu or cuda")
     return device
 
 
@@ -421,7 +435,7 @@ def _read_embeds(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor |
     return out[0], out[1]
 
 
-def _read_video(path: str, height: int, width: int, temporal: int) -> torch.Tensor:
+def read_video(path: str, height: int, width: int, temporal: int) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1], resized to H x W (said once on stderr, with both sizes); grayscale
     and RGBA inputs are converted to RGB."""
     frames = _read_frames(path)
@@ -465,30 +479,50 @@ def _read_frames(path: str):
     return np.ascontiguousarray(frames[..., :3])  # RGBA: the alpha channel is dropped
 
 
-def encode_prompts(args, device: torch.device, dtype: torch.dtype,
-                   checkpoint: FamilyCheckpoint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """``(prompt (512, text_dim), negative or None)`` with the checkpoint's UMT5 (the tiny preset's
-    random one without ``--weights``), as ``WanPipeline.encode_prompt``; the negative prompt
-    (empty when not given, as diffusers) is encoded only when guidance needs it. The encoder is
-    dropped (its GPU memory returned) before this returns."""
-    if args.weights:
-        encoder = PromptEncoder.from_pretrained(args.weights, dtype=dtype, device=device)
-    else:
-        encoder = PromptEncoder.tiny(preset(args.preset).text_dim, seed=args.seed).to(device, dtype)
-    prompts = [args.prompt]
-    if args.guidance != 1.0:
-        prompts.append(args.negative_prompt or "")
+def prompt_encoder(request: GenerationRequest, dtype: torch.dtype) -> PromptEncoder:
+    """The checkpoint's UMT5 on the request's device (the tiny preset's random one, seeded by
+    ``weights_seed``, without ``--weights``)."""
+    if request.weights:
+        return PromptEncoder.from_pretrained(request.weights, dtype=dtype, device=request.device)
+    return PromptEncoder.tiny(preset(request.preset).text_dim, seed=request.weights_seed).to(request.device, dtype)
+
+
+def encode_prompt(encoder: PromptEncoder, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prompt (512, text_dim), negative or None)`` as ``WanPipeline.encode_prompt``: the negative
+    prompt (empty when not given, as diffusers) is encoded only when guidance needs it, in one batch
+    with the prompt (so a server encoding one request at a time gets ``fastdit generate``'s bits)."""
+    prompts = [request.prompt]
+    if request.guidance != 1.0:
+        prompts.append(request.negative_prompt or "")
     embeds = encoder.encode(prompts).float().cpu()
-    width = _text_dim(args, checkpoint)
-    del encoder
+    width = request.checkpoint.text_dim if request.checkpoint else preset(request.preset).text_dim
     if embeds.shape[-1] != width:
         raise UsageError(f"--prompt: the text encoder makes {embeds.shape[-1]}-wide states; the DiT takes {width}")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return embeds[0], (embeds[1] if len(prompts) > 1 else None)
 
 
-def _write(path: str, video: torch.Tensor, fps: int = 16) -> None:
+def encode_image(encoder: ImageEncoder, path: str) -> torch.Tensor:
+    """Wan 2.1 I2V: the CLIP states of the image file's first frame, float32 on the host."""
+    return encoder.encode(_read_frames(path)[0]).float().cpu()[0]
+
+
+def encode_prompts(request: GenerationRequest, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`encode_prompt` with an encoder built for this call and dropped (its GPU memory
+    returned) before this returns."""
+    encoder = prompt_encoder(request, dtype)
+    try:
+        return encode_prompt(encoder, request)
+    finally:
+        del encoder
+        if request.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+FPS = 16  # Wan's frame rate: what the MP4 says and what a server's `seconds` count
+
+
+def write_video(path: str, video: torch.Tensor, fps: int = FPS) -> None:
+    """``video`` (3, T, H, W) in [-1, 1] to ``path``: one frame as .png, else H.264 in .mp4."""
     import imageio.v3 as iio
 
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
@@ -524,13 +558,13 @@ def generate(request: GenerationRequest) -> dict:
     timings = {}
     if request.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
         start = time.perf_counter()
-        request.text, request.negative = encode_prompts(request, device, dtype, request.checkpoint)
+        request.text, request.negative = encode_prompts(request, dtype)
         timings["encode_prompt"] = time.perf_counter() - start
     image_embeds = None
     if _i2v_kind(request.checkpoint)[1]:  # Wan 2.1 I2V: the CLIP states of the input image, encoder freed after
         start = time.perf_counter()
         encoder = ImageEncoder.from_pretrained(request.weights, dtype=dtype, device=device)
-        image_embeds = encoder.encode(_read_frames(request.input_paths[0])[0]).float().cpu()[0]
+        image_embeds = encode_image(encoder, request.input_paths[0])
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -546,7 +580,7 @@ def generate(request: GenerationRequest) -> dict:
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    diffusion = _diffusion_request(request, models, text, negative, image_embeds, dtype)
+    diffusion = diffusion_request(request, models, text, negative, image_embeds, dtype)
     timings["encode_inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -558,13 +592,10 @@ def generate(request: GenerationRequest) -> dict:
     timings["sample"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    vae = models.vae
-    with torch.no_grad():
-        video = vae.decode(vae.denormalize(latent.to(device)[None].float()).to(dtype), tiling=_tiling(request))
-    video = video[0].float()
+    video = decode_video(models.vae, latent, request)
     timings["decode"] = time.perf_counter() - start
     start = time.perf_counter()
-    _write(request.out, video)
+    write_video(request.out, video)
     timings["write"] = time.perf_counter() - start
     print(f"wrote {request.out}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
@@ -580,7 +611,7 @@ def load_models(request: GenerationRequest, dtype: torch.dtype) -> Models:
         # The VAE runs in the DiT's dtype: bf16 on GPUs (fused norm + SiLU, channels-last convs), fp32 on CPUs.
         vae = checkpoint.load_vae(dtype=dtype, device=device)
     else:
-        torch.manual_seed(request.seed)
+        torch.manual_seed(request.weights_seed)
         dit, vae = DiT.from_preset(request.preset), CausalVAE.from_preset(VAE_FOR_DIT[request.preset])
     dit_2 = None
     if request.boundary_ratio is not None:  # Wan 2.2 A14B: the low-noise expert, on the host first
@@ -602,7 +633,17 @@ def _tiling(request: GenerationRequest) -> SpatialTiling | None:
     return SpatialTiling() if request.vae_tiling else None
 
 
-def _diffusion_request(request: GenerationRequest, models: Models, text, negative, image_embeds, dtype):
+def decode_video(vae: CausalVAE, latent: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+    """A sampled normalized latent ``(C, T', H', W')`` to ``(3, T, H, W)`` float32 pixels in [-1, 1]
+    (the VAE's dtype and device, the request's tiling)."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        video = vae.decode(vae.denormalize(latent.to(param.device)[None].float()).to(param.dtype),
+                           tiling=_tiling(request))  # fmt: skip
+    return video[0].float()
+
+
+def diffusion_request(request: GenerationRequest, models: Models, text, negative, image_embeds, dtype):
     """The sampler's request for the run's mode: its input videos encoded to normalized latents."""
     vae, device, tiling = models.vae, request.device, _tiling(request)
     c, t, h, w = request.latent_shape
