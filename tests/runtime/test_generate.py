@@ -225,8 +225,9 @@ def test_prompts_are_encoded_once_and_guidance_one_encodes_no_negative(monkeypat
     calls = []
     real = PromptEncoder.encode
     monkeypatch.setattr(PromptEncoder, "encode", lambda self, p: calls.append(list(p)) or real(self, p))
-    text, negative = gen.encode_prompts(gen.validate(_parse_prompt(["--prompt", "a fox", "--guidance", "1"])),
-                                        torch.float32)
+    text, negative = gen.encode_prompts(
+        gen.validate(_parse_prompt(["--prompt", "a fox", "--guidance", "1"])), torch.float32
+    )
     assert calls == [["a fox"]] and negative is None and text.shape == (512, 32)
     calls.clear()
     text, negative = gen.encode_prompts(gen.validate(_parse_prompt(["--prompt", "a fox"])), torch.float32)
