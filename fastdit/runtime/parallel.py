@@ -396,7 +396,17 @@ class SequenceParallelDiT(torch.nn.Module):
             raise ValueError("the dense call needs (latents (B, C, T, H, W), timestep (B,), text (B, L, text_dim))")
         return self.model.dense_output(self.forward_packed(self.model.dense_batch(latents, timestep, text)), latents)
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+    def text_kv(self, *args, **kwargs) -> list[tuple]:
+        """The wrapped DiT's :meth:`~fastdit.models.DiT.text_kv` (every rank computes the whole
+        batch's; :meth:`forward_packed` takes each rank's pieces)."""
+        return self.model.text_kv(*args, **kwargs)
+
+    def conditioning_bounds(self, batch: PackedBatch) -> dict:
+        return self.model.conditioning_bounds(batch)
+
+    def forward_packed(self, batch: PackedBatch, text_kv: list | None = None) -> torch.Tensor:
+        """The whole packed prediction on every rank. ``text_kv``: :meth:`text_kv` of the whole
+        ``batch`` (as a sampler precomputes it); each rank keeps the rows of its pieces' samples."""
         batch.validate()
         self.model.check_batch(batch)
         if batch.image is not None:
@@ -414,11 +424,19 @@ class SequenceParallelDiT(torch.nn.Module):
                 f"sequence parallel: {layout.size} ranks need at least one token each per sample group; "
                 f"this batch gives token counts {counts}"
             )
-        local, _ = local_batch(batch, cu, cu_text, *plan.sub[layout.coords])
+        local, parts = local_batch(batch, cu, cu_text, *plan.sub[layout.coords])
+        local_kv = None
+        if text_kv is not None:
+            layers = self.config.num_layers
+            if len(text_kv) != layers or any(t.shape[0] != cu_text[-1] for kv in text_kv for t in kv):
+                raise ValueError(f"text_kv must hold {layers} blocks of the batch's {cu_text[-1]} text rows "
+                                 "(DiT.text_kv of the whole batch)")  # fmt: skip
+            local_kv = [tuple(torch.cat([t[cu_text[p.sample] : cu_text[p.sample + 1]] for p in parts]) for t in kv)
+                        for kv in text_kv]  # fmt: skip
         self._step = plan
         try:  # the hook lives for this call only: the model on its own runs plain attention
             with values_checked(), self.model.attention_hook(self._attention):
-                out = self.model.forward_validated(local)
+                out = self.model.forward_validated(local, text_kv=local_kv)
         finally:
             self._step = None
         return _GatherTokens.apply(out, counts, layout.rank, self.group)

@@ -215,7 +215,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = 16 << 20) -> FastAPI:
     async def health():
         width, height = engine.served.default_size
         return {"status": "ok", "model": engine.served.name, "default_size": f"{width}x{height}",
-                "queue_depth": engine.queue_depth()}  # fmt: skip
+                "queue_depth": engine.queue_depth(), "ranks": engine.ranks}  # fmt: skip
 
     @app.get("/")
     async def index():

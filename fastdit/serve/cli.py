@@ -61,15 +61,16 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections made while the models load wait in the backlog, not refused
     except OSError as err:
         sock.close()
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from err
     return sock
 
 
-def prepare(args):
-    """Check the flags, listen, load the models and open the store: ``(app, engine, socket)``."""
-    _check(args)
+def _base_request(args):
+    """The server's models as a :class:`GenerationRequest` (every job's request is this with its
+    own fields), after the checkpoint's checks."""
     from fastdit.models.wan import VAE_PRESETS
     from fastdit.runtime.generate import GenerationRequest, device_of, open_weights
 
@@ -80,6 +81,39 @@ def prepare(args):
                              "two experts are not batched by the step batcher yet")  # fmt: skip
         if not checkpoint.has("text_encoder", "tokenizer"):
             raise UsageError(f"--weights {args.weights}: it must hold text_encoder/ and tokenizer/ (prompts)")
+    facts = checkpoint.vae_facts if checkpoint else VAE_PRESETS[VAE_FOR_DIT[args.preset]].facts
+    return GenerationRequest(
+        mode="t2v", height=0, width=0, frames=1, device=device_of(args.device), vae_facts=facts, steps=1, guidance=5.0,
+        shift=5.0, seed=0, strength=0.7, out="", preset=args.preset, offload_experts="off", vae_tiling=False,
+        weights=args.weights, checkpoint=checkpoint, model_seed=args.model_seed,
+    )  # fmt: skip
+
+
+def _distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, each rank its LOCAL_RANK's
+    device; gloo on CPUs); None on one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    return dist.group.WORLD
+
+
+def prepare(args, group=None):
+    """Check the flags, listen, load the models and open the store: ``(app, engine, socket)``.
+    ``group``: the process group of a multi-rank server (this is its rank 0)."""
+    _check(args)
+    base = _base_request(args)
     folder = os.path.dirname(os.path.abspath(args.db))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -92,30 +126,43 @@ def prepare(args):
     from fastdit.serve.engine import Engine
     from fastdit.serve.store import ContentFiles, SQLiteJobStore
 
-    facts = checkpoint.vae_facts if checkpoint else VAE_PRESETS[VAE_FOR_DIT[args.preset]].facts
-    base = GenerationRequest(
-        mode="t2v", height=0, width=0, frames=1, device=device_of(args.device), vae_facts=facts, steps=1, guidance=5.0,
-        shift=5.0, seed=0, strength=0.7, out="", preset=args.preset, offload_experts="off", vae_tiling=False,
-        weights=args.weights, checkpoint=checkpoint, model_seed=args.model_seed,
-    )  # fmt: skip
     name = os.path.basename(os.path.normpath(args.weights)) if args.weights else f"fastdit-{args.preset}"
     store = SQLiteJobStore(args.db)
     engine = Engine(base, store, ContentFiles(os.path.join(folder, "videos"), ".mp4"),
                     ContentFiles(os.path.join(folder, "inputs"), ".png"), name=name,
-                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue)  # fmt: skip
+                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, group=group)  # fmt: skip
     return create_app(engine, max_body_bytes=int(args.max_body_mb * (1 << 20))), engine, sock
+
+
+def _follow(args, group) -> None:
+    """A rank other than 0: the same models and batcher, stepping as rank 0 says (replicas.py)."""
+    _check(args)
+    from fastdit.serve.engine import serving_batcher
+    from fastdit.serve.replicas import follow
+
+    follow(serving_batcher(_base_request(args), args.max_batch_tokens, group)[0], group)
 
 
 def run(args) -> None:
     """``fastdit serve``: :func:`prepare`, then uvicorn until interrupted (unfinished jobs stay in
-    the store and run when a server starts on it again)."""
+    the store and run when a server starts on it again). Under torchrun rank 0 serves HTTP and
+    the other ranks follow its steps."""
     import uvicorn
 
-    app, engine, sock = prepare(args)
+    group = _distributed(args)
+    if group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return _follow(args, group)
+    app, engine, sock = prepare(args, group)
     host, port = sock.getsockname()[:2]
-    print(f"fastdit serve: {engine.served.name} on http://{host}:{port} (jobs in {args.db})", flush=True)
+    print(f"fastdit serve: {engine.served.name} on http://{host}:{port} (jobs in {args.db}; pid {os.getpid()})",
+          flush=True)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the interrupt: a clean exit
+        pass
     finally:
         engine.store.close()

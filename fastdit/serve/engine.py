@@ -38,6 +38,7 @@ from fastdit.runtime.generate import (
     write_video,
 )
 from fastdit.serve.metrics import Metrics
+from fastdit.serve.replicas import Replicas
 from fastdit.serve.spec import Limits, RequestError, ServedModel
 from fastdit.serve.store import ContentFiles, JobRecord, JobStore
 
@@ -51,6 +52,43 @@ class QueueFull(RequestError):
                          "queue_full", "rate_limit_error")  # fmt: skip
 
 
+def apply_events(batcher: StepBatcher, events: list[tuple]) -> list[tuple[str, Job | Exception]]:
+    """Apply a step boundary's changes to ``batcher``, in order: ``("cancel", batcher job id)`` and
+    ``("submit", job id, SampleRequest, schedule kwargs)``. Every rank applies the same events to
+    its own batcher, so their batches stay the same. Returns each submission's job or the error
+    that refused it."""
+    outcomes = []
+    for event in events:
+        if event[0] == "cancel":
+            batcher.cancel(event[1])
+            continue
+        _, job_id, sample, schedule = event
+        try:
+            outcomes.append((job_id, batcher.submit(sample, **schedule)))
+        except Exception as err:  # noqa: BLE001 - the job fails with the reason; the server goes on
+            outcomes.append((job_id, err))
+    return outcomes
+
+
+def serving_batcher(base: GenerationRequest, max_batch_tokens: int, group=None):
+    """``(StepBatcher, Models)`` of a server: the base request's models, the batcher over the DiT,
+    sequence-parallel (Ulysses over every rank of ``group``) on more than one rank. Every rank of a
+    multi-rank server calls this, in the same order (the sequence-parallel setup is collective)."""
+    dtype = torch.bfloat16 if base.device.type == "cuda" else torch.float32
+    models = load_models(base, dtype)
+    if models.dit_2 is not None:
+        raise ValueError("fastdit serve runs one-expert checkpoints; Wan 2.2 A14B's two experts are not batched by "
+                         "the step batcher yet")  # fmt: skip
+    dit = models.dit
+    if group is not None:
+        import torch.distributed as dist
+
+        from fastdit.runtime.parallel import apply_sequence_parallel
+
+        dit = apply_sequence_parallel(dit, group, ulysses=dist.get_world_size(group))
+    return StepBatcher(dit, max_batch_tokens), models
+
+
 class Engine:
     """Runs a server's jobs (see the module docstring).
 
@@ -59,24 +97,24 @@ class Engine:
             model seed); each job's request is this with the job's own fields.
         store: where jobs live; videos / inputs: MP4s and uploaded images by content.
         max_batch_tokens: the batcher's token budget per forward; max_queue: open jobs at most.
+        group: the process group of a multi-rank server (this is rank 0; serve/replicas.py).
     """
 
     def __init__(self, base: GenerationRequest, store: JobStore, videos: ContentFiles, inputs: ContentFiles, *,
-                 name: str, max_batch_tokens: int, max_queue: int, limits: Limits | None = None):  # fmt: skip
+                 name: str, max_batch_tokens: int, max_queue: int, limits: Limits | None = None,
+                 group=None):  # fmt: skip
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.base, self.store, self.videos, self.inputs = base, store, videos, inputs
         self.max_queue, self.limits = max_queue, limits or Limits()
         self.dtype = torch.bfloat16 if base.device.type == "cuda" else torch.float32
-        self.models = load_models(base, self.dtype)
-        if self.models.dit_2 is not None:
-            raise ValueError("fastdit serve runs one-expert checkpoints; Wan 2.2 A14B's two experts are not batched "
-                             "by the step batcher yet")  # fmt: skip
+        self.batcher, self.models = serving_batcher(base, max_batch_tokens, group)
+        self.replicas = None if group is None else Replicas(group)
+        self.ranks = 1 if group is None else self.replicas.size
         self.text_encoder = prompt_encoder(base, self.dtype)
         clip = base.checkpoint is not None and base.checkpoint.clip
         self.image_encoder = (ImageEncoder.from_pretrained(base.weights, dtype=self.dtype, device=base.device)
                               if clip else None)  # fmt: skip
-        self.batcher = StepBatcher(self.models.dit, max_batch_tokens)
         config = self.models.dit.config
         facts = base.vae_facts
         factor = facts.spatial * max(config.patch_size[1:])
@@ -92,7 +130,10 @@ class Engine:
         self._intake: queue.Queue[str] = queue.Queue()
         self._decode: queue.Queue[tuple[str, torch.Tensor, GenerationRequest]] = queue.Queue()
         self._vae = threading.Lock()  # the VAE encodes (intake) and decodes (decoder): one at a time
-        self._admission = threading.Lock()  # held by intake while it submits what arrived together
+        # what changes the batcher, applied by the DiT loop at a step boundary (and, with more than one
+        # rank, sent to every rank first so their batchers stay the same): jobs to submit, jobs to cancel
+        self._arrivals: list[tuple[str, GenerationRequest, object]] = []
+        self._cancels: list[int] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -128,7 +169,8 @@ class Engine:
             entry = self._running.pop(job_id, None)
             was_open = self._open.pop(job_id, None) is not None
         if entry is not None:
-            self.batcher.cancel(entry[0].id)
+            with self._lock:
+                self._cancels.append(entry[0].id)
         if was_open:
             self.metrics.finished.labels("cancelled").inc()
         if record.video is not None and self.store.references(record.video) == 0:
@@ -187,26 +229,14 @@ class Engine:
                 arrived = [self._intake.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            while True:  # everything that arrived together is encoded, then joins the same step
+            while True:  # what arrived together is encoded, then starts at the same step boundary
                 try:
                     arrived.append(self._intake.get_nowait())
                 except queue.Empty:
                     break
             ready = [item for item in map(self._prepare, arrived) if item is not None]
-            with self._admission:  # the DiT loop starts no step while these are submitted
-                for job_id, request, sample in ready:
-                    try:
-                        job = self.batcher.submit(sample, num_steps=request.steps, shift=request.shift,
-                                                  guidance=request.guidance)  # fmt: skip
-                    except Exception as err:  # noqa: BLE001 - the job fails with the reason; the server goes on
-                        self._fail(job_id, err)
-                        continue
-                    with self._lock:
-                        self._running[job_id] = (job, request)
-                    if self.store.get(job_id) is None:  # deleted while it was encoded
-                        with self._lock:
-                            self._running.pop(job_id, None)
-                        self.batcher.cancel(job.id)
+            with self._lock:
+                self._arrivals += ready
             self._wake.set()
 
     def _prepare(self, job_id: str):
@@ -226,23 +256,52 @@ class Engine:
             return None
         return job_id, request, sample
 
+    def _boundary(self) -> tuple[list[tuple], dict[str, GenerationRequest]]:
+        """The batcher's changes since the last step, as :func:`apply_events` takes them (jobs
+        deleted meanwhile left out), and the submitted jobs' requests by id."""
+        with self._lock:
+            arrivals, self._arrivals = self._arrivals, []
+            cancels, self._cancels = self._cancels, []
+        events = [("cancel", job) for job in cancels]
+        requests = {}
+        for job_id, request, sample in arrivals:
+            if self.store.get(job_id) is not None:
+                schedule = {"num_steps": request.steps, "shift": request.shift, "guidance": request.guidance}
+                events.append(("submit", job_id, sample, schedule))
+                requests[job_id] = request
+        return events, requests
+
     def _dit_loop(self) -> None:
-        while not self._stop.is_set():
-            if self.batcher.idle:
-                self._wake.wait(0.2)
-                self._wake.clear()
-                continue
-            with self._admission:
-                pass
-            forwards, start = self.batcher.forwards, time.perf_counter()
-            try:
-                self.batcher.step()
-            except Exception as err:  # noqa: BLE001 - the batcher marked its jobs failed; the loop goes on
-                log.exception("a packed forward failed: %s", err)
-            if self.batcher.forwards > forwards:
-                self.metrics.forward(self.batcher.samples_per_forward[-1], self.batcher.tokens_per_forward[-1],
-                                     time.perf_counter() - start)  # fmt: skip
-            self._after_step()
+        try:
+            while not self._stop.is_set():
+                events, requests = self._boundary()
+                if self.replicas is not None:
+                    self.replicas.send(events)
+                for job_id, outcome in apply_events(self.batcher, events):
+                    if isinstance(outcome, Exception):
+                        self._fail(job_id, outcome)
+                    else:
+                        with self._lock:
+                            self._running[job_id] = (outcome, requests[job_id])
+                if self.batcher.idle:
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                self._step()
+        finally:
+            if self.replicas is not None:
+                self.replicas.close()
+
+    def _step(self) -> None:
+        forwards, start = self.batcher.forwards, time.perf_counter()
+        try:
+            self.batcher.step()
+        except Exception as err:  # noqa: BLE001 - the batcher marked its jobs failed; the loop goes on
+            log.exception("a packed forward failed: %s", err)
+        if self.batcher.forwards > forwards:
+            self.metrics.forward(self.batcher.samples_per_forward[-1], self.batcher.tokens_per_forward[-1],
+                                 time.perf_counter() - start)  # fmt: skip
+        self._after_step()
 
     def _after_step(self) -> None:
         progress = {}
