@@ -85,11 +85,12 @@ class Server:
     """``fastdit serve --preset tiny`` in a subprocess on a free port of 127.0.0.1; ``ranks`` > 1:
     under ``torchrun --standalone`` with that many ranks (rank 0 serves HTTP)."""
 
-    def __init__(self, db: str, device: str, timeout: float = 120.0, ranks: int = 1):
+    def __init__(self, db: str, device: str, timeout: float = 120.0, ranks: int = 1, batch_invariant: bool = True):
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
         command = [sys.executable, *launch, "-m", "fastdit", "serve", "--preset", "tiny", "--port", "0", "--db", db,
                    "--device", device, "--log-level", "warning"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env = {**os.environ, "FASTDIT_BATCH_INVARIANT": "1" if batch_invariant else "0"}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         deadline = time.monotonic() + timeout
         line = ""
         while "http://" not in line:
@@ -153,10 +154,12 @@ FORWARD_METRICS = (
 )
 
 
-def run(count: int, steps: int, cancel: int, device: str, seed: int, timeout: float, work: str) -> dict:
+def run(count: int, steps: int, cancel: int, device: str, seed: int, timeout: float, work: str,
+        batch_invariant: bool = True) -> dict:  # fmt: skip
     asks = requests_of(count, steps)
-    result = {"requests": count, "sizes": [f"{w}x{h}x{f}" for w, h, f in SIZES], "steps": steps, "device": device}
-    server = Server(os.path.join(work, "a", "jobs.sqlite"), device)
+    result = {"requests": count, "sizes": [f"{w}x{h}x{f}" for w, h, f in SIZES], "steps": steps, "device": device,
+              "batch_invariant": batch_invariant}  # fmt: skip
+    server = Server(os.path.join(work, "a", "jobs.sqlite"), device, batch_invariant=batch_invariant)
     try:
         warm = post(server.url, {**asks[0], "prompt": "warm-up"})
         wait_all(server.url, [warm["id"]], timeout)
@@ -179,7 +182,8 @@ def run(count: int, steps: int, cancel: int, device: str, seed: int, timeout: fl
     finally:
         server.stop()
     result["throughput_ratio"] = result["one_at_a_time_s"] / result["packed_s"]
-    result["chaos"] = chaos(asks, expected, cancel, device, seed, timeout, os.path.join(work, "b", "jobs.sqlite"))
+    if batch_invariant:  # (without it, packed videos may differ from one-at-a-time ones: nothing to compare)
+        result["chaos"] = chaos(asks, expected, cancel, device, seed, timeout, os.path.join(work, "b", "jobs.sqlite"))
     return result
 
 
@@ -219,16 +223,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival gaps and which requests are deleted")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any wait may take")
-    parser.add_argument("--out", default=None, help="directory for serve_load_<device>.json (none: print only)")
+    parser.add_argument("--batch-invariant", default="on", choices=["on", "off"],
+                        help="the servers' FASTDIT_BATCH_INVARIANT (off: batched matmuls, no bitwise promise; "
+                        "no chaos run)")  # fmt: skip
+    parser.add_argument("--out", default=None, help="directory for serve_load_<device>[_variant].json (none: print)")
     args = parser.parse_args(argv)
     if args.requests < 2 or args.steps < 1 or args.cancel < 0 or args.cancel >= args.requests:
         parser.error("need --requests >= 2, --steps >= 1 and 0 <= --cancel < --requests")
     with tempfile.TemporaryDirectory(prefix="fastdit-serve-load-") as work:
-        result = run(args.requests, args.steps, args.cancel, args.device, args.seed, args.timeout, work)
+        result = run(args.requests, args.steps, args.cancel, args.device, args.seed, args.timeout, work,
+                     args.batch_invariant == "on")  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"serve_load_{args.device.split(':')[0]}.json"), "w") as f:
+        suffix = "" if args.batch_invariant == "on" else "_variant_batch_invariant_off"
+        with open(os.path.join(args.out, f"serve_load_{args.device.split(':')[0]}{suffix}.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
 

@@ -40,6 +40,7 @@ SLOW_FIRST = (
     "tests/kernels/test_compile_sm90.py::test_compile_in_subprocess",
     "tests/models/test_vae_fast.py::test_vae_on_triton_matches_reference_fp32_and_fp16",
     "tests/runtime/test_parallel.py",
+    "tests/serve/test_load.py",
     "tests/test_export.py",
     "tests/ops/test_strided_inputs.py::test_every_argument_as_a_view[adaln",
     "tests/test_cli.py",

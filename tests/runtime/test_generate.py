@@ -140,6 +140,7 @@ BAD_FLAGS = [
     (["--strength", "nan", "--mode", "v2v", "--input", "{gray}"], "--strength must be a finite number"),
     (["--seed", str(2**70)], "--seed must be in \\[0, 2\\*\\*64\\)"),
     (["--seed", "-1"], "--seed must be in"),
+    (["--model-seed", "-1"], "--model-seed must be in"),
     (["--lora", "{bad_lora}"], "--lora .*transposed_lora.safetensors: LoRA module proj_out: lora_A.weight holds NaN"),
     (["--lora", "{bad_lora}:0.5"], "--lora .*: LoRA module proj_out"),
     (["--mode", "v2v", "--input", "{gray}", "--strength", "2"], "--strength must be in"),
