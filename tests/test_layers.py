@@ -130,3 +130,23 @@ def test_every_family_is_registered_and_found_by_the_registry():
 
     assert FAMILIES, "no model family package found under fastdit/models"
     assert sorted(families()) == sorted(f.name for f in FAMILIES)
+
+
+BELOW_THE_SERVER = [p for folder in ("fastdit/ops", "fastdit/models", "fastdit/runtime", "fastdit/reference",
+                                     "fastdit/export", "fastdit/integrations", "kernels")
+                    for p in sorted((ROOT / folder).rglob("*.py"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", BELOW_THE_SERVER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_below_the_server_imports_it(path):
+    """``fastdit serve`` sits on the runtime; a runtime or model module importing it would tie the
+    library to FastAPI and a job store."""
+    assert not {n for n in imports(path) if n.startswith("fastdit.serve")}
+
+
+@pytest.mark.parametrize("path", modules("fastdit/serve"), ids=lambda p: p.name)
+def test_the_server_imports_no_private_name(path):
+    """The server runs requests through ``fastdit generate``'s public stages (``load_models``,
+    ``encode_prompt``, ``diffusion_request``, ``decode_video``, ...), never a ``_private`` helper."""
+    foreign = [n for n in imports(path) if n.startswith("fastdit.") and not n.startswith("fastdit.serve")]
+    assert not [n for n in foreign if n.rsplit(".", 1)[-1].startswith("_")]

@@ -203,6 +203,21 @@ def test_a_full_queue_answers_429_and_delete_cancels_a_running_job(server):
     assert _metric(url, "fastdit_jobs_finished_total")[key] == cancelled + 1
 
 
+def test_each_job_has_a_progress_bar_in_the_log(server, caplog):
+    """Catches: no progress in the log, a bar that never reaches its end, one job's bar under
+    another's id."""
+    import logging
+
+    url, _engine = server
+    caplog.set_level(logging.INFO, logger="fastdit.serve")
+    video = _client(url).videos.create(prompt="logged", size="64x64", extra_body={"frames": 9, "steps": 10})
+    wait_for(url, [video.id])
+    bars = [r.getMessage() for r in caplog.records if r.name == "fastdit.serve" and video.id in r.getMessage()]
+    assert any("[##########..........]  50% step 5/10" in bar for bar in bars), bars
+    assert any("[####################] 100% step 10/10" in bar for bar in bars), bars
+    assert any("completed" in bar for bar in bars) and len(bars) <= 13  # a tenth at a time, not every step
+
+
 def test_metrics_and_health(server):
     url, _engine = server
     status, health = call(url, "GET", "/health")
