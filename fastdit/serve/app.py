@@ -20,6 +20,7 @@ traceback goes to the server's log only).
 import importlib.resources
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -165,6 +166,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = 16 << 20) -> FastAPI:
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
+        engine.check_capacity()  # a full queue is said before the body is read
         fields, image = await _fields(request, max_body_bytes)
         spec = parse_create(fields, image is not None, engine.served, engine.limits)
         if image is not None:
@@ -198,7 +200,11 @@ def create_app(engine: Engine, *, max_body_bytes: int = 16 << 20) -> FastAPI:
             raise RequestError(400, f"variant '{variant[:40]}' is not made here; only 'video' (the MP4)", "variant")
         if record.status != "completed":
             raise RequestError(409, f"video {video_id} is {record.status}, not completed", "video_id", "not_ready")
-        return FileResponse(engine.videos.path(record.video), media_type="video/mp4", filename=f"{video_id}.mp4")
+        path = engine.videos.path(record.video)
+        if not os.path.isfile(path):
+            raise RequestError(410, f"video {video_id}'s file is gone from the store (removed outside the server)",
+                               "video_id", "gone")  # fmt: skip
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str):

@@ -12,7 +12,7 @@ from fastdit.runtime.generate import VAE_FOR_DIT, UsageError
 
 def serve_missing() -> str | None:
     """Why ``fastdit serve`` cannot run here (None when FastAPI, uvicorn and friends are installed)."""
-    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client", "transformers"):
+    for module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client", "transformers"):
         if importlib.util.find_spec(module) is None:
             return f'fastdit serve needs {module}: pip install "fastdit[serve]" (or -e ".[serve]" in a checkout)'
     return None

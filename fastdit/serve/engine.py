@@ -145,6 +145,12 @@ class Engine:
         with self._lock:
             return sum(1 for state in self._open.values() if state == "queued")
 
+    def check_capacity(self) -> None:
+        """:class:`QueueFull` when ``max_queue`` jobs are open (checked again by :meth:`submit`)."""
+        with self._lock:
+            if len(self._open) >= self.max_queue:
+                raise QueueFull(self.max_queue)
+
     def submit(self, record: JobRecord) -> None:
         """Store an accepted job and queue it; :class:`QueueFull` when ``max_queue`` jobs are open."""
         with self._lock:

@@ -1,5 +1,3 @@
-import http.client
-import json
 import threading
 import time
 from contextlib import contextmanager
@@ -37,31 +35,6 @@ def serving(db: str, *flags: str):
         server.should_exit = True
         thread.join(30)
         engine.store.close()
-
-
-def call(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    """One request to the server at ``url`` (stdlib only): ``(status, JSON or bytes)``."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        data = response.read()
-    finally:
-        connection.close()
-    kind = response.getheader("content-type", "")
-    return response.status, (json.loads(data) if kind.startswith("application/json") else data)
-
-
-def wait_for(url: str, ids, timeout: float = 120.0) -> dict:
-    """Poll until every job in ``ids`` ended (completed or failed): their video objects. Bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        objects = {i: call(url, "GET", f"/v1/videos/{i}")[1] for i in ids}
-        if all(o["status"] in ("completed", "failed") for o in objects.values()):
-            return objects
-        assert time.monotonic() < deadline, f"jobs did not finish in {timeout} s: {objects}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ and CLIP encoders, the image-conditioned DiT, the upload as the conditioning ima
 
 import pytest
 
-from tests.serve.conftest import call, serving, wait_for
+from fastdit.benchmarks.serve_load import call, wait_all
+from tests.serve.conftest import serving
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
@@ -31,7 +32,7 @@ def test_an_i2v_checkpoint_serves_what_fastdit_generate_makes(tmp_path):
             url, "POST", "/v1/videos", *_multipart(fields, {"input_reference": ("in.png", image.read_bytes())})
         )
         assert status == 200, video
-        assert wait_for(url, [video["id"]])[video["id"]]["status"] == "completed"
+        assert wait_all(url, [video["id"]], 120)[video["id"]]["status"] == "completed"
         served = call(url, "GET", f"/v1/videos/{video['id']}/content")[1]
     out = tmp_path / "generated.mp4"
     assert (

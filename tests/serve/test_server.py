@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.serve.conftest import call, wait_for
+from fastdit.benchmarks.serve_load import call, wait_all
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client marks its API so
 openai = pytest.importorskip("openai", reason="the API tests use the official client: pip install -e .[test]")
@@ -70,12 +70,12 @@ def test_three_sizes_share_forwards_and_each_is_bitwise_itself_alone_and_fastdit
     # sent back to back: the second and third join the first at a step boundary long before its 30 steps end
     together = [client.videos.create(prompt="snow", size=size, extra_body={"frames": 9, "steps": 30, "seed": seed})
                 for size, seed in asks]  # fmt: skip
-    wait_for(url, [v.id for v in together])
+    wait_all(url, [v.id for v in together], 120)
     assert _forwards_over(url, 2) > shared_before  # forwards held more than one request's two samples
     for video, (size, seed) in zip(together, asks):
         packed = engine.store.get(video.id).video
         alone = client.videos.create(prompt="snow", size=size, extra_body={"frames": 9, "steps": 30, "seed": seed})
-        wait_for(url, [alone.id])
+        wait_all(url, [alone.id], 120)
         assert engine.store.get(alone.id).video == packed  # content-addressed: the same digest is the same bytes
         width, height = size.split("x")
         out = tmp_path / f"{seed}.mp4"
@@ -103,7 +103,7 @@ def test_image_to_video_from_an_upload_equals_fastdit_generate(server, tmp_path)
     with open(image, "rb") as f:
         video = client.videos.create(prompt="from an image", size="96x64", input_reference=f,
                                      extra_body={"frames": 9, "steps": 4, "seed": 2})  # fmt: skip
-    assert wait_for(url, [video.id])[video.id]["status"] == "completed"
+    assert wait_all(url, [video.id], 120)[video.id]["status"] == "completed"
     assert engine.store.get(video.id).spec["mode"] == "i2v"
     out = tmp_path / "i2v.mp4"
     assert main(["generate", "--preset", "tiny", "--model-seed", "0", "--prompt", "from an image", "--mode", "i2v",
@@ -171,7 +171,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_batch_goes_on(server):
             error = answer["error"]
             assert error["message"] and error["type"] and "Traceback" not in json.dumps(answer), answer
             assert len(error["message"]) < 400  # nothing echoed whole (a 5000-character id, a 17 MB body)
-    assert wait_for(url, [running.id])[running.id]["status"] == "completed"  # the batch went on
+    assert wait_all(url, [running.id], 120)[running.id]["status"] == "completed"  # the batch went on
     codes = _metric(url, "fastdit_http_requests_total")
     assert not any('status="500"' in key for key in codes)
 
@@ -211,11 +211,23 @@ def test_each_job_has_a_progress_bar_in_the_log(server, caplog):
     url, _engine = server
     caplog.set_level(logging.INFO, logger="fastdit.serve")
     video = _client(url).videos.create(prompt="logged", size="64x64", extra_body={"frames": 9, "steps": 10})
-    wait_for(url, [video.id])
+    wait_all(url, [video.id], 120)
     bars = [r.getMessage() for r in caplog.records if r.name == "fastdit.serve" and video.id in r.getMessage()]
     assert any("[##########..........]  50% step 5/10" in bar for bar in bars), bars
     assert any("[####################] 100% step 10/10" in bar for bar in bars), bars
     assert any("completed" in bar for bar in bars) and len(bars) <= 13  # a tenth at a time, not every step
+
+
+@pytest.mark.bad_input
+def test_a_video_file_removed_behind_the_servers_back_is_410_not_500(server):
+    import os
+
+    url, engine = server
+    video = _client(url).videos.create(prompt="removed", size="64x64", extra_body={"frames": 9, "steps": 2})
+    wait_all(url, [video.id], 120)
+    os.remove(engine.videos.path(engine.store.get(video.id).video))
+    status, answer = call(url, "GET", f"/v1/videos/{video.id}/content")
+    assert status == 410 and answer["error"]["code"] == "gone"
 
 
 def test_metrics_and_health(server):
