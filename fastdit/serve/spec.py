@@ -61,6 +61,12 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
 
 
+def _shown(value) -> str:
+    """A field's value as an error message quotes it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _text(fields: dict, name: str, limit: int, default: str | None = None) -> str | None:
     value = fields.get(name, default)
     if value is None:
@@ -90,9 +96,9 @@ def _number(fields: dict, name: str, default, kind, low, high):
     except (ValueError, OverflowError):
         number = None
     if number is None:
-        raise RequestError(400, f"'{name}' must be {what}, got {value!r}", name)
+        raise RequestError(400, f"'{name}' must be {what}, got {_shown(value)}", name)
     if (kind is float and not math.isfinite(number)) or not low <= number <= high:
-        raise RequestError(400, f"'{name}' must be in [{low}, {high}], got {value!r}", name)
+        raise RequestError(400, f"'{name}' must be in [{low}, {high}], got {_shown(value)}", name)
     return number
 
 
@@ -103,13 +109,13 @@ def _size(fields: dict, served: ServedModel, limits: Limits) -> tuple[int, int]:
         return served.default_size
     parts = text.strip().lower().split("x") if isinstance(text, str) else []
     if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
-        raise RequestError(400, f"'size' must be WIDTHxHEIGHT in pixels (e.g. 832x480), got {text!r}", "size")
+        raise RequestError(400, f"'size' must be WIDTHxHEIGHT in pixels (e.g. 832x480), got {_shown(text)}", "size")
     width, height = int(parts[0]), int(parts[1])
     factor = served.vae_facts.spatial * max(served.patch[1:])
     if not (0 < width <= limits.max_side and 0 < height <= limits.max_side):
-        raise RequestError(400, f"'size' {text}: each side must be in [1, {limits.max_side}]", "size")
+        raise RequestError(400, f"'size' {width}x{height}: each side must be in [1, {limits.max_side}]", "size")
     if width % factor or height % factor:
-        raise RequestError(400, f"'size' {text}: width and height must be multiples of {factor}", "size")
+        raise RequestError(400, f"'size' {width}x{height}: width and height must be multiples of {factor}", "size")
     return width, height
 
 
@@ -123,12 +129,12 @@ def _frames(fields: dict, served: ServedModel, limits: Limits) -> tuple[int, str
     seconds = _number(fields, "seconds", None, float, 0.0, (limits.max_frames - 1) / FPS)
     if seconds is not None:
         if seconds <= 0:
-            raise RequestError(400, f"'seconds' must be > 0, got {fields['seconds']!r}", "seconds")
+            raise RequestError(400, f"'seconds' must be > 0, got {_shown(fields['seconds'])}", "seconds")
         from_seconds = 1 + temporal * max(1, round(seconds * FPS / temporal))
         if frames is not None and frames != from_seconds:
-            raise RequestError(400, f"'seconds' {fields['seconds']} makes {from_seconds} frames and 'frames' says "
+            raise RequestError(400, f"'seconds' {seconds:g} makes {from_seconds} frames and 'frames' says "
                                f"{frames}: give one", "frames")  # fmt: skip
-        return from_seconds, str(fields["seconds"]).strip()
+        return from_seconds, f"{seconds:g}"
     if frames is None:
         frames = 1 + FPS * 4  # OpenAI's default: 4 seconds
     return frames, f"{(frames - 1) / FPS:g}"
@@ -182,8 +188,8 @@ def parse_create(fields: dict, has_image: bool, served: ServedModel, limits: Lim
     file came with them (checked by :func:`read_image`). A :class:`RequestError` names the field."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(400, f"Unknown parameter: '{unknown[0]}' (this server takes {', '.join(FIELDS)})",
-                           unknown[0], "unknown_parameter")  # fmt: skip
+        raise RequestError(400, f"Unknown parameter: '{unknown[0][:60]}' (this server takes {', '.join(FIELDS)})",
+                           unknown[0][:60], "unknown_parameter")  # fmt: skip
     if "input_reference" in fields:
         raise RequestError(400, "'input_reference' must be an uploaded image file (multipart/form-data); "
                            "URLs and ids are not fetched", "input_reference")  # fmt: skip

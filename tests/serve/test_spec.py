@@ -63,15 +63,19 @@ BAD = [  # (fields, the parameter the error names, a piece of its message); each
     ({"prompt": "x", "model": "sora-2"}, "model", "not served"),  # any model name accepted
     ({"prompt": "x", "sead": 3}, "sead", "Unknown parameter"),  # a typo silently ignored
     ({"prompt": "x", "input_reference": "http://example.com/a.png"}, "input_reference", "uploaded image"),
+    ({"prompt": "x", "seed": "9" * 10_000}, "seed", "..."),  # a 10k-digit value echoed whole in the message
+    ({"prompt": "x", "size": "x" * 10_000}, "size", "..."),
+    ({"prompt": "x", "p" * 5000: 1}, "p" * 60, "Unknown parameter"),  # a huge parameter name echoed whole
 ]
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("fields, param, message", BAD, ids=[f"{p}-{i}" for i, (_, p, _m) in enumerate(BAD)])
+@pytest.mark.parametrize("fields, param, message", BAD, ids=[f"{p[:20]}-{i}" for i, (_, p, _m) in enumerate(BAD)])
 def test_bad_fields_are_refused_by_name(fields, param, message):
     with pytest.raises(RequestError) as info:
         parse_create(fields, False, SERVED, LIMITS)
     assert info.value.status == 400 and info.value.param == param and message in info.value.message
+    assert len(info.value.message) < 300
     assert info.value.body()["error"]["type"] == "invalid_request_error"
 
 
