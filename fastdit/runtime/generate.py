@@ -521,11 +521,17 @@ def encode_prompts(request: GenerationRequest, dtype: torch.dtype) -> tuple[torc
 FPS = 16  # Wan's frame rate: what the MP4 says and what a server's `seconds` count
 
 
-def write_video(path: str, video: torch.Tensor, fps: int = FPS) -> None:
-    """``video`` (3, T, H, W) in [-1, 1] to ``path``: one frame as .png, else H.264 in .mp4."""
+def video_frames(video: torch.Tensor):
+    """``video`` (3, T, H, W) in [-1, 1] as the ``(T, H, W, 3)`` uint8 array a file holds."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_video(path: str, video, fps: int = FPS) -> None:
+    """``video`` (3, T, H, W) in [-1, 1], or :func:`video_frames` of it, to ``path``: one frame as
+    .png, else H.264 in .mp4."""
     import imageio.v3 as iio
 
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    frames = video_frames(video) if isinstance(video, torch.Tensor) else video
     if path.lower().endswith(IMAGE_SUFFIXES):
         if frames.shape[0] != 1:  # validate() refuses this; never write 1 of N frames silently
             raise UsageError(f"--out {path}: a .png holds one frame, not {frames.shape[0]}")

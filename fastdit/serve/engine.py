@@ -16,11 +16,13 @@ step; sampling is deterministic (the same seed, the same bits, batch invariance)
 the one the first run would have made.
 """
 
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -35,6 +37,7 @@ from fastdit.runtime.generate import (
     load_models,
     prompt_encoder,
     read_video,
+    video_frames,
     write_video,
 )
 from fastdit.serve.metrics import Metrics
@@ -108,12 +111,22 @@ class Engine:
         self.base, self.store, self.videos, self.inputs = base, store, videos, inputs
         self.max_queue, self.limits = max_queue, limits or Limits()
         self.dtype = torch.bfloat16 if base.device.type == "cuda" else torch.float32
-        self.batcher, self.models = serving_batcher(base, max_batch_tokens, group)
+        # On a CPU all torch work (loading the models included) runs on ONE thread, a one-worker executor
+        # the other threads hand it to: every op already uses all cores, and once a second thread has run
+        # torch ops there are two OpenMP teams for two cores, whose workers then sleep and wake around
+        # every op (measured: the same packed steps went from 3.0 s to 6.2 s for good once a second
+        # thread had run them). MP4 encoding (ffmpeg), the store and HTTP still overlap the torch work.
+        # On a GPU the threads call the device themselves and take turns for the VAE only (its encoder
+        # and decoder share modules).
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="fastdit-torch") if base.device.type == "cpu" else None
+        self._vae = threading.Lock()
+        self.batcher, self.models = self._torch(serving_batcher, base, max_batch_tokens, group)
         self.replicas = None if group is None else Replicas(group)
         self.ranks = 1 if group is None else self.replicas.size
-        self.text_encoder = prompt_encoder(base, self.dtype)
+        self.text_encoder = self._torch(prompt_encoder, base, self.dtype)
         clip = base.checkpoint is not None and base.checkpoint.clip
-        self.image_encoder = (ImageEncoder.from_pretrained(base.weights, dtype=self.dtype, device=base.device)
+        self.image_encoder = (self._torch(lambda: ImageEncoder.from_pretrained(base.weights, dtype=self.dtype,
+                                                                               device=base.device))
                               if clip else None)  # fmt: skip
         config = self.models.dit.config
         facts = base.vae_facts
@@ -129,7 +142,6 @@ class Engine:
         self._running: dict[str, tuple[Job, GenerationRequest]] = {}
         self._intake: queue.Queue[str] = queue.Queue()
         self._decode: queue.Queue[tuple[str, torch.Tensor, GenerationRequest]] = queue.Queue()
-        self._vae = threading.Lock()  # the VAE encodes (intake) and decodes (decoder): one at a time
         # what changes the batcher, applied by the DiT loop at a step boundary (and, with more than one
         # rank, sent to every rank first so their batchers stay the same): jobs to submit, jobs to cancel
         self._arrivals: list[tuple[str, GenerationRequest, object]] = []
@@ -207,6 +219,8 @@ class Engine:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout)
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False)
 
     def request_of(self, spec: dict) -> GenerationRequest:
         """The job's :class:`GenerationRequest`: the server's models with the job's fields."""
@@ -218,6 +232,25 @@ class Engine:
         )  # fmt: skip
         request.inputs = [read_video(p, request.height, request.width, request.vae_facts.temporal) for p in inputs]
         return request
+
+    def _torch(self, fn, *args, vae: bool = False):
+        """``fn(*args)`` where this server runs torch work (see ``_cpu``): on a CPU on the one torch
+        thread, on a GPU here (after the VAE's turn when ``vae``)."""
+        if self._cpu is not None:
+            return self._cpu.submit(fn, *args).result()
+        with self._vae if vae else contextlib.nullcontext():
+            return fn(*args)
+
+    def _decode_frames(self, latent: torch.Tensor, request: GenerationRequest):
+        return video_frames(decode_video(self.models.vae, latent, request))
+
+    def _encode(self, spec: dict):
+        """A job's request and its batcher SampleRequest: the prompt (with its negative prompt, as
+        ``fastdit generate``), the image (read, resized; CLIP, then the VAE encoder)."""
+        request = self.request_of(spec)
+        text, negative = encode_prompt(self.text_encoder, request)
+        image = None if self.image_encoder is None else encode_image(self.image_encoder, request.input_paths[0])
+        return request, diffusion_request(request, self.models, text, negative, image, self.dtype)
 
     def _fail(self, job_id: str, err: BaseException | str) -> None:
         message = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
@@ -252,11 +285,7 @@ class Engine:
         if record is None:  # deleted while queued
             return None
         try:
-            request = self.request_of(record.spec)
-            text, negative = encode_prompt(self.text_encoder, request)
-            image = None if self.image_encoder is None else encode_image(self.image_encoder, request.input_paths[0])
-            with self._vae, torch.no_grad():
-                sample = diffusion_request(request, self.models, text, negative, image, self.dtype)
+            request, sample = self._torch(self._encode, record.spec, vae=True)
         except Exception as err:  # noqa: BLE001 - the job fails with the reason; the server goes on
             self._fail(job_id, err)
             return None
@@ -301,7 +330,7 @@ class Engine:
     def _step(self) -> None:
         forwards, start = self.batcher.forwards, time.perf_counter()
         try:
-            self.batcher.step()
+            self._torch(self.batcher.step)
         except Exception as err:  # noqa: BLE001 - the batcher marked its jobs failed; the loop goes on
             log.exception("a packed forward failed: %s", err)
         if self.batcher.forwards > forwards:
@@ -352,10 +381,9 @@ class Engine:
             if self.store.get(job_id) is None:
                 continue
             try:
-                with self._vae:
-                    video = decode_video(self.models.vae, latent, request)
+                frames = self._torch(self._decode_frames, latent, request, vae=True)
                 path = self.videos.temporary()
-                write_video(path, video)
+                write_video(path, frames)  # (on this thread: ffmpeg's encoding overlaps the torch work)
                 digest = self.videos.adopt(path)
             except Exception as err:  # noqa: BLE001 - the job fails with the reason; the server goes on
                 self._fail(job_id, err)
