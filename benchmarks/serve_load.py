@@ -17,7 +17,9 @@ seeds and prompts. In one run:
    accepted, undeleted job must complete, with the video of (1); the deleted ones must be gone.
 
 The JSON (``serve_load_<device>.json`` under ``--out``) holds the timings, the ratio, the mean
-samples and tokens per forward from the servers' /metrics, and the chaos run's counts.
+samples and tokens per forward from the servers' /metrics, ``dit_only`` (the same requests' DiT
+work alone through one StepBatcher in this process, one at a time and packed: the part packing
+speeds up) and the chaos run's counts.
 """
 
 import argparse
@@ -154,6 +156,40 @@ FORWARD_METRICS = (
 )
 
 
+def dit_only(count: int, steps: int, batch_invariant: bool, device: str = "cpu") -> dict:
+    """The part packing speeds up, alone: the same requests' DiT work (the tiny preset, random
+    512-token text like the UMT5's) through one StepBatcher, one job at a time then all at once,
+    in this process (its one thread)."""
+    import torch
+
+    from fastdit import settings
+    from fastdit.models.wan import DiT
+    from fastdit.runtime import modes
+    from fastdit.runtime.batcher import StepBatcher
+
+    torch.manual_seed(0)
+    model = DiT.from_preset("tiny").to(device).eval()
+    sync = torch.cuda.synchronize if model.patch_embed.weight.is_cuda else (lambda: None)
+    text = torch.randn(512, model.config.text_dim)
+    jobs = [modes.text_to_video(text, model.config.in_channels, 1 + (f - 1) // 4, h // 8, w // 8, seed=i)
+            for i, (w, h, f) in ((i, SIZES[i % len(SIZES)]) for i in range(count))]  # fmt: skip
+    with settings.override(batch_invariant=batch_invariant):
+        StepBatcher(model).submit(jobs[0], num_steps=2)  # warm-up
+        batcher, start = StepBatcher(model), time.perf_counter()
+        for job in jobs:
+            batcher.submit(job, num_steps=steps)
+            batcher.run()
+        sync()
+        alone = time.perf_counter() - start
+        batcher, start = StepBatcher(model), time.perf_counter()
+        for job in jobs:
+            batcher.submit(job, num_steps=steps)
+        batcher.run()
+        sync()
+        packed = time.perf_counter() - start
+    return {"one_at_a_time_s": alone, "packed_s": packed, "throughput_ratio": alone / packed}
+
+
 def run(count: int, steps: int, cancel: int, device: str, seed: int, timeout: float, work: str,
         batch_invariant: bool = True) -> dict:  # fmt: skip
     asks = requests_of(count, steps)
@@ -182,6 +218,7 @@ def run(count: int, steps: int, cancel: int, device: str, seed: int, timeout: fl
     finally:
         server.stop()
     result["throughput_ratio"] = result["one_at_a_time_s"] / result["packed_s"]
+    result["dit_only"] = dit_only(count, steps, batch_invariant, device)
     if batch_invariant:  # (without it, packed videos may differ from one-at-a-time ones: nothing to compare)
         result["chaos"] = chaos(asks, expected, cancel, device, seed, timeout, os.path.join(work, "b", "jobs.sqlite"))
     return result

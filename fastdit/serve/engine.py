@@ -7,9 +7,11 @@
   job; progress to the store, finished latents to the decoder;
 - **decode**: the VAE decode of a finished latent, the MP4 under its content name, the store.
 
-Text encoding and decoding never run on the DiT loop's thread, so a long decode does not hold back
-the next step of the jobs still sampling. On a GPU the three threads share the device's default
-stream: their Python overlaps, their kernels queue one after another.
+Text encoding and decoding never run on the DiT loop's thread. On a GPU the three threads share
+the device's default stream: their Python overlaps, their kernels queue one after another. On a
+CPU every torch op runs on one thread the three hand it to (``Engine._torch``: two threads'
+OpenMP teams on the same cores halve the speed of every op); MP4 encoding, the store and HTTP
+overlap it.
 
 A restarted server runs every job the store holds as queued or in progress again from its first
 step; sampling is deterministic (the same seed, the same bits, batch invariance), so the video is
