@@ -169,24 +169,26 @@ def dit_only(count: int, steps: int, batch_invariant: bool, device: str = "cpu")
 
     torch.manual_seed(0)
     model = DiT.from_preset("tiny").to(device).eval()
-    sync = torch.cuda.synchronize if model.patch_embed.weight.is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     text = torch.randn(512, model.config.text_dim)
     jobs = [modes.text_to_video(text, model.config.in_channels, 1 + (f - 1) // 4, h // 8, w // 8, seed=i)
             for i, (w, h, f) in ((i, SIZES[i % len(SIZES)]) for i in range(count))]  # fmt: skip
     with settings.override(batch_invariant=batch_invariant):
-        StepBatcher(model).submit(jobs[0], num_steps=2)  # warm-up
-        batcher, start = StepBatcher(model), time.perf_counter()
-        for job in jobs:
-            batcher.submit(job, num_steps=steps)
+        warm = StepBatcher(model)
+        warm.submit(jobs[0], num_steps=2)
+        warm.run()
+
+        def timed(together: bool) -> float:
+            batcher, start = StepBatcher(model), time.perf_counter()
+            for job in jobs:
+                batcher.submit(job, num_steps=steps)
+                if not together:
+                    batcher.run()
             batcher.run()
-        sync()
-        alone = time.perf_counter() - start
-        batcher, start = StepBatcher(model), time.perf_counter()
-        for job in jobs:
-            batcher.submit(job, num_steps=steps)
-        batcher.run()
-        sync()
-        packed = time.perf_counter() - start
+            sync()
+            return time.perf_counter() - start
+
+        alone, packed = timed(together=False), timed(together=True)
     return {"one_at_a_time_s": alone, "packed_s": packed, "throughput_ratio": alone / packed}
 
 
