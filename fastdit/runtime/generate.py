@@ -560,7 +560,7 @@ def generate(request: GenerationRequest) -> dict:
     """Run a validated request: text (and image) encoders, the models, the diffusion request, the
     sampler, the VAE decode and the file. Returns the video, the latent and the stage timings."""
     device = request.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     timings = {}
     if request.prompt is not None:  # encoded first, and the encoder freed before the DiT is loaded
         start = time.perf_counter()
@@ -606,6 +606,11 @@ def generate(request: GenerationRequest) -> dict:
     print(f"wrote {request.out}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return {"video": video, "latent": latent, "timings": timings}
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """What the models run in on ``device``: bf16 on GPUs, float32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_models(request: GenerationRequest, dtype: torch.dtype) -> Models:

@@ -277,8 +277,7 @@ class FlowMatchSampler:
         if self.cache_text:
             if key not in text_kv:
                 text_kv.clear()  # another set of requests or expert: the old keys are not needed again
-                bounds = model.conditioning_bounds(batch) if hasattr(model, "conditioning_bounds") else {}
-                text_kv[key] = model.text_kv(batch.text, batch.image, **bounds)
+                text_kv[key] = model.text_kv(batch.text, batch.image, **model.conditioning_bounds(batch))
             kv = text_kv[key]
         forward = self.forwards[expert]
         pred = forward(batch) if kv is None else forward(batch, text_kv=kv)

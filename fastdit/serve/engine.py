@@ -37,6 +37,7 @@ from fastdit.runtime.generate import (
     encode_image,
     encode_prompt,
     load_models,
+    model_dtype,
     prompt_encoder,
     read_video,
     video_frames,
@@ -79,8 +80,7 @@ def serving_batcher(base: GenerationRequest, max_batch_tokens: int, group=None):
     """``(StepBatcher, Models)`` of a server: the base request's models, the batcher over the DiT,
     sequence-parallel (Ulysses over every rank of ``group``) on more than one rank. Every rank of a
     multi-rank server calls this, in the same order (the sequence-parallel setup is collective)."""
-    dtype = torch.bfloat16 if base.device.type == "cuda" else torch.float32
-    models = load_models(base, dtype)
+    models = load_models(base, model_dtype(base.device))
     if models.dit_2 is not None:
         raise ValueError("fastdit serve runs one-expert checkpoints; Wan 2.2 A14B's two experts are not batched by "
                          "the step batcher yet")  # fmt: skip
@@ -112,7 +112,7 @@ class Engine:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.base, self.store, self.videos, self.inputs = base, store, videos, inputs
         self.max_queue, self.limits = max_queue, limits or Limits()
-        self.dtype = torch.bfloat16 if base.device.type == "cuda" else torch.float32
+        self.dtype = model_dtype(base.device)
         # On a CPU all torch work (loading the models included) runs on ONE thread, a one-worker executor
         # the other threads hand it to: every op already uses all cores, and once a second thread has run
         # torch ops there are two OpenMP teams for two cores, whose workers then sleep and wake around
@@ -162,14 +162,16 @@ class Engine:
     def check_capacity(self) -> None:
         """:class:`QueueFull` when ``max_queue`` jobs are open (checked again by :meth:`submit`)."""
         with self._lock:
-            if len(self._open) >= self.max_queue:
-                raise QueueFull(self.max_queue)
+            self._refuse_when_full()
+
+    def _refuse_when_full(self) -> None:  # under self._lock
+        if len(self._open) >= self.max_queue:
+            raise QueueFull(self.max_queue)
 
     def submit(self, record: JobRecord) -> None:
         """Store an accepted job and queue it; :class:`QueueFull` when ``max_queue`` jobs are open."""
         with self._lock:
-            if len(self._open) >= self.max_queue:
-                raise QueueFull(self.max_queue)
+            self._refuse_when_full()
             self._open[record.id] = "queued"
         try:
             self.store.add(record)
@@ -188,6 +190,7 @@ class Engine:
         with self._lock:
             entry = self._running.pop(job_id, None)
             was_open = self._open.pop(job_id, None) is not None
+        self._logged.pop(job_id, None)
         if entry is not None:
             with self._lock:
                 self._cancels.append(entry[0].id)

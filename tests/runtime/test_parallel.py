@@ -494,7 +494,42 @@ def test_sp_scaling_ranks_time_the_same_number_of_steps(ranks):
     assert 10 <= ms0 < 100 and 10 <= ms1 < 100  # the median step, not the first (late) one
 
 
+def _precomputed_text_kv(rank):
+    """``forward_packed(batch, text_kv=...)`` with the whole batch's keys / values (as a sampler or
+    the step batcher precomputes them) against the reference-backend model alone; the keys passed as
+    offset, non-contiguous views; keys with a block or a row missing refused on every rank."""
+    model, reference = make_model(), make_model("reference")
+    batch = make_batch(1)
+    expect = reference.forward_packed(batch)
+    sp = apply_sequence_parallel(model, ulysses=2)
+    with torch.no_grad():
+        kv = sp.text_kv(batch.text, **sp.conditioning_bounds(batch))
+        views = [tuple(_offset_view(t) for t in block) for block in kv]
+        out = sp.forward_packed(batch, text_kv=views)
+        err = ((out - expect).norm() / expect.norm()).item()
+        assert err <= 1e-5, f"rank {rank}: precomputed text_kv error {err}"
+        with pytest.raises(ValueError, match="text_kv must hold"):  # a block short: zip would skip the last block
+            sp.forward_packed(batch, text_kv=kv[:-1])
+        with pytest.raises(ValueError, match="text_kv must hold"):  # a row short: a sample's keys misaligned
+            sp.forward_packed(batch, text_kv=[tuple(t[:-1] for t in block) for block in kv])
+    return "ok"
+
+
+def _offset_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a view with a storage offset and doubled row stride."""
+    wide = torch.zeros(t.shape[0] + 1, 2, *t.shape[1:], dtype=t.dtype)
+    wide[1:, 1] = t
+    view = wide[1:, 1]
+    assert view.storage_offset() > 0 and not view.is_contiguous()
+    return view
+
+
+def test_precomputed_text_kv_under_sequence_parallelism(ranks):
+    assert ranks(2).run("text_kv") == ["ok", "ok"]
+
+
 SCENARIOS = {
+    "text_kv": _precomputed_text_kv,
     "parity": _parity,
     "mismatch": _mismatch,
     "vae_split": _vae_split,
